@@ -1,0 +1,96 @@
+"""The budget decision (contract §4), as pure functions.
+
+The store runs the very same decision inside one Lua script (``lua/admit.v1.lua``) so that reading
+the spend and reserving happen atomically; this module is its reference, tested exhaustively, and
+a differential test runs both on the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+from guardproxy.config import BudgetPolicy
+from guardproxy.types import Micros
+
+ACTIVE, DOWNGRADING, BLOCKED = "active", "downgrading", "blocked"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A tenant's caps in micro-USD: at ``soft_*`` spend downgrades, past ``hard_*`` it is refused."""
+
+    soft_day: Micros
+    hard_day: Micros
+    soft_month: Micros
+    hard_month: Micros
+
+    @classmethod
+    def from_limits(
+        cls, daily_micros: Micros, monthly_micros: Micros, soft_cap: Decimal, hard_cap: Decimal
+    ) -> Thresholds:
+        # soft: used/limit >= soft_cap  <=>  used >= ceil(soft_cap*limit), for integer `used`.
+        # hard: used + worst <= hard_cap*limit  <=>  used + worst <= floor(hard_cap*limit).
+        return cls(
+            soft_day=int((soft_cap * daily_micros).to_integral_value(rounding=ROUND_CEILING)),
+            hard_day=int((hard_cap * daily_micros).to_integral_value(rounding=ROUND_FLOOR)),
+            soft_month=int((soft_cap * monthly_micros).to_integral_value(rounding=ROUND_CEILING)),
+            hard_month=int((hard_cap * monthly_micros).to_integral_value(rounding=ROUND_FLOOR)),
+        )
+
+    @classmethod
+    def for_policy(cls, policy: BudgetPolicy) -> Thresholds:
+        return cls.from_limits(policy.daily_micros, policy.monthly_micros, policy.soft_cap, policy.hard_cap)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``index`` into the candidate chain of the model to send, or ``None`` when refused."""
+
+    index: int | None
+    used_day: Micros
+    used_month: Micros
+    #: The period that refused the call (``day`` or ``month``), when refused.
+    exhausted: str | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.index is not None
+
+
+def decide(used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases: Sequence[Micros]) -> Decision:
+    """Pick the model to send from ``worst_cases`` (the requested model first, then its downgrades).
+
+    - The requested model's worst case fits under both hard caps: send it, unless spend has reached
+      a soft cap, then send its ``downgrade_to`` when that fits (one tier).
+    - It does not fit: the first cheaper tier that fits; none fits: refuse.
+    """
+
+    def fits(worst: Micros) -> bool:
+        return used_day + worst <= limits.hard_day and used_month + worst <= limits.hard_month
+
+    if fits(worst_cases[0]):
+        soft = used_day >= limits.soft_day or used_month >= limits.soft_month
+        index = 1 if soft and len(worst_cases) > 1 and fits(worst_cases[1]) else 0
+        return Decision(index, used_day, used_month)
+    for index in range(1, len(worst_cases)):
+        if fits(worst_cases[index]):
+            return Decision(index, used_day, used_month)
+    cheapest = worst_cases[-1]
+    exhausted = "month" if used_month + cheapest > limits.hard_month else "day"
+    return Decision(None, used_day, used_month, exhausted)
+
+
+def state_of(used_day: Micros, used_month: Micros, limits: Thresholds) -> str:
+    """``blocked`` once a hard cap is reached, ``downgrading`` at a soft cap, else ``active``."""
+    if used_day >= limits.hard_day or used_month >= limits.hard_month:
+        return BLOCKED
+    if used_day >= limits.soft_day or used_month >= limits.soft_month:
+        return DOWNGRADING
+    return ACTIVE
+
+
+def remaining(used_day: Micros, used_month: Micros, limits: Thresholds) -> Micros:
+    """What is left before the nearer hard cap (never negative)."""
+    return max(0, min(limits.hard_day - used_day, limits.hard_month - used_month))

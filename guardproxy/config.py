@@ -1,0 +1,321 @@
+"""``proxy.yaml``: typed, validated, immutable configuration (contract §2).
+
+``parse_config`` is pure (the environment is passed in), so tests build as many configs as they like;
+``load_config`` reads the file and the process environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from guardproxy.pricing import Price, price_to_micros, usd_to_micros
+from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
+from guardproxy.types import Micros
+from guardproxy.validation import ConfigError, Fields, describe, expand_env
+
+TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HASHED_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """The form of an API key kept in ``api_keys``: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    redis_url: str = ""
+    key_prefix: str = "gp"
+    on_unavailable: str = "fail_closed"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def fail_open(self) -> bool:
+        return self.on_unavailable == "fail_open"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    api_key: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    upstream: str
+    price: Price
+    max_output_tokens: int
+    downgrade_to: str | None = None
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """Limits of one tenant, merged from ``budgets.defaults`` and its own entry."""
+
+    daily_micros: Micros
+    monthly_micros: Micros
+    soft_cap: Decimal
+    hard_cap: Decimal
+    timezone: str
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    id: str
+    key_hashes: tuple[str, ...]
+    policy: BudgetPolicy
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    service_key_hashes: tuple[str, ...] = ()
+    tenant_header: str = "X-Tenant-Id"
+    job_header: str = "X-ServiceTitan-Job-Id"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    store: StoreConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    models: Mapping[str, ModelConfig]
+    defaults: BudgetPolicy
+    tenants: Mapping[str, TenantConfig]
+    auth: AuthConfig
+    admin_api_key: str
+    servicetitan: ServiceTitanConfig | None
+    #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
+    warnings: tuple[str, ...] = ()
+
+    def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
+        """``model`` followed by each cheaper tier it names, in order."""
+        chain = [model]
+        while chain[-1].downgrade_to is not None:
+            chain.append(self.models[chain[-1].downgrade_to])
+        return chain
+
+    def policy_for(self, tenant: str) -> BudgetPolicy:
+        entry = self.tenants.get(tenant)
+        return entry.policy if entry else self.defaults
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raises ``ConfigError`` naming the field at fault."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw, os.environ if env is None else env)
+
+
+def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
+    """Validate a parsed YAML document into a ``Config``."""
+    top = Fields(expand_env(raw, env), "")
+    warnings: list[str] = []
+    server = _server(top.section("server"))
+    store = _store(top.section("store"))
+    upstreams = _upstreams(top.section("upstreams"))
+    models = _models(top.section("models"), upstreams)
+    budgets = top.section("budgets")
+    defaults = _policy(budgets.section("defaults"), BUILTIN_DEFAULTS)
+    budgets.done()
+    tenants = _tenants(top.section("tenants"), defaults, warnings)
+    auth = _auth(top.section("auth"), tenants, warnings)
+    admin = top.section("admin")
+    admin_api_key = admin.text("api_key", "")
+    admin.done()
+    servicetitan = parse_servicetitan(top.get("servicetitan"), "servicetitan")
+    top.done()
+    return Config(
+        server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
+        tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
+        warnings=tuple(warnings),
+    )
+
+
+def _server(f: Fields) -> ServerConfig:
+    out = ServerConfig(
+        host=f.text("host", ServerConfig.host, allow_empty=False),
+        port=f.integer("port", ServerConfig.port, min_value=0, max_value=65535),
+        max_body_bytes=f.integer("max_body_bytes", ServerConfig.max_body_bytes, min_value=1),
+    )
+    f.done()
+    return out
+
+
+def _store(f: Fields) -> StoreConfig:
+    url = f.text("redis_url", "")
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f.at("redis_url"), "must start with redis://, rediss:// or unix:// (or be empty)")
+    out = StoreConfig(
+        redis_url=url,
+        key_prefix=f.text("key_prefix", StoreConfig.key_prefix, allow_empty=False),
+        on_unavailable=f.text("on_unavailable", StoreConfig.on_unavailable, choices=("fail_closed", "fail_open")),
+    )
+    if "{" in out.key_prefix or "}" in out.key_prefix:
+        raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")
+    f.done()
+    return out
+
+
+def _upstreams(f: Fields) -> dict[str, UpstreamConfig]:
+    if not f.raw:
+        raise ConfigError(f.path or "upstreams", "at least one upstream must be configured")
+    out = {}
+    for name in list(f.raw):
+        u = f.section(name)
+        base_url = u.text("base_url", "", allow_empty=False).rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(u.at("base_url"), f"must be an http:// or https:// URL, got {describe(base_url)}")
+        timeout = u.decimal("timeout_s", Decimal(600), min_value=Decimal("0.001"))
+        out[name] = UpstreamConfig(
+            name=name, base_url=base_url, api_key=u.text("api_key", ""), headers=u.text_map("headers"),
+            timeout_s=float(timeout),
+        )
+        u.done()
+    f.done()
+    return out
+
+
+def _models(f: Fields, upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ModelConfig]:
+    if not f.raw:
+        raise ConfigError(f.path or "models", "at least one model must be configured")
+    out = {}
+    zero = Decimal(0)
+    for name in list(f.raw):
+        m = f.section(name)
+        upstream = m.text("upstream", next(iter(upstreams)) if len(upstreams) == 1 else "", allow_empty=False)
+        if upstream not in upstreams:
+            raise ConfigError(m.at("upstream"), f"names no configured upstream (have: {', '.join(upstreams)})")
+        input_price = m.decimal("input", None, min_value=zero)
+        price = Price(
+            input=price_to_micros(input_price),
+            cached_input=price_to_micros(m.decimal("cached_input", input_price, min_value=zero)),
+            output=price_to_micros(m.decimal("output", None, min_value=zero)),
+        )
+        out[name] = ModelConfig(
+            name=name, upstream=upstream, price=price,
+            max_output_tokens=m.integer("max_output_tokens", 16384, min_value=1),
+            downgrade_to=m.optional_str("downgrade_to"),
+        )
+        m.done()
+    f.done()
+    for name, model in out.items():
+        seen = [name]
+        target = model.downgrade_to
+        while target is not None:
+            if target not in out:
+                raise ConfigError(f"models.{seen[-1]}.downgrade_to", f"names no configured model: {target!r}")
+            if target in seen:
+                raise ConfigError(f"models.{name}.downgrade_to", f"forms a cycle: {' -> '.join([*seen, target])}")
+            seen.append(target)
+            target = out[target].downgrade_to
+    return out
+
+
+BUILTIN_DEFAULTS = BudgetPolicy(
+    daily_micros=100_000_000, monthly_micros=2_000_000_000, soft_cap=Decimal("0.8"), hard_cap=Decimal("1.0"),
+    timezone="UTC",
+)
+
+
+def _policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
+    """A policy where every field ``f`` leaves out comes from ``base``."""
+    zero = Decimal(0)
+
+    def money(key: str, fallback: Micros) -> Micros:
+        return usd_to_micros(f.decimal(key, None, min_value=zero)) if f.has(key) else fallback
+
+    soft = f.decimal("soft_cap", base.soft_cap, min_value=zero)
+    hard = f.decimal("hard_cap", base.hard_cap, min_value=Decimal("0.000001"))
+    if soft > hard:
+        raise ConfigError(f.at("soft_cap"), f"must not exceed hard_cap ({hard}), got {soft}")
+    tz = f.text("timezone", base.timezone, allow_empty=False)
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f.at("timezone"), f"is not an IANA timezone name: {describe(tz)}") from None
+    return BudgetPolicy(
+        daily_micros=money("daily_usd", base.daily_micros),
+        monthly_micros=money("monthly_usd", base.monthly_micros),
+        soft_cap=soft, hard_cap=hard, timezone=tz,
+    )
+
+
+def _key_hashes(f: Fields, key: str, warnings: list[str]) -> tuple[str, ...]:
+    hashes = []
+    for i, value in enumerate(f.text_list(key)):
+        if _HASHED_KEY.match(value):
+            hashes.append(value)
+        elif value.startswith("sha256:"):
+            raise ConfigError(f"{f.at(key)}[{i}]", "sha256: must be followed by 64 lowercase hex digits")
+        elif not value:
+            raise ConfigError(f"{f.at(key)}[{i}]", "must not be empty")
+        else:
+            warnings.append(f"{f.at(key)}[{i}] is a plain key; store it as `guardproxy hash-key` prints it")
+            hashes.append(hash_key(value))
+    return tuple(hashes)
+
+
+def _tenants(f: Fields, defaults: BudgetPolicy, warnings: list[str]) -> dict[str, TenantConfig]:
+    out: dict[str, TenantConfig] = {}
+    owner: dict[str, str] = {}
+    for tenant_id in list(f.raw):
+        if not TENANT_ID.match(tenant_id):
+            raise ConfigError(f.at(tenant_id), "tenant ids must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+        t = f.section(tenant_id)
+        hashes = _key_hashes(t, "api_keys", warnings)
+        for h in hashes:
+            if h in owner:
+                raise ConfigError(t.at("api_keys"), f"a key is listed for tenant {owner[h]!r} too")
+            owner[h] = tenant_id
+        out[tenant_id] = TenantConfig(id=tenant_id, key_hashes=hashes, policy=_policy(t, defaults))
+        t.done()
+    f.done()
+    return out
+
+
+def _auth(f: Fields, tenants: Mapping[str, TenantConfig], warnings: list[str]) -> AuthConfig:
+    service = _key_hashes(f, "service_keys", warnings)
+    tenant_keys = {h for t in tenants.values() for h in t.key_hashes}
+    if tenant_keys.intersection(service):
+        raise ConfigError(f.at("service_keys"), "a service key is also listed as a tenant key")
+    out = AuthConfig(
+        service_key_hashes=service,
+        tenant_header=f.text("tenant_header", AuthConfig.tenant_header, allow_empty=False),
+        job_header=f.text("job_header", AuthConfig.job_header, allow_empty=False),
+    )
+    f.done()
+    return out

@@ -1,0 +1,88 @@
+"""Every error guardproxy answers with, in OpenAI's shape.
+
+One table maps each kind of error to its HTTP status, OpenAI error ``type``, ``code`` and the level
+it is logged at, so that the status a client sees and the line an operator reads never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str
+    log_level: int
+
+
+class ErrorKind(Enum):
+    INVALID_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json", logging.INFO)
+    MISSING_FIELD = ErrorSpec(400, "invalid_request_error", "missing_field", logging.INFO)
+    INVALID_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field", logging.INFO)
+    MODEL_NOT_PRICED = ErrorSpec(400, "invalid_request_error", "model_not_priced", logging.INFO)
+    MISSING_TENANT = ErrorSpec(400, "invalid_request_error", "missing_tenant", logging.INFO)
+    INVALID_TENANT = ErrorSpec(400, "invalid_request_error", "invalid_tenant", logging.INFO)
+    INVALID_JOB_ID = ErrorSpec(400, "invalid_request_error", "invalid_job_id", logging.INFO)
+    JOB_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "servicetitan_job_not_found", logging.INFO)
+    INVALID_API_KEY = ErrorSpec(401, "invalid_request_error", "invalid_api_key", logging.INFO)
+    TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
+    NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
+    METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
+    REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)
+    OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
+    INTERNAL = ErrorSpec(500, "server_error", "internal_error", logging.ERROR)
+    UPSTREAM_UNAVAILABLE = ErrorSpec(502, "server_error", "upstream_unavailable", logging.WARNING)
+    STORE_UNAVAILABLE = ErrorSpec(503, "server_error", "budget_store_unavailable", logging.ERROR)
+    SERVICETITAN_UNAVAILABLE = ErrorSpec(503, "server_error", "servicetitan_unavailable", logging.WARNING)
+    UPSTREAM_TIMEOUT = ErrorSpec(504, "server_error", "upstream_timeout", logging.WARNING)
+
+    @property
+    def status(self) -> int:
+        return self.value.status
+
+
+class GuardError(Exception):
+    """An error that reaches the client as an OpenAI-style JSON body.
+
+    ``headers`` are added to the response (``retry-after``, ``x-should-retry``); ``param`` names the
+    offending request field, as OpenAI does.
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.code = code or kind.value.code
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return self.kind.value.status
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.kind.value.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    payload: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return orjson.dumps(payload)
+
+
+class StoreUnavailable(Exception):
+    """The budget store (Redis) could not be reached or did not answer in time."""

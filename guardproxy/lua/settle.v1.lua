@@ -1,0 +1,27 @@
+-- settle.v1: release a reservation and charge what the call really cost, atomically (contract §4).
+--
+-- KEYS: 1 spend:day:<day>  2 spend:month:<month>  3 resv  4 resv:amount  5 reserved
+-- ARGV: 1 reservation id  2 charge micros  3 day key ttl s  4 month key ttl s
+-- Returns {day spend, month spend, 1 if the reservation was still live else 0}
+
+local live = 0
+local amount = redis.call('HGET', KEYS[4], ARGV[1])
+if amount then
+  live = 1
+  redis.call('DECRBY', KEYS[5], amount)
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+
+local charge = tonumber(ARGV[2])
+local day, month
+if charge > 0 then
+  day = redis.call('INCRBY', KEYS[1], charge)
+  month = redis.call('INCRBY', KEYS[2], charge)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  day = tonumber(redis.call('GET', KEYS[1]) or '0')
+  month = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+return {day, month, live}

@@ -1,0 +1,170 @@
+"""Relaying a streamed completion to the client as it arrives, and learning what it cost.
+
+``ChatStreamWatcher`` is pure: it sees each SSE frame, remembers the usage and the text, and hides
+the usage chunk from clients that did not ask for it. ``StreamRelay`` is the ASGI response that
+pumps frames from upstream to client; whatever happens (client gone, upstream cut), its ``finally``
+closes the upstream request and hands the result to the settlement callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.pricing import Usage
+from guardproxy.sse import Frame, SSEParser
+from guardproxy.upstream import translated
+
+log = logging.getLogger("guardproxy.relay")
+
+COMPLETED, CLIENT_GONE, UPSTREAM_CUT = "completed", "client_disconnected", "upstream_cut"
+
+
+def usage_from(value: Any) -> Usage | None:
+    """OpenAI's ``usage`` object as ``Usage``; ``None`` when absent or malformed."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        details = value.get("prompt_tokens_details") or {}
+        return Usage(
+            prompt_tokens=int(value["prompt_tokens"]),
+            completion_tokens=int(value.get("completion_tokens") or 0),
+            cached_prompt_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def completion_texts(choices: Any, key: str) -> list[str]:
+    """The generated text in ``choices`` (``key`` is ``delta`` for chunks, ``message`` for answers)."""
+    texts: list[str] = []
+    if not isinstance(choices, list):
+        return texts
+    for choice in choices:
+        part = choice.get(key) if isinstance(choice, dict) else None
+        if not isinstance(part, dict):
+            continue
+        for field in ("content", "refusal", "reasoning_content"):
+            if isinstance(part.get(field), str):
+                texts.append(part[field])
+        for call in part.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return texts
+
+
+class ChatStreamWatcher:
+    """Follows a chat-completion stream frame by frame."""
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self.client_wants_usage = client_wants_usage
+        self.usage: Usage | None = None
+        self.texts: list[str] = []
+        self.done = False
+        self.first_token_at: float | None = None
+
+    def process(self, frame: Frame) -> bytes:
+        """The bytes to send the client for ``frame`` (empty to drop it)."""
+        if frame.data is None:
+            return frame.raw
+        if frame.data == b"[DONE]":
+            self.done = True
+            return frame.raw
+        try:
+            chunk = orjson.loads(frame.data)
+        except orjson.JSONDecodeError:
+            return frame.raw
+        if not isinstance(chunk, dict):
+            return frame.raw
+        texts = completion_texts(chunk.get("choices"), "delta")
+        if any(texts) and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.texts.extend(texts)
+        if "usage" not in chunk or self.client_wants_usage:
+            if chunk.get("usage") is not None:
+                self.usage = usage_from(chunk["usage"]) or self.usage
+            return frame.raw
+        usage = chunk.pop("usage")
+        if usage is not None:
+            # The usage chunk (Azure may also send an early one with empty choices and no usage).
+            self.usage = usage_from(usage) or self.usage
+            if not chunk.get("choices"):
+                return b""
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    outcome: str
+    watcher: ChatStreamWatcher
+    duration_s: float
+
+
+class StreamRelay:
+    """ASGI response streaming an upstream SSE answer through a ``ChatStreamWatcher``."""
+
+    def __init__(
+        self, upstream: str, response: httpx.Response, headers: dict[str, str], watcher: ChatStreamWatcher,
+        on_close: Callable[[RelayResult], Awaitable[None]],
+    ) -> None:
+        self.upstream = upstream
+        self.response = response
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.watcher = watcher
+        self.on_close = on_close
+        self.outcome = COMPLETED
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    self.outcome = CLIENT_GONE
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch_disconnect)
+                await self._pump(send)
+                group.cancel_scope.cancel()
+        except OSError:
+            self.outcome = CLIENT_GONE  # the server's send() failed: the client is gone
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.response.aclose()  # closing mid-body cancels the upstream request
+                await self.on_close(RelayResult(self.outcome, self.watcher, time.monotonic() - started))
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.response.status_code, "headers": self.headers})
+        parser = SSEParser()
+
+        async def forward(frames: list[Frame]) -> None:
+            body = b"".join(self.watcher.process(frame) for frame in frames)
+            if body:
+                message: Message = {"type": "http.response.body", "body": body, "more_body": True}
+                await send(message)
+
+        try:
+            with translated(self.upstream):
+                async for chunk in self.response.aiter_bytes():
+                    await forward(parser.feed(chunk))
+            await forward(parser.close())
+        except GuardError as exc:
+            self.outcome = UPSTREAM_CUT
+            log.warning("stream from upstream %s ended early: %s", self.upstream, exc.message)
+            error = GuardError(ErrorKind.UPSTREAM_UNAVAILABLE, f"The upstream stream ended early: {exc.message}")
+            await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": True})
+        if not self.watcher.done and self.outcome == COMPLETED:
+            self.outcome = UPSTREAM_CUT
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

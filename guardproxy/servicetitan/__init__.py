@@ -1,0 +1,1 @@
+"""Budget tenants from ServiceTitan job ids (see servicetitan.md)."""

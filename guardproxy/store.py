@@ -1,0 +1,221 @@
+"""The budget store: spend counters and reservations in Redis (contract §7).
+
+Admission and settlement are each one Lua script, so any number of proxy processes sharing one
+Redis never overspend. Without ``store.redis_url`` the same scripts run on an embedded in-process
+fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis
+Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from guardproxy.budget import Decision, Thresholds
+from guardproxy.config import StoreConfig
+from guardproxy.errors import StoreUnavailable
+from guardproxy.periods import Periods
+from guardproxy.types import Micros
+
+log = logging.getLogger("guardproxy.store")
+
+DAY_KEY_TTL_S = 40 * 86400
+MONTH_KEY_TTL_S = 400 * 86400
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Worst-case money held for one call until it settles (or its ttl passes)."""
+
+    id: str
+    tenant: str
+    day: str
+    month: str
+    amount: Micros
+
+
+@dataclass(frozen=True)
+class Admission:
+    decision: Decision
+    limits: Thresholds
+    reservation: Reservation | None
+
+
+@dataclass(frozen=True)
+class PeriodSpend:
+    spent: Micros
+    reserved: Micros
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the store holds for one tenant now."""
+
+    day: PeriodSpend
+    month: PeriodSpend
+    override: dict[str, str]
+
+
+class Keys:
+    """Key names of one tenant; ``{tenant}`` is the Redis Cluster hash tag."""
+
+    def __init__(self, prefix: str, tenant: str) -> None:
+        self.base = f"{prefix}:{{{tenant}}}"
+
+    def spend_day(self, day: str) -> str:
+        return f"{self.base}:spend:day:{day}"
+
+    def spend_month(self, month: str) -> str:
+        return f"{self.base}:spend:month:{month}"
+
+    @property
+    def reservations(self) -> str:
+        return f"{self.base}:resv"
+
+    @property
+    def reservation_amounts(self) -> str:
+        return f"{self.base}:resv:amount"
+
+    @property
+    def reserved(self) -> str:
+        return f"{self.base}:reserved"
+
+    @property
+    def budget(self) -> str:
+        return f"{self.base}:budget"
+
+
+def _script_source(name: str) -> str:
+    return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@contextlib.asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
+
+
+class BudgetStore:
+    """Spend, reservations, overrides and a small shared cache, for every tenant."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "gp", *, embedded: bool = False) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.embedded = embedded
+        self._admit = client.register_script(_script_source("admit.v1.lua"))
+        self._settle = client.register_script(_script_source("settle.v1.lua"))
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> BudgetStore:
+        if config.embedded:
+            import fakeredis
+
+            return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True)
+        client = aioredis.Redis.from_url(
+            config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30,
+        )
+        return cls(client, config.key_prefix)
+
+    def keys(self, tenant: str) -> Keys:
+        return Keys(self.prefix, tenant)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        async with _translated():
+            await self.client.ping()
+
+    async def admit(
+        self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
+        reservation_id: str, reservation_ttl_ms: int,
+    ) -> Admission:
+        """Decide which candidate to send and reserve its worst case, in one round trip."""
+        k = self.keys(tenant)
+        keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
+                k.reservation_amounts, k.reserved, k.budget]
+        args: list[str | int] = [
+            reservation_id, reservation_ttl_ms,
+            limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month, *worst_cases,
+        ]
+        async with _translated():
+            result: list[Any] = await self._admit(keys=keys, args=args)
+        index, used_day, used_month, exhausted = (int(v) for v in result[:4])
+        effective = Thresholds(*(int(v) for v in result[4:8]))
+        decision = Decision(
+            index=index if index >= 0 else None, used_day=used_day, used_month=used_month,
+            exhausted={1: "day", 2: "month"}.get(exhausted),
+        )
+        reservation = None
+        if decision.index is not None:
+            reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
+                                      worst_cases[decision.index])
+        return Admission(decision, effective, reservation)
+
+    async def settle(self, reservation: Reservation, charge: Micros) -> None:
+        """Release ``reservation`` and add ``charge`` to its day and month, in one round trip."""
+        k = self.keys(reservation.tenant)
+        keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
+                k.reservation_amounts, k.reserved]
+        async with _translated():
+            await self._settle(keys=keys, args=[reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S])
+
+    async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
+        """Spend, reservations and overrides of many tenants in one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant, periods in tenants:
+            k = self.keys(tenant)
+            pipe.get(k.spend_day(periods.day))
+            pipe.get(k.spend_month(periods.month))
+            pipe.get(k.reserved)
+            pipe.hgetall(k.budget)
+        async with _translated():
+            values = await pipe.execute()
+        out = []
+        for i in range(0, len(values), 4):
+            day, month, reserved, override = values[i : i + 4]
+            held = int(reserved or 0)
+            out.append(Snapshot(
+                day=PeriodSpend(int(day or 0), held), month=PeriodSpend(int(month or 0), held),
+                override={_text(a): _text(b) for a, b in override.items()},
+            ))
+        return out
+
+    async def set_override(self, tenant: str, fields: dict[str, str]) -> None:
+        async with _translated():
+            await self.client.hset(self.keys(tenant).budget, mapping=fields)  # type: ignore[arg-type]
+
+    async def clear_override(self, tenant: str) -> None:
+        async with _translated():
+            await self.client.delete(self.keys(tenant).budget)
+
+    async def cache_get(self, key: str) -> str | None:
+        """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""
+        async with _translated():
+            value = await self.client.get(f"{self.prefix}:cache:{key}")
+        return None if value is None else _text(value)
+
+    async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
+        async with _translated():
+            await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

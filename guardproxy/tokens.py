@@ -1,0 +1,128 @@
+"""Counting tokens offline with tiktoken, from the vocabularies shipped inside the package.
+
+tiktoken downloads its BPE files on first use; guardproxy must work air-gapped, so the two
+encodings it needs are package data (``vocab/*.tiktoken.gz``) and are checked against the same
+sha256 that tiktoken itself expects.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import threading
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+import tiktoken
+from tiktoken_ext import openai_public
+
+_EXPECTED_SHA256 = {
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+}
+_CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada-002", "ada-002")
+
+# OpenAI cookbook: each message costs 3 tokens of framing, a `name` one more, the reply primer 3.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMER = 3
+# An image part is billed by size and detail, which the proxy cannot see cheaply: a fixed estimate.
+TOKENS_PER_IMAGE = 765
+
+_lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}
+
+
+def encoding_name_for(model: str) -> str:
+    """The tiktoken encoding of a model name; unknown models count with ``o200k_base``."""
+    if model == "gpt-4" or model.startswith(_CL100K_PREFIXES):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+def _load_ranks(name: str) -> dict[bytes, int]:
+    packed = resources.files("guardproxy").joinpath("vocab", f"{name}.tiktoken.gz").read_bytes()
+    data = gzip.decompress(packed)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _EXPECTED_SHA256[name]:
+        raise RuntimeError(f"vocabulary {name} is corrupt (sha256 {digest}); reinstall guardproxy")
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The named encoding, built once per process from the shipped vocabulary (never the network)."""
+    with _lock:
+        encoding = _encodings.get(name)
+        if encoding is None:
+            # tiktoken's own constructor supplies the split pattern and special tokens; only the
+            # source of the ranks is swapped for the packaged file.
+            constructor = getattr(openai_public, name)
+            original = openai_public.load_tiktoken_bpe
+            openai_public.load_tiktoken_bpe = lambda *_args, **_kw: _load_ranks(name)
+            try:
+                spec: dict[str, Any] = constructor()
+            finally:
+                openai_public.load_tiktoken_bpe = original
+            encoding = tiktoken.Encoding(**spec)
+            _encodings[name] = encoding
+        return encoding
+
+
+def warm_up() -> None:
+    """Build both encodings now (about a second each) instead of on the first request."""
+    for name in _EXPECTED_SHA256:
+        get_encoding(name)
+
+
+class TokenCounter:
+    """Counts the tokens of text and chat prompts for one model."""
+
+    def __init__(self, model: str) -> None:
+        self.encoding = get_encoding(encoding_name_for(model))
+
+    def text(self, text: str) -> int:
+        return len(self.encoding.encode_ordinary(text)) if text else 0
+
+    def texts(self, texts: Iterable[str]) -> int:
+        return sum(len(tokens) for tokens in self.encoding.encode_ordinary_batch(list(texts), num_threads=1))
+
+    def chat_prompt(self, messages: list[Any], tools: Any = None) -> int:
+        """Prompt tokens of a chat request by the cookbook formula; parts other than text are estimated."""
+        total = TOKENS_REPLY_PRIMER
+        texts: list[str] = []
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if not isinstance(message, dict):
+                continue
+            for key, value in message.items():
+                if key == "name":
+                    total += TOKENS_PER_NAME
+                total += _collect(value, texts)
+        if tools:
+            total += _collect(tools, texts)
+        return total + self.texts(texts)
+
+
+def _collect(value: Any, texts: list[str]) -> int:
+    """Gather the strings under ``value`` into ``texts``; returns the fixed-cost tokens (images)."""
+    if isinstance(value, str):
+        texts.append(value)
+        return 0
+    extra = 0
+    if isinstance(value, dict):
+        if value.get("type") in ("image_url", "input_image", "image"):
+            return TOKENS_PER_IMAGE
+        for key, item in value.items():
+            if key != "type":
+                extra += _collect(item, texts)
+    elif isinstance(value, list):
+        for item in value:
+            extra += _collect(item, texts)
+    return extra
