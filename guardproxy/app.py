@@ -27,6 +27,7 @@ from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import ChatCompletions, Services
+from guardproxy.servicetitan.resolver import ServiceTitanResolver
 from guardproxy.store import BudgetStore
 from guardproxy.upstream import build_upstreams
 
@@ -68,9 +69,15 @@ def create_app(
             log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
         await anyio.to_thread.run_sync(tokens.warm_up)
         upstreams = build_upstreams(config.upstreams, upstream_transport)
+        servicetitan = None
+        if jobs is None and config.servicetitan is not None:
+            lookups = app.state.metrics.servicetitan_lookups
+            servicetitan = ServiceTitanResolver(
+                config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
+            )
         services = Services(
             config=config, ledger=Ledger(budget_store, config, clock), upstreams=upstreams,
-            tenants=TenantResolver(config, jobs), metrics=app.state.metrics, clock=clock,
+            tenants=TenantResolver(config, jobs or servicetitan), metrics=app.state.metrics, clock=clock,
         )
         app.state.services = services
         app.state.chat = ChatCompletions(services)
@@ -79,6 +86,8 @@ def create_app(
         finally:
             for upstream in upstreams.values():
                 await upstream.aclose()
+            if servicetitan is not None:
+                await servicetitan.aclose()
             if store is None:
                 await budget_store.aclose()
 

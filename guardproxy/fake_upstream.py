@@ -10,6 +10,7 @@ proxy forwards like any other client header:
 - ``x-fake-cut-after: N`` — stream N content chunks, then drop the connection
 - ``x-fake-no-usage: 1`` — never report usage (a provider without usage)
 - ``x-fake-chunk-delay-ms: N`` — pause between stream chunks
+- ``x-fake-delay-ms: N`` — pause before answering at all
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FakeUpstreamState:
 
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    #: How each stream ended: "completed", "cut" (on purpose) or "cancelled" (the proxy hung up).
+    stream_endings: list[str] = field(default_factory=list)
 
 
 def _error(status: int) -> Response:
@@ -75,6 +78,8 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
         state.requests.append(body)
         state.headers.append(dict(request.headers))
         h = request.headers
+        if "x-fake-delay-ms" in h:
+            await asyncio.sleep(int(h["x-fake-delay-ms"]) / 1000)
         if "x-fake-fail" in h:
             return _error(int(h["x-fake-fail"]))
         model = body["model"]
@@ -116,19 +121,25 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
         async def stream() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
-            for i in range(completion):
-                if cut_after is not None and i >= cut_after:
-                    raise UpstreamCut("connection cut on purpose")
-                if delay_s:
-                    await asyncio.sleep(delay_s)
-                yield chunk({"content": WORD}, None)
-            yield chunk({}, finish)
-            if include_usage:
-                final = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "system_fingerprint": "fp_fake", "choices": [], "usage": usage}
-                yield b"data: " + orjson.dumps(final) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            ending = "cancelled"
+            try:
+                yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
+                for i in range(completion):
+                    if cut_after is not None and i >= cut_after:
+                        ending = "cut"
+                        raise UpstreamCut("connection cut on purpose")
+                    if delay_s:
+                        await asyncio.sleep(delay_s)
+                    yield chunk({"content": WORD}, None)
+                yield chunk({}, finish)
+                if include_usage:
+                    final = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "system_fingerprint": "fp_fake", "choices": [], "usage": usage}
+                    yield b"data: " + orjson.dumps(final) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                ending = "completed"
+            finally:
+                state.stream_endings.append(ending)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 

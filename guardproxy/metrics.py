@@ -30,6 +30,10 @@ class Metrics:
             "guardproxy_upstream_request_duration_seconds", "Upstream call duration, to the last byte.",
             ["upstream", "model"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.servicetitan_lookups = Counter(
+            "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "guardproxy_time_to_first_token_seconds", "Time from admission to the first streamed token.",
             ["model"], buckets=_TTFT_BUCKETS, registry=r,

@@ -1,0 +1,134 @@
+"""The ``guardproxy`` command (contract §8)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from guardproxy import __version__
+from guardproxy.config import Config, hash_key, load_config
+from guardproxy.pricing import MICROS_PER_USD
+from guardproxy.validation import ConfigError
+
+MASK = "***"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="guardproxy", description="An OpenAI-compatible LLM cost guard.")
+    parser.add_argument("--version", action="version", version=f"guardproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _config_option(serve)
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs store.redis_url above 1)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check-config", help="validate a config and print it with secrets masked")
+    _config_option(check)
+
+    hashing = commands.add_parser("hash-key", help="print the sha256: form of an API key for api_keys")
+    hashing.add_argument("key")
+
+    args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        print(hash_key(args.key))
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"guardproxy: config error in {args.config}: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        print(yaml.safe_dump(masked(config), sort_keys=False), end="")
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{args.config}: OK", file=sys.stderr)
+        return 0
+    return serve_command(config, args)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=os.environ.get("GUARDPROXY_CONFIG", "proxy.yaml"),
+                        help="path of proxy.yaml (default: $GUARDPROXY_CONFIG or ./proxy.yaml)")
+
+
+def serve_command(config: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from guardproxy.app import CONFIG_ENV, create_app
+
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers < 1:
+        print("guardproxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if config.store.embedded:
+            print(
+                "guardproxy: --workers above 1 needs a shared store: with the embedded store each worker would "
+                "keep its own counters and budgets would not hold. Set store.redis_url (or REDIS_URL).",
+                file=sys.stderr,
+            )
+            return 2
+        os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+        uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port, workers=args.workers,
+                    log_level=args.log_level, proxy_headers=False)
+        return 0
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, proxy_headers=False)
+    return 0
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data, every secret replaced by ``***``."""
+    usd = MICROS_PER_USD
+
+    def policy(p: Any) -> dict[str, Any]:
+        return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
+                "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone}
+
+    return {
+        "server": vars(config.server).copy(),
+        "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
+                  "on_unavailable": config.store.on_unavailable},
+        "upstreams": {
+            name: {"base_url": u.base_url, "api_key": MASK if u.api_key else "",
+                   "headers": {k: MASK for k in u.headers}, "timeout_s": u.timeout_s}
+            for name, u in config.upstreams.items()
+        },
+        "models": {
+            name: {"upstream": m.upstream, "input": m.price.input / usd, "cached_input": m.price.cached_input / usd,
+                   "output": m.price.output / usd, "max_output_tokens": m.max_output_tokens,
+                   "downgrade_to": m.downgrade_to}
+            for name, m in config.models.items()
+        },
+        "budgets": {"defaults": policy(config.defaults)},
+        "tenants": {t.id: {"api_keys": [f"sha256:{h[7:15]}..." for h in t.key_hashes], **policy(t.policy)}
+                    for t in config.tenants.values()},
+        "auth": {"service_keys": [f"sha256:{h[7:15]}..." for h in config.auth.service_key_hashes],
+                 "tenant_header": config.auth.tenant_header, "job_header": config.auth.job_header},
+        "admin": {"api_key": MASK if config.admin_api_key else ""},
+        "servicetitan": config.servicetitan.masked() if config.servicetitan else {},
+    }
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Shared fixtures: a real redis-server started by the suite, the fake upstream, proxy factories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from guardproxy.config import Config, hash_key, parse_config
+from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
+from tests.servers import free_port, serve_in_thread
+
+TENANT_KEY = "tk-acme-secret"
+OTHER_TENANT_KEY = "tk-globex-secret"
+SERVICE_KEY = "sk-service-secret"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class RedisServer:
+    """A throwaway redis-server process on a free loopback port."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: `apt-get install -y redis-server` (.ci/run does it)")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="gp-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A real Redis, emptied for each test."""
+    if redis_server.process is None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def fake_state() -> FakeUpstreamState:
+    return FakeUpstreamState()
+
+
+@pytest.fixture
+def upstream_url(fake_state: FakeUpstreamState) -> Iterator[str]:
+    with serve_in_thread(create_fake_upstream(fake_state)) as url:
+        yield url
+
+
+def config_dict(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A test config as YAML would give it; ``overrides`` replace top-level sections."""
+    raw: dict[str, Any] = {
+        "upstreams": {"openai": {"base_url": f"{upstream_url}/v1", "api_key": "sk-upstream-secret"}},
+        "models": {
+            "gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00, "max_output_tokens": 1000,
+                       "downgrade_to": "gpt-4o-mini"},
+            "gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.60, "max_output_tokens": 1000},
+        },
+        "tenants": {
+            "acme": {"api_keys": [hash_key(TENANT_KEY)], "daily_usd": 1, "monthly_usd": 20},
+            "globex": {"api_keys": [hash_key(OTHER_TENANT_KEY)], "timezone": "America/Chicago"},
+        },
+        "auth": {"service_keys": [hash_key(SERVICE_KEY)]},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def make_config(upstream_url: str, **overrides: Any) -> Config:
+    return parse_config(config_dict(upstream_url, **overrides), {})
+
+
+@pytest.fixture
+def serve_proxy() -> Iterator[Callable[..., str]]:
+    """Start ``create_app(config, **kw)`` on loopback; returns its base URL. Stopped after the test."""
+    from guardproxy.app import create_app
+
+    with contextlib.ExitStack() as stack:
+
+        def start(config: Config, **kw: Any) -> str:
+            return stack.enter_context(serve_in_thread(create_app(config, **kw)))
+
+        yield start
+
+
+def redis_int(url: str, key: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        value = client.get(key)
+    finally:
+        client.close()
+    return int(value or 0)
+
+
+def no_proxy_env() -> dict[str, str]:
+    """The environment for subprocesses, without proxies that would capture loopback traffic."""
+    return {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
