@@ -28,6 +28,8 @@ log = logging.getLogger("guardproxy.store")
 
 DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
+REDIS_POOL_SIZE = 256
+REDIS_TIMEOUT_S = 2.0
 _UNAVAILABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -128,16 +130,18 @@ class BudgetStore:
             import fakeredis
 
             return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True)
-        client = aioredis.Redis.from_url(
-            config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30,
+        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
         )
-        return cls(client, config.key_prefix)
+        return cls(aioredis.Redis(connection_pool=pool), config.key_prefix)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         async with _translated():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+
+LOOP = os.environ.get("GP_TEST_LOOP", "auto")
 
 
 def free_port() -> int:
@@ -24,7 +27,7 @@ def serve_in_thread(app: Any, *, port: int | None = None, **options: Any) -> Ite
     """Serve ``app`` on 127.0.0.1 until the block ends; yields its base URL (``http://127.0.0.1:PORT``)."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, loop=LOOP,
         **options,
     )
     server = uvicorn.Server(config)

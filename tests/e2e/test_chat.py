@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
 from guardproxy.config import Config
 from guardproxy.fake_upstream import FakeUpstreamState
@@ -20,7 +21,7 @@ from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_confi
 
 GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
 MINI = Price(150_000, 75_000, 600_000)
-HI = [{"role": "user", "content": "Say hello to the dispatcher."}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the dispatcher."}]
 # 3 tokens of message framing + "user" + 6 of text (Say| hello| to| the| dispatcher|.) + 3 of reply primer.
 HI_PROMPT_TOKENS = 13
 

@@ -86,11 +86,11 @@ def test_job_errors_reach_the_sdk_as_openai_errors(
                                        extra_headers={"X-ServiceTitan-Job-Id": "555"})
     assert caught.value.code == "servicetitan_job_not_found"
     fake.fail_next("jobs", 429, times=5, retry_after_s=7)
-    with pytest.raises(openai.APIStatusError) as caught:
+    with pytest.raises(openai.APIStatusError) as unavailable:
         client.chat.completions.create(model="gpt-4o-mini", messages=HI,
                                        extra_headers={"X-ServiceTitan-Job-Id": "556"})
-    assert caught.value.status_code == 503 and caught.value.code == "servicetitan_unavailable"
-    assert caught.value.response.headers["retry-after"] == "7"
+    assert unavailable.value.status_code == 503 and unavailable.value.code == "servicetitan_unavailable"
+    assert unavailable.value.response.headers["retry-after"] == "7"
     spend_keys = [k for k in redis.Redis.from_url(redis_url).keys("*") if b":spend:" in k]
     assert spend_keys == []
 

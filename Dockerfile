@@ -1,0 +1,22 @@
+# guardproxy: docker build -t guardproxy . && docker run -p 8080:8080 -v $PWD/proxy.yaml:/etc/guardproxy/proxy.yaml guardproxy
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GUARDPROXY_CONFIG=/etc/guardproxy/proxy.yaml \
+    GUARDPROXY_HOST=0.0.0.0
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY guardproxy ./guardproxy
+RUN pip install . && useradd --system --uid 10001 --no-create-home guardproxy
+COPY proxy.yaml /etc/guardproxy/proxy.yaml
+
+USER guardproxy
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+ENTRYPOINT ["guardproxy"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -1,0 +1,158 @@
+"""Budgets hold under concurrency, across processes sharing one Redis, and across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from guardproxy.pricing import Price, Usage, cost_micros
+from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, no_proxy_env, redis_int
+from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved
+from tests.servers import free_port
+
+PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
+# The fake answers as many tokens as asked, so each call costs exactly its reserved worst case.
+CALL = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
+FULL_LENGTH = {"x-fake-completion-tokens": "1000"}
+
+
+async def burst(urls: list[str], count: int) -> tuple[list[int], int]:
+    """``count`` concurrent calls spread over ``urls``; the cost of each admitted call, and the 429 count."""
+    clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
+
+    async def one(i: int) -> int | None:
+        try:
+            raw = await clients[i % len(clients)].chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=HI, max_tokens=50, extra_headers=FULL_LENGTH
+            )
+        except openai.RateLimitError:
+            return None
+        usage = raw.parse().usage
+        assert usage is not None
+        price: Price = PRICES[raw.headers["x-guardproxy-model"]]
+        return cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), price)
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        for client in clients:
+            await client.close()
+        await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
+    return [r for r in results if r is not None], sum(1 for r in results if r is None)
+
+
+def assert_budget_held(redis_url: str, costs: list[int], rejected: int) -> None:
+    day, month = keys()
+    spent = redis_int(redis_url, day)
+    assert spent == sum(costs) == redis_int(redis_url, month)
+    assert spent <= 10_000  # hard cap: 1.0 x 0.01 USD
+    assert costs and rejected, "the budget should admit some calls and refuse others"
+    assert reserved(redis_url) == 0
+
+
+
+
+def tight_config(upstream_url: str, redis_url: str) -> dict[str, Any]:
+    raw = config_dict(upstream_url, store={"redis_url": redis_url})
+    raw["tenants"]["acme"].update(daily_usd=0.01, monthly_usd=1)
+    return raw
+
+
+@pytest.mark.slow
+def test_200_concurrent_calls_never_pass_the_hard_cap(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str]
+) -> None:
+    from guardproxy.config import parse_config
+
+    url = serve_proxy(parse_config(tight_config(upstream_url, redis_url), {}))
+    costs, rejected = asyncio.run(burst([url], 200))
+    assert_budget_held(redis_url, costs, rejected)
+    assert len(costs) + rejected == 200
+
+
+@contextlib.contextmanager
+def proxy_process(config: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    """``guardproxy serve`` as its own process; yields its base URL."""
+    port = free_port()
+    path = tmp_path / f"proxy-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / f"proxy-{port}.log"
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port),
+             "--log-level", "warning"],
+            env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardproxy did not become ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_redis_never_pass_the_hard_cap(
+    upstream_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    raw = tight_config(upstream_url, redis_url)
+    with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
+        costs, rejected = asyncio.run(burst([first, second], 200))
+    assert_budget_held(redis_url, costs, rejected)
+
+
+def test_spend_survives_a_restart(upstream_url: str, redis_url: str, tmp_path: Path) -> None:
+    raw = tight_config(upstream_url, redis_url)
+    with proxy_process(raw, tmp_path) as url:
+        costs, _ = asyncio.run(burst([url], 1))
+    with proxy_process(raw, tmp_path) as url:
+        raw_response = httpx.post(url + "/v1/chat/completions", json=CALL,
+                                  headers={"authorization": f"Bearer {TENANT_KEY}"})
+        assert raw_response.status_code == 200
+        remaining = float(raw_response.headers["x-guardproxy-budget-remaining-usd"])
+    assert remaining == pytest.approx((10_000 - costs[0]) / 1e6)
+
+
+def test_store_down_fail_closed_is_503_and_fail_open_serves_then_charges(
+    upstream_url: str, serve_proxy: Callable[..., str]
+) -> None:
+    server = RedisServer()
+    server.start()
+    try:
+        closed = serve_proxy(make_config(upstream_url, store={"redis_url": server.url}))
+        opened = serve_proxy(make_config(upstream_url, store={"redis_url": server.url, "on_unavailable": "fail_open"}))
+        headers = {"authorization": f"Bearer {TENANT_KEY}"}
+        server.stop()
+        refused = httpx.post(closed + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "budget_store_unavailable"
+        assert httpx.get(closed + "/readyz", timeout=30).status_code == 503
+        served = httpx.post(opened + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
+        assert served.status_code == 200
+        usage = served.json()["usage"]
+        server.start()  # same port: the charge kept in memory is written with the next settlement
+        again = httpx.post(opened + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
+        assert again.status_code == 200
+        one = cost_micros(Usage(usage["prompt_tokens"], usage["completion_tokens"]), GPT4O)
+        assert redis_int(server.url, keys()[0]) == 2 * one
+    finally:
+        server.stop()
