@@ -91,7 +91,8 @@ class TokenCounter:
         return len(self.encoding.encode_ordinary(text)) if text else 0
 
     def texts(self, texts: Iterable[str]) -> int:
-        return sum(len(tokens) for tokens in self.encoding.encode_ordinary_batch(list(texts), num_threads=1))
+        # Not encode_ordinary_batch: it builds and joins a thread pool per call (~1 ms), 100x the encoding.
+        return sum(len(self.encoding.encode_ordinary(text)) for text in texts if text)
 
     def chat_prompt(self, messages: list[Any], tools: Any = None) -> int:
         """Prompt tokens of a chat request by the cookbook formula; parts other than text are estimated."""
