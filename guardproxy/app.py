@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from guardproxy import tokens
+from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver, TenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
@@ -28,6 +29,7 @@ from guardproxy.metrics import Metrics
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import ChatCompletions, Services
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
+from guardproxy.state import all_tenants, read_states
 from guardproxy.store import BudgetStore
 from guardproxy.upstream import build_upstreams
 
@@ -112,7 +114,14 @@ def create_app(
         return _json({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
-        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        services: Services = request.app.state.services
+        store = services.ledger.store
+        try:
+            states = await read_states(store, config, await all_tenants(store, config), clock())
+        except StoreUnavailable:
+            log.warning("metrics: budget store unreachable; scrape has no budget gauges")
+            states = []
+        return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def unknown_v1(request: Request) -> Response:
         raise GuardError(
@@ -147,6 +156,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *admin_routes(),
             Route("/v1/{path:path}", unknown_v1, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},

@@ -44,6 +44,8 @@ class StoreConfig:
     redis_url: str = ""
     key_prefix: str = "gp"
     on_unavailable: str = "fail_closed"
+    #: Settled calls kept per tenant for the admin API's audit log (0: none).
+    call_log_size: int = 1000
 
     @property
     def embedded(self) -> bool:
@@ -150,7 +152,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     models = _models(top.section("models"), upstreams)
     budgets = top.section("budgets")
     defaults_fields = budgets.section("defaults")
-    defaults = _policy(defaults_fields, BUILTIN_DEFAULTS)
+    defaults = merge_policy(defaults_fields, BUILTIN_DEFAULTS)
     defaults_fields.done()
     budgets.done()
     tenants = _tenants(top.section("tenants"), defaults, warnings)
@@ -185,6 +187,7 @@ def _store(f: Fields) -> StoreConfig:
         redis_url=url,
         key_prefix=f.text("key_prefix", StoreConfig.key_prefix, allow_empty=False),
         on_unavailable=f.text("on_unavailable", StoreConfig.on_unavailable, choices=("fail_closed", "fail_open")),
+        call_log_size=f.integer("call_log_size", StoreConfig.call_log_size, min_value=0, max_value=1_000_000),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")
@@ -253,7 +256,7 @@ BUILTIN_DEFAULTS = BudgetPolicy(
 )
 
 
-def _policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
+def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
     """A policy where every field ``f`` leaves out comes from ``base``."""
     zero = Decimal(0)
 
@@ -303,7 +306,7 @@ def _tenants(f: Fields, defaults: BudgetPolicy, warnings: list[str]) -> dict[str
             if h in owner:
                 raise ConfigError(t.at("api_keys"), f"a key is listed for tenant {owner[h]!r} too")
             owner[h] = tenant_id
-        out[tenant_id] = TenantConfig(id=tenant_id, key_hashes=hashes, policy=_policy(t, defaults))
+        out[tenant_id] = TenantConfig(id=tenant_id, key_hashes=hashes, policy=merge_policy(t, defaults))
         t.done()
     f.done()
     return out

@@ -10,8 +10,9 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TypeAlias
 
 from guardproxy.budget import Decision, Thresholds
 from guardproxy.config import Config
@@ -23,6 +24,8 @@ from guardproxy.types import Micros
 log = logging.getLogger("guardproxy.ledger")
 
 BACKLOG_LIMIT = 100_000
+#: A settled call's entry in the tenant's audit log (field -> value).
+CallRecord: TypeAlias = Mapping[str, str | int]
 
 
 class Ledger:
@@ -30,7 +33,10 @@ class Ledger:
         self.store = store
         self.config = config
         self.clock = clock
-        self._backlog: collections.deque[tuple[Reservation, Micros]] = collections.deque(maxlen=BACKLOG_LIMIT)
+        self._backlog: collections.deque[tuple[Reservation, Micros, CallRecord | None]] = collections.deque(
+            maxlen=BACKLOG_LIMIT
+        )
+        self._registered: set[str] = set()
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -41,6 +47,10 @@ class Ledger:
         limits = Thresholds.for_policy(self.config.policy_for(tenant))
         reservation_id = uuid.uuid4().hex
         try:
+            if tenant not in self._registered:
+                # Once per tenant and process: lets metrics and the admin API list service-key tenants.
+                await self.store.register_tenant(tenant)
+                self._registered.add(tenant)
             return await self.store.admit(tenant, periods, limits, worst_cases, reservation_id, ttl_ms)
         except StoreUnavailable:
             if not self.config.store.fail_open:
@@ -54,14 +64,14 @@ class Ledger:
             unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0])
             return Admission(Decision(0, 0, 0), limits, unbudgeted)
 
-    async def settle(self, reservation: Reservation, charge: Micros) -> None:
-        """Release the reservation and charge; never raises for an unreachable store."""
+    async def settle(self, reservation: Reservation, charge: Micros, record: CallRecord | None = None) -> None:
+        """Release the reservation, charge and log the call; never raises for an unreachable store."""
         try:
-            await self.store.settle(reservation, charge)
+            await self.store.settle(reservation, charge, record)
         except StoreUnavailable:
             if len(self._backlog) == self._backlog.maxlen:
                 log.error("settlement backlog full: dropping the oldest unwritten charge")
-            self._backlog.append((reservation, charge))
+            self._backlog.append((reservation, charge, record))
             log.error("budget store unavailable: charge of %d micro-USD for tenant=%s kept to retry (%d waiting)",
                       charge, reservation.tenant, len(self._backlog))
             return
@@ -70,11 +80,11 @@ class Ledger:
     async def _drain_backlog(self) -> None:
         while self._backlog:
             # Taken off before the await, so two settlements draining at once never write one twice.
-            reservation, charge = self._backlog.popleft()
+            entry = self._backlog.popleft()
             try:
-                await self.store.settle(reservation, charge)
+                await self.store.settle(*entry)
             except StoreUnavailable:
-                self._backlog.appendleft((reservation, charge))
+                self._backlog.appendleft(entry)
                 return
             if not self._backlog:
                 log.warning("budget store back: all waiting charges written")

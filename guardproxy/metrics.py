@@ -1,14 +1,32 @@
-"""Prometheus metrics (contract §6), in a registry of the app's own so apps can coexist in a test."""
+"""Prometheus metrics (contract §6), in a registry of the app's own so apps can coexist in a test.
+
+Counters and histograms live in the process; under ``guardproxy serve --workers N`` they are kept
+in prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, made and removed by the
+CLI) and summed at scrape time. Budget gauges are not kept at all: they are read from the store at
+scrape time, so every replica reports the same global figures.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
+
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from guardproxy.pricing import Usage, micros_to_usd
+from guardproxy.state import TenantState
 from guardproxy.types import Micros
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+
+# `_created` series double the scrape for no use here.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -26,16 +44,16 @@ class Metrics:
             "guardproxy_downgrades", "Calls sent to a cheaper model than asked.",
             ["tenant", "from_model", "to_model"], registry=r,
         )
-        self.upstream_duration = Histogram(
-            "guardproxy_upstream_request_duration_seconds", "Upstream call duration, to the last byte.",
-            ["upstream", "model"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
         self.servicetitan_lookups = Counter(
             "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
             registry=r,
         )
+        self.upstream_duration = Histogram(
+            "guardproxy_upstream_request_duration_seconds", "Upstream call duration, to the last byte.",
+            ["upstream", "model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.time_to_first_token = Histogram(
-            "guardproxy_time_to_first_token_seconds", "Time from admission to the first streamed token.",
+            "guardproxy_time_to_first_token_seconds", "Time from the upstream call to the first streamed token.",
             ["model"], buckets=_TTFT_BUCKETS, registry=r,
         )
 
@@ -45,5 +63,33 @@ class Metrics:
         self.tokens.labels(tenant, model, "completion").inc(usage.completion_tokens)
         self.tokens.labels(tenant, model, "cached_prompt").inc(usage.cached_prompt_tokens)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, states: Sequence[TenantState] = ()) -> bytes:
+        """The scrape: this process's (or every worker's) counters, plus budget gauges from ``states``."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        else:
+            registry = self.registry
+        gauges = CollectorRegistry()
+        gauges.register(_BudgetGauges(states))
+        return generate_latest(registry) + generate_latest(gauges)
+
+
+class _BudgetGauges(Collector):
+    def __init__(self, states: Sequence[TenantState]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[Metric]:
+        spent = GaugeMetricFamily("guardproxy_budget_spent_usd", "Settled spend in the current period.",
+                                  labels=["tenant", "period"])
+        limit = GaugeMetricFamily("guardproxy_budget_limit_usd", "Budget of the current period.",
+                                  labels=["tenant", "period"])
+        utilization = GaugeMetricFamily("guardproxy_budget_utilization_ratio", "Settled spend / limit.",
+                                        labels=["tenant", "period"])
+        for state in self.states:
+            for name, period in (("day", state.day), ("month", state.month)):
+                spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
+                limit.add_metric([state.tenant, name], micros_to_usd(period.limit))
+                utilization.add_metric([state.tenant, name], period.utilization)
+        yield from (spent, limit, utilization)

@@ -25,7 +25,7 @@ from guardproxy import budget
 from guardproxy.auth import TenantResolver
 from guardproxy.config import Config, ModelConfig
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.ledger import Ledger
+from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
 from guardproxy.pricing import Usage, cost_micros, lookup_model, micros_to_usd
@@ -103,13 +103,15 @@ class ChatCompletions:
         except BaseException:
             await self._settle(plan, None, [], produced=False)
             raise
+        request_id = response.headers.get("x-request-id", "")
         headers = {**response_headers(response.headers), **self._budget_headers(plan)}
         if chat.stream and response.status_code == 200:
 
             async def on_close(result: RelayResult) -> None:
                 self._observe(plan, upstream, result.duration_s, result.watcher.first_token_at, started)
                 watcher = result.watcher
-                await self._settle(plan, watcher.usage, watcher.texts, produced=True, outcome=result.outcome)
+                await self._settle(plan, watcher.usage, watcher.texts, produced=True, outcome=result.outcome,
+                                   request_id=request_id)
 
             return StreamRelay(  # type: ignore[return-value]
                 upstream.name, response, headers, ChatStreamWatcher(chat.wants_usage), on_close
@@ -125,7 +127,7 @@ class ChatCompletions:
         finally:
             with anyio.CancelScope(shield=True):
                 self._observe(plan, upstream, time.monotonic() - started, None, started)
-                await self._settle(plan, usage, texts, produced=produced)
+                await self._settle(plan, usage, texts, produced=produced, request_id=request_id)
         return Response(content, response.status_code, headers=headers)
 
     # -- the steps -------------------------------------------------------------------------------
@@ -210,21 +212,30 @@ class ChatCompletions:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
 
     async def _settle(
-        self, plan: Plan, usage: Usage | None, texts: list[str], *, produced: bool, outcome: str = COMPLETED
+        self, plan: Plan, usage: Usage | None, texts: list[str], *, produced: bool, outcome: str = COMPLETED,
+        request_id: str = "",
     ) -> None:
         """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced."""
         if produced and usage is None:
             usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(texts))
         charge = cost_micros(usage, plan.sent.price) if produced and usage else 0
-        await self.s.ledger.settle(plan.reservation, charge)
+        outcome = outcome if produced else "error"
+        counted = usage or Usage(0, 0)
+        record: CallRecord = {
+            "request_id": request_id or plan.reservation.id, "requested_model": plan.request.model,
+            "model": plan.sent.name, "prompt_tokens": counted.prompt_tokens,
+            "completion_tokens": counted.completion_tokens, "cached_tokens": counted.cached_prompt_tokens,
+            "cost_micros": charge, "outcome": outcome,
+        }
+        await self.s.ledger.settle(plan.reservation, charge, record)
         label = "error" if not produced else "downgraded" if plan.downgraded else "allowed"
         self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
         if produced and usage is not None:
             self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
         log.info(
-            "settled tenant=%s requested=%s sent=%s outcome=%s cost_micros=%d reserved_micros=%d",
-            plan.tenant, plan.requested.name, plan.sent.name, outcome if produced else "error", charge,
-            plan.reservation.amount,
+            "settled tenant=%s requested=%s sent=%s outcome=%s cost_micros=%d reserved_micros=%d request_id=%s",
+            plan.tenant, plan.requested.name, plan.sent.name, outcome, charge, plan.reservation.amount,
+            record["request_id"],
         )
 
 

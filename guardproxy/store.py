@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -101,6 +101,10 @@ class Keys:
     def budget(self) -> str:
         return f"{self.base}:budget"
 
+    @property
+    def calls(self) -> str:
+        return f"{self.base}:calls"
+
 
 def _script_source(name: str) -> str:
     return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
@@ -117,10 +121,13 @@ async def _translated() -> AsyncIterator[None]:
 class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "gp", *, embedded: bool = False) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.embedded = embedded
+        self.calls_kept = calls_kept
         self._admit = client.register_script(_script_source("admit.v1.lua"))
         self._settle = client.register_script(_script_source("settle.v1.lua"))
 
@@ -129,13 +136,13 @@ class BudgetStore:
         if config.embedded:
             import fakeredis
 
-            return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True)
+            return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
         # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
         pool = aioredis.BlockingConnectionPool.from_url(
             config.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
         )
-        return cls(aioredis.Redis(connection_pool=pool), config.key_prefix)
+        return cls(aioredis.Redis(connection_pool=pool), config.key_prefix, calls_kept=config.call_log_size)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
@@ -173,13 +180,40 @@ class BudgetStore:
                                       worst_cases[decision.index])
         return Admission(decision, effective, reservation)
 
-    async def settle(self, reservation: Reservation, charge: Micros) -> None:
-        """Release ``reservation`` and add ``charge`` to its day and month, in one round trip."""
+    async def settle(
+        self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None
+    ) -> None:
+        """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round trip."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
-                k.reservation_amounts, k.reserved]
+                k.reservation_amounts, k.reserved, k.calls]
+        args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
+                                 self.calls_kept if record else 0]
+        for field, value in (record or {}).items():
+            args += [field, value]
         async with _translated():
-            await self._settle(keys=keys, args=[reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S])
+            await self._settle(keys=keys, args=args)
+
+    async def register_tenant(self, tenant: str) -> None:
+        """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
+        async with _translated():
+            await self.client.sadd(f"{self.prefix}:tenants", tenant)
+
+    async def known_tenants(self) -> set[str]:
+        async with _translated():
+            members = await self.client.smembers(f"{self.prefix}:tenants")
+        return {_text(m) for m in members}
+
+    async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
+        """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
+        async with _translated():
+            entries = await self.client.xrevrange(self.keys(tenant).calls, count=limit) or []
+        calls = []
+        for entry_id, fields in entries:
+            call = {_text(a): _text(b) for a, b in (fields or {}).items()}
+            call["time_ms"] = _text(entry_id or b"0").split("-")[0]
+            calls.append(call)
+        return calls
 
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""

@@ -1,7 +1,9 @@
--- settle.v1: release a reservation and charge what the call really cost, atomically (contract §4).
+-- settle.v1: release a reservation, charge what the call really cost and log the call, atomically
+-- (contract §4).
 --
--- KEYS: 1 spend:day:<day>  2 spend:month:<month>  3 resv  4 resv:amount  5 reserved
--- ARGV: 1 reservation id  2 charge micros  3 day key ttl s  4 month key ttl s
+-- KEYS: 1 spend:day:<day>  2 spend:month:<month>  3 resv  4 resv:amount  5 reserved  6 calls (stream)
+-- ARGV: 1 reservation id  2 charge micros  3 day key ttl s  4 month key ttl s  5 calls kept (0: no log)
+--       6.. field, value pairs of the call's log entry
 -- Returns {day spend, month spend, 1 if the reservation was still live else 0}
 
 local live = 0
@@ -23,5 +25,15 @@ if charge > 0 then
 else
   day = tonumber(redis.call('GET', KEYS[1]) or '0')
   month = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+
+local kept = tonumber(ARGV[5])
+if kept > 0 and #ARGV > 5 then
+  local entry = {}
+  for i = 6, #ARGV do
+    entry[#entry + 1] = ARGV[i]
+  end
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', kept, '*', unpack(entry))
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
 return {day, month, live}

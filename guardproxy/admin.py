@@ -1,0 +1,130 @@
+"""The admin API (contract §5): budget state, runtime overrides and the per-call audit log.
+
+Behind ``admin.api_key`` (sent as ``Authorization: Bearer <key>``): every /admin path is 404 while
+no key is configured, and 401 with a wrong or missing key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from guardproxy.auth import presented_key, valid_tenant
+from guardproxy.config import merge_policy
+from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.periods import iso_utc
+from guardproxy.pipeline import Services
+from guardproxy.pricing import micros_to_usd
+from guardproxy.requests import parse_json_object, read_body
+from guardproxy.state import OVERRIDE_FIELDS, TenantState, all_tenants, override_record, read_states
+from guardproxy.validation import ConfigError, Fields
+
+MAX_CALLS = 1000
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status, media_type="application/json")
+
+
+def check_admin(request: Request, services: Services) -> None:
+    """404 when the admin API is off, 401 unless the request carries the admin key."""
+    expected = services.config.admin_api_key
+    if not expected:
+        raise GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
+    given = presented_key(request.headers) or request.cookies.get("guardproxy_admin", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise GuardError(ErrorKind.INVALID_API_KEY, "A valid admin key is required.")
+
+
+async def tenant_state(services: Services, tenant: str) -> TenantState:
+    store = services.ledger.store
+    (state,) = await read_states(store, services.config, [tenant], services.clock())
+    return state
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    check_admin(request, services)
+    return services
+
+
+async def list_tenants(request: Request) -> Response:
+    services = _services(request)
+    tenants = await all_tenants(services.ledger.store, services.config)
+    states = await read_states(services.ledger.store, services.config, tenants, services.clock())
+    return _json({"object": "list", "data": [s.as_json() for s in states]})
+
+
+async def get_tenant(request: Request) -> Response:
+    services = _services(request)
+    return _json((await tenant_state(services, valid_tenant(request.path_params["tenant"]))).as_json())
+
+
+async def put_budget(request: Request) -> Response:
+    """Override any of daily_usd, monthly_usd, soft_cap, hard_cap; the rest stays as it is."""
+    services = _services(request)
+    tenant = valid_tenant(request.path_params["tenant"])
+    body = parse_json_object(await read_body(request, 64 * 1024))
+    unknown = sorted(set(body) - set(OVERRIDE_FIELDS))
+    if unknown:
+        allowed = ", ".join(OVERRIDE_FIELDS)
+        raise GuardError(ErrorKind.INVALID_FIELD, f"Unknown field {unknown[0]!r}; allowed: {allowed}.",
+                         param=unknown[0])
+    current = await tenant_state(services, tenant)
+    try:
+        policy = merge_policy(Fields(body, ""), current.policy)
+    except ConfigError as exc:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"Invalid budget: {exc}", param=exc.path or None) from None
+    await services.ledger.store.set_override(tenant, override_record(policy))
+    return _json((await tenant_state(services, tenant)).as_json())
+
+
+async def delete_budget(request: Request) -> Response:
+    """Drop the runtime override: the tenant is back on proxy.yaml's budget."""
+    services = _services(request)
+    tenant = valid_tenant(request.path_params["tenant"])
+    await services.ledger.store.clear_override(tenant)
+    return _json((await tenant_state(services, tenant)).as_json())
+
+
+async def list_calls(request: Request) -> Response:
+    """The tenant's last settled calls, newest first: the audit trail for a disputed bill."""
+    services = _services(request)
+    tenant = valid_tenant(request.path_params["tenant"])
+    raw_limit = request.query_params.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_CALLS:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
+    calls = await services.ledger.store.recent_calls(tenant, int(raw_limit))
+    return _json({"object": "list", "tenant": tenant, "data": [_call_json(c) for c in calls]})
+
+
+def _call_json(call: dict[str, str]) -> dict[str, Any]:
+    cost = int(call.get("cost_micros", 0))
+    return {
+        "time": iso_utc(datetime.fromtimestamp(int(call["time_ms"]) / 1000, UTC)),
+        "request_id": call.get("request_id"),
+        "requested_model": call.get("requested_model"),
+        "model": call.get("model"),
+        "prompt_tokens": int(call.get("prompt_tokens", 0)),
+        "completion_tokens": int(call.get("completion_tokens", 0)),
+        "cached_tokens": int(call.get("cached_tokens", 0)),
+        "cost_micros": cost,
+        "cost_usd": micros_to_usd(cost),
+        "outcome": call.get("outcome"),
+    }
+
+
+def admin_routes() -> list[Route]:
+    return [
+        Route("/admin/tenants", list_tenants, methods=["GET"]),
+        Route("/admin/tenants/{tenant}", get_tenant, methods=["GET"]),
+        Route("/admin/tenants/{tenant}/budget", put_budget, methods=["PUT"]),
+        Route("/admin/tenants/{tenant}/budget", delete_budget, methods=["DELETE"]),
+        Route("/admin/tenants/{tenant}/calls", list_calls, methods=["GET"]),
+    ]
