@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,15 +41,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     hashing = commands.add_parser("hash-key", help="print the sha256: form of an API key for api_keys")
     hashing.add_argument("key")
 
+    status = commands.add_parser("status", help="tenants' budget state, read from the store")
+    status.add_argument("tenant", nargs="?", help="one tenant (default: every tenant the config or store knows)")
+    _config_option(status)
+
+    demo = commands.add_parser("demo", help="a scripted day of agent traffic against a built-in fake upstream")
+    demo.add_argument("--short", action="store_true", help="no pauses between calls")
+
     args = parser.parse_args(argv)
     if args.command == "hash-key":
         print(hash_key(args.key))
         return 0
+    if args.command == "demo":
+        from guardproxy.demo import main as demo_main
+
+        return demo_main(short=args.short)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"guardproxy: config error in {args.config}: {exc}", file=sys.stderr)
         return 1
+    if args.command == "status":
+        from guardproxy.status import main as status_main
+
+        return status_main(config, args.tenant)
     if args.command == "check-config":
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         for warning in config.warnings:
@@ -66,6 +83,7 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardproxy.app import CONFIG_ENV, create_app
+    from guardproxy.metrics import MULTIPROC_ENV
 
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
@@ -82,8 +100,14 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
             )
             return 2
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
-        uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port, workers=args.workers,
-                    log_level=args.log_level, proxy_headers=False)
+        # Workers keep their counters in files here, summed at scrape time; removed when serve ends.
+        metrics_dir = tempfile.mkdtemp(prefix="guardproxy-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port, workers=args.workers,
+                        log_level=args.log_level, proxy_headers=False)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
     uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, proxy_headers=False)
     return 0

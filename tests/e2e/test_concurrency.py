@@ -82,7 +82,7 @@ def test_200_concurrent_calls_never_pass_the_hard_cap(
 
 
 @contextlib.contextmanager
-def proxy_process(config: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+def proxy_process(config: dict[str, Any], tmp_path: Path, workers: int = 1) -> Iterator[str]:
     """``guardproxy serve`` as its own process; yields its base URL."""
     port = free_port()
     path = tmp_path / f"proxy-{port}.yaml"
@@ -92,7 +92,7 @@ def proxy_process(config: dict[str, Any], tmp_path: Path) -> Iterator[str]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port),
-             "--log-level", "warning"],
+             "--log-level", "warning", "--workers", str(workers)],
             env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
         )
     try:
