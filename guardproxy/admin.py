@@ -1,20 +1,24 @@
 """The admin API (contract §5): budget state, runtime overrides and the per-call audit log.
 
-Behind ``admin.api_key`` (sent as ``Authorization: Bearer <key>``): every /admin path is 404 while
-no key is configured, and 401 with a wrong or missing key.
+Behind ``admin.api_key``, sent as ``Authorization: Bearer <key>``, as the password of HTTP Basic
+auth (any user name; what a browser sends for the page at ``/admin/``) or as the ``guardproxy_admin``
+cookie: every /admin path is 404 while no key is configured, and 401 with a wrong or missing key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from guardproxy.admin_page import render_page
 from guardproxy.auth import presented_key, valid_tenant
 from guardproxy.config import merge_policy
 from guardproxy.errors import ErrorKind, GuardError
@@ -37,9 +41,23 @@ def check_admin(request: Request, services: Services) -> None:
     expected = services.config.admin_api_key
     if not expected:
         raise GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
-    given = presented_key(request.headers) or request.cookies.get("guardproxy_admin", "")
+    given = presented_key(request.headers) or _basic_password(request) or request.cookies.get("guardproxy_admin", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise GuardError(ErrorKind.INVALID_API_KEY, "A valid admin key is required.")
+        # The challenge makes a browser ask for the key (as the password) instead of showing the JSON error.
+        raise GuardError(ErrorKind.INVALID_API_KEY, "A valid admin key is required.",
+                         headers={"www-authenticate": 'Basic realm="guardproxy"'})
+
+
+def _basic_password(request: Request) -> str:
+    """The password of ``Authorization: Basic``, or "" without one; the user name is ignored."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
 
 
 async def tenant_state(services: Services, tenant: str) -> TenantState:
@@ -59,6 +77,15 @@ async def list_tenants(request: Request) -> Response:
     tenants = await all_tenants(services.ledger.store, services.config)
     states = await read_states(services.ledger.store, services.config, tenants, services.clock())
     return _json({"object": "list", "data": [s.as_json() for s in states]})
+
+
+async def status_page(request: Request) -> Response:
+    """Every tenant's budget as a self-refreshing HTML page (``guardproxy.admin_page``)."""
+    services = _services(request)
+    tenants = await all_tenants(services.ledger.store, services.config)
+    now = services.clock()
+    states = await read_states(services.ledger.store, services.config, tenants, now)
+    return HTMLResponse(render_page(states, now), headers={"cache-control": "no-store"})
 
 
 async def get_tenant(request: Request) -> Response:
@@ -122,6 +149,8 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
 
 def admin_routes() -> list[Route]:
     return [
+        Route("/admin", status_page, methods=["GET"]),
+        Route("/admin/", status_page, methods=["GET"]),
         Route("/admin/tenants", list_tenants, methods=["GET"]),
         Route("/admin/tenants/{tenant}", get_tenant, methods=["GET"]),
         Route("/admin/tenants/{tenant}/budget", put_budget, methods=["PUT"]),
