@@ -29,7 +29,13 @@ def create_bare_proxy(upstream_url: str) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        transport = None
+        if os.environ.get("BENCH_TRANSPORT") == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=httpx.Limits(max_connections=1000, keepalive_expiry=30))
         app.state.client = httpx.AsyncClient(
+            transport=transport,
             base_url=upstream_url.rstrip("/") + "/",
             timeout=httpx.Timeout(600.0, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30),

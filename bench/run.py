@@ -54,7 +54,7 @@ BODIES: dict[str, dict[str, Any]] = {
 }
 # What every complete answer of each mode contains.
 COMPLETE_MARKERS = {"plain": '"finish_reason":"stop"', "stream": "data: [DONE]"}
-TARGETS = ("upstream", "bare", "guardproxy")
+TARGETS = ("upstream", "bare", "bare-aiohttp", "guardproxy")
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,9 @@ def servers(tmp: Path, use_redis: bool) -> Iterator[tuple[dict[str, str], Proces
         upstream = procs.uvicorn("upstream", "fake_server:app", free_port())
         bare = procs.uvicorn("bare", "bare_proxy:app_from_env", free_port(),
                              {"BENCH_UPSTREAM_URL": f"{upstream}/v1"})
+        # The same pass-through on the httpx-aiohttp transport guardproxy uses: the like-for-like baseline.
+        bare_aiohttp = procs.uvicorn("bare-aiohttp", "bare_proxy:app_from_env", free_port(),
+                                     {"BENCH_UPSTREAM_URL": f"{upstream}/v1", "BENCH_TRANSPORT": "aiohttp"})
         redis_url = ""
         if use_redis:
             redis_port = free_port()
@@ -185,7 +188,8 @@ def servers(tmp: Path, use_redis: bool) -> Iterator[tuple[dict[str, str], Proces
         config_path.write_text(json.dumps(guardproxy_config(upstream, port, redis_url), indent=2))
         guard = procs.uvicorn("guardproxy", "guardproxy.app:app_from_env", port,
                               {"GUARDPROXY_CONFIG": str(config_path)})
-        yield {"upstream": f"{upstream}/v1", "bare": f"{bare}/v1", "guardproxy": f"{guard}/v1"}, procs
+        yield {"upstream": f"{upstream}/v1", "bare": f"{bare}/v1", "bare-aiohttp": f"{bare_aiohttp}/v1",
+               "guardproxy": f"{guard}/v1"}, procs
     finally:
         procs.stop_all()
 
@@ -300,6 +304,7 @@ def report(rounds: list[list[Result]], modes: list[str]) -> list[dict[str, Any]]
             rows.append({
                 **asdict(combined), "errors": combined.errors,
                 "vs_bare": _ratio(rounds, mode, target, "bare"),
+                "vs_bare_aiohttp": _ratio(rounds, mode, target, "bare-aiohttp"),
                 "vs_upstream": _ratio(rounds, mode, target, "upstream"),
             })
     return rows
@@ -309,13 +314,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     def ratio(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    header = f"{'mode':<7} {'target':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} " \
-             f"{'vs bare':>8} {'vs upstream':>12}"
+    header = f"{'mode':<7} {'target':<13} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} " \
+             f"{'vs bare':>8} {'vs bare-aiohttp':>16} {'vs upstream':>12}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<7} {r['target']:<11} {r['requests_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['errors']:>7} {ratio(r['vs_bare']):>8} {ratio(r['vs_upstream']):>12}"
+            f"{r['mode']:<7} {r['target']:<13} {r['requests_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['errors']:>7} {ratio(r['vs_bare']):>8} {ratio(r['vs_bare_aiohttp']):>16} {ratio(r['vs_upstream']):>12}"
         )
     return "\n".join(lines)
 
