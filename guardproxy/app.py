@@ -23,11 +23,13 @@ from guardproxy import tokens
 from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver, TenantResolver
 from guardproxy.config import Config, load_config
+from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
+from guardproxy.passthrough import UnbudgetedPaths
 from guardproxy.periods import utc_now
-from guardproxy.pipeline import ChatCompletions, Services
+from guardproxy.pipeline import BudgetedEndpoint, Services
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
 from guardproxy.state import all_tenants, read_states
 from guardproxy.store import BudgetStore
@@ -70,7 +72,12 @@ def create_app(
         except StoreUnavailable:
             log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
         await anyio.to_thread.run_sync(tokens.warm_up)
-        upstreams = build_upstreams(config.upstreams, upstream_transport)
+        breaker_state = app.state.metrics.breaker_state
+        upstreams = build_upstreams(
+            config.upstreams, upstream_transport, lambda name, state: breaker_state.labels(name).set(state)
+        )
+        for name in upstreams:
+            breaker_state.labels(name).set(0)
         servicetitan = None
         if jobs is None and config.servicetitan is not None:
             lookups = app.state.metrics.servicetitan_lookups
@@ -82,7 +89,8 @@ def create_app(
             tenants=TenantResolver(config, jobs or servicetitan), metrics=app.state.metrics, clock=clock,
         )
         app.state.services = services
-        app.state.chat = ChatCompletions(services)
+        app.state.endpoints = {shape.path: BudgetedEndpoint(services, shape) for shape in BUDGETED}
+        app.state.unbudgeted = UnbudgetedPaths(services)
         try:
             yield
         finally:
@@ -93,9 +101,12 @@ def create_app(
             if store is None:
                 await budget_store.aclose()
 
-    async def chat_completions(request: Request) -> Response:
-        response: Response = await request.app.state.chat(request)
-        return response
+    def budgeted(path: str) -> Route:
+        async def endpoint(request: Request) -> Response:
+            response: Response = await request.app.state.endpoints[path](request)
+            return response
+
+        return Route(f"/v1/{path}", endpoint, methods=["POST"])
 
     async def models(request: Request) -> Response:
         request.app.state.services.tenants.authenticate(request.headers)
@@ -123,12 +134,9 @@ def create_app(
             states = []
         return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def unknown_v1(request: Request) -> Response:
-        raise GuardError(
-            ErrorKind.NOT_FOUND,
-            f"Unknown request URL: {request.method} {request.url.path}. This proxy serves /v1/chat/completions "
-            "and /v1/models.",
-        )
+    async def unbudgeted(request: Request) -> Response:
+        response: Response = await request.app.state.unbudgeted(request)
+        return response
 
     async def on_guard_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GuardError)
@@ -151,13 +159,13 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            *(budgeted(shape.path) for shape in BUDGETED),
             Route("/v1/models", models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
-            Route("/v1/{path:path}", unknown_v1, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+            Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},
         lifespan=lifespan,

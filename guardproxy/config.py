@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from guardproxy.pricing import Price, price_to_micros, usd_to_micros
+# Upstream and model settings live in ``catalog``; they stay importable from here.
+from guardproxy.catalog import BreakerConfig as BreakerConfig
+from guardproxy.catalog import ModelConfig as ModelConfig
+from guardproxy.catalog import UpstreamConfig as UpstreamConfig
+from guardproxy.catalog import parse_models, parse_upstreams
+from guardproxy.pricing import usd_to_micros
 from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
 from guardproxy.types import Micros
 from guardproxy.validation import ConfigError, Fields, describe, expand_env
@@ -54,24 +59,6 @@ class StoreConfig:
     @property
     def fail_open(self) -> bool:
         return self.on_unavailable == "fail_open"
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    name: str
-    base_url: str
-    api_key: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    upstream: str
-    price: Price
-    max_output_tokens: int
-    downgrade_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +101,10 @@ class Config:
     auth: AuthConfig
     admin_api_key: str
     servicetitan: ServiceTitanConfig | None
+    #: What other ``/v1/*`` paths get: ``reject`` (404) or ``passthrough`` (forwarded, unbudgeted).
+    unbudgeted_paths: str = "reject"
+    #: The upstream that passed-through paths go to.
+    unbudgeted_upstream: str = ""
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
 
@@ -123,6 +114,10 @@ class Config:
         while chain[-1].downgrade_to is not None:
             chain.append(self.models[chain[-1].downgrade_to])
         return chain
+
+    def route(self, model: ModelConfig) -> list[ModelConfig]:
+        """``model`` followed by its fallbacks: the models tried, in order, while upstreams fail."""
+        return [model, *(self.models[name] for name in model.fallbacks)]
 
     def policy_for(self, tenant: str) -> BudgetPolicy:
         entry = self.tenants.get(tenant)
@@ -148,8 +143,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     warnings: list[str] = []
     server = _server(top.section("server"))
     store = _store(top.section("store"))
-    upstreams = _upstreams(top.section("upstreams"))
-    models = _models(top.section("models"), upstreams)
+    upstreams = parse_upstreams(top.section("upstreams"))
+    models = parse_models(top.section("models"), upstreams)
     budgets = top.section("budgets")
     defaults_fields = budgets.section("defaults")
     defaults = merge_policy(defaults_fields, BUILTIN_DEFAULTS)
@@ -161,11 +156,15 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     admin_api_key = admin.text("api_key", "")
     admin.done()
     servicetitan = parse_servicetitan(top.get("servicetitan"), "servicetitan")
+    unbudgeted_paths = top.text("unbudgeted_paths", "reject", choices=("reject", "passthrough"))
+    unbudgeted_upstream = top.text("unbudgeted_upstream", next(iter(upstreams)), allow_empty=False)
+    if unbudgeted_upstream not in upstreams:
+        raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
-        warnings=tuple(warnings),
+        unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
     )
 
 
@@ -192,61 +191,6 @@ def _store(f: Fields) -> StoreConfig:
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")
     f.done()
-    return out
-
-
-def _upstreams(f: Fields) -> dict[str, UpstreamConfig]:
-    if not f.raw:
-        raise ConfigError(f.path or "upstreams", "at least one upstream must be configured")
-    out = {}
-    for name in list(f.raw):
-        u = f.section(name)
-        base_url = u.text("base_url", "", allow_empty=False).rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(u.at("base_url"), f"must be an http:// or https:// URL, got {describe(base_url)}")
-        timeout = u.decimal("timeout_s", Decimal(600), min_value=Decimal("0.001"))
-        out[name] = UpstreamConfig(
-            name=name, base_url=base_url, api_key=u.text("api_key", ""), headers=u.text_map("headers"),
-            timeout_s=float(timeout),
-        )
-        u.done()
-    f.done()
-    return out
-
-
-def _models(f: Fields, upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ModelConfig]:
-    if not f.raw:
-        raise ConfigError(f.path or "models", "at least one model must be configured")
-    out = {}
-    zero = Decimal(0)
-    for name in list(f.raw):
-        m = f.section(name)
-        upstream = m.text("upstream", next(iter(upstreams)) if len(upstreams) == 1 else "", allow_empty=False)
-        if upstream not in upstreams:
-            raise ConfigError(m.at("upstream"), f"names no configured upstream (have: {', '.join(upstreams)})")
-        input_price = m.decimal("input", None, min_value=zero)
-        price = Price(
-            input=price_to_micros(input_price),
-            cached_input=price_to_micros(m.decimal("cached_input", input_price, min_value=zero)),
-            output=price_to_micros(m.decimal("output", None, min_value=zero)),
-        )
-        out[name] = ModelConfig(
-            name=name, upstream=upstream, price=price,
-            max_output_tokens=m.integer("max_output_tokens", 16384, min_value=1),
-            downgrade_to=m.optional_str("downgrade_to"),
-        )
-        m.done()
-    f.done()
-    for name, model in out.items():
-        seen = [name]
-        target = model.downgrade_to
-        while target is not None:
-            if target not in out:
-                raise ConfigError(f"models.{seen[-1]}.downgrade_to", f"names no configured model: {target!r}")
-            if target in seen:
-                raise ConfigError(f"models.{name}.downgrade_to", f"forms a cycle: {' -> '.join([*seen, target])}")
-            seen.append(target)
-            target = out[target].downgrade_to
     return out
 
 

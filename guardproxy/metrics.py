@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -55,6 +55,19 @@ class Metrics:
         self.time_to_first_token = Histogram(
             "guardproxy_time_to_first_token_seconds", "Time from the upstream call to the first streamed token.",
             ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.fallbacks = Counter(
+            "guardproxy_fallbacks", "Calls sent to a fallback model because an upstream failed.",
+            ["tenant", "from_model", "to_model"], registry=r,
+        )
+        # Each process keeps its own breakers: across workers, the worst state of the live ones.
+        self.breaker_state = Gauge(
+            "guardproxy_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"], registry=r, multiprocess_mode="livemax",
+        )
+        self.unbudgeted_requests = Counter(
+            "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
+            ["tenant", "endpoint"], registry=r,
         )
 
     def record_settled(self, tenant: str, model: str, usage: Usage, cost: Micros) -> None:

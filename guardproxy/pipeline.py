@@ -1,10 +1,13 @@
-"""The budgeted request pipeline for ``POST /v1/chat/completions``, top to bottom:
+"""The budgeted request pipeline, the same for every budgeted endpoint, top to bottom:
 
 tenant → body → estimate → decision → reserve → forward → relay → settle.
 
-Each step is a small function; ``ChatCompletions.__call__`` reads as the list above. The reservation
-is settled in exactly one place per path: a ``finally`` for complete answers, the relay's close
-callback for streams, so no path leaves money reserved.
+``BudgetedEndpoint`` serves one ``ApiShape`` (``endpoints.py``: chat, completions, embeddings,
+responses). When an upstream fails before anything reached the client (unreachable, timed out,
+5xx, 429, or skipped by its open circuit breaker), the next model of the route is tried: the
+requested model, then its ``fallbacks``, each admitted and reserved for its own price. Each
+attempt's reservation is settled in exactly one place: the failure branch, a ``finally`` for
+complete answers, or the relay's close callback for streams, so no path leaves money reserved.
 """
 
 from __future__ import annotations
@@ -17,28 +20,25 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import httpx
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
 from guardproxy import budget
 from guardproxy.auth import TenantResolver
 from guardproxy.config import Config, ModelConfig
+from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
+from guardproxy.plan import Plan
 from guardproxy.pricing import Usage, cost_micros, lookup_model, micros_to_usd
-from guardproxy.relay import (
-    COMPLETED,
-    ChatStreamWatcher,
-    RelayResult,
-    StreamRelay,
-    completion_texts,
-    usage_from,
-)
-from guardproxy.requests import ChatRequest, parse_chat_request, read_body
-from guardproxy.store import Admission, Reservation
+from guardproxy.relay import COMPLETED, RelayResult, StreamRelay
+from guardproxy.requests import ApiRequest, read_body
+from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
 from guardproxy.upstream import Upstream, response_headers
 
@@ -48,6 +48,11 @@ log = logging.getLogger("guardproxy.pipeline")
 _COUNT_IN_THREAD_BYTES = 32 * 1024
 # A reservation outlives the longest upstream call by this much before it expires by itself.
 _RESERVATION_GRACE_S = 60
+
+
+def fails_over(status: int) -> bool:
+    """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
+    return status == 429 or status >= 500
 
 
 @dataclass(frozen=True)
@@ -62,73 +67,40 @@ class Services:
     clock: Callable[[], datetime]
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What admission decided for one call."""
+class BudgetedEndpoint:
+    """``POST /v1/<shape.path>`` with the budget enforced."""
 
-    tenant: str
-    request: ChatRequest
-    requested: ModelConfig
-    sent: ModelConfig
-    prompt_tokens: int
-    admission: Admission
-
-    @property
-    def reservation(self) -> Reservation:
-        assert self.admission.reservation is not None
-        return self.admission.reservation
-
-    @property
-    def downgraded(self) -> bool:
-        return self.sent.name != self.requested.name
-
-
-class ChatCompletions:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, shape: ApiShape) -> None:
         self.s = services
+        self.shape = shape
 
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
-        chat = parse_chat_request(await read_body(request, self.s.config.server.max_body_bytes))
-        requested = self._price(chat.model)
-        prompt_tokens = await self._estimate(chat, requested)
-        plan = await self._admit(tenant, chat, requested, prompt_tokens)
-        upstream = self.s.upstreams[plan.sent.upstream]
-        started = time.monotonic()
-        try:
-            response = await upstream.send(
-                "chat/completions", self._outgoing_body(plan),
-                upstream.request_headers(request.headers.items(), self.s.tenants.routing_headers),
-            )
-        except BaseException:
-            await self._settle(plan, None, [], produced=False)
-            raise
-        request_id = response.headers.get("x-request-id", "")
-        headers = {**response_headers(response.headers), **self._budget_headers(plan)}
-        if chat.stream and response.status_code == 200:
-
-            async def on_close(result: RelayResult) -> None:
-                self._observe(plan, upstream, result.duration_s, result.watcher.first_token_at, started)
-                watcher = result.watcher
-                await self._settle(plan, watcher.usage, watcher.texts, produced=True, outcome=result.outcome,
-                                   request_id=request_id)
-
-            return StreamRelay(  # type: ignore[return-value]
-                upstream.name, response, headers, ChatStreamWatcher(chat.wants_usage), on_close
-            )
-        produced = False
-        usage: Usage | None = None
-        texts: list[str] = []
-        try:
-            content = await upstream.read(response)
-            produced = 200 <= response.status_code < 300
-            if produced:
-                usage, texts = _answer_usage(content)
-        finally:
-            with anyio.CancelScope(shield=True):
-                self._observe(plan, upstream, time.monotonic() - started, None, started)
-                await self._settle(plan, usage, texts, produced=produced, request_id=request_id)
-        return Response(content, response.status_code, headers=headers)
+        call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        requested = self._price(call.model)
+        prompt_tokens = await self._estimate(call)
+        route = self.s.config.route(requested)
+        failure: Response | GuardError | None = None
+        for attempt in route:
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens)
+            if plan is None:
+                continue
+            started = time.monotonic()
+            try:
+                answer = await self._forward(plan, request.headers)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._settle(plan, None, [], produced=False)
+                raise
+            if isinstance(answer, httpx.Response) and (attempt is route[-1] or not fails_over(answer.status_code)):
+                return await self._respond(plan, answer, started)
+            failure = await self._failed(plan, answer, started)
+        # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
+        self.s.metrics.requests.labels(tenant, requested.name, "error").inc()
+        if isinstance(failure, GuardError):
+            raise failure
+        assert failure is not None
+        return failure
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -142,28 +114,36 @@ class ChatCompletions:
             )
         return entry
 
-    async def _estimate(self, chat: ChatRequest, model: ModelConfig) -> int:
-        counter = TokenCounter(chat.model)
-        if len(chat.raw) < _COUNT_IN_THREAD_BYTES:
-            return counter.chat_prompt(chat.messages, chat.tools)
-        return await anyio.to_thread.run_sync(counter.chat_prompt, chat.messages, chat.tools)
+    async def _estimate(self, call: ApiRequest) -> int:
+        counter = TokenCounter(call.model)
+        if len(call.raw) < _COUNT_IN_THREAD_BYTES:
+            return self.shape.prompt_tokens(counter, call.body)
+        return await anyio.to_thread.run_sync(self.shape.prompt_tokens, counter, call.body)
 
-    async def _admit(self, tenant: str, chat: ChatRequest, requested: ModelConfig, prompt_tokens: int) -> Plan:
-        chain = self.s.config.downgrade_chain(requested)
+    async def _admit(
+        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int
+    ) -> Plan | None:
+        """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
+        fallback that does not (it is skipped)."""
+        chain = self.s.config.downgrade_chain(attempt)
         worst_cases = [
-            cost_micros(Usage(prompt_tokens, chat.choices * (chat.max_output_tokens or m.max_output_tokens)), m.price)
-            for m in chain
+            cost_micros(Usage(prompt_tokens, self.shape.worst_output_tokens(call, m)), m.price) for m in chain
         ]
-        ttl_ms = int((self.s.upstreams[requested.upstream].config.timeout_s + _RESERVATION_GRACE_S) * 1000)
-        admission = await self.s.ledger.admit(tenant, worst_cases, ttl_ms)
+        timeout_s = max(self.s.upstreams[m.upstream].config.timeout_s for m in chain)
+        admission = await self.s.ledger.admit(tenant, worst_cases, int((timeout_s + _RESERVATION_GRACE_S) * 1000))
         decision = admission.decision
         if decision.index is None:
+            if attempt is not requested:
+                log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
+                return None
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
             raise self._over_budget(tenant, decision, admission)
         sent = chain[decision.index]
-        if sent is not requested:
-            self.s.metrics.downgrades.labels(tenant, requested.name, sent.name).inc()
-        return Plan(tenant, chat, requested, sent, prompt_tokens, admission)
+        if sent is not attempt:
+            self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
+        if attempt is not requested:
+            self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
+        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
         period = decision.exhausted or "day"
@@ -181,55 +161,105 @@ class ChatCompletions:
                      "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
         )
 
+    async def _forward(self, plan: Plan, incoming: Headers) -> httpx.Response | GuardError:
+        """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        headers = upstream.request_headers(incoming.items(), self.s.tenants.routing_headers, plan.tenant)
+        try:
+            return await upstream.send(
+                upstream.endpoint_path(self.shape.path, plan.upstream_model), self._outgoing_body(plan), headers
+            )
+        except GuardError as exc:
+            return exc
+
     def _outgoing_body(self, plan: Plan) -> bytes:
         """The request body for upstream; the caller's own bytes when nothing needs to change."""
-        chat = plan.request
+        call = plan.request
         changes: dict[str, Any] = {}
-        if plan.downgraded:
-            changes["model"] = plan.sent.name
-        if chat.stream and not chat.wants_usage:
-            changes["stream_options"] = {**(chat.body.get("stream_options") or {}), "include_usage": True}
-        return orjson.dumps({**chat.body, **changes}) if changes else chat.raw
+        if plan.upstream_model != call.model:
+            changes["model"] = plan.upstream_model
+        if self.shape.asks_for_usage and call.stream and not call.wants_usage:
+            changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps({**call.body, **changes}) if changes else call.raw
 
-    def _budget_headers(self, plan: Plan) -> dict[str, str]:
-        decision, limits = plan.admission.decision, plan.admission.limits
-        headers = {
-            "x-guardproxy-tenant": plan.tenant,
-            "x-guardproxy-model": plan.sent.name,
-            "x-guardproxy-budget-state": budget.state_of(decision.used_day, decision.used_month, limits),
-            "x-guardproxy-budget-remaining-usd":
-                f"{micros_to_usd(budget.remaining(decision.used_day, decision.used_month, limits)):.6f}",
-        }
-        if plan.downgraded:
-            headers["x-guardproxy-downgraded-from"] = plan.request.model
-        return headers
+    async def _failed(self, plan: Plan, answer: httpx.Response | GuardError, started: float) -> Response | GuardError:
+        """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        failure: Response | GuardError
+        try:
+            if isinstance(answer, GuardError):
+                failure = answer
+            else:
+                headers = {**response_headers(answer.headers), **plan.headers()}
+                failure = Response(await upstream.read(answer), answer.status_code, headers=headers)
+        except GuardError as exc:
+            failure = exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._observe(plan, time.monotonic() - started, None, started)
+                await self._settle(plan, None, [], produced=False, counted=False)
+        reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
+        log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
+                    upstream.name, reason)
+        return failure
 
-    def _observe(
-        self, plan: Plan, upstream: Upstream, duration_s: float, first_token_at: float | None, started: float
-    ) -> None:
-        self.s.metrics.upstream_duration.labels(upstream.name, plan.sent.name).observe(duration_s)
+    async def _respond(self, plan: Plan, response: httpx.Response, started: float) -> Response:
+        """Relay the answer (streamed as it arrives, or whole) and settle what it cost."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        request_id = response.headers.get("x-request-id", "")
+        headers = {**response_headers(response.headers), **plan.headers()}
+        if plan.request.stream and response.status_code == 200:
+
+            async def on_close(result: RelayResult) -> None:
+                watcher = result.watcher
+                self._observe(plan, result.duration_s, watcher.first_token_at, started)
+                await self._settle(plan, watcher.usage, watcher.texts, produced=True, outcome=result.outcome,
+                                   request_id=request_id)
+
+            watcher = self.shape.watcher(plan.request)
+            return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
+        produced = False
+        usage: Usage | None = None
+        texts: list[str] = []
+        try:
+            content = await upstream.read(response)
+            produced = 200 <= response.status_code < 300
+            if produced:
+                usage, texts = self.shape.answer_usage(_json_or_none(content))
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._observe(plan, time.monotonic() - started, None, started)
+                await self._settle(plan, usage, texts, produced=produced, request_id=request_id)
+        return Response(content, response.status_code, headers=headers)
+
+    def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
+        self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
         if first_token_at is not None:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
 
     async def _settle(
         self, plan: Plan, usage: Usage | None, texts: list[str], *, produced: bool, outcome: str = COMPLETED,
-        request_id: str = "",
+        request_id: str = "", counted: bool = True,
     ) -> None:
-        """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced."""
+        """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
+
+        ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
+        """
         if produced and usage is None:
             usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(texts))
         charge = cost_micros(usage, plan.sent.price) if produced and usage else 0
         outcome = outcome if produced else "error"
-        counted = usage or Usage(0, 0)
+        counted_usage = usage or Usage(0, 0)
         record: CallRecord = {
             "request_id": request_id or plan.reservation.id, "requested_model": plan.request.model,
-            "model": plan.sent.name, "prompt_tokens": counted.prompt_tokens,
-            "completion_tokens": counted.completion_tokens, "cached_tokens": counted.cached_prompt_tokens,
+            "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
+            "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
             "cost_micros": charge, "outcome": outcome,
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
-        label = "error" if not produced else "downgraded" if plan.downgraded else "allowed"
-        self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
+        if counted:
+            label = "error" if not produced else "downgraded" if plan.downgraded else "allowed"
+            self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
         if produced and usage is not None:
             self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
         log.info(
@@ -239,11 +269,8 @@ class ChatCompletions:
         )
 
 
-def _answer_usage(content: bytes) -> tuple[Usage | None, list[str]]:
+def _json_or_none(content: bytes) -> Any:
     try:
-        answer = orjson.loads(content)
+        return orjson.loads(content)
     except orjson.JSONDecodeError:
-        return None, []
-    if not isinstance(answer, dict):
-        return None, []
-    return usage_from(answer.get("usage")), completion_texts(answer.get("choices"), "message")
+        return None

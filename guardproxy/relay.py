@@ -1,9 +1,11 @@
 """Relaying a streamed completion to the client as it arrives, and learning what it cost.
 
-``ChatStreamWatcher`` is pure: it sees each SSE frame, remembers the usage and the text, and hides
-the usage chunk from clients that did not ask for it. ``StreamRelay`` is the ASGI response that
-pumps frames from upstream to client; whatever happens (client gone, upstream cut), its ``finally``
-closes the upstream request and hands the result to the settlement callback.
+A ``StreamWatcher`` is pure: it sees each SSE frame, remembers the usage and the text, and decides
+the bytes the client gets. ``ChatStreamWatcher`` serves chat and legacy completions: it hides the
+usage chunk from clients that did not ask for it (the Responses API has its own watcher,
+``responses_stream``). ``StreamRelay`` is the ASGI response that pumps frames from upstream to
+client; whatever happens (client gone, upstream cut), its ``finally`` closes the upstream request
+and hands the result to the settlement callback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -45,12 +47,16 @@ def usage_from(value: Any) -> Usage | None:
 
 
 def completion_texts(choices: Any, key: str) -> list[str]:
-    """The generated text in ``choices`` (``key`` is ``delta`` for chunks, ``message`` for answers)."""
+    """The generated text in ``choices``: ``key`` is ``delta`` for chat chunks, ``message`` for chat
+    answers, ``text`` for legacy completions (chunks and answers)."""
     texts: list[str] = []
     if not isinstance(choices, list):
         return texts
     for choice in choices:
         part = choice.get(key) if isinstance(choice, dict) else None
+        if key == "text":
+            texts.extend([part] if isinstance(part, str) else [])
+            continue
         if not isinstance(part, dict):
             continue
         for field in ("content", "refusal", "reasoning_content"):
@@ -63,11 +69,28 @@ def completion_texts(choices: Any, key: str) -> list[str]:
     return texts
 
 
-class ChatStreamWatcher:
-    """Follows a chat-completion stream frame by frame."""
+class StreamWatcher(Protocol):
+    """Follows one kind of stream frame by frame; what the relay and the settlement need of it."""
 
-    def __init__(self, client_wants_usage: bool) -> None:
+    usage: Usage | None
+    texts: list[str]
+    #: The stream's proper end was seen (``[DONE]``, ``response.completed``…).
+    done: bool
+    first_token_at: float | None
+
+    def process(self, frame: Frame) -> bytes:
+        """The bytes to send the client for ``frame`` (empty to drop it)."""
+
+    def error_frame(self, error: GuardError) -> bytes:
+        """How to tell the client, mid-stream, that the answer ends with ``error``."""
+
+
+class ChatStreamWatcher:
+    """Follows a chat-completion (or, with ``text_key="text"``, a legacy completion) stream."""
+
+    def __init__(self, client_wants_usage: bool, text_key: str = "delta") -> None:
         self.client_wants_usage = client_wants_usage
+        self.text_key = text_key
         self.usage: Usage | None = None
         self.texts: list[str] = []
         self.done = False
@@ -86,7 +109,7 @@ class ChatStreamWatcher:
             return frame.raw
         if not isinstance(chunk, dict):
             return frame.raw
-        texts = completion_texts(chunk.get("choices"), "delta")
+        texts = completion_texts(chunk.get("choices"), self.text_key)
         if any(texts) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.texts.extend(texts)
@@ -102,19 +125,23 @@ class ChatStreamWatcher:
                 return b""
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
+    def error_frame(self, error: GuardError) -> bytes:
+        # Both SDKs raise APIError on a data frame carrying an "error" object, and do not retry.
+        return b"data: " + error.body() + b"\n\n"
+
 
 @dataclass(frozen=True)
 class RelayResult:
     outcome: str
-    watcher: ChatStreamWatcher
+    watcher: StreamWatcher
     duration_s: float
 
 
 class StreamRelay:
-    """ASGI response streaming an upstream SSE answer through a ``ChatStreamWatcher``."""
+    """ASGI response streaming an upstream SSE answer through a ``StreamWatcher``."""
 
     def __init__(
-        self, upstream: str, response: httpx.Response, headers: dict[str, str], watcher: ChatStreamWatcher,
+        self, upstream: str, response: httpx.Response, headers: dict[str, str], watcher: StreamWatcher,
         on_close: Callable[[RelayResult], Awaitable[None]],
     ) -> None:
         self.upstream = upstream
@@ -164,7 +191,7 @@ class StreamRelay:
             self.outcome = UPSTREAM_CUT
             log.warning("stream from upstream %s ended early: %s", self.upstream, exc.message)
             error = GuardError(ErrorKind.UPSTREAM_UNAVAILABLE, f"The upstream stream ended early: {exc.message}")
-            await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": self.watcher.error_frame(error), "more_body": True})
         if not self.watcher.done and self.outcome == COMPLETED:
             self.outcome = UPSTREAM_CUT
         await send({"type": "http.response.body", "body": b"", "more_body": False})

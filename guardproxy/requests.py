@@ -1,4 +1,8 @@
-"""Reading and validating client request bodies: size limit first, then JSON, then the fields."""
+"""Reading and validating client request bodies: size limit first, then JSON, then the fields.
+
+One parser per budgeted endpoint; each returns an ``ApiRequest`` with what the budget needs (model,
+stream, the output limit and how many outputs it multiplies) and the caller's original bytes.
+"""
 
 from __future__ import annotations
 
@@ -34,20 +38,27 @@ def _too_large(max_bytes: int) -> GuardError:
 
 
 @dataclass(frozen=True)
-class ChatRequest:
-    """A validated chat-completions request, with the caller's original bytes."""
+class ApiRequest:
+    """A validated request to a budgeted endpoint, with the caller's original bytes."""
 
     raw: bytes
     body: JSONObject
     model: str
+    stream: bool
+    #: The client asked for the usage chunk itself (``stream_options.include_usage``).
+    wants_usage: bool
+    #: The request's own output-token limit (``max_completion_tokens``, ``max_tokens``, ``max_output_tokens``).
+    max_output_tokens: int | None
+    #: How many outputs it generates (``n``, ``best_of``, several prompts): each can be as long as the limit.
+    choices: int
+
+
+@dataclass(frozen=True)
+class ChatRequest(ApiRequest):
+    """A validated chat-completions request."""
+
     messages: list[Any]
     tools: Any
-    stream: bool
-    wants_usage: bool
-    #: The request's own completion-token limit (``max_completion_tokens`` or ``max_tokens``).
-    max_output_tokens: int | None
-    #: How many choices to generate (``n``): each can be as long as the limit.
-    choices: int
 
 
 def parse_json_object(raw: bytes) -> JSONObject:
@@ -65,9 +76,7 @@ def parse_json_object(raw: bytes) -> JSONObject:
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
     body = parse_json_object(raw)
-    model = _required(body, "model", str, "a string")
-    if not model:
-        raise _invalid("model", "'model' must not be empty.")
+    model = _model(body)
     messages = _required(body, "messages", list, "an array of messages")
     if not messages:
         raise _invalid("messages", "'messages' must contain at least one message.")
@@ -83,13 +92,78 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     )
 
 
-def _required(body: JSONObject, name: str, kind: type, description: str) -> Any:
+def parse_completions_request(raw: bytes) -> ApiRequest:
+    """Legacy ``/v1/completions``: one completion per prompt and per ``best_of`` (at least ``n``)."""
+    body = parse_json_object(raw)
+    model = _model(body)
+    prompts = _prompt_count(body, "prompt")
+    stream = _optional(body, "stream", bool, "a boolean") or False
+    options = _optional(body, "stream_options", dict, "an object") or {}
+    per_prompt = max(_positive_int(body, "n") or 1, _positive_int(body, "best_of") or 1)
+    return ApiRequest(
+        raw=raw, body=body, model=model, stream=stream, wants_usage=bool(options.get("include_usage")),
+        max_output_tokens=_positive_int(body, "max_tokens"), choices=prompts * per_prompt,
+    )
+
+
+def parse_embeddings_request(raw: bytes) -> ApiRequest:
+    """``/v1/embeddings``: input tokens only, never streamed."""
+    body = parse_json_object(raw)
+    model = _model(body)
+    _prompt_count(body, "input")
+    return ApiRequest(raw=raw, body=body, model=model, stream=False, wants_usage=False, max_output_tokens=None,
+                      choices=0)
+
+
+def parse_responses_request(raw: bytes) -> ApiRequest:
+    """``/v1/responses``: ``input`` as a string or a list of items, plus ``instructions``."""
+    body = parse_json_object(raw)
+    model = _model(body)
+    value = body.get("input")
+    if value is not None and not isinstance(value, str | list):
+        raise _invalid("input", "Invalid type for 'input': expected a string or an array of input items.")
+    _optional(body, "instructions", str, "a string")
+    if body.get("background") is True:
+        # The answer would come later, by polling: its usage never passes the proxy to be charged.
+        raise _invalid("background", "Background responses cannot be budgeted by this proxy; send them "
+                                     "without 'background'.")
+    return ApiRequest(
+        raw=raw, body=body, model=model, stream=_optional(body, "stream", bool, "a boolean") or False,
+        wants_usage=True, max_output_tokens=_positive_int(body, "max_output_tokens"), choices=1,
+    )
+
+
+def _model(body: JSONObject) -> str:
+    model: str = _required(body, "model", str, "a string")
+    if not model:
+        raise _invalid("model", "'model' must not be empty.")
+    return model
+
+
+def _prompt_count(body: JSONObject, name: str) -> int:
+    """How many prompts ``name`` holds: a string, an array of strings, of token ids, or of token-id arrays."""
+    value = _required(body, name, str | list, "a string or an array")
+    if isinstance(value, str):
+        return 1
+    if not value:
+        raise _invalid(name, f"'{name}' must not be empty.")
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return 1
+    if all(isinstance(item, str) for item in value) or all(
+        isinstance(item, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in item) for item in value
+    ):
+        return len(value)
+    raise _invalid(name, f"Invalid type for '{name}': expected a string, an array of strings, an array of token ids "
+                         "or an array of token-id arrays.")
+
+
+def _required(body: JSONObject, name: str, kind: Any, description: str) -> Any:
     if body.get(name) is None:
         raise GuardError(ErrorKind.MISSING_FIELD, f"Missing required parameter: '{name}'.", param=name)
     return _optional(body, name, kind, description)
 
 
-def _optional(body: JSONObject, name: str, kind: type, description: str) -> Any:
+def _optional(body: JSONObject, name: str, kind: Any, description: str) -> Any:
     value = body.get(name)
     if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
         raise _invalid(name, f"Invalid type for '{name}': expected {description}.")

@@ -110,6 +110,27 @@ class TokenCounter:
             total += _collect(tools, texts)
         return total + self.texts(texts)
 
+    def responses_prompt(self, input_items: Any, instructions: Any = None, tools: Any = None) -> int:
+        """Input tokens of a Responses API request: ``input`` as a string or a list of items.
+
+        Items are counted like chat messages (framing + the strings they carry); ``instructions``
+        is one more message. Input kept by the upstream (``previous_response_id``) is not seen.
+        """
+        items = [input_items] if isinstance(input_items, str) else list(input_items or [])
+        if isinstance(instructions, str) and instructions:
+            items.insert(0, instructions)
+        return self.chat_prompt([item if isinstance(item, dict) else {"content": item} for item in items], tools)
+
+    def prompts(self, prompt: Any) -> int:
+        """Tokens of a legacy ``prompt`` or an embeddings ``input``: text, texts, token ids or lists of ids."""
+        if isinstance(prompt, str):
+            return self.text(prompt)
+        if not isinstance(prompt, list):
+            return 0
+        if all(isinstance(item, int) for item in prompt):
+            return len(prompt)
+        return sum(self.prompts(item) for item in prompt)
+
 
 def _collect(value: Any, texts: list[str]) -> int:
     """Gather the strings under ``value`` into ``texts``; returns the fixed-cost tokens (images)."""

@@ -1,0 +1,135 @@
+"""Where each model goes and what it costs: the ``upstreams:`` and ``models:`` sections of ``proxy.yaml``.
+
+Kept apart from ``config`` because routing grew its own rules: upstream kinds (OpenAI-compatible or
+Azure), circuit breakers, per-model deployment names and fallbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from guardproxy.pricing import Price, price_to_micros
+from guardproxy.validation import ConfigError, Fields, describe
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """Open the upstream's circuit after ``failures`` consecutive failures (0: never); probe after ``cooldown_s``."""
+
+    failures: int = 5
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    api_key: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 600.0
+    #: ``openai`` (any OpenAI-compatible API) or ``azure`` (Azure OpenAI: ``api-key`` header, deployments).
+    kind: str = "openai"
+    #: Azure only: the ``api-version`` of deployment paths; empty means the ``/openai/v1/`` surface.
+    api_version: str = ""
+    #: When set, the tenant id is sent upstream in this header (e.g. ``Helicone-User-Id``).
+    tenant_header: str = ""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    @property
+    def azure(self) -> bool:
+        return self.kind == "azure"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    upstream: str
+    price: Price
+    max_output_tokens: int
+    downgrade_to: str | None = None
+    #: The name the upstream knows the model by (Azure: the deployment); ``None``: the model's own name.
+    deployment: str | None = None
+    #: Models tried in order when this model's upstream fails before answering.
+    fallbacks: tuple[str, ...] = ()
+
+
+def parse_upstreams(f: Fields) -> dict[str, UpstreamConfig]:
+    if not f.raw:
+        raise ConfigError(f.path or "upstreams", "at least one upstream must be configured")
+    out = {}
+    for name in list(f.raw):
+        u = f.section(name)
+        base_url = u.text("base_url", "", allow_empty=False).rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(u.at("base_url"), f"must be an http:// or https:// URL, got {describe(base_url)}")
+        timeout = u.decimal("timeout_s", Decimal(600), min_value=Decimal("0.001"))
+        kind = u.text("kind", UpstreamConfig.kind, choices=("openai", "azure"))
+        api_version = u.text("api_version", "")
+        if api_version and kind != "azure":
+            raise ConfigError(u.at("api_version"), "is only used with kind: azure")
+        if kind == "azure":
+            # The resource endpoint is what Azure's portal shows; the API surface is chosen per request.
+            base_url = base_url.removesuffix("/openai/v1").removesuffix("/openai")
+        out[name] = UpstreamConfig(
+            name=name, base_url=base_url, api_key=u.text("api_key", ""), headers=u.text_map("headers"),
+            timeout_s=float(timeout), kind=kind, api_version=api_version,
+            tenant_header=u.text("tenant_header", ""), breaker=_breaker(u.section("breaker")),
+        )
+        u.done()
+    f.done()
+    return out
+
+
+def _breaker(f: Fields) -> BreakerConfig:
+    out = BreakerConfig(
+        failures=f.integer("failures", BreakerConfig.failures, min_value=0),
+        cooldown_s=float(f.decimal("cooldown_s", Decimal(str(BreakerConfig.cooldown_s)), min_value=Decimal("0.001"))),
+    )
+    f.done()
+    return out
+
+
+def parse_models(f: Fields, upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ModelConfig]:
+    if not f.raw:
+        raise ConfigError(f.path or "models", "at least one model must be configured")
+    out = {}
+    zero = Decimal(0)
+    for name in list(f.raw):
+        m = f.section(name)
+        upstream = m.text("upstream", next(iter(upstreams)) if len(upstreams) == 1 else "", allow_empty=False)
+        if upstream not in upstreams:
+            raise ConfigError(m.at("upstream"), f"names no configured upstream (have: {', '.join(upstreams)})")
+        input_price = m.decimal("input", None, min_value=zero)
+        price = Price(
+            input=price_to_micros(input_price),
+            cached_input=price_to_micros(m.decimal("cached_input", input_price, min_value=zero)),
+            output=price_to_micros(m.decimal("output", None, min_value=zero)),
+        )
+        out[name] = ModelConfig(
+            name=name, upstream=upstream, price=price,
+            max_output_tokens=m.integer("max_output_tokens", 16384, min_value=1),
+            downgrade_to=m.optional_str("downgrade_to"),
+            deployment=m.optional_str("deployment"),
+            fallbacks=tuple(m.text_list("fallbacks")),
+        )
+        m.done()
+    f.done()
+    for name, model in out.items():
+        for i, fallback in enumerate(model.fallbacks):
+            if fallback not in out:
+                raise ConfigError(f"models.{name}.fallbacks[{i}]", f"names no configured model: {fallback!r}")
+            if fallback == name or fallback in model.fallbacks[:i]:
+                raise ConfigError(f"models.{name}.fallbacks[{i}]", f"repeats {fallback!r}: each model is tried once")
+    for name, model in out.items():
+        seen = [name]
+        target = model.downgrade_to
+        while target is not None:
+            if target not in out:
+                raise ConfigError(f"models.{seen[-1]}.downgrade_to", f"names no configured model: {target!r}")
+            if target in seen:
+                raise ConfigError(f"models.{name}.downgrade_to", f"forms a cycle: {' -> '.join([*seen, target])}")
+            seen.append(target)
+            target = out[target].downgrade_to
+    return out
