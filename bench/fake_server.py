@@ -25,4 +25,6 @@ class _Discard(list[Any]):
 
 def app() -> Starlette:
     """Factory for ``uvicorn --factory``."""
-    return create_fake_upstream(FakeUpstreamState(requests=_Discard(), headers=_Discard()))
+    return create_fake_upstream(
+        FakeUpstreamState(requests=_Discard(), headers=_Discard(), stream_endings=_Discard(), paths=_Discard())
+    )

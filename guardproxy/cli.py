@@ -124,18 +124,22 @@ def masked(config: Config) -> dict[str, Any]:
     return {
         "server": vars(config.server).copy(),
         "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
-                  "on_unavailable": config.store.on_unavailable},
+                  "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size},
         "upstreams": {
-            name: {"base_url": u.base_url, "api_key": MASK if u.api_key else "",
-                   "headers": {k: MASK for k in u.headers}, "timeout_s": u.timeout_s}
+            name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
+                   "api_version": u.api_version, "headers": {k: MASK for k in u.headers},
+                   "tenant_header": u.tenant_header, "timeout_s": u.timeout_s, "breaker": vars(u.breaker).copy()}
             for name, u in config.upstreams.items()
         },
         "models": {
-            name: {"upstream": m.upstream, "input": m.price.input / usd, "cached_input": m.price.cached_input / usd,
-                   "output": m.price.output / usd, "max_output_tokens": m.max_output_tokens,
-                   "downgrade_to": m.downgrade_to}
+            name: {"upstream": m.upstream, "deployment": m.deployment, "input": m.price.input / usd,
+                   "cached_input": m.price.cached_input / usd, "output": m.price.output / usd,
+                   "max_output_tokens": m.max_output_tokens, "downgrade_to": m.downgrade_to,
+                   "fallbacks": list(m.fallbacks)}
             for name, m in config.models.items()
         },
+        "unbudgeted_paths": config.unbudgeted_paths,
+        "unbudgeted_upstream": config.unbudgeted_upstream,
         "budgets": {"defaults": policy(config.defaults)},
         "tenants": {t.id: {"api_keys": [f"sha256:{h[7:15]}..." for h in t.key_hashes], **policy(t.policy)}
                     for t in config.tenants.values()},
