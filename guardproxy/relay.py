@@ -31,16 +31,20 @@ log = logging.getLogger("guardproxy.relay")
 COMPLETED, CLIENT_GONE, UPSTREAM_CUT = "completed", "client_disconnected", "upstream_cut"
 
 
-def usage_from(value: Any) -> Usage | None:
-    """OpenAI's ``usage`` object as ``Usage``; ``None`` when absent or malformed."""
+def usage_from(
+    value: Any, *, prompt: str = "prompt_tokens", completion: str = "completion_tokens",
+    details: str = "prompt_tokens_details",
+) -> Usage | None:
+    """OpenAI's ``usage`` object as ``Usage``; ``None`` when absent or malformed. The key names are
+    chat's; the Responses API names the same figures ``input_tokens``/``output_tokens``."""
     if not isinstance(value, dict):
         return None
     try:
-        details = value.get("prompt_tokens_details") or {}
+        cached = value.get(details) or {}
         return Usage(
-            prompt_tokens=int(value["prompt_tokens"]),
-            completion_tokens=int(value.get("completion_tokens") or 0),
-            cached_prompt_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+            prompt_tokens=int(value[prompt]),
+            completion_tokens=int(value.get(completion) or 0),
+            cached_prompt_tokens=int(cached.get("cached_tokens") or 0) if isinstance(cached, dict) else 0,
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -16,6 +16,7 @@ import orjson
 
 from guardproxy.errors import GuardError
 from guardproxy.pricing import Usage
+from guardproxy.relay import usage_from
 from guardproxy.sse import Frame
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -30,17 +31,7 @@ def _is_text_delta(kind: Any) -> bool:
 
 def responses_usage(value: Any) -> Usage | None:
     """A Responses API ``usage`` object as ``Usage``; ``None`` when absent or malformed."""
-    if not isinstance(value, dict):
-        return None
-    try:
-        details = value.get("input_tokens_details") or {}
-        return Usage(
-            prompt_tokens=int(value["input_tokens"]),
-            completion_tokens=int(value.get("output_tokens") or 0),
-            cached_prompt_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+    return usage_from(value, prompt="input_tokens", completion="output_tokens", details="input_tokens_details")
 
 
 def output_texts(response: Any) -> list[str]:
