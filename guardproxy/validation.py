@@ -71,7 +71,8 @@ class Fields:
             raise ConfigError(path, f"must be a mapping, got {describe(raw)}")
         for key in raw:
             if not isinstance(key, str):
-                raise ConfigError(path, f"keys must be strings, got {describe(key)}")
+                # YAML reads an unquoted `1234:` (a ServiceTitan id, say) as a number.
+                raise ConfigError(join(path, str(key)), f"keys must be strings: write it quoted, \"{key}\":")
         self.raw: Mapping[str, Any] = raw
         self.path = path
         self._seen: set[str] = set()

@@ -597,3 +597,12 @@ def test_example_proxy_yaml_parses() -> None:
     for model in config.models.values():
         assert model.upstream in config.upstreams
         config.downgrade_chain(model)  # every chain resolves
+
+
+def test_a_numeric_key_names_itself_and_says_to_quote_it() -> None:
+    raw = minimal()
+    raw["tenants"] = {1234: {"daily_usd": 5}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, {})
+    assert caught.value.path == "tenants.1234"
+    assert 'quoted, "1234":' in caught.value.message
