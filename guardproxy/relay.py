@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.pricing import Usage
-from guardproxy.sse import Frame, SSEParser
+from guardproxy.sse import Frame, SSEParser, json_object
 from guardproxy.upstream import translated
 
 log = logging.getLogger("guardproxy.relay")
@@ -102,16 +102,11 @@ class ChatStreamWatcher:
 
     def process(self, frame: Frame) -> bytes:
         """The bytes to send the client for ``frame`` (empty to drop it)."""
-        if frame.data is None:
-            return frame.raw
         if frame.data == b"[DONE]":
             self.done = True
             return frame.raw
-        try:
-            chunk = orjson.loads(frame.data)
-        except orjson.JSONDecodeError:
-            return frame.raw
-        if not isinstance(chunk, dict):
+        chunk = json_object(frame)
+        if chunk is None:
             return frame.raw
         texts = completion_texts(chunk.get("choices"), self.text_key)
         if any(texts) and self.first_token_at is None:

@@ -17,7 +17,7 @@ import orjson
 from guardproxy.errors import GuardError
 from guardproxy.pricing import Usage
 from guardproxy.relay import usage_from
-from guardproxy.sse import Frame
+from guardproxy.sse import Frame, json_object
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Delta events carry generated tokens as text (output, refusals, tool arguments, reasoning), except
@@ -65,13 +65,8 @@ class ResponsesStreamWatcher:
         self._last_sequence_number = -1
 
     def process(self, frame: Frame) -> bytes:
-        if frame.data is None:
-            return frame.raw
-        try:
-            event = orjson.loads(frame.data)
-        except orjson.JSONDecodeError:
-            return frame.raw
-        if not isinstance(event, dict):
+        event = json_object(frame)
+        if event is None:
             return frame.raw
         kind = event.get("type") or frame.event
         if isinstance(event.get("sequence_number"), int):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 # A line ending followed by an empty line ends a frame; a lone \r counts only when no \n follows.
 _FRAME_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
@@ -22,6 +25,17 @@ class Frame:
     raw: bytes
     data: bytes | None
     event: str | None
+
+
+def json_object(frame: Frame) -> dict[str, Any] | None:
+    """The frame's data as a JSON object; ``None`` for comments, ``[DONE]``, or anything not an object."""
+    if frame.data is None:
+        return None
+    try:
+        value = orjson.loads(frame.data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def parse_frame(raw: bytes) -> Frame:
