@@ -7,6 +7,7 @@ a differential test runs both on the same inputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -41,7 +42,13 @@ class Thresholds:
 
     @classmethod
     def for_policy(cls, policy: BudgetPolicy) -> Thresholds:
-        return cls.from_limits(policy.daily_micros, policy.monthly_micros, policy.soft_cap, policy.hard_cap)
+        return _thresholds_for(policy)
+
+
+@functools.lru_cache(maxsize=1024)
+def _thresholds_for(policy: BudgetPolicy) -> Thresholds:
+    # Policies are immutable and few; the Decimal arithmetic need not run on every request.
+    return Thresholds.from_limits(policy.daily_micros, policy.monthly_micros, policy.soft_cap, policy.hard_cap)
 
 
 @dataclass(frozen=True)
