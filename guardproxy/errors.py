@@ -43,10 +43,6 @@ class ErrorKind(Enum):
     SERVICETITAN_UNAVAILABLE = ErrorSpec(503, "server_error", "servicetitan_unavailable", logging.WARNING)
     UPSTREAM_TIMEOUT = ErrorSpec(504, "server_error", "upstream_timeout", logging.WARNING)
 
-    @property
-    def status(self) -> int:
-        return self.value.status
-
 
 class GuardError(Exception):
     """An error that reaches the client as an OpenAI-style JSON body.

@@ -88,7 +88,3 @@ class Ledger:
                 return
             if not self._backlog:
                 log.warning("budget store back: all waiting charges written")
-
-    @property
-    def backlog_size(self) -> int:
-        return len(self._backlog)
