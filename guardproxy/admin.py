@@ -67,7 +67,7 @@ async def tenant_state(services: Services, tenant: str) -> TenantState:
 
 
 def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
+    services: Services = request.app.state.runtime.current.services
     check_admin(request, services)
     return services
 
@@ -148,7 +148,13 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
 
 
 def admin_routes() -> list[Route]:
+    # Imported here: both modules build on this one's check_admin.
+    from guardproxy.admin_keys import key_routes
+    from guardproxy.reload import reload_routes
+
     return [
+        *key_routes(),
+        *reload_routes(),
         Route("/admin", status_page, methods=["GET"]),
         Route("/admin/", status_page, methods=["GET"]),
         Route("/admin/tenants", list_tenants, methods=["GET"]),

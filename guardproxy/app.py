@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,19 +22,20 @@ from starlette.routing import Route
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
-from guardproxy.auth import JobTenantResolver, TenantResolver
+from guardproxy.auth import JobTenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
-from guardproxy.passthrough import UnbudgetedPaths
 from guardproxy.periods import utc_now
-from guardproxy.pipeline import BudgetedEndpoint, Services
+from guardproxy.pipeline import Services
+from guardproxy.reload import SighupReloader
+from guardproxy.runtime import Runtime
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
 from guardproxy.state import all_tenants, read_states
 from guardproxy.store import BudgetStore
-from guardproxy.upstream import build_upstreams
 
 log = logging.getLogger("guardproxy")
 
@@ -56,8 +58,12 @@ def create_app(
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     jobs: JobTenantResolver | None = None,
     clock: Callable[[], datetime] = utc_now,
+    config_path: str | Path | None = None,
 ) -> Starlette:
-    """The proxy for ``config``. ``store``, ``upstream_transport``, ``jobs`` and ``clock`` are for tests."""
+    """The proxy for ``config``. ``store``, ``upstream_transport``, ``jobs`` and ``clock`` are for tests.
+
+    ``config_path``: the file ``config`` came from, re-read on SIGHUP and ``POST /admin/reload``.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -72,30 +78,24 @@ def create_app(
         except StoreUnavailable:
             log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
         await anyio.to_thread.run_sync(tokens.warm_up)
-        breaker_state = app.state.metrics.breaker_state
-        upstreams = build_upstreams(
-            config.upstreams, upstream_transport, lambda name, state: breaker_state.labels(name).set(state)
-        )
-        for name in upstreams:
-            breaker_state.labels(name).set(0)
         servicetitan = None
         if jobs is None and config.servicetitan is not None:
             lookups = app.state.metrics.servicetitan_lookups
             servicetitan = ServiceTitanResolver(
                 config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
             )
-        services = Services(
-            config=config, ledger=Ledger(budget_store, config, clock), upstreams=upstreams,
-            tenants=TenantResolver(config, jobs or servicetitan), metrics=app.state.metrics, clock=clock,
+        runtime = Runtime(
+            config, ledger=Ledger(budget_store, config, clock), metrics=app.state.metrics, clock=clock,
+            keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, upstream_transport=upstream_transport,
+            config_path=config_path,
         )
-        app.state.services = services
-        app.state.endpoints = {shape.path: BudgetedEndpoint(services, shape) for shape in BUDGETED}
-        app.state.unbudgeted = UnbudgetedPaths(services)
+        app.state.runtime = runtime
+        reloads = SighupReloader(runtime)
         try:
             yield
         finally:
-            for upstream in upstreams.values():
-                await upstream.aclose()
+            reloads.close()
+            await runtime.aclose()
             if servicetitan is not None:
                 await servicetitan.aclose()
             if store is None:
@@ -103,15 +103,16 @@ def create_app(
 
     def budgeted(path: str) -> Route:
         async def endpoint(request: Request) -> Response:
-            response: Response = await request.app.state.endpoints[path](request)
+            response: Response = await request.app.state.runtime.current.endpoints[path](request)
             return response
 
         return Route(f"/v1/{path}", endpoint, methods=["POST"])
 
     async def models(request: Request) -> Response:
-        request.app.state.services.tenants.authenticate(request.headers)
+        services: Services = request.app.state.runtime.current.services
+        await services.tenants.authenticate(request.headers)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": m.upstream}
-                for name, m in config.models.items()]
+                for name, m in services.config.models.items()]
         return _json({"object": "list", "data": data})
 
     async def healthz(request: Request) -> Response:
@@ -119,23 +120,23 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         try:
-            await request.app.state.services.ledger.store.ping()
+            await request.app.state.runtime.current.services.ledger.store.ping()
         except StoreUnavailable:
             return _json({"status": "unavailable", "store": "unreachable"}, 503)
         return _json({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
-        services: Services = request.app.state.services
+        services: Services = request.app.state.runtime.current.services
         store = services.ledger.store
         try:
-            states = await read_states(store, config, await all_tenants(store, config), clock())
+            states = await read_states(store, services.config, await all_tenants(store, services.config), clock())
         except StoreUnavailable:
             log.warning("metrics: budget store unreachable; scrape has no budget gauges")
             states = []
         return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def unbudgeted(request: Request) -> Response:
-        response: Response = await request.app.state.unbudgeted(request)
+        response: Response = await request.app.state.runtime.current.unbudgeted(request)
         return response
 
     async def on_guard_error(request: Request, exc: Exception) -> Response:
@@ -177,4 +178,5 @@ def create_app(
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` worker processes: the config path comes from the environment."""
-    return create_app(load_config(os.environ.get(CONFIG_ENV, "proxy.yaml")))
+    path = os.environ.get(CONFIG_ENV, "proxy.yaml")
+    return create_app(load_config(path), config_path=path)

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from guardproxy.config import TENANT_ID, Config, hash_key
 from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.keys import KeyRing, lookup_or_503
 
 ST_TENANT_HEADER = "x-servicetitan-tenant-id"
 
@@ -29,19 +30,21 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 class TenantResolver:
     """Resolves the budget tenant of a request from its headers."""
 
-    def __init__(self, config: Config, jobs: JobTenantResolver | None = None) -> None:
+    def __init__(self, config: Config, jobs: JobTenantResolver | None = None, keyring: KeyRing | None = None) -> None:
         self.tenant_by_key = {h: t.id for t in config.tenants.values() for h in t.key_hashes}
         self.service_keys = frozenset(config.auth.service_key_hashes)
         self.tenant_header = config.auth.tenant_header.lower()
         self.job_header = config.auth.job_header.lower()
         self.jobs = jobs
+        #: Keys created at runtime (``guardproxy.keys``), looked up after proxy.yaml's.
+        self.keyring = keyring
 
     @property
     def routing_headers(self) -> frozenset[str]:
         """Headers that only steer the proxy and are not sent upstream."""
         return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER})
 
-    def authenticate(self, headers: Mapping[str, str]) -> str | None:
+    async def authenticate(self, headers: Mapping[str, str]) -> str | None:
         """The tenant of a tenant key, ``None`` for a service key; 401 for anything else."""
         key = presented_key(headers)
         if key is None:
@@ -52,10 +55,14 @@ class TenantResolver:
             return tenant
         if digest in self.service_keys:
             return None
+        if self.keyring is not None:
+            tenant = await lookup_or_503(self.keyring, digest)
+            if tenant is not None:
+                return tenant
         raise GuardError(ErrorKind.INVALID_API_KEY, "Incorrect API key provided.")
 
     async def resolve(self, headers: Mapping[str, str]) -> str:
-        tenant = self.authenticate(headers)
+        tenant = await self.authenticate(headers)
         named = headers.get(self.tenant_header)
         if tenant is not None:
             if named is not None and named != tenant:

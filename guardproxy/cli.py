@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from guardproxy import __version__
+from guardproxy import __version__, keys_cli
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
 from guardproxy.validation import ConfigError
@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("tenant", nargs="?", help="one tenant (default: every tenant the config or store knows)")
     _config_option(status)
 
+    keys_cli.add_parser(commands, _config_option)
+
     demo = commands.add_parser("demo", help="a scripted day of agent traffic against a built-in fake upstream")
     demo.add_argument("--short", action="store_true", help="no pauses between calls")
 
@@ -61,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"guardproxy: config error in {args.config}: {exc}", file=sys.stderr)
         return 1
+    if args.command == "keys":
+        return keys_cli.main(config, args)
     if args.command == "status":
         from guardproxy.status import main as status_main
 

@@ -127,7 +127,7 @@ async def run_demo(
             finally:
                 for client in clients.values():
                     await client.close()
-            services = app.state.services
+            services = app.state.runtime.current.services
             states = await read_states(services.ledger.store, config, [a.tenant for a in AGENTS], services.clock())
             _summary(states, outcomes, say)
     return outcomes
@@ -151,7 +151,7 @@ async def _call(client: openai.AsyncOpenAI, agent: Agent, rng: random.Random, ap
     sent = raw.headers["x-guardproxy-model"]
     usage = answer.usage
     tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tok" if usage else ""
-    services = app.state.services
+    services = app.state.runtime.current.services
     (state,) = await read_states(services.ledger.store, services.config, [agent.tenant], services.clock())
     arrow = f"-> {sent}" + (" (downgraded)" if sent != "gpt-4o" else "")
     say(f"{round_no:3} {agent.tenant:14} gpt-4o {arrow:27} {tokens:15} day {bar(state.day.utilization)} "

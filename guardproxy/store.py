@@ -257,3 +257,54 @@ class BudgetStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class KeyStore:
+    """Tenant API keys created at runtime (``guardproxy.keys``), hashed, in the budget store's Redis.
+
+    ``{prefix}:keys`` maps a key's sha256 digest to its owner, so an unknown key costs one HGET on
+    any replica; ``{prefix}:{tenant}:keys`` holds each key's metadata by id and ``…:keys:used`` its
+    last use. Every operation touches one key, so no two keys of different slots ever meet in one
+    command (Redis Cluster).
+    """
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.client = store.client
+        self.index = f"{store.prefix}:keys"
+        self.store = store
+
+    def _meta(self, tenant: str) -> str:
+        return f"{self.store.keys(tenant).base}:keys"
+
+    def _used(self, tenant: str) -> str:
+        return f"{self.store.keys(tenant).base}:keys:used"
+
+    async def owner(self, digest: str) -> str | None:
+        """The index entry (JSON) of the key with this sha256 hex digest, or ``None``."""
+        async with _translated():
+            value = await self.client.hget(self.index, digest)
+        return None if value is None else _text(value)
+
+    async def add(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
+        # Metadata first: a key is usable only once it is listed, never the other way round.
+        async with _translated():
+            await self.client.hset(self._meta(tenant), key_id, meta)
+            await self.client.hset(self.index, digest, owner)
+
+    async def listed(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
+        async with _translated():
+            meta = await self.client.hgetall(self._meta(tenant))
+            used = await self.client.hgetall(self._used(tenant))
+        return ({_text(a): _text(b) for a, b in meta.items()}, {_text(a): _text(b) for a, b in used.items()})
+
+    async def remove(self, tenant: str, key_id: str, digest: str) -> None:
+        # Index first: the key stops working before its listing goes.
+        async with _translated():
+            await self.client.hdel(self.index, digest)
+            await self.client.hdel(self._meta(tenant), key_id)
+            await self.client.hdel(self._used(tenant), key_id)
+
+    async def touch(self, tenant: str, key_id: str, at_ms: int) -> None:
+        async with _translated():
+            await self.client.hset(self._used(tenant), key_id, str(at_ms))
