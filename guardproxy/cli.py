@@ -108,12 +108,15 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="guardproxy-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port, workers=args.workers,
-                        log_level=args.log_level, proxy_headers=False)
+            from guardproxy.supervisor import run_workers
+
+            run_workers(uvicorn.Config("guardproxy.app:app_from_env", factory=True, host=host, port=port,
+                                       workers=args.workers, log_level=args.log_level, proxy_headers=False))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, proxy_headers=False)
+    uvicorn.run(create_app(config, config_path=args.config), host=host, port=port, log_level=args.log_level,
+                proxy_headers=False)
     return 0
 
 

@@ -1,0 +1,191 @@
+"""Reloading proxy.yaml while serving: admin API and SIGHUP, one process and several workers."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from guardproxy.config import load_config
+from guardproxy.fake_upstream import FakeUpstreamState
+from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict, no_proxy_env
+from tests.e2e.test_chat import HI
+from tests.servers import free_port
+
+ADMIN_KEY = "adm-reload-secret"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def raw_config(upstream_url: str, redis_url: str, acme_daily_usd: float) -> dict[str, Any]:
+    raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
+    raw["tenants"]["acme"]["daily_usd"] = acme_daily_usd
+    return raw
+
+
+def chat(url: str, key: str = TENANT_KEY) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                      json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 20})
+
+
+def status(url: str) -> dict[str, Any]:
+    reply = httpx.get(url + "/admin/reload", headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    found: dict[str, Any] = reply.json()
+    return found
+
+
+def test_a_reload_fixes_a_budget_without_dropping_an_in_flight_stream(
+    fake_state: FakeUpstreamState, upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 0.00001)))
+    url = serve_proxy(load_config(path), config_path=path)
+    assert chat(url).status_code == 429  # acme's budget is a typo: far too small
+    assert status(url)["generation"] == 1
+
+    chunks: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:  # globex streams slowly across the reload
+        body = {"model": "gpt-4o-mini", "messages": HI, "max_tokens": 30, "stream": True}
+        headers = {"authorization": f"Bearer {OTHER_TENANT_KEY}", "x-fake-chunk-delay-ms": "80",
+                   "x-fake-completion-tokens": "20"}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as reply:
+            assert reply.status_code == 200
+            chunks.extend(line for line in reply.iter_lines() if line.startswith("data: "))
+        done.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    time.sleep(0.3)
+    assert not done.is_set()
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 10)))
+    reloaded = httpx.post(url + "/admin/reload", headers=ADMIN)
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["reloaded"] is True and reloaded.json()["generation"] == 2
+    assert not done.is_set(), "the stream should still be running during the reload"
+    assert chat(url).status_code == 200  # the fixed budget applies at once
+    streamer.join(timeout=20)
+    assert done.is_set() and chunks[-1] == "data: [DONE]" and len(chunks) >= 20
+    calls = httpx.get(url + "/admin/tenants/globex/calls", headers=ADMIN).json()["data"]
+    # The whole stream was relayed and charged by its usage (the fake ends it itself: "completed").
+    assert fake_state.stream_endings[-1] == "completed" and len(calls) == 1
+    assert calls[0]["completion_tokens"] == 20 and calls[0]["cost_micros"] > 0
+    # Reloading an unchanged file builds nothing new.
+    again = httpx.post(url + "/admin/reload", headers=ADMIN).json()
+    assert again["reloaded"] is False and again["generation"] == 2
+
+
+@pytest.mark.parametrize(
+    ("broken", "field"),
+    [
+        ("budgets:\n  defaults:\n    daily_usd: -5\n", "budgets.defaults.daily_usd"),
+        ("models: {gpt-4o: {input: 1, output: 1, downgrade_to: nowhere}}\n", "models.gpt-4o.downgrade_to"),
+        ("server: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_a_broken_reload_changes_nothing(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], tmp_path: Path, broken: str, field: str
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 0.00001)))
+    url = serve_proxy(load_config(path), config_path=path)
+    before = status(url)
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 10)) + broken)
+    refused = httpx.post(url + "/admin/reload", headers=ADMIN)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_config" and field in error["message"]
+    assert status(url) == before
+    assert chat(url).status_code == 429  # still the running (old) budget
+    assert httpx.post(url + "/admin/reload").status_code == 401
+
+
+@contextlib.contextmanager
+def served(path: Path, workers: int = 1) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port = free_port()
+    log_path = path.with_suffix(".log")
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port),
+             "--workers", str(workers)],
+            env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardproxy did not become ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield process, url, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def workers_on(url: str, sha: str, count: int, timeout_s: float = 8.0) -> set[int]:
+    """Pids of workers seen serving the config with ``sha``; waits until ``count`` of them are seen."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < count and time.monotonic() < deadline:
+        found = status(url)  # a fresh connection each time, so each worker gets some
+        if found["config_sha256"] == sha:
+            seen.add(found["pid"])
+        time.sleep(0.01)
+    return seen
+
+
+def file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sighup_reloads_a_single_process_and_survives_a_broken_file(
+    upstream_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 0.00001)))
+    with served(path) as (process, url, log_path):
+        assert chat(url).status_code == 429
+        path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 10)))
+        process.send_signal(signal.SIGHUP)
+        assert workers_on(url, file_sha(path), 1), log_path.read_text()[-2000:]
+        assert chat(url).status_code == 200 and status(url)["generation"] == 2
+        path.write_text("budgets: {defaults: {soft_cap: 2, hard_cap: 1}}\n" + path.read_text())
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None and status(url)["generation"] == 2
+        assert "budgets.defaults.soft_cap" in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_every_worker_reloads_on_sighup_and_on_the_admin_api(
+    upstream_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 0.00001)))
+    with served(path, workers=2) as (process, url, log_path):
+        assert len(workers_on(url, file_sha(path), 2)) == 2
+        path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 5)))
+        process.send_signal(signal.SIGHUP)  # to the supervisor
+        assert len(workers_on(url, file_sha(path), 2)) == 2, log_path.read_text()[-3000:]
+        path.write_text(yaml.safe_dump(raw_config(upstream_url, redis_url, 10)))
+        reloaded = httpx.post(url + "/admin/reload", headers=ADMIN)  # reaches one worker
+        assert reloaded.status_code == 200 and reloaded.json()["workers_signalled"] is True
+        assert len(workers_on(url, file_sha(path), 2)) == 2, log_path.read_text()[-3000:]
+        assert all(chat(url).status_code == 200 for _ in range(6))
