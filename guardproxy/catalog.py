@@ -36,6 +36,8 @@ class UpstreamConfig:
     #: When set, the tenant id is sent upstream in this header (e.g. ``Helicone-User-Id``).
     tenant_header: str = ""
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    #: The price catalog's provider id for models left unpriced (``price_catalog``); empty: guessed.
+    provider: str = ""
 
     @property
     def azure(self) -> bool:
@@ -53,6 +55,8 @@ class ModelConfig:
     deployment: str | None = None
     #: Models tried in order when this model's upstream fails before answering.
     fallbacks: tuple[str, ...] = ()
+    #: Where ``price`` came from: ``proxy.yaml``, the catalog (package, version, provider/model) or both.
+    price_source: str = "proxy.yaml"
 
 
 def parse_upstreams(f: Fields) -> dict[str, UpstreamConfig]:
@@ -76,6 +80,7 @@ def parse_upstreams(f: Fields) -> dict[str, UpstreamConfig]:
             name=name, base_url=base_url, api_key=u.text("api_key", ""), headers=u.text_map("headers"),
             timeout_s=float(timeout), kind=kind, api_version=api_version,
             tenant_header=u.text("tenant_header", ""), breaker=_breaker(u.section("breaker")),
+            provider=u.text("provider", ""),
         )
         u.done()
     f.done()
@@ -91,24 +96,20 @@ def _breaker(f: Fields) -> BreakerConfig:
     return out
 
 
-def parse_models(f: Fields, upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ModelConfig]:
+def parse_models(
+    f: Fields, upstreams: Mapping[str, UpstreamConfig], warnings: list[str] | None = None
+) -> dict[str, ModelConfig]:
     if not f.raw:
         raise ConfigError(f.path or "models", "at least one model must be configured")
     out = {}
-    zero = Decimal(0)
     for name in list(f.raw):
         m = f.section(name)
         upstream = m.text("upstream", next(iter(upstreams)) if len(upstreams) == 1 else "", allow_empty=False)
         if upstream not in upstreams:
             raise ConfigError(m.at("upstream"), f"names no configured upstream (have: {', '.join(upstreams)})")
-        input_price = m.decimal("input", None, min_value=zero)
-        price = Price(
-            input=price_to_micros(input_price),
-            cached_input=price_to_micros(m.decimal("cached_input", input_price, min_value=zero)),
-            output=price_to_micros(m.decimal("output", None, min_value=zero)),
-        )
+        price, source = _price(m, name, upstreams[upstream], warnings)
         out[name] = ModelConfig(
-            name=name, upstream=upstream, price=price,
+            name=name, upstream=upstream, price=price, price_source=source,
             max_output_tokens=m.integer("max_output_tokens", 16384, min_value=1),
             downgrade_to=m.optional_str("downgrade_to"),
             deployment=m.optional_str("deployment"),
@@ -133,3 +134,40 @@ def parse_models(f: Fields, upstreams: Mapping[str, UpstreamConfig]) -> dict[str
             seen.append(target)
             target = out[target].downgrade_to
     return out
+
+
+def _price(m: Fields, name: str, upstream: UpstreamConfig, warnings: list[str] | None) -> tuple[Price, str]:
+    """The model's price and its source: proxy.yaml's fields, and the catalog's for any left out.
+
+    The catalog is asked only when input or output is missing; proxy.yaml's values always win.
+    """
+    zero = Decimal(0)
+    given = {key: m.decimal(key, None, min_value=zero) for key in ("input", "cached_input", "output") if m.has(key)}
+    if "input" in given and "output" in given:
+        input_price = given["input"]
+        return Price(
+            input=price_to_micros(input_price),
+            cached_input=price_to_micros(given.get("cached_input", input_price)),
+            output=price_to_micros(given["output"]),
+        ), "proxy.yaml"
+    from guardproxy import price_catalog
+
+    provider = price_catalog.provider_for(upstream.base_url, upstream.name, upstream.provider)
+    if provider is None:
+        raise ConfigError(m.at("input"), f"has no price: set input and output (USD per 1M tokens), or set "
+                          f"upstreams.{upstream.name}.provider so that {price_catalog.CATALOG} can price it")
+    found = price_catalog.lookup(name, provider)
+    if found is None or found.input is None:
+        raise ConfigError(m.at("input"), f"has no price: set input and output (USD per 1M tokens); "
+                          f"{price_catalog.CATALOG} {price_catalog.catalog_version()} does not know {name!r} "
+                          f"at provider {provider!r} (try `guardproxy prices {name} --provider {provider}`)")
+    if found.tiered_from is not None and warnings is not None:
+        warnings.append(f"models.{name}: priced at {found.provider}'s base tier; prompts of {found.tiered_from}+ "
+                        "tokens cost more there (set input/output here to charge differently)")
+    input_price = given.get("input", found.input)
+    prices = Price(
+        input=price_to_micros(input_price),
+        cached_input=price_to_micros(given.get("cached_input", found.cached_input or input_price)),
+        output=price_to_micros(given.get("output", found.output or zero)),
+    )
+    return prices, ("proxy.yaml + " if given else "") + found.source

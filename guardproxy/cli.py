@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keys_cli.add_parser(commands, _config_option)
 
+    prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
+    prices.add_argument("model")
+    prices.add_argument("--provider", help="catalog provider id (openai, anthropic, azure, x-ai, ...)")
+
     demo = commands.add_parser("demo", help="a scripted day of agent traffic against a built-in fake upstream")
     demo.add_argument("--short", action="store_true", help="no pauses between calls")
 
@@ -54,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         print(hash_key(args.key))
         return 0
+    if args.command == "prices":
+        return prices_command(args.model, args.provider)
     if args.command == "demo":
         from guardproxy.demo import main as demo_main
 
@@ -120,6 +126,26 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def prices_command(model: str, provider: str | None) -> int:
+    """Print one model's catalog prices, in USD and in the micro-USD the proxy charges with."""
+    from guardproxy import price_catalog
+    from guardproxy.pricing import price_to_micros
+
+    found = price_catalog.lookup(model, provider)
+    if found is None:
+        where = f" at provider {provider!r}" if provider else ""
+        print(f"guardproxy: {price_catalog.CATALOG} {price_catalog.catalog_version()} does not know {model!r}{where}",
+              file=sys.stderr)
+        return 1
+    print(f"{model}: {found.source}")
+    for label, value in (("input", found.input), ("cached_input", found.cached_input), ("output", found.output)):
+        shown = "-" if value is None else f"{value} USD per 1M tokens ({price_to_micros(value)} micro-USD)"
+        print(f"  {label + ':':<14}{shown}")
+    if found.tiered_from is not None:
+        print(f"  base tier shown; prompts of {found.tiered_from}+ tokens cost more at {found.provider}")
+    return 0
+
+
 def masked(config: Config) -> dict[str, Any]:
     """The resolved config as plain data, every secret replaced by ``***``."""
     usd = MICROS_PER_USD
@@ -135,12 +161,14 @@ def masked(config: Config) -> dict[str, Any]:
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},
-                   "tenant_header": u.tenant_header, "timeout_s": u.timeout_s, "breaker": vars(u.breaker).copy()}
+                   "tenant_header": u.tenant_header, "timeout_s": u.timeout_s, "breaker": vars(u.breaker).copy(),
+                   "provider": u.provider}
             for name, u in config.upstreams.items()
         },
         "models": {
             name: {"upstream": m.upstream, "deployment": m.deployment, "input": m.price.input / usd,
                    "cached_input": m.price.cached_input / usd, "output": m.price.output / usd,
+                   "price_source": m.price_source,
                    "max_output_tokens": m.max_output_tokens, "downgrade_to": m.downgrade_to,
                    "fallbacks": list(m.fallbacks)}
             for name, m in config.models.items()

@@ -144,7 +144,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     server = _server(top.section("server"))
     store = _store(top.section("store"))
     upstreams = parse_upstreams(top.section("upstreams"))
-    models = parse_models(top.section("models"), upstreams)
+    models = parse_models(top.section("models"), upstreams, warnings)
     budgets = top.section("budgets")
     defaults_fields = budgets.section("defaults")
     defaults = merge_policy(defaults_fields, BUILTIN_DEFAULTS)

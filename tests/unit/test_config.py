@@ -197,8 +197,9 @@ def test_unknown_keys_are_errors(raw: dict[str, Any], path: str) -> None:
         (with_changes(upstreams={"openai": {"base_url": "http://x", "headers": {"A": ["b"]}}}),
          "upstreams.openai.headers.A"),
         (with_changes(upstreams={"openai": {"base_url": "http://x", "headers": ["A"]}}), "upstreams.openai.headers"),
-        (with_changes(models={"gpt-4o": {"output": 1}}), "models.gpt-4o.input"),
-        (with_changes(models={"gpt-4o": {"input": 1}}), "models.gpt-4o.output"),
+        # A model that neither proxy.yaml nor the price catalog prices (test_price_catalog.py: one it knows).
+        (with_changes(models={"house-model": {"output": 1}}), "models.house-model.input"),
+        (with_changes(models={"house-model": {"input": 1}}), "models.house-model.input"),
         (with_changes(models={"gpt-4o": {"input": "cheap", "output": 1}}), "models.gpt-4o.input"),
         (with_changes(models={"gpt-4o": {"input": True, "output": 1}}), "models.gpt-4o.input"),
         (with_changes(models={"gpt-4o": {"input": ".nan", "output": 1}}), "models.gpt-4o.input"),
