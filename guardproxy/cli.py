@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import shutil
 import sys
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from guardproxy import __version__, keys_cli
+from guardproxy import __version__, keys_cli, logs
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
 from guardproxy.validation import ConfigError
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (needs store.redis_url above 1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], help="override server.log_format (default text)")
+    serve.add_argument("--access-log", action="store_true", help="also log one line per HTTP request (uvicorn's)")
 
     check = commands.add_parser("check-config", help="validate a config and print it with secrets masked")
     _config_option(check)
@@ -97,7 +100,11 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
 
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logs.log_config(args.log_format or config.server.log_format, args.log_level, args.access_log)
+    logging.config.dictConfig(log_config)
+    uvicorn_options: dict[str, Any] = {
+        "log_level": args.log_level, "log_config": log_config, "access_log": args.access_log, "proxy_headers": False,
+    }
     if args.workers < 1:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -117,12 +124,11 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
             from guardproxy.supervisor import run_workers
 
             run_workers(uvicorn.Config("guardproxy.app:app_from_env", factory=True, host=host, port=port,
-                                       workers=args.workers, log_level=args.log_level, proxy_headers=False))
+                                       workers=args.workers, **uvicorn_options))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    uvicorn.run(create_app(config, config_path=args.config), host=host, port=port, log_level=args.log_level,
-                proxy_headers=False)
+    uvicorn.run(create_app(config, config_path=args.config), host=host, port=port, **uvicorn_options)
     return 0
 
 

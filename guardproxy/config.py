@@ -42,6 +42,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    #: ``text`` (for people) or ``json`` (one object per line, for log pipelines); ``--log-format`` wins.
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ def _server(f: Fields) -> ServerConfig:
         host=f.text("host", ServerConfig.host, allow_empty=False),
         port=f.integer("port", ServerConfig.port, min_value=0, max_value=65535),
         max_body_bytes=f.integer("max_body_bytes", ServerConfig.max_body_bytes, min_value=1),
+        log_format=f.text("log_format", ServerConfig.log_format, choices=("text", "json")),
     )
     f.done()
     return out

@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from guardproxy import budget
 from guardproxy.auth import TenantResolver
+from guardproxy.calls import CallContext, SettledCall
 from guardproxy.config import Config, ModelConfig
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError
@@ -65,6 +66,8 @@ class Services:
     tenants: TenantResolver
     metrics: Metrics
     clock: Callable[[], datetime]
+    #: Told of every settled attempt (``guardproxy.telemetry``'s spans).
+    observers: tuple[Callable[[SettledCall], None], ...] = ()
 
 
 class BudgetedEndpoint:
@@ -76,13 +79,14 @@ class BudgetedEndpoint:
 
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
+        context = CallContext.of(request.headers, self.s.tenants.job_header)
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens)
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context)
             if plan is None:
                 continue
             started = time.monotonic()
@@ -121,7 +125,8 @@ class BudgetedEndpoint:
         return await anyio.to_thread.run_sync(self.shape.prompt_tokens, counter, call.body)
 
     async def _admit(
-        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int
+        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
+        context: CallContext,
     ) -> Plan | None:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
@@ -143,7 +148,7 @@ class BudgetedEndpoint:
             self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
         if attempt is not requested:
             self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
-        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission)
+        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
         period = decision.exhausted or "day"
@@ -262,11 +267,20 @@ class BudgetedEndpoint:
             self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
         if produced and usage is not None:
             self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
-        log.info(
-            "settled tenant=%s requested=%s sent=%s outcome=%s cost_micros=%d reserved_micros=%d request_id=%s",
-            plan.tenant, plan.requested.name, plan.sent.name, outcome, charge, plan.reservation.amount,
-            record["request_id"],
+        headers = plan.headers()
+        settled = SettledCall(
+            context=plan.context, endpoint=self.shape.path, tenant=plan.tenant, requested_model=plan.request.model,
+            model=plan.sent.name, upstream=plan.sent.upstream, upstream_model=plan.upstream_model,
+            prompt_tokens=counted_usage.prompt_tokens, completion_tokens=counted_usage.completion_tokens,
+            cached_tokens=counted_usage.cached_prompt_tokens, cost_micros=charge,
+            reserved_micros=plan.reservation.amount, outcome=outcome, request_id=str(record["request_id"]),
+            budget_state=headers["x-guardproxy-budget-state"],
+            downgraded_from=headers.get("x-guardproxy-downgraded-from"),
+            fallback_from=headers.get("x-guardproxy-fallback-from"),
         )
+        log.info("%s", settled.summary(), extra=settled.log_fields())
+        for observe in self.s.observers:
+            observe(settled)
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from guardproxy import budget
+from guardproxy.calls import CallContext
 from guardproxy.config import ModelConfig
 from guardproxy.pricing import micros_to_usd
 from guardproxy.requests import ApiRequest
@@ -25,6 +26,7 @@ class Plan:
     sent: ModelConfig
     prompt_tokens: int
     admission: Admission
+    context: CallContext = field(default_factory=CallContext)
 
     @property
     def reservation(self) -> Reservation:
