@@ -84,10 +84,15 @@ def create_app(
             servicetitan = ServiceTitanResolver(
                 config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
             )
+        tracing = None
+        if config.telemetry.enabled:
+            from guardproxy.telemetry import Tracing  # imports OpenTelemetry: only when configured
+
+            tracing = Tracing(config.telemetry)
         runtime = Runtime(
             config, ledger=Ledger(budget_store, config, clock), metrics=app.state.metrics, clock=clock,
             keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, upstream_transport=upstream_transport,
-            config_path=config_path,
+            config_path=config_path, tracing=tracing,
         )
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
@@ -96,6 +101,8 @@ def create_app(
         finally:
             reloads.close()
             await runtime.aclose()
+            if tracing is not None:
+                await anyio.to_thread.run_sync(tracing.shutdown)
             if servicetitan is not None:
                 await servicetitan.aclose()
             if store is None:

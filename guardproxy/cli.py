@@ -161,7 +161,7 @@ def masked(config: Config) -> dict[str, Any]:
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone}
 
     return {
-        "server": vars(config.server).copy(),
+        "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
         "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size},
         "upstreams": {
@@ -188,6 +188,8 @@ def masked(config: Config) -> dict[str, Any]:
                  "tenant_header": config.auth.tenant_header, "job_header": config.auth.job_header},
         "admin": {"api_key": MASK if config.admin_api_key else ""},
         "servicetitan": config.servicetitan.masked() if config.servicetitan else {},
+        "telemetry": {"otlp_endpoint": config.telemetry.otlp_endpoint, "service_name": config.telemetry.service_name,
+                      "headers": {k: MASK for k in config.telemetry.headers}},
     }
 
 

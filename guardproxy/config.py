@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     #: ``text`` (for people) or ``json`` (one object per line, for log pipelines); ``--log-format`` wins.
     log_format: str = "text"
+    #: Browser origins allowed to call the proxy (CORS); empty: no CORS headers at all.
+    cors_allow_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,31 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry tracing (``guardproxy[otel]``): off while ``otlp_endpoint`` is empty."""
+
+    #: OTLP/HTTP base URL (``http://collector:4318``) or full traces URL (``…/v1/traces``).
+    otlp_endpoint: str = ""
+    #: Sent with every export (a Langfuse or Helicone key, say).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    service_name: str = "guardproxy"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint)
+
+
+def _telemetry(f: Fields) -> TelemetryConfig:
+    endpoint = f.text("otlp_endpoint", "").rstrip("/")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f.at("otlp_endpoint"), f"must be an http:// or https:// URL, got {describe(endpoint)}")
+    out = TelemetryConfig(otlp_endpoint=endpoint, headers=f.text_map("headers"),
+                          service_name=f.text("service_name", TelemetryConfig.service_name, allow_empty=False))
+    f.done()
+    return out
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     store: StoreConfig
@@ -109,6 +136,7 @@ class Config:
     unbudgeted_upstream: str = ""
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -159,6 +187,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     admin.done()
     servicetitan = parse_servicetitan(top.get("servicetitan"), "servicetitan")
     unbudgeted_paths = top.text("unbudgeted_paths", "reject", choices=("reject", "passthrough"))
+    telemetry = _telemetry(top.section("telemetry"))
     unbudgeted_upstream = top.text("unbudgeted_upstream", next(iter(upstreams)), allow_empty=False)
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
@@ -167,7 +196,18 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
         unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
+        telemetry=telemetry,
     )
+
+
+def _cors_origins(f: Fields) -> tuple[str, ...]:
+    """``server.cors_allow_origins``: exact origins (``https://app.example.com``) or ``*``."""
+    origins = f.text_list("cors_allow_origins")
+    for i, origin in enumerate(origins):
+        if origin != "*" and (not origin.startswith(("http://", "https://")) or origin.endswith("/")):
+            raise ConfigError(f"{f.at('cors_allow_origins')}[{i}]", "must be an origin such as "
+                              f"https://app.example.com (no path) or *, got {describe(origin)}")
+    return tuple(origins)
 
 
 def _server(f: Fields) -> ServerConfig:
@@ -176,6 +216,7 @@ def _server(f: Fields) -> ServerConfig:
         port=f.integer("port", ServerConfig.port, min_value=0, max_value=65535),
         max_body_bytes=f.integer("max_body_bytes", ServerConfig.max_body_bytes, min_value=1),
         log_format=f.text("log_format", ServerConfig.log_format, choices=("text", "json")),
+        cors_allow_origins=_cors_origins(f),
     )
     f.done()
     return out

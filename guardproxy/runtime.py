@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -34,6 +35,9 @@ from guardproxy.passthrough import UnbudgetedPaths
 from guardproxy.pipeline import BudgetedEndpoint, Services
 from guardproxy.upstream import Upstream, build_upstreams
 from guardproxy.validation import ConfigError
+
+if TYPE_CHECKING:
+    from guardproxy.telemetry import Tracing
 
 log = logging.getLogger("guardproxy.reload")
 
@@ -70,6 +74,7 @@ class Runtime:
         self, config: Config, *, ledger: Ledger, metrics: Metrics, clock: Callable[[], datetime],
         keyring: KeyRing | None, jobs: JobTenantResolver | None,
         upstream_transport: httpx.AsyncBaseTransport | None = None, config_path: str | Path | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.ledger = ledger
         self.metrics = metrics
@@ -78,6 +83,7 @@ class Runtime:
         self.jobs = jobs
         self.transport = upstream_transport
         self.config_path = Path(config_path) if config_path else None
+        self.tracing = tracing
         self._retired: list[Upstream] = []
         digest = _file_sha256(self.config_path) if self.config_path else ""
         self.current = self._build(config, 1, {}, digest)
@@ -93,6 +99,7 @@ class Runtime:
         services = Services(
             config=config, ledger=self.ledger, upstreams=upstreams,
             tenants=TenantResolver(config, self.jobs, self.keyring), metrics=self.metrics, clock=self.clock,
+            observers=(self.tracing.observer(config),) if self.tracing else (),
         )
         return Generation(
             number=number, services=services,
@@ -147,6 +154,8 @@ def _needs_restart(running: Config, loaded: Config) -> list[str]:
         "server.port": running.server.port != loaded.server.port,
         "store": running.store != loaded.store,
         "servicetitan": running.servicetitan != loaded.servicetitan,
+        "telemetry": running.telemetry != loaded.telemetry,
+        "server.cors_allow_origins": running.server.cors_allow_origins != loaded.server.cors_allow_origins,
     }
     return [name for name, changed in checks.items() if changed]
 
