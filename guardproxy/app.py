@@ -24,6 +24,7 @@ from guardproxy import tokens
 from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver
 from guardproxy.config import Config, load_config
+from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
 from guardproxy.keys import KeyRing
@@ -177,6 +178,7 @@ def create_app(
         ],
         exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},
         lifespan=lifespan,
+        middleware=cors_middleware(config.server),
     )
     app.state.metrics = Metrics()
     app.state.config = config
