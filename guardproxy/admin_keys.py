@@ -12,7 +12,7 @@ from starlette.routing import Route
 from guardproxy.admin import check_admin
 from guardproxy.auth import valid_tenant
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.keys import KeyRing, parse_expiry
+from guardproxy.keys import NAME_MAX, KeyRing, parse_expiry
 from guardproxy.pipeline import Services
 from guardproxy.requests import parse_json_object, read_body
 
@@ -41,12 +41,13 @@ async def create_key(request: Request) -> Response:
     if not isinstance(name, str) or not name.strip():
         raise GuardError(ErrorKind.MISSING_FIELD, "name is required: a label for the key, e.g. the contractor.",
                          param="name")
+    if len(name.strip()) > NAME_MAX:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"name must be at most {NAME_MAX} characters.", param="name")
     try:
         expires_at = parse_expiry(body.get("expires_at"), services.clock())
-        key, info = await ring.create(tenant, name.strip(), expires_at)
     except ValueError as exc:
-        param = "expires_at" if "expires_at" in str(exc) else "name"
-        raise GuardError(ErrorKind.INVALID_FIELD, str(exc), param=param) from None
+        raise GuardError(ErrorKind.INVALID_FIELD, str(exc), param="expires_at") from None
+    key, info = await ring.create(tenant, name.strip(), expires_at)
     return _json({"key": key, **info.as_json()}, 201)
 
 

@@ -152,12 +152,17 @@ def _needs_restart(running: Config, loaded: Config) -> list[str]:
     checks = {
         "server.host": running.server.host != loaded.server.host,
         "server.port": running.server.port != loaded.server.port,
-        "store": running.store != loaded.store,
+        # on_unavailable is read per admission (the ledger follows the current config); the rest is the connection.
+        "store": _connection(running) != _connection(loaded),
         "servicetitan": running.servicetitan != loaded.servicetitan,
         "telemetry": running.telemetry != loaded.telemetry,
         "server.cors_allow_origins": running.server.cors_allow_origins != loaded.server.cors_allow_origins,
     }
     return [name for name, changed in checks.items() if changed]
+
+
+def _connection(config: Config) -> tuple[str, str, int]:
+    return config.store.redis_url, config.store.key_prefix, config.store.call_log_size
 
 
 def _file_sha256(path: Path) -> str:

@@ -103,6 +103,7 @@ def test_bad_requests_get_openai_errors(config: Config, serve_proxy: Callable[..
         ("acme", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
         ("acme", {"name": "x", "expires_at": "soon"}, "expires_at"),
         ("acme", {"name": "x", "scope": "all"}, "scope"),
+        ("acme", {"name": "x" * 129}, "name"),
     ]
     for tenant, body, param in cases:
         reply = httpx.post(f"{url}/admin/tenants/{tenant}/keys", headers=ADMIN, json=body)

@@ -111,6 +111,22 @@ def test_a_broken_reload_changes_nothing(
     assert httpx.post(url + "/admin/reload").status_code == 401
 
 
+def test_settings_that_need_a_restart_are_named_and_the_rest_applies(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    raw = raw_config(upstream_url, redis_url, 0.00001)
+    path.write_text(yaml.safe_dump(raw))
+    url = serve_proxy(load_config(path), config_path=path)
+    raw["tenants"]["acme"]["daily_usd"] = 10
+    raw["server"] = {"port": 1}
+    raw["store"]["on_unavailable"] = "fail_open"  # read per admission: no restart needed
+    path.write_text(yaml.safe_dump(raw))
+    reloaded = httpx.post(url + "/admin/reload", headers=ADMIN).json()
+    assert reloaded["reloaded"] is True and reloaded["restart_required"] == ["server.port"]
+    assert chat(url).status_code == 200
+
+
 @contextlib.contextmanager
 def served(path: Path, workers: int = 1) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     port = free_port()
