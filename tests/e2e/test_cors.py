@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
 
 from guardproxy.config import parse_config
 from guardproxy.validation import ConfigError
 from tests.conftest import TENANT_KEY, config_dict
+from tests.e2e.test_admin_page import chromium, run_chromium
 from tests.e2e.test_chat import HI
+from tests.servers import free_port, serve_in_thread
 
 APP = "https://dispatch.example.com"
 PREFLIGHT = {"access-control-request-method": "POST",
@@ -60,3 +67,34 @@ def test_an_origin_that_is_not_one_is_a_config_error(origin: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(config_dict("http://127.0.0.1:9", server={"cors_allow_origins": [origin]}), {})
     assert info.value.path == "server.cors_allow_origins[0]"
+
+
+PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+fetch("%(proxy)s/v1/chat/completions", {
+  method: "POST",
+  headers: {"Authorization": "Bearer %(key)s", "Content-Type": "application/json"},
+  body: JSON.stringify({model: "gpt-4o-mini", messages: [{role: "user", content: "hi"}]}),
+}).then(r => { document.getElementById("out").textContent =
+    "status=" + r.status + " state=" + r.headers.get("x-guardproxy-budget-state"); })
+  .catch(e => { document.getElementById("out").textContent = "blocked " + e.name; });
+</script></body></html>"""
+
+
+def test_a_browser_page_calls_the_proxy_from_an_allowed_origin_only(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], tmp_path: Path
+) -> None:
+    chromium()
+    allowed_port, other_port = free_port(), free_port()
+    raw = config_dict(upstream_url, store={"redis_url": redis_url},
+                      server={"cors_allow_origins": [f"http://127.0.0.1:{allowed_port}"]})
+    proxy = serve_proxy(parse_config(raw, {}))
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE % {"proxy": proxy, "key": TENANT_KEY})
+
+    app = Starlette(routes=[Route("/", page)])
+    with serve_in_thread(app, port=allowed_port) as allowed, serve_in_thread(app, port=other_port) as other:
+        ok = run_chromium(allowed + "/", tmp_path / "allowed", "--dump-dom", "--virtual-time-budget=10000").stdout
+        refused = run_chromium(other + "/", tmp_path / "other", "--dump-dom", "--virtual-time-budget=10000").stdout
+    assert "status=200 state=active" in ok, ok[-500:]
+    assert "blocked TypeError" in refused, refused[-500:]
