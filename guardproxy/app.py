@@ -25,6 +25,7 @@ from guardproxy.auth import JobTenantResolver, TenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.journal import Journal
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.passthrough import UnbudgetedPaths
@@ -84,15 +85,19 @@ def create_app(
             servicetitan = ServiceTitanResolver(
                 config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
             )
+        metrics: Metrics = app.state.metrics
+        journal = None if budget_store.embedded else Journal(config.store.journal_path(), metrics.journal_pending.set)
+        ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
         services = Services(
-            config=config, ledger=Ledger(budget_store, config, clock), upstreams=upstreams,
+            config=config, ledger=ledger, upstreams=upstreams,
             tenants=TenantResolver(config, jobs or servicetitan), metrics=app.state.metrics, clock=clock,
         )
         app.state.services = services
         app.state.endpoints = {shape.path: BudgetedEndpoint(services, shape) for shape in BUDGETED}
         app.state.unbudgeted = UnbudgetedPaths(services)
         try:
-            yield
+            async with ledger.running():  # journal replay, lease renewal, and a last drain on the way out
+                yield
         finally:
             for upstream in upstreams.values():
                 await upstream.aclose()

@@ -46,8 +46,6 @@ log = logging.getLogger("guardproxy.pipeline")
 
 # Counting a large prompt takes milliseconds: off the event loop above this size.
 _COUNT_IN_THREAD_BYTES = 32 * 1024
-# A reservation outlives the longest upstream call by this much before it expires by itself.
-_RESERVATION_GRACE_S = 60
 
 
 def fails_over(status: int) -> bool:
@@ -129,8 +127,7 @@ class BudgetedEndpoint:
         worst_cases = [
             cost_micros(Usage(prompt_tokens, self.shape.worst_output_tokens(call, m)), m.price) for m in chain
         ]
-        timeout_s = max(self.s.upstreams[m.upstream].config.timeout_s for m in chain)
-        admission = await self.s.ledger.admit(tenant, worst_cases, int((timeout_s + _RESERVATION_GRACE_S) * 1000))
+        admission = await self.s.ledger.admit(tenant, worst_cases)
         decision = admission.decision
         if decision.index is None:
             if attempt is not requested:
