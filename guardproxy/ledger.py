@@ -95,7 +95,7 @@ class Ledger:
             log.warning("budget store unavailable: serving tenant=%s unbudgeted (fail_open)", tenant)
             # Not written anywhere; it settles (and charges) like any other, through the journal if need be.
             unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0])
-            return Admission(Decision(0, 0, 0), limits, unbudgeted)
+            return Admission(Decision(0, 0, 0), limits, unbudgeted, unbudgeted=True)
         if admission.already_settled:
             raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The reservation was released before it was made; "
                              "try again.", headers={"retry-after": "1"})

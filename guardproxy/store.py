@@ -61,6 +61,8 @@ class Admission:
     reservation: Reservation | None
     #: The id had been settled or released before this admit ran: nothing was reserved.
     already_settled: bool = False
+    #: Not asked of the store at all (it was unavailable and ``fail_open`` served the call).
+    unbudgeted: bool = False
 
 
 @dataclass(frozen=True)
