@@ -87,6 +87,7 @@ def create_app(
             )
         metrics: Metrics = app.state.metrics
         journal = None if budget_store.embedded else Journal(config.store.journal_path(), metrics.journal_pending.set)
+        metrics.journal_pending.set(0)
         ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
         services = Services(
             config=config, ledger=ledger, upstreams=upstreams,
