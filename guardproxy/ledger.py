@@ -22,14 +22,13 @@ from datetime import datetime
 from typing import TypeAlias
 
 import anyio
-from redis import exceptions as redis_errors
 
 from guardproxy.budget import Decision, Thresholds
 from guardproxy.config import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.journal import Entry, Journal
 from guardproxy.periods import Periods, periods_at
-from guardproxy.store import Admission, BudgetStore, Reservation
+from guardproxy.store import Admission, BudgetStore, Reservation, reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.ledger")
@@ -82,7 +81,7 @@ class Ledger:
             admission = await self.store.admit(tenant, periods, limits, worst_cases, reservation_id, self.lease_ms)
         except StoreUnavailable as exc:
             if not self.config.store.fail_open:
-                if isinstance(exc.__cause__, redis_errors.TimeoutError):
+                if reply_lost(exc):
                     # The script may have run after all: release the id, so that a late admit holds nothing.
                     # (fail_open needs no release: the call's own settlement of this id does it.)
                     with anyio.CancelScope(shield=True):
@@ -142,7 +141,11 @@ class Ledger:
             log.error("budget store unavailable: charge of %d micro-USD for tenant=%s lost (no journal)",
                       entry.charge, entry.reservation.tenant)
             return
-        await self.journal.append(entry)
+        try:
+            await self.journal.append(entry)
+        except OSError as exc:  # a full or read-only disk: nothing left to keep the charge in
+            log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) lost",
+                      exc, entry.charge, entry.reservation.tenant, entry.reservation.id)
 
     # -- background work -------------------------------------------------------------------------
 

@@ -65,6 +65,17 @@ class Services:
     clock: Callable[[], datetime]
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended: what the audit log says, and what is charged."""
+
+    outcome: Outcome
+    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
+    produced: bool = False
+    usage: Usage | None = None
+    texts: Sequence[str] = ()
+
+
 class BudgetedEndpoint:
     """``POST /v1/<shape.path>`` with the budget enforced."""
 
@@ -277,17 +288,6 @@ class BudgetedEndpoint:
             plan.tenant, plan.requested.name, plan.sent.name, outcome.value, charge, plan.reservation.amount,
             request_id,
         )
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How one attempt ended: what the audit log says, and what is charged."""
-
-    outcome: Outcome
-    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
-    produced: bool = False
-    usage: Usage | None = None
-    texts: Sequence[str] = ()
 
 
 def _json_or_none(content: bytes) -> Any:

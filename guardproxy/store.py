@@ -138,6 +138,12 @@ async def _translated() -> AsyncIterator[None]:
         raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
 
 
+def reply_lost(error: StoreUnavailable) -> bool:
+    """The command may have run after all: the store failed while its reply was awaited (a timeout),
+    not before the command was sent."""
+    return isinstance(error.__cause__, (redis_errors.TimeoutError, TimeoutError))
+
+
 class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
