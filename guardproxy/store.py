@@ -11,6 +11,7 @@ Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -225,18 +226,19 @@ class BudgetStore:
         return Settlement(applied=int(result[3]) == 1, released=int(result[2]) == 1)
 
     async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]:
-        """Extend the lease of live ``reservations`` to ``lease_ms`` from now, one script per tenant in
-        one pipelined round trip; returns the ids that were no longer held (expired or settled)."""
+        """Extend the lease of live ``reservations`` to ``lease_ms`` from now: one script call per tenant
+        (each under its tenant's hash tag), all at once; returns the ids no longer held (expired or
+        settled). Not a pipeline: a cluster pipeline does not load scripts."""
         by_tenant: dict[str, list[str]] = {}
         for r in reservations:
             by_tenant.setdefault(r.tenant, []).append(r.id)
-        if not by_tenant:
-            return set()
-        pipe = self.client.pipeline(transaction=False)
-        for tenant, ids in by_tenant.items():
-            await self._renew(keys=[self.keys(tenant).reservations], args=[lease_ms, *ids], client=pipe)
+
+        async def renew_tenant(tenant: str, ids: list[str]) -> list[Any]:
+            lost: list[Any] = await self._renew(keys=[self.keys(tenant).reservations], args=[lease_ms, *ids])
+            return lost
+
         async with _translated():
-            results: list[Any] = await pipe.execute()
+            results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
         return {_text(i) for lost in results for i in lost}
 
     async def register_tenant(self, tenant: str) -> None:
