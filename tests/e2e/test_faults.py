@@ -139,6 +139,8 @@ def test_guardproxy_killed_while_redis_is_down_loses_no_charge(
     second = proxies(raw)  # adopts the dead process's journal at start-up and replays it
     billed = assert_books_balance(own_redis.url, fake_state, second.url)
     assert not [p for p in journal_home.glob("journal-*.jsonl") if p.stat().st_size]
+    # served unbudgeted while the store could not be asked (fail_open), and recorded as such
+    assert sorted(e["outcome"] for e in audit_log(own_redis.url)) == ["completed"] + ["store_unavailable"] * 6
     print(f"kill -9 while Redis down: billed={billed} settled={redis_int(own_redis.url, keys()[0])}")
 
 
