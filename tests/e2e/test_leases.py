@@ -52,7 +52,7 @@ def test_a_killed_process_reservation_frees_within_one_lease(
     assert held == WORST_CASE or time.monotonic() - killed > LEASE_S  # still held, unless a lease passed already
     wait_for(lambda: held_micros(survivor, redis_url) == 0, timeout_s=LEASE_S + 2)
     freed_s = time.monotonic() - killed
-    assert freed_s < LEASE_S + 0.5
+    assert freed_s < LEASE_S + 1.0  # one lease (plus polling on a busy machine), not minutes
     print(f"lease: the killed process's reservation freed {freed_s:.2f} s after kill -9 (lease {LEASE_S} s)")
 
 
