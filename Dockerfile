@@ -6,13 +6,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GUARDPROXY_CONFIG=/etc/guardproxy/proxy.yaml \
-    GUARDPROXY_HOST=0.0.0.0
+    GUARDPROXY_HOST=0.0.0.0 \
+    XDG_STATE_HOME=/var/lib/guardproxy
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY guardproxy ./guardproxy
-RUN pip install . && useradd --system --uid 10001 --no-create-home guardproxy
+RUN pip install . && useradd --system --uid 10001 --no-create-home guardproxy \
+    && mkdir -p /var/lib/guardproxy/guardproxy/journal && chown -R guardproxy /var/lib/guardproxy
 COPY proxy.yaml /etc/guardproxy/proxy.yaml
+# Charges Redis could not take wait here until it can: mount a volume to keep them across containers.
+VOLUME /var/lib/guardproxy
 
 USER guardproxy
 EXPOSE 8080

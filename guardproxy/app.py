@@ -27,6 +27,7 @@ from guardproxy.config import Config, load_config
 from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.journal import Journal
 from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
@@ -90,15 +91,20 @@ def create_app(
             from guardproxy.telemetry import Tracing  # imports OpenTelemetry: only when configured
 
             tracing = Tracing(config.telemetry)
+        metrics: Metrics = app.state.metrics
+        journal = None if budget_store.embedded else Journal(config.store.journal_path(), metrics.journal_pending.set)
+        metrics.journal_pending.set(0)
+        ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
         runtime = Runtime(
-            config, ledger=Ledger(budget_store, config, clock), metrics=app.state.metrics, clock=clock,
+            config, ledger=ledger, metrics=metrics, clock=clock,
             keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, upstream_transport=upstream_transport,
             config_path=config_path, tracing=tracing,
         )
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
         try:
-            yield
+            async with ledger.running():  # journal replay, lease renewal, and a last drain on the way out
+                yield
         finally:
             reloads.close()
             await runtime.aclose()

@@ -163,7 +163,8 @@ def masked(config: Config) -> dict[str, Any]:
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
         "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
-                  "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size},
+                  "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
+                  "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path())},
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},

@@ -55,10 +55,23 @@ class StoreConfig:
     on_unavailable: str = "fail_closed"
     #: Settled calls kept per tenant for the admin API's audit log (0: none).
     call_log_size: int = 1000
+    #: How long a reservation holds without renewal; the process running the call renews it every
+    #: third of this, so a crashed process's reservations free within one lease.
+    lease_s: float = 30.0
+    #: Where charges that cannot be written to the store wait on disk; empty: ``default_journal_dir()``.
+    journal_dir: str = ""
 
     @property
     def embedded(self) -> bool:
         return not self.redis_url
+
+    def journal_path(self) -> Path:
+        """The journal directory: ``journal_dir``, else ``$XDG_STATE_HOME/guardproxy/journal``, else
+        ``~/.local/state/guardproxy/journal`` (read from the environment when called)."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "guardproxy" / "journal"
 
     @property
     def fail_open(self) -> bool:
@@ -231,6 +244,9 @@ def _store(f: Fields) -> StoreConfig:
         key_prefix=f.text("key_prefix", StoreConfig.key_prefix, allow_empty=False),
         on_unavailable=f.text("on_unavailable", StoreConfig.on_unavailable, choices=("fail_closed", "fail_open")),
         call_log_size=f.integer("call_log_size", StoreConfig.call_log_size, min_value=0, max_value=1_000_000),
+        lease_s=float(f.decimal("lease_s", Decimal(str(StoreConfig.lease_s)), min_value=Decimal("0.3"),
+                                max_value=Decimal(86400))),
+        journal_dir=f.text("journal_dir", StoreConfig.journal_dir),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")

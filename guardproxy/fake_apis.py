@@ -126,8 +126,9 @@ def _sse(frames: AsyncIterator[bytes], endings: list[str], ident: str) -> Stream
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_headers(ident))
 
 
-def chat_endpoint(endings: list[str]) -> Handler:
-    """``/v1/chat/completions``: one choice; streams with the ``include_usage`` chunk when asked."""
+def chat_endpoint(endings: list[str], billed: list[tuple[str, dict[str, Any]]] | None = None) -> Handler:
+    """``/v1/chat/completions``: one choice; streams with the ``include_usage`` chunk when asked.
+    The usage of each answer given in full is added to ``billed``."""
 
     async def handle(body: dict[str, Any], steer: Steering) -> Response:
         model = body["model"]
@@ -138,7 +139,12 @@ def chat_endpoint(endings: list[str]) -> Handler:
         ident = f"chatcmpl-fake{time.monotonic_ns()}"
         base = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "system_fingerprint": "fp_fake"}
+        def bill() -> None:
+            if billed is not None and usage is not None:
+                billed.append((model, usage))
+
         if not body.get("stream"):
+            bill()
             message = {"role": "assistant", "content": WORD * length, "refusal": None}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return _json({**base, "object": "chat.completion", "choices": [choice],
@@ -154,6 +160,7 @@ def chat_endpoint(endings: list[str]) -> Handler:
             yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
             async for _ in steer.words(length, endings):
                 yield chunk({"content": WORD}, None)
+            bill()
             yield chunk({}, finish)
             if include_usage:
                 yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"

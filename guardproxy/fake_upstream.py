@@ -15,6 +15,10 @@ Requests steer it with headers, which the proxy forwards like any other client h
 - ``x-fake-no-usage: 1`` — never report usage (a provider without usage)
 - ``x-fake-chunk-delay-ms: N`` — pause between stream chunks
 - ``x-fake-delay-ms: N`` — pause before answering at all
+- ``x-fake-no-request-id: 1`` — answer without an ``x-request-id`` header (most OpenAI-compatible servers)
+
+Chat completions record the usage they reported in ``FakeUpstreamState.billed`` (what a provider
+would bill), so tests can compare the proxy's charges with it.
 
 ``FakeUpstreamState.fail_with`` makes every request fail with that status (a dead provider).
 """
@@ -59,13 +63,15 @@ class FakeUpstreamState:
     paths: list[str] = field(default_factory=list)
     #: When set, every request is answered with this error status.
     fail_with: int | None = None
+    #: ``(model, usage)`` of every chat completion answered in full: the usage object it reported.
+    billed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
     """The fake as a Starlette app; pass ``state`` to inspect what it received."""
     state = state or FakeUpstreamState()
     handlers = {
-        "chat/completions": chat_endpoint(state.stream_endings),
+        "chat/completions": chat_endpoint(state.stream_endings, state.billed),
         "completions": completions_endpoint(state.stream_endings),
         "embeddings": embeddings_endpoint(),
         "responses": responses_endpoint(state.stream_endings),
@@ -99,7 +105,10 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
                 return failure
             if "deployment" in request.path_params:
                 body.setdefault("model", request.path_params["deployment"])
-            return await handlers[endpoint](body, Steering.from_headers(request.headers))
+            response = await handlers[endpoint](body, Steering.from_headers(request.headers))
+            if "x-fake-no-request-id" in request.headers:
+                del response.headers["x-request-id"]
+            return response
 
         return Route(path, serve, methods=["POST"])
 

@@ -65,6 +65,15 @@ class Metrics:
             "guardproxy_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.",
             ["upstream"], registry=r, multiprocess_mode="livemax",
         )
+        # Settlements waiting on this host's disk for the store; across workers, the sum of the live ones.
+        self.journal_pending = Gauge(
+            "guardproxy_journal_pending", "Settlements kept in the on-disk journal until the store takes them.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.duplicate_settlements = Counter(
+            "guardproxy_duplicate_settlements", "Settlements the store ignored: their reservation id had already "
+            "settled (a retry after a lost reply, or a journal replay).", registry=r,
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,7 +37,7 @@ from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
 from guardproxy.plan import Plan
 from guardproxy.pricing import Usage, cost_micros, lookup_model, micros_to_usd
-from guardproxy.relay import COMPLETED, RelayResult, StreamRelay
+from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
@@ -47,8 +47,6 @@ log = logging.getLogger("guardproxy.pipeline")
 
 # Counting a large prompt takes milliseconds: off the event loop above this size.
 _COUNT_IN_THREAD_BYTES = 32 * 1024
-# A reservation outlives the longest upstream call by this much before it expires by itself.
-_RESERVATION_GRACE_S = 60
 
 
 def fails_over(status: int) -> bool:
@@ -68,6 +66,17 @@ class Services:
     clock: Callable[[], datetime]
     #: Told of every settled attempt (``guardproxy.telemetry``'s spans).
     observers: tuple[Callable[[SettledCall], None], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended: what the audit log says, and what is charged."""
+
+    outcome: Outcome
+    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
+    produced: bool = False
+    usage: Usage | None = None
+    texts: Sequence[str] = ()
 
 
 class BudgetedEndpoint:
@@ -94,7 +103,7 @@ class BudgetedEndpoint:
                 answer = await self._forward(plan, request.headers)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._settle(plan, None, [], produced=False)
+                    await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
                 raise
             if isinstance(answer, httpx.Response) and (attempt is route[-1] or not fails_over(answer.status_code)):
                 return await self._respond(plan, answer, started)
@@ -134,8 +143,7 @@ class BudgetedEndpoint:
         worst_cases = [
             cost_micros(Usage(prompt_tokens, self.shape.worst_output_tokens(call, m)), m.price) for m in chain
         ]
-        timeout_s = max(self.s.upstreams[m.upstream].config.timeout_s for m in chain)
-        admission = await self.s.ledger.admit(tenant, worst_cases, int((timeout_s + _RESERVATION_GRACE_S) * 1000))
+        admission = await self.s.ledger.admit(tenant, worst_cases)
         decision = admission.decision
         if decision.index is None:
             if attempt is not requested:
@@ -190,19 +198,27 @@ class BudgetedEndpoint:
     async def _failed(self, plan: Plan, answer: httpx.Response | GuardError, started: float) -> Response | GuardError:
         """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
         upstream = self.s.upstreams[plan.sent.upstream]
-        failure: Response | GuardError
+        failure: Response | GuardError | None = None
+        request_id = plan.own_request_id
         try:
             if isinstance(answer, GuardError):
                 failure = answer
             else:
-                headers = {**response_headers(answer.headers), **plan.headers()}
+                request_id = answer.headers.get("x-request-id") or request_id
+                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers()}
                 failure = Response(await upstream.read(answer), answer.status_code, headers=headers)
         except GuardError as exc:
             failure = exc
         finally:
+            ending = Ending(Outcome.CLIENT_DISCONNECTED)  # cancelled while reading the error body
+            if isinstance(failure, GuardError):
+                failure.headers["x-request-id"] = request_id
+                ending = Ending(Outcome.of_failure(failure))
+            elif failure is not None:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
             with anyio.CancelScope(shield=True):
                 self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, None, [], produced=False, counted=False)
+                await self._settle(plan, ending, request_id, counted=False)
         reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
         log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
                     upstream.name, reason)
@@ -211,30 +227,35 @@ class BudgetedEndpoint:
     async def _respond(self, plan: Plan, response: httpx.Response, started: float) -> Response:
         """Relay the answer (streamed as it arrives, or whole) and settle what it cost."""
         upstream = self.s.upstreams[plan.sent.upstream]
-        request_id = response.headers.get("x-request-id", "")
-        headers = {**response_headers(response.headers), **plan.headers()}
+        # The upstream's id when it sent one, else our own: the client and the audit log share it.
+        request_id = response.headers.get("x-request-id") or plan.own_request_id
+        headers = {**response_headers(response.headers), "x-request-id": request_id, **plan.headers()}
         if plan.request.stream and response.status_code == 200:
 
             async def on_close(result: RelayResult) -> None:
                 watcher = result.watcher
                 self._observe(plan, result.duration_s, watcher.first_token_at, started)
-                await self._settle(plan, watcher.usage, watcher.texts, produced=True, outcome=result.outcome,
-                                   request_id=request_id)
+                ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
+                await self._settle(plan, ending, request_id)
 
             watcher = self.shape.watcher(plan.request)
             return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
-        produced = False
-        usage: Usage | None = None
-        texts: list[str] = []
+        ending = Ending(Outcome.CLIENT_DISCONNECTED)
         try:
             content = await upstream.read(response)
-            produced = 200 <= response.status_code < 300
-            if produced:
+            if 200 <= response.status_code < 300:
                 usage, texts = self.shape.answer_usage(_json_or_none(content))
+                ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
+            else:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
+        except GuardError as exc:
+            exc.headers["x-request-id"] = request_id
+            ending = Ending(Outcome.of_failure(exc))
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, usage, texts, produced=produced, request_id=request_id)
+                await self._settle(plan, ending, request_id)
         return Response(content, response.status_code, headers=headers)
 
     def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
@@ -242,30 +263,30 @@ class BudgetedEndpoint:
         if first_token_at is not None:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
 
-    async def _settle(
-        self, plan: Plan, usage: Usage | None, texts: list[str], *, produced: bool, outcome: str = COMPLETED,
-        request_id: str = "", counted: bool = True,
-    ) -> None:
+    async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
         """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
 
         ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
         """
-        if produced and usage is None:
-            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(texts))
-        charge = cost_micros(usage, plan.sent.price) if produced and usage else 0
-        outcome = outcome if produced else "error"
+        usage = ending.usage
+        if ending.produced and usage is None:
+            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
+        charge = cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+        outcome = ending.outcome
+        if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
+            outcome = Outcome.STORE_UNAVAILABLE
         counted_usage = usage or Usage(0, 0)
         record: CallRecord = {
-            "request_id": request_id or plan.reservation.id, "requested_model": plan.request.model,
+            "request_id": request_id, "requested_model": plan.request.model,
             "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
             "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
-            "cost_micros": charge, "outcome": outcome,
+            "cost_micros": charge, "outcome": outcome.value,
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
-            label = "error" if not produced else "downgraded" if plan.downgraded else "allowed"
+            label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"
             self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
-        if produced and usage is not None:
+        if ending.produced and usage is not None:
             self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
         headers = plan.headers()
         settled = SettledCall(
@@ -273,7 +294,7 @@ class BudgetedEndpoint:
             model=plan.sent.name, upstream=plan.sent.upstream, upstream_model=plan.upstream_model,
             prompt_tokens=counted_usage.prompt_tokens, completion_tokens=counted_usage.completion_tokens,
             cached_tokens=counted_usage.cached_prompt_tokens, cost_micros=charge,
-            reserved_micros=plan.reservation.amount, outcome=outcome, request_id=str(record["request_id"]),
+            reserved_micros=plan.reservation.amount, outcome=outcome.value, request_id=str(record["request_id"]),
             budget_state=headers["x-guardproxy-budget-state"],
             downgraded_from=headers.get("x-guardproxy-downgraded-from"),
             fallback_from=headers.get("x-guardproxy-fallback-from"),

@@ -34,6 +34,11 @@ class Plan:
         return self.admission.reservation
 
     @property
+    def own_request_id(self) -> str:
+        """guardproxy's id for this attempt (``req_gp_<reservation id>``), for an upstream that sends none."""
+        return f"req_gp_{self.reservation.id}"
+
+    @property
     def downgraded(self) -> bool:
         return self.sent.name != self.attempt.name
 

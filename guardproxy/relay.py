@@ -5,7 +5,8 @@ the bytes the client gets. ``ChatStreamWatcher`` serves chat and legacy completi
 usage chunk from clients that did not ask for it (the Responses API has its own watcher,
 ``responses_stream``). ``StreamRelay`` is the ASGI response that pumps frames from upstream to
 client; whatever happens (client gone, upstream cut), its ``finally`` closes the upstream request
-and hands the result to the settlement callback.
+and hands the result to the settlement callback. The outcome is the pump's own: a stream that was
+fully relayed is ``completed`` even though the server reports the client's disconnect right after.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 import anyio
@@ -28,7 +30,25 @@ from guardproxy.upstream import translated
 
 log = logging.getLogger("guardproxy.relay")
 
-COMPLETED, CLIENT_GONE, UPSTREAM_CUT = "completed", "client_disconnected", "upstream_cut"
+
+
+class Outcome(StrEnum):
+    """How a call ended, as the audit log (``outcome``) records it."""
+
+    COMPLETED = "completed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    #: The upstream stream broke or ended without its proper end.
+    UPSTREAM_CUT = "upstream_cut"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    #: The upstream answered an error, or could not be reached.
+    UPSTREAM_ERROR = "upstream_error"
+    #: Served unbudgeted (``fail_open``) because the store could not be asked; otherwise complete.
+    STORE_UNAVAILABLE = "store_unavailable"
+
+    @classmethod
+    def of_failure(cls, error: GuardError) -> Outcome:
+        """The outcome of an upstream call that failed with ``error``."""
+        return cls.UPSTREAM_TIMEOUT if error.kind is ErrorKind.UPSTREAM_TIMEOUT else cls.UPSTREAM_ERROR
 
 
 def usage_from(
@@ -131,7 +151,7 @@ class ChatStreamWatcher:
 
 @dataclass(frozen=True)
 class RelayResult:
-    outcome: str
+    outcome: Outcome
     watcher: StreamWatcher
     duration_s: float
 
@@ -148,7 +168,8 @@ class StreamRelay:
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.watcher = watcher
         self.on_close = on_close
-        self.outcome = COMPLETED
+        #: How the upstream side ended, once it has; until then a stop means the client left.
+        self.ended: Outcome | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -158,18 +179,18 @@ class StreamRelay:
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    self.outcome = CLIENT_GONE
                     group.cancel_scope.cancel()
 
                 group.start_soon(watch_disconnect)
                 await self._pump(send)
                 group.cancel_scope.cancel()
         except OSError:
-            self.outcome = CLIENT_GONE  # the server's send() failed: the client is gone
+            pass  # the server's send() failed: the client is gone
         finally:
             with anyio.CancelScope(shield=True):
                 await self.response.aclose()  # closing mid-body cancels the upstream request
-                await self.on_close(RelayResult(self.outcome, self.watcher, time.monotonic() - started))
+                outcome = self.ended or Outcome.CLIENT_DISCONNECTED
+                await self.on_close(RelayResult(outcome, self.watcher, time.monotonic() - started))
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.response.status_code, "headers": self.headers})
@@ -187,10 +208,11 @@ class StreamRelay:
                     await forward(parser.feed(chunk))
             await forward(parser.close())
         except GuardError as exc:
-            self.outcome = UPSTREAM_CUT
+            timed_out = exc.kind is ErrorKind.UPSTREAM_TIMEOUT
+            self.ended = Outcome.UPSTREAM_TIMEOUT if timed_out else Outcome.UPSTREAM_CUT
             log.warning("stream from upstream %s ended early: %s", self.upstream, exc.message)
             error = GuardError(ErrorKind.UPSTREAM_UNAVAILABLE, f"The upstream stream ended early: {exc.message}")
             await send({"type": "http.response.body", "body": self.watcher.error_frame(error), "more_body": True})
-        if not self.watcher.done and self.outcome == COMPLETED:
-            self.outcome = UPSTREAM_CUT
+        else:
+            self.ended = Outcome.COMPLETED if self.watcher.done else Outcome.UPSTREAM_CUT
         await send({"type": "http.response.body", "body": b"", "more_body": False})

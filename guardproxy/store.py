@@ -1,13 +1,17 @@
 """The budget store: spend counters and reservations in Redis (contract §7).
 
 Admission and settlement are each one Lua script, so any number of proxy processes sharing one
-Redis never overspend. Without ``store.redis_url`` the same scripts run on an embedded in-process
-fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis
-Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
+Redis never overspend; settlement applies at most once per reservation id (a settled-marker the
+scripts check), so a retried or replayed settle never charges twice. A reservation holds a lease
+that the process running the call renews (``renew``); one whose process died frees within a lease.
+Without ``store.redis_url`` the same scripts run on an embedded in-process fakeredis. Every key of
+a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster.
+Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -42,7 +46,7 @@ _UNAVAILABLE = (
 
 @dataclass(frozen=True)
 class Reservation:
-    """Worst-case money held for one call until it settles (or its ttl passes)."""
+    """Worst-case money held for one call until it settles (or its lease runs out unrenewed)."""
 
     id: str
     tenant: str
@@ -56,6 +60,19 @@ class Admission:
     decision: Decision
     limits: Thresholds
     reservation: Reservation | None
+    #: The id had been settled or released before this admit ran: nothing was reserved.
+    already_settled: bool = False
+    #: Not asked of the store at all (it was unavailable and ``fail_open`` served the call).
+    unbudgeted: bool = False
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What one settle did: ``applied`` is false when the id had already settled (a retry or replay
+    that changed nothing); ``released`` is false when its reservation was no longer held."""
+
+    applied: bool
+    released: bool
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,10 @@ class Keys:
     def reserved(self) -> str:
         return f"{self.base}:reserved"
 
+    def settled(self, day: str) -> str:
+        """Ids settled or released for reservations admitted on ``day`` (id -> charge micros)."""
+        return f"{self.base}:settled:{day}"
+
     @property
     def budget(self) -> str:
         return f"{self.base}:budget"
@@ -118,6 +139,12 @@ async def _translated() -> AsyncIterator[None]:
         raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
 
 
+def reply_lost(error: StoreUnavailable) -> bool:
+    """The command may have run after all: the store failed while its reply was awaited (a timeout),
+    not before the command was sent."""
+    return isinstance(error.__cause__, (redis_errors.TimeoutError, TimeoutError))
+
+
 class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
@@ -128,8 +155,9 @@ class BudgetStore:
         self.prefix = prefix
         self.embedded = embedded
         self.calls_kept = calls_kept
-        self._admit = client.register_script(_script_source("admit.v1.lua"))
-        self._settle = client.register_script(_script_source("settle.v1.lua"))
+        self._admit = client.register_script(_script_source("admit.v2.lua"))
+        self._settle = client.register_script(_script_source("settle.v2.lua"))
+        self._renew = client.register_script(_script_source("renew.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -156,14 +184,14 @@ class BudgetStore:
 
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
-        reservation_id: str, reservation_ttl_ms: int,
+        reservation_id: str, lease_ms: int,
     ) -> Admission:
-        """Decide which candidate to send and reserve its worst case, in one round trip."""
+        """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip."""
         k = self.keys(tenant)
         keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
-                k.reservation_amounts, k.reserved, k.budget]
+                k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day)]
         args: list[str | int] = [
-            reservation_id, reservation_ttl_ms,
+            reservation_id, lease_ms,
             limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month, *worst_cases,
         ]
         async with _translated():
@@ -174,25 +202,44 @@ class BudgetStore:
             index=index if index >= 0 else None, used_day=used_day, used_month=used_month,
             exhausted={1: "day", 2: "month"}.get(exhausted),
         )
+        already_settled = len(result) > 8 and int(result[8]) == 1
         reservation = None
-        if decision.index is not None:
+        if decision.index is not None and not already_settled:
             reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
                                       worst_cases[decision.index])
-        return Admission(decision, effective, reservation)
+        return Admission(decision, effective, reservation, already_settled)
 
     async def settle(
         self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None
-    ) -> None:
-        """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round trip."""
+    ) -> Settlement:
+        """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
+        trip, applied at most once per reservation id (a charge of 0 is a release)."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
-                k.reservation_amounts, k.reserved, k.calls]
+                k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day)]
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
                                  self.calls_kept if record else 0]
         for field, value in (record or {}).items():
             args += [field, value]
         async with _translated():
-            await self._settle(keys=keys, args=args)
+            result: list[Any] = await self._settle(keys=keys, args=args)
+        return Settlement(applied=int(result[3]) == 1, released=int(result[2]) == 1)
+
+    async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]:
+        """Extend the lease of live ``reservations`` to ``lease_ms`` from now: one script call per tenant
+        (each under its tenant's hash tag), all at once; returns the ids no longer held (expired or
+        settled). Not a pipeline: a cluster pipeline does not load scripts."""
+        by_tenant: dict[str, list[str]] = {}
+        for r in reservations:
+            by_tenant.setdefault(r.tenant, []).append(r.id)
+
+        async def renew_tenant(tenant: str, ids: list[str]) -> list[Any]:
+            lost: list[Any] = await self._renew(keys=[self.keys(tenant).reservations], args=[lease_ms, *ids])
+            return lost
+
+        async with _translated():
+            results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
+        return {_text(i) for lost in results for i in lost}
 
     async def register_tenant(self, tenant: str) -> None:
         """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ import redis
 
 from guardproxy.config import Config, hash_key, parse_config
 from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
+from guardproxy.store import BudgetStore
 from tests.servers import free_port, serve_in_thread
+from tests.stores import BACKENDS, Backend
 
 TENANT_KEY = "tk-acme-secret"
 OTHER_TENANT_KEY = "tk-globex-secret"
@@ -26,6 +29,15 @@ SERVICE_KEY = "sk-service-secret"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def journal_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own default journal directory (``$XDG_STATE_HOME/guardproxy/journal``), also for the
+    proxies it starts as subprocesses: no test adopts the unwritten charges another left behind."""
+    home = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home / "guardproxy" / "journal"
 
 
 class RedisServer:
@@ -88,6 +100,17 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+async def budget_store(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
+    """An empty budget store on each backend of ``tests/stores.py`` in turn (for ``@pytest.mark.anyio`` tests)."""
+    backend: Backend = request.param
+    store = backend.open(request)
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 @pytest.fixture

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import TENANT_KEY
+from tests.conftest import TENANT_KEY, RedisServer
+from tests.e2e.books import ProxyProcess
 
 Sdk = Callable[[str], openai.OpenAI]
 
@@ -25,3 +29,31 @@ def sdk() -> Iterator[Sdk]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone, so that it can be paused or stopped."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], ProxyProcess]]:
+    """Start ``guardproxy serve`` subprocesses for a config dict; stopped after the test unless killed."""
+    started: list[ProxyProcess] = []
+
+    def start(config: dict[str, Any]) -> ProxyProcess:
+        started.append(ProxyProcess(config, tmp_path))
+        started[-1].wait_serving()
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

@@ -155,6 +155,7 @@ def test_two_workers_add_up(upstream_url: str, redis_url: str, tmp_path: Path) -
         assert metric(text, "guardproxy_requests_total", tenant="acme", model="gpt-4o-mini", outcome="allowed") == 8
         assert round(metric(text, "guardproxy_spend_usd_total", tenant="acme", model="gpt-4o-mini") * 1e6) == \
             redis_int(redis_url, keys()[0])
+        assert metric(text, "guardproxy_journal_pending") == 0  # summed over the live workers
 
 
 @pytest.mark.anyio

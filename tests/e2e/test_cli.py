@@ -45,6 +45,7 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
         assert secret not in shown
     resolved = yaml.safe_load(done.stdout)
     assert resolved["store"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert resolved["store"]["lease_s"] == 30.0 and resolved["store"]["journal_dir"].endswith("/guardproxy/journal")
     assert resolved["models"]["gpt-4o"]["output"] == 10.0
     assert "plain key" in done.stderr  # the start-up warning names the field, not the key
 

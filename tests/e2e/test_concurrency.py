@@ -18,7 +18,7 @@ import yaml
 
 from guardproxy.pricing import Price, Usage, cost_micros
 from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, no_proxy_env, redis_int
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved
+from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
 from tests.servers import free_port
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
@@ -149,10 +149,10 @@ def test_store_down_fail_closed_is_503_and_fail_open_serves_then_charges(
         served = httpx.post(opened + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
         assert served.status_code == 200
         usage = served.json()["usage"]
-        server.start()  # same port: the charge kept in memory is written with the next settlement
+        server.start()  # same port: the charge kept in the journal is written in the background
         again = httpx.post(opened + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
         assert again.status_code == 200
         one = cost_micros(Usage(usage["prompt_tokens"], usage["completion_tokens"]), GPT4O)
-        assert redis_int(server.url, keys()[0]) == 2 * one
+        wait_for(lambda: redis_int(server.url, keys()[0]) == 2 * one)
     finally:
         server.stop()

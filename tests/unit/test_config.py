@@ -66,6 +66,8 @@ def test_server_and_store_defaults() -> None:
     assert config.store.key_prefix == "gp"
     assert config.store.on_unavailable == "fail_closed"
     assert config.store.fail_open is False
+    assert config.store.lease_s == 30.0
+    assert config.store.journal_dir == ""
     assert config.admin_api_key == ""
     assert config.auth.service_key_hashes == ()
     assert config.auth.tenant_header == "X-Tenant-Id"
@@ -189,6 +191,9 @@ def test_unknown_keys_are_errors(raw: dict[str, Any], path: str) -> None:
         (with_changes(server={"host": 5}), "server.host"),
         (with_changes(store={"on_unavailable": "fail_sometimes"}), "store.on_unavailable"),
         (with_changes(store={"key_prefix": "g{p}"}), "store.key_prefix"),
+        (with_changes(store={"lease_s": 0.1}), "store.lease_s"),
+        (with_changes(store={"lease_s": "long"}), "store.lease_s"),
+        (with_changes(store={"journal_dir": 7}), "store.journal_dir"),
         (with_changes(upstreams={"openai": {"base_url": "ftp://x"}}), "upstreams.openai.base_url"),
         (with_changes(upstreams={"openai": {}}), "upstreams.openai.base_url"),
         (with_changes(upstreams={"openai": {"base_url": "http://x", "timeout_s": "soon"}}),
@@ -607,3 +612,13 @@ def test_a_numeric_key_names_itself_and_says_to_quote_it() -> None:
         parse_config(raw, {})
     assert caught.value.path == "tenants.1234"
     assert 'quoted, "1234":' in caught.value.message
+
+
+def test_journal_dir_defaults_to_the_xdg_state_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert parse_config(minimal(), {}).store.journal_path() == tmp_path / "guardproxy" / "journal"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert parse_config(minimal(), {}).store.journal_path() == tmp_path / "home/.local/state/guardproxy/journal"
+    config = parse_config(with_changes(store={"journal_dir": "/var/lib/gp", "lease_s": 2.5}), {})
+    assert config.store.journal_path() == Path("/var/lib/gp") and config.store.lease_s == 2.5

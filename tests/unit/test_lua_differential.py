@@ -1,8 +1,10 @@
-"""admit.v1.lua / settle.v1.lua on the embedded store, against budget.decide and by hand.
+"""admit.v2.lua on the embedded store against budget.decide, over generated scenarios.
 
 The Lua script is what runs in production; ``budget.decide`` is its readable reference. The
 differential test sets spend and live reservations directly in a fake Redis under the key names
-of ``store.Keys`` and checks that both pick the same candidate and report the same figures.
+of ``store.Keys`` and checks that both pick the same candidate and report the same figures. The
+scripts' whole contract (settlement, exactly-once, leases, overrides) runs on every backend in
+``tests/contract/test_store.py``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import fakeredis
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.budget import Thresholds, decide
-from guardproxy.periods import Periods, periods_at
-from guardproxy.store import DAY_KEY_TTL_S, MONTH_KEY_TTL_S, BudgetStore, Keys, Reservation
+from guardproxy.periods import periods_at
+from guardproxy.store import BudgetStore, Keys, Reservation
 
 T = TypeVar("T")
 TENANT = "acme"
@@ -47,7 +48,7 @@ def run(scenario: Callable[[BudgetStore], Awaitable[T]]) -> T:
 
 
 async def hold(store: BudgetStore, reservation_id: str, amount: int, expires_in_ms: int = HOUR_MS) -> None:
-    """A live reservation written the way admit.v1.lua writes one."""
+    """A live reservation written the way admit.v2.lua writes one."""
     k = store.keys(TENANT)
     now_s, now_us = await store.client.time()
     await store.client.zadd(k.reservations, {reservation_id: now_s * 1000 + now_us // 1000 + expires_in_ms})
@@ -121,223 +122,9 @@ def test_admit_agrees_with_decide(scenario: tuple[int, int, list[int], Threshold
         assert live == len(reserved) + 1
 
 
-GRID_LIMITS = [
-    Thresholds(soft_day=6, hard_day=10, soft_month=16, hard_month=20),
-    Thresholds(soft_day=10, hard_day=10, soft_month=20, hard_month=20),
-    Thresholds(soft_day=0, hard_day=3, soft_month=0, hard_month=30),
-]
-GRID_WORST = [[0], [1], [4], [4, 1], [4, 5], [12, 4, 1], [12, 11, 10], [3, 2, 1, 0], [5, 4, 3, 2]]
-
-
-def test_admit_agrees_with_decide_on_every_boundary() -> None:
-    """Exhaustively, around each cap: every used value from 0 to past the hard caps, with and without
-    a live reservation making up part of it."""
-    cases = [
-        (limits, used_day, used_month, held, worst)
-        for limits in GRID_LIMITS
-        for used_day in range(limits.hard_day + 3)
-        for used_month in sorted({0, limits.soft_month - 1, limits.soft_month, limits.hard_month - 1,
-                                  limits.hard_month, limits.hard_month + 1} - {-1})
-        for held in {0, min(used_day, used_month, 2)}
-        for worst in GRID_WORST
-    ]
-
-    async def go(store: BudgetStore) -> list[Any]:
-        out = []
-        for i, (limits, used_day, used_month, held, worst) in enumerate(cases):
-            tenant = f"t{i}"
-            k = store.keys(tenant)
-            await store.client.set(k.spend_day(PERIODS.day), used_day - held)
-            await store.client.set(k.spend_month(PERIODS.month), used_month - held)
-            if held:
-                await store.client.zadd(k.reservations, {"held": 2**50})
-                await store.client.hset(k.reservation_amounts, "held", held)
-                await store.client.set(k.reserved, held)
-            out.append((await store.admit(tenant, PERIODS, limits, worst, "new", HOUR_MS)).decision)
-        return out
-
-    decisions = run(go)
-    assert len(decisions) > 1000
-    for (limits, used_day, used_month, _, worst), got in zip(cases, decisions, strict=True):
-        assert got == decide(used_day, used_month, limits, worst), (limits, used_day, used_month, worst)
-
-
-def test_admit_reserves_and_counts_own_reservations() -> None:
-    limits = Thresholds(soft_day=800, hard_day=1000, soft_month=8000, hard_month=10000)
-
-    async def go(store: BudgetStore) -> list[Any]:
-        out = []
-        for i in range(4):
-            out.append(await store.admit(TENANT, PERIODS, limits, [300, 100], f"r{i}", HOUR_MS))
-        return out
-
-    first, second, third, fourth = run(go)
-    assert [a.decision.used_day for a in (first, second, third, fourth)] == [0, 300, 600, 900]
-    assert [a.decision.index for a in (first, second, third)] == [0, 0, 0]
-    # 900 used: at the soft cap and 300 no longer fits; 100 fits exactly
-    assert fourth.decision.index == 1
-    assert fourth.reservation is not None
-    assert fourth.reservation.amount == 100
-
-
-def test_admit_refusal_names_the_period() -> None:
-    limits = Thresholds(soft_day=8, hard_day=10, soft_month=80, hard_month=100)
-
-    async def go(store: BudgetStore) -> tuple[Any, Any]:
-        k = store.keys(TENANT)
-        await store.client.set(k.spend_day(PERIODS.day), 10)
-        day = await store.admit(TENANT, PERIODS, limits, [1], "a", HOUR_MS)
-        await store.client.set(k.spend_month(PERIODS.month), 100)
-        month = await store.admit(TENANT, PERIODS, limits, [1], "b", HOUR_MS)
-        return day, month
-
-    day, month = run(go)
-    assert (day.decision.index, day.decision.exhausted) == (None, "day")
-    assert (month.decision.index, month.decision.exhausted) == (None, "month")
-
-
-def test_admit_uses_runtime_override() -> None:
-    limits = Thresholds(soft_day=8, hard_day=10, soft_month=80, hard_month=100)
-    override = Thresholds(soft_day=1, hard_day=5, soft_month=2, hard_month=50)
-
-    async def go(store: BudgetStore) -> Any:
-        await store.set_override(TENANT, {"soft_day": "1", "hard_day": "5", "soft_month": "2", "hard_month": "50"})
-        return await store.admit(TENANT, PERIODS, limits, [6, 5], "a", HOUR_MS)
-
-    admission = run(go)
-    assert admission.limits == override
-    assert admission.decision.index == 1
-
-
 def test_keys_layout() -> None:
     k = Keys("gp", "acme")
     assert k.spend_day("2026-11-22") == "gp:{acme}:spend:day:2026-11-22"
     assert k.spend_month("2026-11") == "gp:{acme}:spend:month:2026-11"
-    for key in (k.reservations, k.reservation_amounts, k.reserved, k.budget):
+    for key in (k.reservations, k.reservation_amounts, k.reserved, k.budget, k.settled("2026-11-22"), k.calls):
         assert key.startswith("gp:{acme}:")
-
-
-# --- settle ----------------------------------------------------------------------------------
-
-
-def reservation(rid: str, amount: int, periods: Periods = PERIODS) -> Reservation:
-    return Reservation(rid, TENANT, periods.day, periods.month, amount)
-
-
-LIMITS = Thresholds(soft_day=10**9, hard_day=10**9, soft_month=10**10, hard_month=10**10)
-
-
-@pytest.mark.anyio
-async def test_settle_charges_day_and_month_and_releases() -> None:
-    store = new_store()
-    k = store.keys(TENANT)
-    await store.client.set(k.spend_day(PERIODS.day), 1_000)
-    await store.client.set(k.spend_month(PERIODS.month), 50_000)
-    a = (await store.admit(TENANT, PERIODS, LIMITS, [700], "a", HOUR_MS)).reservation
-    b = (await store.admit(TENANT, PERIODS, LIMITS, [300], "b", HOUR_MS)).reservation
-    assert a is not None and b is not None
-    assert await get_int(store, k.reserved) == 1_000
-
-    await store.settle(a, 123)
-    assert await get_int(store, k.spend_day(PERIODS.day)) == 1_123
-    assert await get_int(store, k.spend_month(PERIODS.month)) == 50_123
-    assert await get_int(store, k.reserved) == 300
-    assert await store.client.zscore(k.reservations, "a") is None
-    assert await store.client.hget(k.reservation_amounts, "a") is None
-    assert await store.client.zscore(k.reservations, "b") is not None
-
-    # settling "a" again must not release b's money
-    await store.settle(a, 0)
-    assert await get_int(store, k.reserved) == 300
-    assert await get_int(store, k.spend_day(PERIODS.day)) == 1_123
-
-    await store.settle(b, 300)
-    assert await get_int(store, k.reserved) == 0
-    assert await get_int(store, k.spend_day(PERIODS.day)) == 1_423
-    assert await get_int(store, k.spend_month(PERIODS.month)) == 50_423
-    await store.aclose()
-
-
-@pytest.mark.anyio
-async def test_settle_zero_charge_leaves_counters() -> None:
-    store = new_store()
-    k = store.keys(TENANT)
-    r = (await store.admit(TENANT, PERIODS, LIMITS, [500], "a", HOUR_MS)).reservation
-    assert r is not None
-    await store.settle(r, 0)
-    assert await store.client.exists(k.spend_day(PERIODS.day), k.spend_month(PERIODS.month)) == 0
-    assert await get_int(store, k.reserved) == 0
-
-    await store.client.set(k.spend_day(PERIODS.day), 42)
-    r2 = (await store.admit(TENANT, PERIODS, LIMITS, [500], "b", HOUR_MS)).reservation
-    assert r2 is not None
-    await store.settle(r2, -5)  # a negative charge is treated as none
-    assert await get_int(store, k.spend_day(PERIODS.day)) == 42
-    assert await store.client.ttl(k.spend_day(PERIODS.day)) == -1  # untouched: no ttl was set
-    await store.aclose()
-
-
-@pytest.mark.anyio
-async def test_settle_sets_key_ttls() -> None:
-    store = new_store()
-    k = store.keys(TENANT)
-    r = (await store.admit(TENANT, PERIODS, LIMITS, [500], "a", HOUR_MS)).reservation
-    assert r is not None
-    await store.settle(r, 10)
-    day_ttl = await store.client.ttl(k.spend_day(PERIODS.day))
-    month_ttl = await store.client.ttl(k.spend_month(PERIODS.month))
-    assert DAY_KEY_TTL_S == 40 * DAY_S
-    assert MONTH_KEY_TTL_S == 400 * DAY_S
-    assert 40 * DAY_S - 60 <= day_ttl <= 40 * DAY_S
-    assert 400 * DAY_S - 60 <= month_ttl <= 400 * DAY_S
-    await store.aclose()
-
-
-@pytest.mark.anyio
-async def test_settle_charges_the_reservations_own_periods() -> None:
-    # a call admitted just before midnight settles into the day it was admitted in
-    store = new_store()
-    k = store.keys(TENANT)
-    r = (await store.admit(TENANT, PERIODS, LIMITS, [500], "a", HOUR_MS)).reservation
-    assert r is not None
-    await store.settle(r, 77)
-    assert await get_int(store, k.spend_day("2026-11-22")) == 77
-    assert await get_int(store, k.spend_day("2026-11-23")) == 0
-    await store.aclose()
-
-
-@pytest.mark.anyio
-async def test_expired_reservation_is_swept_by_next_admit() -> None:
-    store = new_store()
-    k = store.keys(TENANT)
-    await store.client.set(k.spend_day(PERIODS.day), 100)
-    await store.client.set(k.spend_month(PERIODS.month), 100)
-    dead = (await store.admit(TENANT, PERIODS, LIMITS, [5_000], "dead", 1)).reservation
-    live = (await store.admit(TENANT, PERIODS, LIMITS, [700], "live", HOUR_MS)).reservation
-    assert dead is not None and live is not None
-    await asyncio.sleep(0.05)
-
-    admission = await store.admit(TENANT, PERIODS, LIMITS, [1], "next", HOUR_MS)
-    # the dead reservation no longer counts; the live one still does
-    assert admission.decision.used_day == 100 + 700
-    assert admission.decision.used_month == 100 + 700
-    assert await store.client.zscore(k.reservations, "dead") is None
-    assert await store.client.hget(k.reservation_amounts, "dead") is None
-    assert await get_int(store, k.reserved) == 701
-
-    # its late settlement charges but does not release a second time
-    await store.settle(dead, 40)
-    assert await get_int(store, k.reserved) == 701
-    assert await get_int(store, k.spend_day(PERIODS.day)) == 140
-    await store.aclose()
-
-
-@pytest.mark.anyio
-async def test_sweep_clears_reserved_when_no_reservation_is_left() -> None:
-    store = new_store()
-    k = store.keys(TENANT)
-    await store.client.set(k.reserved, 999)  # drift with no live reservation behind it
-    admission = await store.admit(TENANT, PERIODS, LIMITS, [1], "a", HOUR_MS)
-    assert admission.decision.used_day == 0
-    assert await get_int(store, k.reserved) == 1
-    await store.aclose()

@@ -1,0 +1,99 @@
+"""Shared checks of the fault tests: what the fake upstream billed against what the ledger settled,
+the audit log, and guardproxy as a subprocess that can be killed for real."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import yaml
+
+from guardproxy.fake_upstream import FakeUpstreamState
+from guardproxy.pricing import Usage, cost_micros
+from tests.conftest import TENANT_KEY, no_proxy_env, redis_int
+from tests.e2e.test_admin import metric
+from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
+from tests.servers import free_port
+
+PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
+AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
+CALL = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
+
+
+def billed_micros(state: FakeUpstreamState) -> int:
+    """What the fake upstream billed, priced as guardproxy prices it."""
+    total = 0
+    for model, usage in state.billed:
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        total += cost_micros(Usage(usage["prompt_tokens"], usage["completion_tokens"], cached), PRICES[model])
+    return total
+
+
+def audit_log(url: str, tenant: str = "acme") -> list[dict[str, str]]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        entries: Any = client.xrange(f"gp:{{{tenant}}}:calls")
+        return [fields for _, fields in entries]
+    finally:
+        client.close()
+
+
+def pending(proxy_url: str) -> float:
+    return metric(httpx.get(proxy_url + "/metrics").text, "guardproxy_journal_pending")
+
+
+def assert_books_balance(redis_url: str, state: FakeUpstreamState, proxy_url: str | None = None) -> int:
+    """Settled spend == billed, exactly; one audit entry per billed call, none twice; nothing held."""
+    billed = billed_micros(state)
+    day, month = keys()
+    wait_for(lambda: redis_int(redis_url, day) == billed and reserved(redis_url) == 0, timeout_s=10)
+    assert redis_int(redis_url, month) == billed
+    entries = audit_log(redis_url)
+    ids = [e["request_id"] for e in entries]
+    assert len(ids) == len(set(ids)) == len(state.billed)
+    assert sum(int(e["cost_micros"]) for e in entries) == billed
+    if proxy_url is not None:
+        wait_for(lambda: pending(proxy_url) == 0)
+    return billed
+
+
+class ProxyProcess:
+    """``guardproxy serve`` as a subprocess, to be killed for real."""
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        path = tmp_path / f"proxy-{self.port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"proxy-{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(self.port),
+                 "--log-level", "info"],
+                env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/healthz").status_code == 200:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardproxy did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)

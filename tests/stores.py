@@ -1,0 +1,45 @@
+"""Every budget-store backend the contract suite (``tests/contract``) runs on, in one list.
+
+A backend is a name and a factory that returns an empty ``BudgetStore`` for one test; the factory
+gets the pytest request, so it can start (or reuse) the real server processes it needs through
+fixtures. To run the whole contract suite on another deployment (Redis Cluster, Sentinel), append
+one ``Backend`` to ``BACKENDS``; the ``budget_store`` fixture (tests/conftest.py) is parametrised
+over this list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from guardproxy.store import BudgetStore
+
+PREFIX = "gp"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    #: An empty store for one test (closed by the fixture).
+    open: Callable[[pytest.FixtureRequest], BudgetStore]
+
+
+def embedded(request: pytest.FixtureRequest) -> BudgetStore:
+    """The in-process store guardproxy runs without ``store.redis_url`` (fakeredis + lupa)."""
+    return BudgetStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), PREFIX, embedded=True)
+
+
+def real_redis(request: pytest.FixtureRequest) -> BudgetStore:
+    """A real ``redis-server`` process, the suite's own (the session's ``redis_server`` fixture)."""
+    url: str = request.getfixturevalue("redis_server").url
+    with redis.Redis.from_url(url) as sync:
+        sync.flushall()
+    return BudgetStore(aioredis.Redis.from_url(url), PREFIX)
+
+
+BACKENDS: list[Backend] = [Backend("embedded", embedded), Backend("redis", real_redis)]
