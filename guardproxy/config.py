@@ -55,7 +55,7 @@ class StoreConfig:
     #: Replicas that must confirm each settlement (Redis ``WAIT``) before it counts as written; fewer
     #: confirmations within ``replica_ack_timeout_ms`` count as "store unavailable" for that charge.
     min_replica_acks: int = 0
-    replica_ack_timeout_ms: int = 1000
+    replica_ack_timeout_ms: int = 500
 
     @property
     def embedded(self) -> bool:

@@ -118,7 +118,7 @@ class BudgetStore:
 
     def __init__(
         self, client: StoreClient, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000,
-        connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 1000,
+        connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
     ) -> None:
         self.client = client
         self.connection = connection
@@ -299,6 +299,8 @@ class BudgetStore:
             pipe.wait(self.min_replica_acks, self.replica_ack_timeout_ms)
             result, acked = await pipe.execute()
         if int(acked) < self.min_replica_acks:
+            if self.connection is not None:
+                await self.connection.rediscover()
             raise StoreUnavailable(f"budget store unavailable: {acked} of {self.min_replica_acks} replicas "
                                    f"confirmed the write within {self.replica_ack_timeout_ms} ms")
         return result

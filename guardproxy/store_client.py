@@ -62,8 +62,7 @@ def unavailable(exc: BaseException) -> bool:
     if isinstance(exc, redis_errors.ResponseError):
         message = str(exc)
         # A script relays a refused write as "ERR ... NOREPLICAS ..." or "NOREPLICAS ...".
-        words = message.replace(":", " ").split()
-        return any(word in _UNAVAILABLE_REPLIES for word in words[:8])
+        return any(word in _UNAVAILABLE_REPLIES for word in message.replace(":", " ").split())
     return False
 
 
@@ -156,6 +155,18 @@ class StoreConnection:
     @property
     def kind(self) -> Kind:
         return self.url.kind
+
+    async def rediscover(self) -> None:
+        """Behind Sentinel: ask which server is primary now; connections to a former one are dropped.
+
+        redis-py asks only when it opens a connection, and a demoted primary answers READONLY only once
+        Sentinel reconfigures it (~10 s after a failover); until then pooled connections would keep
+        writing to it. Called when replicas fail to confirm a write, the first sign of a failover.
+        """
+        pool = getattr(self.client, "connection_pool", None)
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
         if isinstance(self.client, RedisCluster):
