@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import openai
 import pytest
+import redis
 
 from guardproxy.app import create_app
 from guardproxy.budget import Thresholds
@@ -65,6 +66,14 @@ class LoadRecord:
     statuses: list[tuple[float, int]] = field(default_factory=list)
     billed: int = 0
     ready: list[tuple[float, int]] = field(default_factory=list)
+    #: Scripts the old primary ran from 1 s to 3 s after the failover (none once the client followed).
+    old_primary_scripts_late: int = -1
+
+
+def scripts_run(port: int) -> int:
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as c:
+        stats = c.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
 
 
 async def load_through_failover(url: str, topology: SentinelSet, workers: int, after_s: float) -> LoadRecord:
@@ -90,9 +99,16 @@ async def load_through_failover(url: str, topology: SentinelSet, workers: int, a
 
     async def failover() -> None:
         await asyncio.sleep(1.5)
+        old_primary = topology.master_port()
         await asyncio.to_thread(topology.failover)
         record.statuses.append((time.monotonic() - started, -1))  # marks the end of the failover
-        await asyncio.sleep(after_s)
+        # The demoted primary still takes writes until Sentinel reconfigures it (~10 s): the proxy must
+        # have left it by then, or what it writes there is lost.
+        await asyncio.sleep(1.0)
+        before = await asyncio.to_thread(scripts_run, old_primary)
+        await asyncio.sleep(2.0)
+        record.old_primary_scripts_late = await asyncio.to_thread(scripts_run, old_primary) - before
+        await asyncio.sleep(max(0.0, after_s - 3.0))
         done.set()
 
     async with httpx.AsyncClient(timeout=30) as client:
@@ -186,10 +202,12 @@ def test_sentinel_failover_under_load_loses_no_acknowledged_charge(
         times = [t for t, s in record.statuses if s == 200]
         longest_gap = max(b - a for a, b in itertools.pairwise(times))
         assert longest_gap < 8.0
+        assert record.old_primary_scripts_late == 0
         assert any(t > failover_ended for t in times)
     print(f"\nsentinel failover: served={len(served)} refused_503={len(refused)} billed={record.billed} "
           f"stored_on_new_primary={stored} waiting_unacknowledged={waiting} written_and_waiting={both} "
-          f"after_drain={final} longest_gap_s={longest_gap:.2f} "
+          f"after_drain={final} old_primary_scripts_1_to_3s_after={record.old_primary_scripts_late} "
+          f"longest_gap_s={longest_gap:.2f} "
           f"readyz={[s for _, s in record.ready].count(503)}x503 of {len(record.ready)} "
           f"store_confirming_again_after_s={healed:.1f}")
 
