@@ -236,6 +236,22 @@ class RedisCluster3:
             assert node is not None
             return next(n for n in self.nodes if n.port == int(node.port))
 
+    def move_slot_of(self, key: str, target: RedisProc) -> None:
+        """Migrate ``key``'s hash slot, with its keys, to ``target``: what a reshard does, slot by slot."""
+        source = self.node_of(key)
+        with self.client() as cluster:
+            slot = cluster.keyslot(key)
+        with source.client() as src, target.client() as dst:
+            source_id, target_id = _node_id(src), _node_id(dst)
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for node in self.nodes:
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_ok()
+
     def flush(self) -> None:
         for node in self.nodes:
             with node.client() as c:
@@ -244,6 +260,10 @@ class RedisCluster3:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def _node_id(client: redis.Redis) -> str:
+    return str(client.execute_command("CLUSTER", "MYID").decode())  # type: ignore[no-untyped-call]
 
 
 def tenants_on_every_shard(cluster: RedisCluster3, prefix: str = "tenant", count: int = 1) -> list[str]:

@@ -352,6 +352,29 @@ def test_metrics_admin_api_and_scripts_work_across_shards(
     assert asyncio.run(cache_round_trip()) == [f"tenant{i}" for i in range(30)]
 
 
+def test_a_tenant_moved_to_another_shard_keeps_its_spend_and_cap(
+    upstream_url: str, redis_cluster: RedisCluster3, cluster_url: str
+) -> None:
+    tenant = tenants_on_every_shard(redis_cluster)[0]
+    day, _ = keys(tenant)
+    target = next(n for n in redis_cluster.nodes if n.port != redis_cluster.node_of(day).port)
+    headers = {"authorization": f"Bearer tk-{tenant}"} | FULL_LENGTH
+    with proxy_in_thread(cluster_config(upstream_url, cluster_url, [tenant], daily_usd=0.002)) as (url, _):
+        first = httpx.post(url + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
+        assert first.status_code == 200
+        redis_cluster.move_slot_of(day, target)  # the proxy's client still maps the slot to the old shard
+        assert redis_cluster.node_of(day).port == target.port
+        statuses = []
+        for _ in range(15):  # past the hard cap of 2,000 micro-USD: refusals prove the moved spend counts
+            response = httpx.post(url + "/v1/chat/completions", json=CALL, headers=headers, timeout=30)
+            statuses.append(response.status_code)
+        assert 200 in statuses and statuses[-1] == 429 and set(statuses) <= {200, 429}
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 200
+    with target.client() as c:
+        spent = int(c.get(day) or 0)
+    assert 0 < spent <= 2_000
+
+
 def test_servicetitan_jobs_resolve_and_cache_on_a_cluster(upstream_url: str, cluster_url: str) -> None:
     fake = FakeServiceTitan(app_key="st-app-key-secret")
     fake.add_client(1234567, "st-client", "st-client-secret")
