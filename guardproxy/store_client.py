@@ -14,6 +14,7 @@ Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -23,7 +24,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from guardproxy.errors import StoreUnavailable
 
@@ -140,6 +141,32 @@ def _node(text: str, scheme: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _NewestSentinel(Sentinel):
+    """Sentinel client that believes the Sentinel with the newest configuration.
+
+    redis-py takes the first Sentinel's word; right after a failover the Sentinels that have not yet
+    heard of it (they learn within ~2 s) still name the old primary, which keeps taking writes until
+    it is reconfigured. The highest ``config-epoch`` is the latest failover.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        best: tuple[int, str, int] | None = None
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
+                    raise answer
+                continue
+            state = answer.get(service_name) if isinstance(answer, dict) else None
+            if state and self.check_master_state(state, service_name):
+                candidate = (int(state.get("config-epoch", 0)), str(state["ip"]), int(state["port"]))
+                if best is None or candidate[0] > best[0]:
+                    best = candidate
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        return best[1], best[2]
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once."""
 
@@ -191,7 +218,7 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.kind == "sentinel":
         # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
-        sentinel = Sentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
+        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
         client = sentinel.master_for(
             parsed.master, connection_pool_class=_BlockingSentinelPool, db=parsed.db, ssl=parsed.tls,
             max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
