@@ -168,7 +168,19 @@ class _NewestSentinel(Sentinel):
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once."""
+    """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once.
+
+    It also leaves a former primary for good: redis-py's asyncio pool drops only the idle connections
+    to it, so one busy at that moment would go back into the pool still writing to the old primary.
+    """
+
+    async def get_master_address(self) -> Any:
+        address = await super().get_master_address()  # type: ignore[no-untyped-call]
+        for connection in (*self._in_use_connections, *self._available_connections):
+            where = (getattr(connection, "host", None), getattr(connection, "port", None))
+            if connection.is_connected and where != tuple(address):
+                connection.mark_for_reconnect()  # type: ignore[no-untyped-call]  # closed when released
+        return address
 
 
 @dataclass
