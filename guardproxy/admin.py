@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +22,7 @@ from starlette.routing import Route
 from guardproxy.admin_page import render_page
 from guardproxy.auth import presented_key, valid_tenant
 from guardproxy.config import merge_policy
-from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.periods import iso_utc
 from guardproxy.pipeline import Services
 from guardproxy.pricing import micros_to_usd
@@ -147,6 +148,19 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _store_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """``endpoint`` answering 503 ``budget_store_unavailable`` while the store cannot be read or written."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except StoreUnavailable:
+            raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The budget store is unavailable. Try again shortly.",
+                             headers={"retry-after": "1"}) from None
+
+    return guarded
+
+
 def admin_routes() -> list[Route]:
     # Imported here: both modules build on this one's check_admin.
     from guardproxy.admin_keys import key_routes
@@ -155,11 +169,16 @@ def admin_routes() -> list[Route]:
     return [
         *key_routes(),
         *reload_routes(),
-        Route("/admin", status_page, methods=["GET"]),
-        Route("/admin/", status_page, methods=["GET"]),
-        Route("/admin/tenants", list_tenants, methods=["GET"]),
-        Route("/admin/tenants/{tenant}", get_tenant, methods=["GET"]),
-        Route("/admin/tenants/{tenant}/budget", put_budget, methods=["PUT"]),
-        Route("/admin/tenants/{tenant}/budget", delete_budget, methods=["DELETE"]),
-        Route("/admin/tenants/{tenant}/calls", list_calls, methods=["GET"]),
+        *(
+            Route(path, _store_errors(endpoint), methods=[method])
+            for path, endpoint, method in (
+                ("/admin", status_page, "GET"),
+                ("/admin/", status_page, "GET"),
+                ("/admin/tenants", list_tenants, "GET"),
+                ("/admin/tenants/{tenant}", get_tenant, "GET"),
+                ("/admin/tenants/{tenant}/budget", put_budget, "PUT"),
+                ("/admin/tenants/{tenant}/budget", delete_budget, "DELETE"),
+                ("/admin/tenants/{tenant}/calls", list_calls, "GET"),
+            )
+        ),
     ]

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,38 @@ def _json(payload: Any, status: int = 200) -> Response:
 def error_response(exc: GuardError) -> Response:
     headers = {"x-request-id": f"req_gp_{uuid.uuid4().hex}", **exc.headers}
     return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
+
+
+async def _store_problem(services: Services) -> str | None:
+    try:
+        await services.ledger.store.check_writable()
+    except StoreUnavailable as exc:
+        return str(exc) or "unreachable"
+    return None
+
+
+async def _journal_problem(services: Services) -> str | None:
+    ledger = services.ledger
+    if ledger.journal_growing():
+        return f"{ledger.journal_pending()} settlements wait in the journal and the store refuses them"
+    return None
+
+
+#: What /readyz checks, each naming its problem or None: the store takes writes (a primary with its
+#: replicas, every cluster slot served) and the journal of unwritten charges is not growing.
+READINESS_CHECKS: dict[str, Callable[[Services], Awaitable[str | None]]] = {
+    "store": _store_problem, "journal": _journal_problem,
+}
+
+
+async def readiness_problems(services: Services) -> dict[str, str]:
+    """Why this replica should get no traffic now (empty when ready), by check name."""
+    problems = {}
+    for name, check in READINESS_CHECKS.items():
+        problem = await check(services)
+        if problem is not None:
+            problems[name] = problem
+    return problems
 
 
 def create_app(
@@ -133,10 +165,9 @@ def create_app(
         return _json({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        try:
-            await request.app.state.runtime.current.services.ledger.store.ping()
-        except StoreUnavailable:
-            return _json({"status": "unavailable", "store": "unreachable"}, 503)
+        problems = await readiness_problems(request.app.state.runtime.current.services)
+        if problems:
+            return _json({"status": "unavailable", **problems}, 503)
         return _json({"status": "ready"})
 
     async def metrics(request: Request) -> Response:

@@ -12,13 +12,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from guardproxy import __version__, keys_cli, logs
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
+from guardproxy.store_client import mask_password
 from guardproxy.validation import ConfigError
 
 MASK = "***"
@@ -164,7 +164,9 @@ def masked(config: Config) -> dict[str, Any]:
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
         "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
-                  "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path())},
+                  "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path()),
+                  "min_replica_acks": config.store.min_replica_acks,
+                  "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms},
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},
@@ -195,11 +197,7 @@ def masked(config: Config) -> dict[str, Any]:
 
 
 def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username or ''}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return mask_password(url, MASK)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from guardproxy.catalog import UpstreamConfig as UpstreamConfig
 from guardproxy.catalog import parse_models, parse_upstreams
 from guardproxy.pricing import usd_to_micros
 from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
+from guardproxy.store_client import parse_store_url
 from guardproxy.types import Micros
 from guardproxy.validation import ConfigError, Fields, describe, expand_env
 
@@ -60,6 +61,10 @@ class StoreConfig:
     lease_s: float = 30.0
     #: Where charges that cannot be written to the store wait on disk; empty: ``default_journal_dir()``.
     journal_dir: str = ""
+    #: Replicas that must confirm each settlement (Redis ``WAIT``) before it counts as written; fewer
+    #: confirmations within ``replica_ack_timeout_ms`` count as "store unavailable" for that charge.
+    min_replica_acks: int = 0
+    replica_ack_timeout_ms: int = 500
 
     @property
     def embedded(self) -> bool:
@@ -237,8 +242,17 @@ def _server(f: Fields) -> ServerConfig:
 
 def _store(f: Fields) -> StoreConfig:
     url = f.text("redis_url", "")
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f.at("redis_url"), "must start with redis://, rediss:// or unix:// (or be empty)")
+    kind = ""
+    if url:
+        try:
+            kind = parse_store_url(url).kind
+        except ValueError as exc:
+            raise ConfigError(f.at("redis_url"), str(exc)) from None
+    # Behind Sentinel a failover must not drop acknowledged charges: one replica confirms each by default.
+    acks = f.integer("min_replica_acks", 1 if kind == "sentinel" else 0, min_value=0, max_value=16)
+    if acks and kind in ("", "cluster"):
+        raise ConfigError(f.at("min_replica_acks"), "works with redis:// and redis+sentinel:// URLs only; on Redis "
+                          "Cluster set min-replicas-to-write on the shards instead (deploy/README.md)")
     out = StoreConfig(
         redis_url=url,
         key_prefix=f.text("key_prefix", StoreConfig.key_prefix, allow_empty=False),
@@ -247,6 +261,9 @@ def _store(f: Fields) -> StoreConfig:
         lease_s=float(f.decimal("lease_s", Decimal(str(StoreConfig.lease_s)), min_value=Decimal("0.3"),
                                 max_value=Decimal(86400))),
         journal_dir=f.text("journal_dir", StoreConfig.journal_dir),
+        min_replica_acks=acks,
+        replica_ack_timeout_ms=f.integer("replica_ack_timeout_ms", StoreConfig.replica_ack_timeout_ms,
+                                         min_value=1, max_value=60_000),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")

@@ -5,8 +5,9 @@ Redis never overspend; settlement applies at most once per reservation id (a set
 scripts check), so a retried or replayed settle never charges twice. A reservation holds a lease
 that the process running the call renews (``renew``); one whose process died frees within a lease.
 Without ``store.redis_url`` the same scripts run on an embedded in-process fakeredis. Every key of
-a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster.
-Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
+a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
+``StoreUnavailable`` in exactly one place, ``_translated`` (its table is ``store_client.unavailable``).
+``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 """
 
 from __future__ import annotations
@@ -14,34 +15,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
+from guardproxy import store_client
 from guardproxy.budget import Decision, Thresholds
 from guardproxy.config import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import Periods
+from guardproxy.store_client import StoreClient, StoreConnection
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.store")
 
 DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
-REDIS_POOL_SIZE = 256
-REDIS_TIMEOUT_S = 2.0
-_UNAVAILABLE = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
-    redis_errors.ClusterDownError,
-    OSError,
-)
+#: How long /readyz's probe key lives (it is rewritten at every probe).
+READY_PROBE_TTL_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -133,10 +130,8 @@ def _script_source(name: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _translated() -> AsyncIterator[None]:
-    try:
+    async with store_client.translated():
         yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
 
 
 def reply_lost(error: StoreUnavailable) -> bool:
@@ -149,9 +144,13 @@ class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000
+        self, client: StoreClient, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000,
+        connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
     ) -> None:
         self.client = client
+        self.connection = connection
+        self.min_replica_acks = min_replica_acks
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.prefix = prefix
         self.embedded = embedded
         self.calls_kept = calls_kept
@@ -165,22 +164,43 @@ class BudgetStore:
             import fakeredis
 
             return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
-        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
-        )
-        return cls(aioredis.Redis(connection_pool=pool), config.key_prefix, calls_kept=config.call_log_size)
+        connection = store_client.connect(config.redis_url)
+        return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
+                   min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
 
     async def aclose(self) -> None:
-        await self.client.aclose(close_connection_pool=True)
+        if self.connection is not None:
+            await self.connection.aclose()
+        elif isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         async with _translated():
             await self.client.ping()
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailable`` (saying why) unless the store takes writes now, as settlements need.
+
+        A write to a ``{readyz}`` probe key: fails on a replica (READONLY), a primary short of replicas
+        (NOREPLICAS) or a cluster slot without a shard. With ``min_replica_acks`` the probe also waits for
+        that many replicas, as settlements do. On a cluster, every primary must report ``cluster_state:ok``.
+        """
+        key = f"{self.prefix}:{{readyz}}:probe"
+        async with _translated():
+            if isinstance(self.client, RedisCluster):
+                states = await self.client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+                failing = sorted(node for node, info in _per_node(states).items()
+                                 if info.get("cluster_state") != "ok")
+                if failing:
+                    raise StoreUnavailable(f"cluster_state is not ok on {', '.join(failing)}")
+                await self.client.set(key, str(time.time()), px=READY_PROBE_TTL_MS)
+                return
+            await self._replicated(lambda client: client.set(key, str(time.time()), px=READY_PROBE_TTL_MS))
 
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
@@ -222,7 +242,9 @@ class BudgetStore:
         for field, value in (record or {}).items():
             args += [field, value]
         async with _translated():
-            result: list[Any] = await self._settle(keys=keys, args=args)
+            result: list[Any] = await self._replicated(
+                lambda client: client.evalsha(self._settle.sha, len(keys), *keys, *args), self._settle
+            )
         return Settlement(applied=int(result[3]) == 1, released=int(result[2]) == 1)
 
     async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]:
@@ -300,6 +322,43 @@ class BudgetStore:
     async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
         async with _translated():
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
+
+
+    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | None = None) -> Any:
+        """Run ``write`` and, with ``min_replica_acks``, ``WAIT`` for replicas in the same round trip.
+
+        Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary
+        took is lost, so it must not count as written. ``script`` is loaded and the write run again when
+        the server does not know it (a new primary). Errors leave unwrapped, for ``_translated``.
+        """
+        try:
+            return await self._replicated_once(write)
+        except redis_errors.NoScriptError:
+            if script is None:
+                raise
+            await self.client.script_load(script.script)
+            return await self._replicated_once(write)
+
+    async def _replicated_once(self, write: Callable[[Any], Any]) -> Any:
+        if not self.min_replica_acks:
+            return await write(self.client)
+        async with self.client.pipeline(transaction=False) as pipe:
+            write(pipe)
+            pipe.wait(self.min_replica_acks, self.replica_ack_timeout_ms)
+            result, acked = await pipe.execute()
+        if int(acked) < self.min_replica_acks:
+            if self.connection is not None:
+                await self.connection.rediscover()
+            raise StoreUnavailable(f"budget store unavailable: {acked} of {self.min_replica_acks} replicas "
+                                   f"confirmed the write within {self.replica_ack_timeout_ms} ms")
+        return result
+
+
+def _per_node(states: Any) -> dict[str, dict[str, Any]]:
+    """``CLUSTER INFO`` answers keyed by node (one node's answer comes back unkeyed)."""
+    if isinstance(states, dict) and "cluster_state" in states:
+        return {"node": states}
+    return {str(node): info for node, info in dict(states).items()}
 
 
 def _text(value: bytes | str) -> str:

@@ -18,6 +18,7 @@ import redis
 from guardproxy.config import Config, hash_key, parse_config
 from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
 from guardproxy.store import BudgetStore
+from tests.redis_procs import RedisCluster3, SentinelSet
 from tests.servers import free_port, serve_in_thread
 from tests.stores import BACKENDS, Backend
 
@@ -111,6 +112,44 @@ async def budget_store(request: pytest.FixtureRequest) -> AsyncIterator[BudgetSt
         yield store
     finally:
         await store.aclose()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[SentinelSet]:
+    """A primary, a replica and three redis-sentinel processes, started once for the session."""
+    topology = SentinelSet()
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def sentinel_url(sentinel_set: SentinelSet) -> str:
+    """``redis+sentinel://`` for the session's Sentinel set, its data emptied for each test."""
+    sentinel_set.wait_healthy()
+    sentinel_set.flush()
+    return sentinel_set.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster3]:
+    """A 3-shard Redis Cluster of cluster-mode redis-server processes, started once for the session."""
+    cluster = RedisCluster3()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster3) -> str:
+    """``redis+cluster://`` for the session's cluster, emptied for each test."""
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from guardproxy.config import StoreConfig
 from guardproxy.store import BudgetStore
 
 PREFIX = "gp"
@@ -42,4 +43,22 @@ def real_redis(request: pytest.FixtureRequest) -> BudgetStore:
     return BudgetStore(aioredis.Redis.from_url(url), PREFIX)
 
 
-BACKENDS: list[Backend] = [Backend("embedded", embedded), Backend("redis", real_redis)]
+def _from_url(request: pytest.FixtureRequest, fixture: str) -> BudgetStore:
+    url: str = request.getfixturevalue(fixture)  # emptied by the fixture
+    return BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix=PREFIX))
+
+
+def sentinel(request: pytest.FixtureRequest) -> BudgetStore:
+    """A primary and a replica behind three real ``redis-sentinel`` processes (``tests/redis_procs.py``)."""
+    return _from_url(request, "sentinel_url")
+
+
+def cluster(request: pytest.FixtureRequest) -> BudgetStore:
+    """A 3-shard Redis Cluster of real cluster-mode ``redis-server`` processes (``tests/redis_procs.py``)."""
+    return _from_url(request, "cluster_url")
+
+
+BACKENDS: list[Backend] = [
+    Backend("embedded", embedded), Backend("redis", real_redis), Backend("sentinel", sentinel),
+    Backend("cluster", cluster),
+]

@@ -1,0 +1,258 @@
+"""From ``store.redis_url`` to a Redis client, and which Redis errors mean "store unavailable".
+
+Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
+
+- ``redis://``, ``rediss://``, ``unix://``: one Redis, through a blocking connection pool.
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[/db]`` (``rediss+sentinel``
+  for TLS to the data nodes): the primary that the Sentinels name, followed through failovers.
+- ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS): Redis
+  Cluster; the hosts are startup nodes, the client learns the rest of the cluster from them.
+
+``parse_store_url`` is pure and says how to fix a bad URL; ``connect`` builds the client;
+``unavailable`` is the one table of errors that the store turns into ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+
+from guardproxy.errors import StoreUnavailable
+
+#: Either client; both speak the commands and scripts the store uses.
+StoreClient: TypeAlias = "aioredis.Redis | RedisCluster"
+Kind = Literal["redis", "sentinel", "cluster"]
+
+POOL_SIZE = 256
+TIMEOUT_S = 2.0
+HEALTH_CHECK_INTERVAL_S = 30
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+PLAIN_SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = PLAIN_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
+
+#: Raised by the client when the store cannot take the command now; another try later may work.
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # includes MasterNotFoundError, MaxConnectionsError, BusyLoadingError
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica, e.g. a primary just demoted
+    redis_errors.ClusterError,  # ClusterDownError, MasterDownError
+    redis_errors.TryAgainError,  # a slot migrating, retries exhausted
+    redis_errors.AskError,  # MOVED / ASK still bouncing after the client's retries
+    redis_errors.RedisClusterException,  # SlotNotCoveredError, no reachable startup node
+    OSError,
+)
+#: Error replies (first word) meaning the same, also when a Lua script relays them.
+_UNAVAILABLE_REPLIES = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MOVED",
+                        "ASK", "BUSY")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the store cannot take this now" (503 / fail_open), not a bug (500)."""
+    if isinstance(exc, _UNAVAILABLE_TYPES):
+        return True
+    if isinstance(exc, redis_errors.ResponseError):
+        message = str(exc)
+        # A script relays a refused write as "ERR ... NOREPLICAS ..." or "NOREPLICAS ...".
+        return any(word in _UNAVAILABLE_REPLIES for word in message.replace(":", " ").split())
+    return False
+
+
+@contextlib.asynccontextmanager
+async def translated() -> Any:
+    """Run a store call; an error of the ``unavailable`` kind leaves as ``StoreUnavailable``."""
+    try:
+        yield
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed ``store.redis_url``."""
+
+    kind: Kind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parse_store_url(url: str) -> StoreURL:
+    """Check ``url`` and take it apart; ``ValueError`` says what is wrong and how to write it."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(
+            "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// "
+            f"(or be empty for the embedded store), got {scheme + sep or url!r}"
+        )
+    if scheme in PLAIN_SCHEMES:
+        return StoreURL("redis", url)
+    tls = scheme.startswith("rediss")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"{scheme}:// takes no ?query or #fragment")
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes = tuple(_node(h, scheme) for h in hostlist.split(","))
+    path = [p for p in parts.path.split("/") if p]
+    if scheme in SENTINEL_SCHEMES:
+        if not path or len(path) > 2:
+            raise ValueError(f"{scheme}:// needs the master name as path: "
+                             f"{scheme}://host:26379,host2:26379/mymaster[/db]")
+        db = 0
+        if len(path) == 2:
+            if not path[1].isdigit():
+                raise ValueError(f"the database after the master name must be a number, got {path[1]!r}")
+            db = int(path[1])
+        return StoreURL("sentinel", url, nodes, unquote(path[0]), db, username, password, tls)
+    if path and path != ["0"]:
+        raise ValueError(f"{scheme}:// has no databases (Redis Cluster has only db 0): drop {parts.path!r}")
+    return StoreURL("cluster", url, nodes, "", 0, username, password, tls)
+
+
+def _node(text: str, scheme: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        default = 26379 if scheme in SENTINEL_SCHEMES else 6379
+        raise ValueError(f"each node of a {scheme}:// URL is host:port (e.g. 10.0.0.1:{default}), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _NewestSentinel(Sentinel):
+    """Sentinel client that believes the Sentinel with the newest configuration.
+
+    redis-py takes the first Sentinel's word; right after a failover the Sentinels that have not yet
+    heard of it (they learn within ~2 s) still name the old primary, which keeps taking writes until
+    it is reconfigured. The highest ``config-epoch`` is the latest failover.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        best: tuple[int, str, int] | None = None
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
+                    raise answer
+                continue
+            state = answer.get(service_name) if isinstance(answer, dict) else None
+            if state and self.check_master_state(state, service_name):
+                candidate = (int(state.get("config-epoch", 0)), str(state["ip"]), int(state["port"]))
+                if best is None or candidate[0] > best[0]:
+                    best = candidate
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        return best[1], best[2]
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once.
+
+    It also leaves a former primary for good: redis-py's asyncio pool drops only the idle connections
+    to it, so one busy at that moment would go back into the pool still writing to the old primary.
+    """
+
+    async def get_master_address(self) -> Any:
+        address = await super().get_master_address()  # type: ignore[no-untyped-call]
+        for connection in (*self._in_use_connections, *self._available_connections):
+            where = (getattr(connection, "host", None), getattr(connection, "port", None))
+            if connection.is_connected and where != tuple(address):
+                connection.mark_for_reconnect()  # type: ignore[no-untyped-call]  # closed when released
+        return address
+
+
+@dataclass
+class StoreConnection:
+    """A client for one ``StoreURL`` and what else must be closed with it."""
+
+    url: StoreURL
+    client: StoreClient
+    sentinel: Sentinel | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return self.url.kind
+
+    async def rediscover(self) -> None:
+        """Behind Sentinel: ask which server is primary now; connections to a former one are dropped.
+
+        redis-py asks only when it opens a connection, and a demoted primary answers READONLY only once
+        Sentinel reconfigures it (~10 s after a failover); until then pooled connections would keep
+        writing to it. Called when replicas fail to confirm a write, the first sign of a failover.
+        """
+        pool = getattr(self.client, "connection_pool", None)
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+
+def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_S) -> StoreConnection:
+    """A client for ``url`` (nothing is contacted until the first command)."""
+    parsed = parse_store_url(url)
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if parsed.kind == "redis":
+        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            **timeouts,
+        )
+        return StoreConnection(parsed, aioredis.Redis(connection_pool=pool))
+    auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
+    if parsed.kind == "sentinel":
+        # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
+        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(
+            parsed.master, connection_pool_class=_BlockingSentinelPool, db=parsed.db, ssl=parsed.tls,
+            max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
+        )
+        return StoreConnection(parsed, client, sentinel)
+    cluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], ssl=parsed.tls,
+        max_connections=pool_size, require_full_coverage=True, health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        **auth, **timeouts,
+    )
+    return StoreConnection(parsed, cluster)
+
+
+def mask_password(url: str, mask: str = "***") -> str:
+    """``url`` with its password replaced by ``mask`` (multi-host URLs too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = rest.find("/")
+    netloc, path = (rest, "") if end < 0 else (rest[:end], rest[end:])
+    userinfo, at, hosts = netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}://{user}:{mask}@{hosts}{path}"
