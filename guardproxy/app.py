@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -15,19 +14,23 @@ import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver, TenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.endpoints import BUDGETED
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, as_guard_error, error_body, new_request_id
+from guardproxy.errors import error_response as error_response
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.passthrough import UnbudgetedPaths
+from guardproxy.paths import CanonicalPaths
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import BudgetedEndpoint, Services
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
@@ -44,9 +47,21 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status, media_type="application/json")
 
 
-def error_response(exc: GuardError) -> Response:
-    headers = {"x-request-id": f"req_gp_{uuid.uuid4().hex}", **exc.headers}
-    return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
+class AnyMethod:
+    """An endpoint as an ASGI app, so that its route matches every method (``only`` then decides)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def only(methods: tuple[str, ...], request: Request) -> None:
+    """405 in OpenAI's shape, with ``allow``, unless the request uses one of ``methods``."""
+    if request.method not in methods:
+        raise GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on {request.url.path}.",
+                         headers={"allow": ", ".join(methods)})
 
 
 def create_app(
@@ -103,12 +118,15 @@ def create_app(
 
     def budgeted(path: str) -> Route:
         async def endpoint(request: Request) -> Response:
+            only(("POST",), request)
             response: Response = await request.app.state.endpoints[path](request)
             return response
 
-        return Route(f"/v1/{path}", endpoint, methods=["POST"])
+        # Every method routes here: a budgeted path is never served by the passthrough route.
+        return Route(f"/v1/{path}", AnyMethod(endpoint))
 
     async def models(request: Request) -> Response:
+        only(("GET", "HEAD"), request)
         request.app.state.services.tenants.authenticate(request.headers)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": m.upstream}
                 for name, m in config.models.items()]
@@ -138,38 +156,51 @@ def create_app(
         response: Response = await request.app.state.unbudgeted(request)
         return response
 
-    async def on_guard_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GuardError)
-        level = exc.kind.value.log_level
-        log.log(level, "%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
-        return error_response(exc)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        """Every failure a handler meets, through ``errors.as_guard_error``: the one mapping."""
+        error = as_guard_error(exc)
+        assert error is not None  # registered only for the classes as_guard_error maps
+        level = error.kind.value.log_level
+        log.log(level, "%s %s -> %d %s", request.method, request.url.path, error.status, error.code)
+        return error_response(error)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        kind = ErrorKind.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorKind.NOT_FOUND
-        message = f"{request.method} is not supported on {request.url.path}." if exc.status_code == 405 else \
-            f"Unknown request URL: {request.method} {request.url.path}."
-        return error_response(GuardError(kind, message))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            error = GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on "
+                               f"{request.url.path}.", headers={"allow": allow} if allow else None)
+        else:
+            error = GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
+        return error_response(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        """A real bug: still OpenAI's shape, and the request id is in the log line to find it."""
+        error = as_guard_error(exc)
+        if error is not None:
+            return await on_error(request, exc)
+        request_id = new_request_id()
+        log.exception("unexpected error on %s %s request_id=%s", request.method, request.url.path, request_id)
         body = error_body("The proxy hit an internal error.", "server_error", "internal_error")
-        return Response(body, 500, media_type="application/json",
-                        headers={"x-request-id": f"req_gp_{uuid.uuid4().hex}"})
+        return Response(body, 500, media_type="application/json", headers={"x-request-id": request_id})
 
     app = Starlette(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
-            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models", AnyMethod(models)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
-        exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},
+        exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
+                            HTTPException: on_http_error, Exception: on_unexpected},
+        middleware=[Middleware(CanonicalPaths)],
         lifespan=lifespan,
     )
+    # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).
+    app.router.redirect_slashes = False
     app.state.metrics = Metrics()
     app.state.config = config
     return app

@@ -1,0 +1,73 @@
+"""One canonical spelling per request path, decided once, before routing.
+
+A path that some server along the way could read differently from the proxy (``//``, ``.`` or
+``..`` segments, ``%2F``, a backslash, a scheme, an ``@``, control characters, a trailing slash) is
+refused with 400 ``invalid_path``: it is never normalised into something else, so the route the
+proxy picks (budgeted, passthrough, admin) is the route the upstream would pick too. Both the
+decoded ``path`` of the ASGI scope and the bytes the client really sent (``raw_path``) are checked.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from guardproxy.errors import ErrorKind, GuardError, error_response
+
+#: Longer paths are refused: no OpenAI path comes near it, and it bounds the work per request.
+MAX_PATH_BYTES = 2048
+# Characters a path may carry as they are: RFC 3986 unreserved, ':' (fine-tuned model ids) and the
+# sub-delimiters other than ';' (matrix parameters on some servers). '@' is left out on purpose.
+_RAW_PATH = re.compile(rb"(?:[A-Za-z0-9\-._~:!$&'()*+,=/]|%[0-9A-Fa-f]{2})*")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+# Characters that may not be percent-encoded: they would change the path's structure once decoded.
+_NOT_ESCAPABLE = frozenset(b"/.\\%?#;@")
+_SCHEME_SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+#: Paths that legitimately end with a slash (the admin page).
+_SLASH_PATHS = frozenset({"/admin/"})
+
+
+def path_problem(path: str, raw_path: bytes | None) -> str | None:
+    """Why ``path`` (decoded) / ``raw_path`` (as sent) is not canonical, or ``None`` when it is."""
+    raw = (raw_path if raw_path is not None else path.encode("utf-8", "surrogateescape")).split(b"?", 1)[0]
+    if len(raw) > MAX_PATH_BYTES or len(path) > MAX_PATH_BYTES:
+        return f"the path is longer than {MAX_PATH_BYTES} bytes"
+    if not raw.startswith(b"/") or not path.startswith("/"):
+        return "the path must start with '/'"
+    if not _RAW_PATH.fullmatch(raw):
+        return "the path holds a character that must not appear in it (such as '@', ';', '\\' or a space)"
+    for escaped in _ESCAPE.findall(raw):
+        byte = int(escaped, 16)
+        if byte in _NOT_ESCAPABLE or not 0x20 <= byte <= 0x7E:
+            return f"the path holds a percent-encoded %{escaped.decode().upper()}, which is not allowed"
+    if raw_path is not None and unquote_to_bytes(raw) != path.encode("utf-8", "surrogateescape"):
+        return "the path does not match the bytes that were sent"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in path):
+        return "the path holds a control character or a backslash"
+    if path in _SLASH_PATHS:
+        return None
+    segments = path.split("/")[1:]
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            return "the path has an empty, '.' or '..' segment (such as '//' or a trailing '/')"
+        if _SCHEME_SEGMENT.fullmatch(segment):
+            return "the path holds a URL scheme"
+    return None
+
+
+class CanonicalPaths:
+    """ASGI middleware: 400 ``invalid_path`` for every HTTP request whose path is not canonical."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = path_problem(scope["path"], scope.get("raw_path"))
+            if problem is not None:
+                error = GuardError(ErrorKind.INVALID_PATH, f"Invalid request path: {problem}.")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
