@@ -105,11 +105,12 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
             uvicorn.run("guardproxy.app:app_from_env", factory=True, host=host, port=port, workers=args.workers,
-                        log_level=args.log_level, proxy_headers=False)
+                        log_level=args.log_level, proxy_headers=False, server_header=False)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, proxy_headers=False)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, proxy_headers=False,
+                server_header=False)
     return 0
 
 
