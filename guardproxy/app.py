@@ -23,14 +23,14 @@ from starlette.types import Receive, Scope, Send
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver, TenantResolver
-from guardproxy.config import Config, load_config
+from guardproxy.config import Config, hash_key, load_config
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, as_guard_error, error_body, new_request_id
 from guardproxy.errors import error_response as error_response
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.passthrough import UnbudgetedPaths
-from guardproxy.paths import CanonicalPaths
+from guardproxy.paths import EntryGuard
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import BudgetedEndpoint, Services
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
@@ -196,7 +196,7 @@ def create_app(
         ],
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
                             HTTPException: on_http_error, Exception: on_unexpected},
-        middleware=[Middleware(CanonicalPaths)],
+        middleware=[Middleware(EntryGuard, key_hashes=_key_hashes(config))],
         lifespan=lifespan,
     )
     # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).
@@ -204,6 +204,15 @@ def create_app(
     app.state.metrics = Metrics()
     app.state.config = config
     return app
+
+
+def _key_hashes(config: Config) -> frozenset[str]:
+    """Every guardproxy key, in its ``sha256:`` form: tenant, service and admin keys."""
+    hashes = {h for tenant in config.tenants.values() for h in tenant.key_hashes}
+    hashes.update(config.auth.service_key_hashes)
+    if config.admin_api_key:
+        hashes.add(hash_key(config.admin_api_key))
+    return frozenset(hashes)
 
 
 def app_from_env() -> Starlette:

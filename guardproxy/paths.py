@@ -1,15 +1,23 @@
-"""One canonical spelling per request path, decided once, before routing.
+"""What every request passes before routing: one canonical path, sane headers, no stray keys.
+
+One canonical spelling per request path, decided once, before routing.
 
 A path that some server along the way could read differently from the proxy (``//``, ``.`` or
 ``..`` segments, ``%2F``, a backslash, a scheme, an ``@``, control characters, a trailing slash) is
 refused with 400 ``invalid_path``: it is never normalised into something else, so the route the
 proxy picks (budgeted, passthrough, admin) is the route the upstream would pick too. Both the
 decoded ``path`` of the ASGI scope and the bytes the client really sent (``raw_path``) are checked.
+
+Header values with control characters are refused, and a guardproxy key found in a header that
+the proxy does not read keys from (a client's ``x-api-key``, say) is taken out of the request, so
+that it cannot be forwarded upstream with the caller's other headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Collection
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,11 +65,43 @@ def path_problem(path: str, raw_path: bytes | None) -> str | None:
     return None
 
 
-class CanonicalPaths:
-    """ASGI middleware: 400 ``invalid_path`` for every HTTP request whose path is not canonical."""
+_BAD_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-    def __init__(self, app: ASGIApp) -> None:
+
+def header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The name of a header whose value holds CR, LF or another control character, if any.
+
+    An HTTP/1.1 parser (h11, httptools) refuses them already; this holds for any server or test
+    client that hands the app a scope, so no such value is ever forwarded.
+    """
+    for name, value in headers:
+        if _BAD_HEADER_BYTES.search(value) or _BAD_HEADER_BYTES.search(name):
+            return name.decode("latin-1")[:64]
+    return None
+
+
+# Where the proxy reads keys from; request_headers never forwards them (nor the admin cookie).
+_KEY_HEADERS = frozenset({b"authorization", b"api-key", b"cookie"})
+_TOKEN_SEPARATORS = re.compile(rb"[\s,;=:\"']+")
+_MIN_KEY_BYTES = 8
+
+
+def carries_key(value: bytes, key_hashes: Collection[str]) -> bool:
+    """Whether a word of ``value`` is one of the keys whose ``sha256:`` forms are ``key_hashes``."""
+    return any(
+        len(word) >= _MIN_KEY_BYTES and "sha256:" + hashlib.sha256(word).hexdigest() in key_hashes
+        for word in _TOKEN_SEPARATORS.split(value)
+    )
+
+
+class EntryGuard:
+    """ASGI middleware: 400 ``invalid_path`` for every HTTP request whose path is not canonical,
+    400 ``invalid_field`` for a header value with a line break or another control character;
+    headers other than the key headers that carry a guardproxy key are removed."""
+
+    def __init__(self, app: ASGIApp, key_hashes: Collection[str] = ()) -> None:
         self.app = app
+        self.key_hashes = frozenset(key_hashes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -70,4 +110,15 @@ class CanonicalPaths:
                 error = GuardError(ErrorKind.INVALID_PATH, f"Invalid request path: {problem}.")
                 await error_response(error)(scope, receive, send)
                 return
+            bad_header = header_problem(scope["headers"])
+            if bad_header is not None:
+                error = GuardError(ErrorKind.INVALID_FIELD, "A header value holds a control character.",
+                                   param=bad_header)
+                await error_response(error)(scope, receive, send)
+                return
+            if self.key_hashes:
+                scope["headers"] = [
+                    (name, value) for name, value in scope["headers"]
+                    if name in _KEY_HEADERS or not carries_key(value, self.key_hashes)
+                ]
         await self.app(scope, receive, send)

@@ -42,8 +42,6 @@ _RESPONSE_DROP = HOP_BY_HOP | {
     "cf-cache-status", "www-authenticate", "proxy-authenticate",
 }
 _RESPONSE_DROP_PREFIXES = ("x-envoy-", "cf-")
-# Header values shorter than this are not scrubbed for the caller's key (it would match too much).
-_MIN_SCRUB_CHARS = 8
 # What a passthrough path below ``/v1/`` may be: validated segments (``paths.path_problem``), never
 # a scheme (no ':' in the first segment), an authority or a dot segment, whatever reached this function.
 _RELATIVE_PATH = re.compile(r"(?:[A-Za-z0-9\-_~!$&'()*+,=%][A-Za-z0-9\-._~!$&'()*+,=%]*)"
@@ -54,21 +52,6 @@ _QUERY = re.compile(r"[\x21-\x22\x24-\x7e]*")  # printable ASCII without '#'
 def _named_by_connection(incoming: Iterable[tuple[str, str]]) -> set[str]:
     """Headers the sender marked hop-by-hop by naming them in ``Connection`` (RFC 9110 §7.6.1)."""
     return {token.strip().lower() for name, value in incoming if name == "connection" for token in value.split(",")}
-
-
-def caller_secrets(incoming: Iterable[tuple[str, str]]) -> set[str]:
-    """The credentials the caller presented (bearer token, ``api-key``), to be kept from upstream."""
-    secrets: set[str] = set()
-    for name, value in incoming:
-        if name == "authorization":
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() in ("bearer", "basic") and token.strip():
-                secrets.add(token.strip())
-        elif name == "api-key" and value.strip():
-            secrets.add(value.strip())
-        elif name == "cookie":
-            secrets.update(part.partition("=")[2].strip() for part in value.split(";") if "=" in part)
-    return {s for s in secrets if len(s) >= _MIN_SCRUB_CHARS}
 
 
 @contextlib.contextmanager
@@ -112,18 +95,14 @@ class Upstream:
     ) -> list[tuple[str, str]]:
         """The caller's headers, minus hop-by-hop and proxy-only ones, with the upstream's credentials.
 
-        No guardproxy credential ever leaves: ``Authorization``, ``api-key`` and cookies are dropped,
-        and so is any other header that carries the key the caller presented. An upstream without an
-        ``api_key`` (a keyless local server: vLLM, Ollama) gets no credential at all.
+        No guardproxy credential ever leaves: ``Authorization``, ``api-key`` and cookies are dropped
+        (any other header carrying a guardproxy key was removed on entry, ``paths.EntryGuard``). An
+        upstream without an ``api_key`` (a keyless local server: vLLM, Ollama) gets no credential.
         """
         incoming = list(incoming)
         tenant_header = self.config.tenant_header.lower()
         skipped = HOP_BY_HOP | _CALLER_ONLY | drop | _named_by_connection(incoming)
-        secrets = caller_secrets(incoming)
-        headers = [
-            (name, value) for name, value in incoming
-            if name not in skipped and name != tenant_header and not any(s in value for s in secrets)
-        ]
+        headers = [(name, value) for name, value in incoming if name not in skipped and name != tenant_header]
         if self.config.api_key:
             headers.append(("api-key", self.config.api_key) if self.config.azure
                            else ("authorization", f"Bearer {self.config.api_key}"))

@@ -98,7 +98,7 @@ REGISTRY = b"gp:tenants"
 def tenants_seen(redis_url: str) -> set[bytes]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return set(client.smembers(REGISTRY))
+        return {m if isinstance(m, bytes) else m.encode() for m in client.smembers(REGISTRY)}
     finally:
         client.close()
 
