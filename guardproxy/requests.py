@@ -81,25 +81,30 @@ def parse_json_object(raw: bytes) -> JSONObject:
         ) from None
     if not isinstance(body, dict):
         raise GuardError(ErrorKind.INVALID_JSON, "The request body must be a JSON object.")
-    if json_depth(body) > MAX_JSON_DEPTH:
+    # Fewer brackets than the limit prove the bound without a walk (most bodies); else walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
         raise GuardError(ErrorKind.INVALID_JSON, f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.")
     return body
 
 
+_CONTAINERS = (dict, list)
+
+
 def json_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in ``value`` (a scalar is 0), walked with a stack."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_JSON_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+    """How deeply arrays and objects nest in ``value`` (a scalar is 0), level by level, no recursion.
+
+    Stops counting one level past ``MAX_JSON_DEPTH``. Exact ``type`` checks: orjson builds plain
+    dicts and lists, and they are several times faster than ``isinstance`` on this hot path.
+    """
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        below: list[Any] = []
+        for item in level:
+            below.extend([v for v in (item.values() if type(item) is dict else item) if type(v) in _CONTAINERS])
+        level = below
+    return depth
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:

@@ -102,7 +102,9 @@ class Upstream:
         incoming = list(incoming)
         tenant_header = self.config.tenant_header.lower()
         skipped = HOP_BY_HOP | _CALLER_ONLY | drop | _named_by_connection(incoming)
-        headers = [(name, value) for name, value in incoming if name not in skipped and name != tenant_header]
+        # Values outside ASCII (legal obs-text on the wire) are not forwarded: httpx sends ASCII only.
+        headers = [(name, value) for name, value in incoming
+                   if name not in skipped and name != tenant_header and value.isascii()]
         if self.config.api_key:
             headers.append(("api-key", self.config.api_key) if self.config.azure
                            else ("authorization", f"Bearer {self.config.api_key}"))

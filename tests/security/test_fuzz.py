@@ -14,7 +14,7 @@ the fake upstream behind a recording transport. Properties:
   and every one goes to the configured base URL.
 
 ``GP_FUZZ_EXAMPLES`` sets the number of examples (default 300); the figures of a run are written to
-``test-artifacts/fuzz-stats.json``.
+``test-artifacts/fuzz-stats-<examples>.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ EXAMPLES = int(os.environ.get("GP_FUZZ_EXAMPLES", "300"))
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, SERVICE_KEY, ADMIN_KEY)
 UPSTREAM_HOST = "upstream.test"
 UPSTREAM_KEY = "sk-upstream-secret"
-STATS_FILE = Path(__file__).resolve().parents[2] / "test-artifacts" / "fuzz-stats.json"
+STATS_FILE = Path(__file__).resolve().parents[2] / "test-artifacts" / f"fuzz-stats-{EXAMPLES}.json"
 
 
 # -- the system under test -------------------------------------------------------------------------
@@ -237,9 +237,15 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "ass
 def bodies(draw: st.DrawFn, kind: str | None = None) -> bytes:
     kind = kind or draw(st.sampled_from(["chat", "chat", "responses", "completions", "embeddings", "json", "bytes",
                                          "deep", "empty", "budget"]))
-    optional = {"stream": st.one_of(st.booleans(), JSON), "n": st.one_of(st.integers(-2, 200), JSON),
-                "max_tokens": st.one_of(st.integers(-1, 2**40), JSON), "stream_options": JSON, "tools": JSON,
-                "max_completion_tokens": st.integers(-1, 5000)}
+    small = st.integers(1, 3)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    optional = {
+        "stream": st.one_of(st.booleans(), st.booleans(), JSON),
+        "n": st.one_of(small, small, st.integers(-2, 200), JSON),
+        "max_tokens": st.one_of(st.integers(1, 50), st.integers(1, 50), st.integers(-1, 2**40), JSON),
+        "stream_options": st.one_of(st.just({"include_usage": True}), st.just({}), JSON),
+        "tools": st.one_of(st.just([tool]), JSON), "max_completion_tokens": st.integers(-1, 5000),
+    }
     model = st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-4o-mini", "gpt-4o-2024-08-06", "unpriced", ""]) | JSON
     value: Any
     if kind == "chat":
@@ -276,7 +282,7 @@ def cases(draw: st.DrawFn) -> tuple[str, bytes, str, bytes]:
         endpoint = draw(st.sampled_from(["chat/completions", "chat/completions", "completions", "embeddings",
                                          "responses", "moderations", "files"]))
         kind = {"chat/completions": "chat", "moderations": "json", "files": "empty"}.get(endpoint, endpoint)
-        auth = draw(st.sampled_from(["tenant", "service", "other-tenant", "leaky", "admin"]))
+        auth = draw(st.sampled_from(["tenant", "tenant", "service", "other-tenant", "leaky", "admin"]))
         method = "GET" if endpoint == "files" else "POST"
         return method, f"/v1/{endpoint}".encode(), auth, draw(bodies(kind))
     method = draw(st.sampled_from(["GET", "POST", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
@@ -294,13 +300,15 @@ OWN_CODES = frozenset({"invalid_json", "invalid_path", "missing_field", "invalid
                        "request_too_large", "insufficient_quota"})
 
 
-def check_error_shape(answer: Answer, method: str) -> None:
+def check_error_shape(answer: Answer, method: str) -> str:
+    """The error's code, after checking its shape."""
     assert answer.header(b"x-request-id") is not None, "an error without x-request-id"
     if method == "HEAD":
-        return
+        return "(head)"
     error = orjson.loads(answer.body)["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and isinstance(error["type"], str) and isinstance(error["code"], str)
+    return str(error["code"])
 
 
 def check_upstream_requests(recorder: RecordingTransport, first: int) -> None:
@@ -351,7 +359,7 @@ def test_fuzz_every_route(target: Target, app: str, case: tuple[str, bytes, str,
         stats["upstream_5xx_relayed" if from_upstream else "guardproxy_5xx"] += 1
         assert from_upstream, f"guardproxy answered {answer.status}: {answer.body[:300]!r}"
     if answer.status >= 400 and not from_upstream:
-        check_error_shape(answer, method)
+        stats[f"code_{check_error_shape(answer, method)}"] += 1
 
     check_upstream_requests(target.recorder, first)
     stats["upstream_requests_checked"] += len(upstream_statuses)
