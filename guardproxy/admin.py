@@ -125,7 +125,7 @@ async def list_calls(request: Request) -> Response:
     services = _services(request)
     tenant = valid_tenant(request.path_params["tenant"])
     raw_limit = request.query_params.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_CALLS:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_CALLS:
         raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
     calls = await services.ledger.store.recent_calls(tenant, int(raw_limit))
     return _json({"object": "list", "tenant": tenant, "data": [_call_json(c) for c in calls]})

@@ -19,7 +19,7 @@ from guardproxy.types import JSONObject
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to be larger than ``max_bytes``."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0

@@ -116,3 +116,11 @@ def test_a_passthrough_answer_cut_after_its_head_is_no_500(
     assert download.status == 200 and download.body.startswith(b"first half of a file")
     assert not any("Traceback" in r.getMessage() or r.exc_info for r in caplog.records
                    if r.name.startswith("guardproxy") or "Exception in ASGI" in r.getMessage())
+
+
+def test_query_numbers_outside_ascii_are_a_400_not_a_500(passthrough_url: str) -> None:
+    admin = [("Authorization", f"Bearer {ADMIN_KEY}")]
+    # "²".isdigit() is true and int("²") raises: the limit is read as ASCII digits only.
+    for limit in ("%C2%B2", "%D9%A3", "1%00", "-1", "1001", "abc"):
+        answer = raw_request(passthrough_url, "GET", f"/admin/tenants/acme/calls?limit={limit}", admin)
+        assert_openai_error(answer, 400, "invalid_field")

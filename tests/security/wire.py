@@ -113,7 +113,9 @@ def store_snapshot(redis_url: str) -> dict[bytes, Any]:
                 continue
             kind = client.type(key)
             if kind == b"string":
-                snapshot[key] = client.get(key)
+                value = client.get(key)
+                if value != b"0":  # a counter at 0 and no counter are the same money (admission tidies them)
+                    snapshot[key] = value
             elif kind == b"hash":
                 snapshot[key] = client.hgetall(key)
             elif kind == b"zset":
