@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +21,7 @@ from starlette.routing import Route
 from guardproxy.admin_page import render_page
 from guardproxy.auth import presented_key, valid_tenant
 from guardproxy.config import merge_policy
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.periods import iso_utc
 from guardproxy.pipeline import Services
 from guardproxy.pricing import micros_to_usd
@@ -126,7 +125,7 @@ async def list_calls(request: Request) -> Response:
     services = _services(request)
     tenant = valid_tenant(request.path_params["tenant"])
     raw_limit = request.query_params.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_CALLS:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_CALLS:
         raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
     calls = await services.ledger.store.recent_calls(tenant, int(raw_limit))
     return _json({"object": "list", "tenant": tenant, "data": [_call_json(c) for c in calls]})
@@ -148,19 +147,6 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _store_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """``endpoint`` answering 503 ``budget_store_unavailable`` while the store cannot be read or written."""
-
-    async def guarded(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except StoreUnavailable:
-            raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The budget store is unavailable. Try again shortly.",
-                             headers={"retry-after": "1"}) from None
-
-    return guarded
-
-
 def admin_routes() -> list[Route]:
     # Imported here: both modules build on this one's check_admin.
     from guardproxy.admin_keys import key_routes
@@ -170,7 +156,7 @@ def admin_routes() -> list[Route]:
         *key_routes(),
         *reload_routes(),
         *(
-            Route(path, _store_errors(endpoint), methods=[method])
+            Route(path, endpoint, methods=[method])
             for path, endpoint, method in (
                 ("/admin", status_page, "GET"),
                 ("/admin/", status_page, "GET"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -16,21 +15,25 @@ import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
 from guardproxy.auth import JobTenantResolver
-from guardproxy.config import Config, load_config
+from guardproxy.config import Config, hash_key, load_config
 from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, as_guard_error, error_body, new_request_id
+from guardproxy.errors import error_response as error_response
 from guardproxy.journal import Journal
 from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
+from guardproxy.paths import EntryGuard
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import Services
 from guardproxy.reload import SighupReloader
@@ -48,9 +51,21 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status, media_type="application/json")
 
 
-def error_response(exc: GuardError) -> Response:
-    headers = {"x-request-id": f"req_gp_{uuid.uuid4().hex}", **exc.headers}
-    return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
+class AnyMethod:
+    """An endpoint as an ASGI app, so that its route matches every method (``only`` then decides)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def only(methods: tuple[str, ...], request: Request) -> None:
+    """405 in OpenAI's shape, with ``allow``, unless the request uses one of ``methods``."""
+    if request.method not in methods:
+        raise GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on {request.url.path}.",
+                         headers={"allow": ", ".join(methods)})
 
 
 async def _store_problem(services: Services) -> str | None:
@@ -149,12 +164,15 @@ def create_app(
 
     def budgeted(path: str) -> Route:
         async def endpoint(request: Request) -> Response:
+            only(("POST",), request)
             response: Response = await request.app.state.runtime.current.endpoints[path](request)
             return response
 
-        return Route(f"/v1/{path}", endpoint, methods=["POST"])
+        # Every method routes here: a budgeted path is never served by the passthrough route.
+        return Route(f"/v1/{path}", AnyMethod(endpoint))
 
     async def models(request: Request) -> Response:
+        only(("GET", "HEAD"), request)
         services: Services = request.app.state.runtime.current.services
         await services.tenants.authenticate(request.headers)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": m.upstream}
@@ -184,42 +202,75 @@ def create_app(
         response: Response = await request.app.state.runtime.current.unbudgeted(request)
         return response
 
-    async def on_guard_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GuardError)
-        level = exc.kind.value.log_level
-        log.log(level, "%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
-        return error_response(exc)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        """Every failure a handler meets, through ``errors.as_guard_error``: the one mapping."""
+        error = as_guard_error(exc)
+        assert error is not None  # registered only for the classes as_guard_error maps
+        level = error.kind.value.log_level
+        log.log(level, "%s %s -> %d %s", request.method, request.url.path, error.status, error.code)
+        return error_response(error)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        kind = ErrorKind.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorKind.NOT_FOUND
-        message = f"{request.method} is not supported on {request.url.path}." if exc.status_code == 405 else \
-            f"Unknown request URL: {request.method} {request.url.path}."
-        return error_response(GuardError(kind, message))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            error = GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on "
+                               f"{request.url.path}.", headers={"allow": allow} if allow else None)
+        else:
+            error = GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
+        return error_response(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        """A real bug: still OpenAI's shape, and the request id is in the log line to find it."""
+        error = as_guard_error(exc)
+        if error is not None:
+            return await on_error(request, exc)
+        request_id = new_request_id()
+        log.exception("unexpected error on %s %s request_id=%s", request.method, request.url.path, request_id)
         body = error_body("The proxy hit an internal error.", "server_error", "internal_error")
-        return Response(body, 500, media_type="application/json",
-                        headers={"x-request-id": f"req_gp_{uuid.uuid4().hex}"})
+        return Response(body, 500, media_type="application/json", headers={"x-request-id": request_id})
+
+    known: list[tuple[Config, frozenset[str]]] = [(config, _key_hashes(config))]
+
+    def current_key_hashes() -> frozenset[str]:
+        """The running config's keys: a reload changes them (computed once per config)."""
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        running = runtime.current.services.config if runtime is not None else config
+        if known[0][0] is not running:
+            known[0] = (running, _key_hashes(running))
+        return known[0][1]
 
     app = Starlette(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
-            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models", AnyMethod(models)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
-        exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},
+        exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
+                            HTTPException: on_http_error, Exception: on_unexpected},
+        # CORS outermost (preflights answered first), then the entry checks, before any routing.
+        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes)],
         lifespan=lifespan,
-        middleware=cors_middleware(config.server),
     )
+    # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).
+    app.router.redirect_slashes = False
     app.state.metrics = Metrics()
     app.state.config = config
     return app
+
+
+def _key_hashes(config: Config) -> frozenset[str]:
+    """Every guardproxy key of ``config``, in its ``sha256:`` form: tenant, service and admin keys
+    (runtime keys are recognised by their shape, ``paths.carries_key``)."""
+    hashes = {h for tenant in config.tenants.values() for h in tenant.key_hashes}
+    hashes.update(config.auth.service_key_hashes)
+    if config.admin_api_key:
+        hashes.add(hash_key(config.admin_api_key))
+    return frozenset(hashes)
 
 
 def app_from_env() -> Starlette:

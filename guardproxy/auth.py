@@ -78,7 +78,7 @@ class TenantResolver:
                     ErrorKind.INVALID_FIELD,
                     f"{self.job_header} was sent, but ServiceTitan lookups are not configured on this proxy.",
                 )
-            return await self.jobs.tenant_for_job(job_id.strip(), headers.get(ST_TENANT_HEADER))
+            return await self.jobs.tenant_for_job(job_id.strip(" \t"), headers.get(ST_TENANT_HEADER))
         if named is None:
             raise GuardError(
                 ErrorKind.MISSING_TENANT,
@@ -88,7 +88,7 @@ class TenantResolver:
 
 
 def valid_tenant(tenant: str) -> str:
-    if not TENANT_ID.match(tenant):
+    if not TENANT_ID.fullmatch(tenant):
         raise GuardError(
             ErrorKind.INVALID_TENANT,
             "Tenant ids are 1-64 characters of letters, digits, '.', '_' and '-', starting with a letter or digit.",

@@ -6,6 +6,7 @@ Azure), circuit breakers, per-model deployment names and fallbacks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -82,9 +83,27 @@ def parse_upstreams(f: Fields) -> dict[str, UpstreamConfig]:
             tenant_header=u.text("tenant_header", ""), breaker=_breaker(u.section("breaker")),
             provider=u.text("provider", ""),
         )
+        _header_safe(u, out[name])
         u.done()
     f.done()
     return out
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other control characters
+
+
+def _header_safe(u: Fields, upstream: UpstreamConfig) -> None:
+    """What goes into upstream request headers must be a valid header: refused at start-up, not per call."""
+    if not _HEADER_VALUE.fullmatch(upstream.api_key):
+        raise ConfigError(u.at("api_key"), "must not contain line breaks or control characters")
+    if upstream.tenant_header and not _HEADER_NAME.fullmatch(upstream.tenant_header):
+        raise ConfigError(u.at("tenant_header"), f"is not a valid header name: {describe(upstream.tenant_header)}")
+    for name, value in upstream.headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(u.at(f"headers.{name}"), "is not a valid header name")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ConfigError(u.at(f"headers.{name}"), "must not contain line breaks or control characters")
 
 
 def _breaker(f: Fields) -> BreakerConfig:

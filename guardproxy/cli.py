@@ -104,6 +104,8 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     uvicorn_options: dict[str, Any] = {
         "log_level": args.log_level, "log_config": log_config, "access_log": args.access_log, "proxy_headers": False,
+        # The upstream's own date header is dropped and uvicorn adds one; no server banner.
+        "server_header": False,
     }
     if args.workers < 1:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)

@@ -29,8 +29,8 @@ from guardproxy.store_client import parse_store_url
 from guardproxy.types import Micros
 from guardproxy.validation import ConfigError, Fields, describe, expand_env
 
-TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HASHED_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
+_HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def hash_key(key: str) -> str:
@@ -192,6 +192,11 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     server = _server(top.section("server"))
     store = _store(top.section("store"))
     upstreams = parse_upstreams(top.section("upstreams"))
+    warnings.extend(
+        f"upstreams.{name} has no api_key: requests go to it without any credential (right for a keyless "
+        "local server such as vLLM or Ollama; set api_key for a provider)"
+        for name, upstream in upstreams.items() if not upstream.api_key
+    )
     models = parse_models(top.section("models"), upstreams, warnings)
     budgets = top.section("budgets")
     defaults_fields = budgets.section("defaults")
@@ -303,7 +308,7 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
 def _key_hashes(f: Fields, key: str, warnings: list[str]) -> tuple[str, ...]:
     hashes = []
     for i, value in enumerate(f.text_list(key)):
-        if _HASHED_KEY.match(value):
+        if _HASHED_KEY.fullmatch(value):
             hashes.append(value)
         elif value.startswith("sha256:"):
             raise ConfigError(f"{f.at(key)}[{i}]", "sha256: must be followed by 64 lowercase hex digits")
@@ -319,7 +324,7 @@ def _tenants(f: Fields, defaults: BudgetPolicy, warnings: list[str]) -> dict[str
     out: dict[str, TenantConfig] = {}
     owner: dict[str, str] = {}
     for tenant_id in list(f.raw):
-        if not TENANT_ID.match(tenant_id):
+        if not TENANT_ID.fullmatch(tenant_id):
             raise ConfigError(f.at(tenant_id), "tenant ids must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
         t = f.section(tenant_id)
         hashes = _key_hashes(t, "api_keys", warnings)

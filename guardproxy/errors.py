@@ -7,11 +7,14 @@ it is logged at, so that the status a client sees and the line an operator reads
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class ErrorSpec:
 
 class ErrorKind(Enum):
     INVALID_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json", logging.INFO)
+    INVALID_PATH = ErrorSpec(400, "invalid_request_error", "invalid_path", logging.INFO)
     MISSING_FIELD = ErrorSpec(400, "invalid_request_error", "missing_field", logging.INFO)
     INVALID_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field", logging.INFO)
     MODEL_NOT_PRICED = ErrorSpec(400, "invalid_request_error", "model_not_priced", logging.INFO)
@@ -82,3 +86,30 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 
 class StoreUnavailable(Exception):
     """The budget store (Redis) could not be reached or did not answer in time."""
+
+
+def new_request_id() -> str:
+    return f"req_gp_{uuid.uuid4().hex}"
+
+
+def error_response(exc: GuardError) -> Response:
+    """``exc`` as the response a client gets: OpenAI's error shape, with an ``x-request-id``."""
+    headers = {"x-request-id": new_request_id(), **exc.headers}
+    return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
+
+
+def as_guard_error(exc: BaseException) -> GuardError | None:
+    """The client-facing form of a failure raised below the handlers, or ``None`` for a real bug.
+
+    The one table from the layers' own exceptions to the contract's errors: the store's outage is
+    503 ``budget_store_unavailable`` wherever it happens (budgeted calls, admin API, status page).
+    """
+    if isinstance(exc, GuardError):
+        return exc
+    if isinstance(exc, StoreUnavailable):
+        return GuardError(ErrorKind.STORE_UNAVAILABLE, "The budget store is unavailable; try again shortly.",
+                          headers={"retry-after": "1"})
+    if isinstance(exc, ClientDisconnect):
+        # Nobody reads this answer; it only keeps a client that hung up from showing as a 500.
+        return GuardError(ErrorKind.INVALID_JSON, "The client disconnected before the request body was read.")
+    return None

@@ -14,7 +14,7 @@ MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
 
 # A dated snapshot name: gpt-4o-2024-08-06, gpt-4-0613, gpt-3.5-turbo-0125.
-_SNAPSHOT_SUFFIX = re.compile(r"^(?P<base>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+_SNAPSHOT_SUFFIX = re.compile(r"(?P<base>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})")
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ def lookup_model(name: str, models: Mapping[str, T]) -> T | None:
     entry = models.get(name)
     if entry is not None:
         return entry
-    match = _SNAPSHOT_SUFFIX.match(name)
+    match = _SNAPSHOT_SUFFIX.fullmatch(name)
     if match:
         return models.get(match.group("base"))
     return None

@@ -19,7 +19,7 @@ from guardproxy.types import JSONObject
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to be larger than ``max_bytes``."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
@@ -61,7 +61,17 @@ class ChatRequest(ApiRequest):
     tools: Any
 
 
+#: Deepest nesting of arrays and objects a request body may have. OpenAI bodies need under 10;
+#: the bound keeps every later walk of the body (token counting) shallow.
+MAX_JSON_DEPTH = 64
+
+
 def parse_json_object(raw: bytes) -> JSONObject:
+    """``raw`` as a JSON object no deeper than ``MAX_JSON_DEPTH``, else 400 ``invalid_json``.
+
+    The size was bounded while reading (``read_body``); orjson refuses depths beyond 1024 itself,
+    and the tighter bound is checked right after, without recursion.
+    """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -71,7 +81,30 @@ def parse_json_object(raw: bytes) -> JSONObject:
         ) from None
     if not isinstance(body, dict):
         raise GuardError(ErrorKind.INVALID_JSON, "The request body must be a JSON object.")
+    # Fewer brackets than the limit prove the bound without a walk (most bodies); else walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        raise GuardError(ErrorKind.INVALID_JSON, f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.")
     return body
+
+
+_CONTAINERS = (dict, list)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (a scalar is 0), level by level, no recursion.
+
+    Stops counting one level past ``MAX_JSON_DEPTH``. Exact ``type`` checks: orjson builds plain
+    dicts and lists, and they are several times faster than ``isinstance`` on this hot path.
+    """
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        below: list[Any] = []
+        for item in level:
+            below.extend([v for v in (item.values() if type(item) is dict else item) if type(v) in _CONTAINERS])
+        level = below
+    return depth
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -80,8 +113,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     messages = _required(body, "messages", list, "an array of messages")
     if not messages:
         raise _invalid("messages", "'messages' must contain at least one message.")
+    for i, message in enumerate(messages):
+        _message(message, f"messages[{i}]")
+    _objects(body, "tools")
     stream = _optional(body, "stream", bool, "a boolean") or False
-    options = _optional(body, "stream_options", dict, "an object") or {}
+    options = _stream_options(body)
     limit = _positive_int(body, "max_completion_tokens")
     if limit is None:
         limit = _positive_int(body, "max_tokens")
@@ -97,8 +133,9 @@ def parse_completions_request(raw: bytes) -> ApiRequest:
     body = parse_json_object(raw)
     model = _model(body)
     prompts = _prompt_count(body, "prompt")
+    _optional(body, "suffix", str, "a string")
     stream = _optional(body, "stream", bool, "a boolean") or False
-    options = _optional(body, "stream_options", dict, "an object") or {}
+    options = _stream_options(body)
     per_prompt = max(_positive_int(body, "n") or 1, _positive_int(body, "best_of") or 1)
     return ApiRequest(
         raw=raw, body=body, model=model, stream=stream, wants_usage=bool(options.get("include_usage")),
@@ -122,6 +159,9 @@ def parse_responses_request(raw: bytes) -> ApiRequest:
     value = body.get("input")
     if value is not None and not isinstance(value, str | list):
         raise _invalid("input", "Invalid type for 'input': expected a string or an array of input items.")
+    if isinstance(value, list) and not all(isinstance(item, dict) for item in value):
+        raise _invalid("input", "Invalid type for 'input': every input item must be an object.")
+    _objects(body, "tools")
     _optional(body, "instructions", str, "a string")
     if body.get("background") is True:
         # The answer would come later, by polling: its usage never passes the proxy to be charged.
@@ -170,10 +210,49 @@ def _optional(body: JSONObject, name: str, kind: Any, description: str) -> Any:
     return value
 
 
+def _message(message: Any, where: str) -> None:
+    """A chat message: an object with a string ``role`` and ``content`` a string, parts or null."""
+    if not isinstance(message, dict):
+        raise _invalid(where, f"Invalid type for '{where}': expected an object.")
+    if not isinstance(message.get("role"), str):
+        raise _invalid(f"{where}.role", f"Invalid type for '{where}.role': expected a string.")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise _invalid(f"{where}.content", f"Invalid type for '{where}.content': expected a string or an array "
+                                           "of content parts.")
+    if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
+        raise _invalid(f"{where}.content", f"Invalid type for '{where}.content': every part must be an object.")
+
+
+def _objects(body: JSONObject, name: str) -> None:
+    """``name``, when given, is an array of objects (``tools``)."""
+    value = _optional(body, name, list, "an array")
+    if value is not None and not all(isinstance(item, dict) for item in value):
+        raise _invalid(name, f"Invalid type for '{name}': every item must be an object.")
+
+
+def _stream_options(body: JSONObject) -> JSONObject:
+    options: JSONObject = _optional(body, "stream_options", dict, "an object") or {}
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise _invalid("stream_options.include_usage", "Invalid type for 'stream_options.include_usage': "
+                                                       "expected a boolean.")
+    return options
+
+
+# OpenAI's own bounds: ``n`` up to 128; no model writes 2**31 tokens. They keep the worst case that
+# is priced and reserved a sensible integer whatever a client sends.
+_INT_BOUNDS = {"n": 128, "best_of": 128}
+_MAX_TOKENS_BOUND = 2**31 - 1
+
+
 def _positive_int(body: JSONObject, name: str) -> int | None:
     value: int | None = _optional(body, name, int, "an integer")
     if value is not None and value < 1:
         raise _invalid(name, f"Invalid '{name}': must be at least 1, got {value}.")
+    bound = _INT_BOUNDS.get(name, _MAX_TOKENS_BOUND)
+    if value is not None and value > bound:
+        raise _invalid(name, f"Invalid '{name}': must be at most {bound}, got {value}.")
     return value
 
 

@@ -122,29 +122,42 @@ class TokenCounter:
         return self.chat_prompt([item if isinstance(item, dict) else {"content": item} for item in items], tools)
 
     def prompts(self, prompt: Any) -> int:
-        """Tokens of a legacy ``prompt`` or an embeddings ``input``: text, texts, token ids or lists of ids."""
+        """Tokens of a legacy ``prompt`` or an embeddings ``input``: text, texts, token ids or lists of ids.
+
+        Two levels at most, as the API defines them; anything deeper counts nothing (it was refused
+        by validation before counting).
+        """
         if isinstance(prompt, str):
             return self.text(prompt)
         if not isinstance(prompt, list):
             return 0
         if all(isinstance(item, int) for item in prompt):
             return len(prompt)
-        return sum(self.prompts(item) for item in prompt)
+        total = 0
+        for item in prompt:
+            if isinstance(item, str):
+                total += self.text(item)
+            elif isinstance(item, list) and all(isinstance(i, int) for i in item):
+                total += len(item)
+        return total
 
 
 def _collect(value: Any, texts: list[str]) -> int:
-    """Gather the strings under ``value`` into ``texts``; returns the fixed-cost tokens (images)."""
-    if isinstance(value, str):
-        texts.append(value)
-        return 0
+    """Gather the strings under ``value`` into ``texts``; returns the fixed-cost tokens (images).
+
+    Walked with a stack, not recursion: the depth of a hostile body can never exhaust Python's.
+    """
     extra = 0
-    if isinstance(value, dict):
-        if value.get("type") in ("image_url", "input_image", "image"):
-            return TOKENS_PER_IMAGE
-        for key, item in value.items():
-            if key != "type":
-                extra += _collect(item, texts)
-    elif isinstance(value, list):
-        for item in value:
-            extra += _collect(item, texts)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict):
+            if item.get("type") in ("image_url", "input_image", "image"):
+                extra += TOKENS_PER_IMAGE
+                continue
+            stack.extend(child for key, child in reversed(item.items()) if key != "type")
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
     return extra

@@ -9,6 +9,7 @@ one place, ``translated``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote
 
@@ -23,12 +24,34 @@ from guardproxy.errors import ErrorKind, GuardError
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx recomputes for the bytes it really sends.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect",
 })
-# Never sent upstream: the caller's proxy credentials and the proxy's own routing headers.
-_CALLER_ONLY = frozenset({"authorization", "api-key", "accept-encoding", "cookie", "x-servicetitan-tenant-id"})
-# Not passed back: httpx has already decoded the body the client receives.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
+# Never sent upstream: the caller's proxy credentials (tenant, service or admin key, in any of the
+# places the proxy reads one), where the caller is on the network, and what httpx negotiates itself.
+_CALLER_ONLY = frozenset({
+    "authorization", "api-key", "cookie", "accept-encoding", "x-servicetitan-tenant-id", "forwarded",
+    "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip",
+})
+# Not passed back: httpx has already decoded the body the client receives; the date and server are
+# the proxy's own (uvicorn adds its ``date``: a second one would be a duplicate); the rest would tell
+# the client who the upstream is or act on the proxy's origin (cookies, HSTS, alt-svc, redirects).
+_RESPONSE_DROP = HOP_BY_HOP | {
+    "content-encoding", "date", "server", "via", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version",
+    "x-served-by", "x-backend-server", "alt-svc", "strict-transport-security", "set-cookie", "set-cookie2",
+    "location", "content-location", "refresh", "openai-organization", "openai-project", "cf-ray",
+    "cf-cache-status", "www-authenticate", "proxy-authenticate",
+}
+_RESPONSE_DROP_PREFIXES = ("x-envoy-", "cf-")
+# What a passthrough path below ``/v1/`` may be: validated segments (``paths.path_problem``), never
+# a scheme (no ':' in the first segment), an authority or a dot segment, whatever reached this function.
+_RELATIVE_PATH = re.compile(r"(?:[A-Za-z0-9\-_~!$&'()*+,=%][A-Za-z0-9\-._~!$&'()*+,=%]*)"
+                            r"(?:/[A-Za-z0-9\-._~:!$&'()*+,=%]+)*")
+_QUERY = re.compile(r"[\x21-\x22\x24-\x7e]*")  # printable ASCII without '#'
+
+
+def _named_by_connection(incoming: Iterable[tuple[str, str]]) -> set[str]:
+    """Headers the sender marked hop-by-hop by naming them in ``Connection`` (RFC 9110 §7.6.1)."""
+    return {token.strip().lower() for name, value in incoming if name == "connection" for token in value.split(",")}
 
 
 @contextlib.contextmanager
@@ -70,18 +93,21 @@ class Upstream:
     def request_headers(
         self, incoming: Iterable[tuple[str, str]], drop: frozenset[str], tenant: str | None = None
     ) -> list[tuple[str, str]]:
-        """The caller's headers, minus hop-by-hop and proxy-only ones, with the upstream's credentials."""
+        """The caller's headers, minus hop-by-hop and proxy-only ones, with the upstream's credentials.
+
+        No guardproxy credential ever leaves: ``Authorization``, ``api-key`` and cookies are dropped
+        (any other header carrying a guardproxy key was removed on entry, ``paths.EntryGuard``). An
+        upstream without an ``api_key`` (a keyless local server: vLLM, Ollama) gets no credential.
+        """
+        incoming = list(incoming)
         tenant_header = self.config.tenant_header.lower()
-        headers = [
-            (name, value) for name, value in incoming
-            if name not in HOP_BY_HOP and name not in _CALLER_ONLY and name not in drop and name != tenant_header
-        ]
+        skipped = HOP_BY_HOP | _CALLER_ONLY | drop | _named_by_connection(incoming)
+        # Values outside ASCII (legal obs-text on the wire) are not forwarded: httpx sends ASCII only.
+        headers = [(name, value) for name, value in incoming
+                   if name not in skipped and name != tenant_header and value.isascii()]
         if self.config.api_key:
             headers.append(("api-key", self.config.api_key) if self.config.azure
                            else ("authorization", f"Bearer {self.config.api_key}"))
-        else:
-            # No key of its own: the caller's key is a real provider key (bring your own key).
-            headers.extend((name, value) for name, value in incoming if name in ("authorization", "api-key"))
         headers.extend((name.lower(), value) for name, value in self.config.headers.items())
         if tenant_header and tenant is not None:
             headers.append((tenant_header, tenant))
@@ -99,9 +125,22 @@ class Upstream:
         return f"openai/deployments/{quote(model, safe='')}/{endpoint}{query}"
 
     def passthrough_path(self, path: str, query: str) -> str:
-        """Where an unbudgeted ``/v1/<path>`` goes (Azure: its ``/openai/v1/`` surface)."""
-        target = f"openai/v1/{path}" if self.config.azure else path
-        return f"{target}?{query}" if query else target
+        """The absolute URL an unbudgeted ``/v1/<path>`` goes to (Azure: its ``/openai/v1/`` surface).
+
+        Built from the configured base URL and ``path`` (as the client sent it, percent-escapes
+        kept), so the client chooses only the path below the base, never the host: a path that
+        could read as a scheme, an authority or a dot segment is refused (400 ``invalid_path``).
+        """
+        if not _RELATIVE_PATH.fullmatch(path) or not _QUERY.fullmatch(query) or \
+                any(segment in (".", "..") for segment in path.split("/")):
+            raise GuardError(ErrorKind.INVALID_PATH, "Invalid request path for passthrough.")
+        base = self.client.base_url  # its raw_path ends with a slash: httpx sees to it
+        below = f"{'openai/v1/' if self.config.azure else ''}{path}" + (f"?{query}" if query else "")
+        target = base.copy_with(raw_path=base.raw_path + below.encode("ascii"))
+        if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port) or \
+                not target.raw_path.startswith(base.raw_path):
+            raise GuardError(ErrorKind.INVALID_PATH, "Invalid request path for passthrough.")
+        return str(target)
 
     async def send(
         self, path: str, body: bytes, headers: list[tuple[str, str]], *, method: str = "POST"
@@ -142,8 +181,18 @@ class Upstream:
 
 
 def response_headers(upstream: httpx.Headers) -> dict[str, str]:
-    """The upstream's own response headers that pass to the client (x-request-id, x-ratelimit-*, …)."""
-    return {name: value for name, value in upstream.items() if name.lower() not in _RESPONSE_DROP}
+    """The upstream's own response headers that pass to the client (x-request-id, x-ratelimit-*, …).
+
+    Each at most once, and none that is hop-by-hop (including those the upstream's ``Connection``
+    names), identifies the upstream's server, sets state on the proxy's origin, or points at the
+    upstream's address (``location``: redirects are never followed, and not relayed either).
+    """
+    named = _named_by_connection((name.lower(), value) for name, value in upstream.items())
+    return {
+        name: value for name, value in upstream.items()
+        if (lower := name.lower()) not in _RESPONSE_DROP and lower not in named
+        and not lower.startswith(_RESPONSE_DROP_PREFIXES)
+    }
 
 
 async def aiter_translated(upstream: str, response: httpx.Response) -> AsyncIterator[bytes]:

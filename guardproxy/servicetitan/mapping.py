@@ -31,7 +31,7 @@ def tenant_for(job: Mapping[str, Any], st_tenant_id: int, config: ServiceTitanCo
     rule, _, name = config.tenant_from.partition(":")
     value, fallback = job_value(job, st_tenant_id, rule, name)
     tenant = config.tenant_map.get(value, fallback)
-    if not TENANT_ID.match(tenant):
+    if not TENANT_ID.fullmatch(tenant):
         raise UnmappableJob(
             f"{config.tenant_from} of job {job.get('id')} gives {describe(tenant)}, which is not a valid "
             "tenant id (letters, digits, '.', '_', '-'; at most 64); map it in servicetitan.tenant_map"

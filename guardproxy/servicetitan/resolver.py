@@ -128,7 +128,7 @@ class ServiceTitanResolver:
     def connections_for(self, st_tenant_id: str | None) -> tuple[Connection, ...]:
         if st_tenant_id is None:
             return self._config.connections
-        text = st_tenant_id.strip()
+        text = st_tenant_id.strip(" \t")  # HTTP whitespace only: "1\n" is not a number
         if not _DIGITS.fullmatch(text) or not 0 < int(text) <= INT64_MAX:
             raise GuardError(
                 ErrorKind.INVALID_FIELD,
@@ -153,7 +153,7 @@ class ServiceTitanResolver:
             return Answer("cache_hit", kind=ErrorKind.JOB_NOT_FOUND, message=not_found_message(job))
         if value.startswith(INVALID_PREFIX):
             return Answer("cache_hit", kind=ErrorKind.INVALID_TENANT, message=value[len(INVALID_PREFIX) :])
-        if TENANT_ID.match(value):
+        if TENANT_ID.fullmatch(value):
             return Answer("cache_hit", tenant=value)
         return None  # not written by us: ask again, and the answer overwrites it
 
@@ -205,7 +205,7 @@ class ServiceTitanResolver:
 
 def parse_job_id(raw: str) -> int:
     """A ServiceTitan job id (a positive int64) from a header value, or an ``INVALID_JOB_ID`` error."""
-    text = raw.strip()
+    text = raw.strip(" \t")  # HTTP whitespace only: "1\n" is not a job id
     if _DIGITS.fullmatch(text) and 0 < int(text) <= INT64_MAX:
         return int(text)
     raise GuardError(

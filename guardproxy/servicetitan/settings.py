@@ -17,7 +17,7 @@ from typing import Any
 from guardproxy.validation import ConfigError, Fields, describe
 
 # Identical to ``guardproxy.config.TENANT_ID``; kept here because config imports this module.
-TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 
 #: Per environment: (token URL, API base URL).
 ENDPOINTS: Mapping[str, tuple[str, str]] = {
@@ -102,7 +102,7 @@ def parse_servicetitan(raw: Any, path: str) -> ServiceTitanConfig | None:
     tenant_from = parse_tenant_from(f.text("tenant_from", "st_tenant"), f.at("tenant_from"))
     tenant_map = f.text_map("tenant_map")
     for key, value in tenant_map.items():
-        if not TENANT_ID.match(value):
+        if not TENANT_ID.fullmatch(value):
             raise ConfigError(
                 f"{f.at('tenant_map')}.{key}",
                 f"must be a tenant id (letters, digits, '.', '_', '-'; at most 64), got {describe(value)}",

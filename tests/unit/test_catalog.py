@@ -8,6 +8,7 @@ import pytest
 
 from guardproxy.catalog import BreakerConfig
 from guardproxy.config import parse_config
+from guardproxy.errors import GuardError
 from guardproxy.upstream import Upstream
 from guardproxy.validation import ConfigError
 
@@ -110,8 +111,13 @@ def test_endpoint_paths() -> None:
     assert dated.endpoint_path("responses", "prod") == "openai/responses?api-version=2024-10-21"
     v1 = upstream(kind="azure")
     assert v1.endpoint_path("responses", "prod") == "openai/v1/responses"
-    assert v1.passthrough_path("files", "purpose=batch") == "openai/v1/files?purpose=batch"
-    assert plain.passthrough_path("files/file-1", "") == "files/file-1"
+    assert v1.passthrough_path("files", "purpose=batch") == "https://example.test/openai/v1/files?purpose=batch"
+    assert plain.passthrough_path("files/file-1", "") == "https://example.test/files/file-1"
+    # The client chooses the path below the base URL, never the host.
+    for hostile in ("http://evil.test/x", "//evil.test/x", "http:", "a/../../x", "./x", "a//b", "a?b", "a#b", "a@b"):
+        with pytest.raises(GuardError) as caught:
+            plain.passthrough_path(hostile, "")
+        assert caught.value.code == "invalid_path"
 
 
 def test_request_headers() -> None:
@@ -125,5 +131,6 @@ def test_request_headers() -> None:
     assert sorted(openai.request_headers(incoming, frozenset(), "acme")) == [
         ("authorization", "Bearer sk"), ("helicone-user-id", "spoof"), ("x-custom", "1"), ("x-tenant-id", "acme"),
     ]
-    byok = upstream(kind="azure")
-    assert ("authorization", "Bearer tenant-key") in byok.request_headers(incoming, frozenset(), "acme")
+    keyless = upstream(kind="azure")  # a keyless server gets no credential, never the caller's key
+    sent = keyless.request_headers(incoming, frozenset(), "acme")
+    assert not any(name in ("authorization", "api-key") or "tenant-key" in value for name, value in sent)

@@ -21,7 +21,7 @@ HEX_B = "b" * 64
 
 def minimal() -> dict[str, Any]:
     return {
-        "upstreams": {"openai": {"base_url": "https://api.openai.com/v1"}},
+        "upstreams": {"openai": {"base_url": "https://api.openai.com/v1", "api_key": "sk-test"}},
         "models": {"gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00}},
     }
 
@@ -501,6 +501,26 @@ def test_plain_keys_are_hashed_with_a_warning_without_the_key() -> None:
         assert secret not in warning
         assert service not in warning
         assert "tk-very" not in warning and "sk-very" not in warning
+
+
+def test_an_upstream_without_api_key_is_named_in_a_warning() -> None:
+    raw = with_changes(upstreams={"openai": {"base_url": "https://api.openai.com/v1"},
+                                  "local": {"base_url": "http://127.0.0.1:8000/v1", "api_key": ""},
+                                  "keyed": {"base_url": "http://127.0.0.1:8001/v1", "api_key": "k"}})
+    raw["models"]["gpt-4o"]["upstream"] = "openai"
+    warnings = parse_config(raw, {}).warnings
+    assert len(warnings) == 2
+    assert warnings[0].startswith("upstreams.openai has no api_key") and "vLLM" in warnings[0]
+    assert warnings[1].startswith("upstreams.local has no api_key")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("api_key", "sk-a\r\nX-Injected: 1"), ("headers", {"X-A": "v\nX-Injected: 1"}), ("headers", {"Bad Name": "v"}),
+    ("tenant_header", "X-Tenant\n"),
+])
+def test_upstream_header_values_with_line_breaks_are_refused(field: str, value: Any) -> None:
+    raw = with_changes(upstreams={"openai": {"base_url": "https://api.openai.com/v1", field: value}})
+    assert error_of(raw).path.startswith(f"upstreams.openai.{field}")
 
 
 def test_hashed_keys_give_no_warning() -> None:
