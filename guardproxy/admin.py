@@ -109,7 +109,8 @@ async def put_budget(request: Request) -> Response:
         policy = merge_policy(Fields(body, ""), current.policy)
     except ConfigError as exc:
         raise GuardError(ErrorKind.INVALID_FIELD, f"Invalid budget: {exc}", param=exc.path or None) from None
-    await services.ledger.store.set_override(tenant, override_record(policy))
+    # Re-arms the period's alerts and lists the tenant (a tenant may exist only through its override).
+    await services.ledger.store.set_override(tenant, override_record(policy), services.ledger.periods(tenant))
     return _json((await tenant_state(services, tenant)).as_json())
 
 
@@ -117,7 +118,7 @@ async def delete_budget(request: Request) -> Response:
     """Drop the runtime override: the tenant is back on proxy.yaml's budget."""
     services = _services(request)
     tenant = valid_tenant(request.path_params["tenant"])
-    await services.ledger.store.clear_override(tenant)
+    await services.ledger.store.clear_override(tenant, services.ledger.periods(tenant))
     return _json((await tenant_state(services, tenant)).as_json())
 
 

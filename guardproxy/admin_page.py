@@ -14,6 +14,7 @@ from html import escape
 
 from guardproxy.budget import ACTIVE, BLOCKED, DOWNGRADING, Thresholds
 from guardproxy.periods import iso_utc
+from guardproxy.pricing import format_usd
 from guardproxy.state import PeriodState, TenantState
 from guardproxy.types import Micros
 
@@ -130,10 +131,7 @@ def _period_cell(name: str, period: PeriodState, soft: Micros, hard: Micros, sta
 
 
 def _usd(micros: Micros) -> str:
-    """Cents when the amount has them, else every micro-dollar: a $0.0004 call is not $0.00."""
-    if micros % 10_000 == 0 or abs(micros) >= 100_000_000:
-        return f"${micros / 1_000_000:,.2f}"
-    return f"${Decimal(micros) / 1_000_000:,.6f}".rstrip("0")
+    return f"${format_usd(micros)}"
 
 
 def _percent(fraction: Decimal) -> str:

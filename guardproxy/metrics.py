@@ -74,6 +74,14 @@ class Metrics:
             "guardproxy_duplicate_settlements", "Settlements the store ignored: their reservation id had already "
             "settled (a retry after a lost reply, or a journal replay).", registry=r,
         )
+        self.rate_limited = Counter(
+            "guardproxy_rate_limited", "Calls refused by a tenant's per-minute limit, by kind (requests, tokens).",
+            ["tenant", "kind"], registry=r,
+        )
+        self.alerts = Counter(
+            "guardproxy_alerts", "Alert deliveries by event and result (delivered, failed: retried later, "
+            "dropped: given up).", ["event", "result"], registry=r,
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,
