@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from guardproxy.budget import STATES
 from guardproxy.pricing import Usage, micros_to_usd
 from guardproxy.state import TenantState
 from guardproxy.types import Micros
@@ -117,9 +118,21 @@ class _BudgetGauges(Collector):
                                   labels=["tenant", "period"])
         utilization = GaugeMetricFamily("guardproxy_budget_utilization_ratio", "Settled spend / limit.",
                                         labels=["tenant", "period"])
+        remaining = GaugeMetricFamily(
+            "guardproxy_budget_remaining_usd", "What is left before the period's hard cap, live reservations counted.",
+            labels=["tenant", "period"],
+        )
+        # 1 for the tenant's current state and 0 for the others, as prometheus-client's Enum does.
+        budget_state = GaugeMetricFamily(
+            "guardproxy_budget_state", "The tenant's budget state (the one its responses carry).",
+            labels=["tenant", "state"],
+        )
         for state in self.states:
             for name, period in (("day", state.day), ("month", state.month)):
                 spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
                 limit.add_metric([state.tenant, name], micros_to_usd(period.limit))
                 utilization.add_metric([state.tenant, name], period.utilization)
-        yield from (spent, limit, utilization)
+                remaining.add_metric([state.tenant, name], micros_to_usd(period.remaining))
+            for name in STATES:
+                budget_state.add_metric([state.tenant, name], 1.0 if state.state == name else 0.0)
+        yield from (spent, limit, utilization, remaining, budget_state)

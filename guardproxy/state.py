@@ -31,6 +31,8 @@ class PeriodState:
     spent: Micros
     reserved: Micros
     resets_at: datetime
+    #: What is left before this period's hard cap, live reservations counted (never negative).
+    remaining: Micros = 0
 
     @property
     def utilization(self) -> float:
@@ -41,7 +43,8 @@ class PeriodState:
     def as_json(self) -> dict[str, Any]:
         return {
             "period": self.period, "limit_usd": micros_to_usd(self.limit), "spent_usd": micros_to_usd(self.spent),
-            "reserved_usd": micros_to_usd(self.reserved), "utilization": round(self.utilization, 7),
+            "reserved_usd": micros_to_usd(self.reserved), "remaining_usd": micros_to_usd(self.remaining),
+            "utilization": round(self.utilization, 7),
             "resets_at": iso_utc(self.resets_at),
         }
 
@@ -128,9 +131,10 @@ def _state(tenant: str, base: BudgetPolicy, periods: Periods, snap: Snapshot) ->
         state=budget.state_of(used_day, used_month, limits, snap.refused),
         remaining=budget.remaining(used_day, used_month, limits),
         window_requests=snap.window_requests, window_tokens=snap.window_tokens,
-        day=PeriodState(periods.day, policy.daily_micros, day.spent, day.reserved, periods.day_resets_at),
+        day=PeriodState(periods.day, policy.daily_micros, day.spent, day.reserved, periods.day_resets_at,
+                        max(0, limits.hard_day - used_day)),
         month=PeriodState(periods.month, policy.monthly_micros, month.spent, month.reserved,
-                          periods.month_resets_at),
+                          periods.month_resets_at, max(0, limits.hard_month - used_month)),
         policy=policy,
         overridden=bool(override),
     )
