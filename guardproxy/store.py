@@ -127,6 +127,31 @@ class Snapshot:
     window_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class QueuedAlert:
+    """One alert event claimed for delivery: its stream ``id`` and ``fields`` as the script wrote them."""
+
+    tenant: str
+    id: str
+    fields: dict[str, str]
+    attempts: int
+    #: Indexes of the webhooks that already took it.
+    delivered_to: set[int]
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One queued alert event and how its delivery stands (``pending``, ``delivered``, ``dropped``)."""
+
+    tenant: str
+    id: str
+    fields: dict[str, str]
+    state: str
+    attempts: int
+    error: str
+    next_attempt_ms: int | None
+
+
 class Keys:
     """Key names of one tenant; ``{tenant}`` is the Redis Cluster hash tag."""
 
@@ -229,6 +254,7 @@ class BudgetStore:
         self._admit = client.register_script(_script_source("admit.v3.lua"))
         self._settle = client.register_script(_script_source("settle.v3.lua"))
         self._renew = client.register_script(_script_source("renew.v1.lua"))
+        self._claim = client.register_script(_script_source("claim.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -431,6 +457,74 @@ class BudgetStore:
             pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
         async with _translated():
             await pipe.execute()
+
+    # -- alert events (queued by the scripts, delivered by ``alerts.AlertSender``) ------------------
+
+    async def claim_alerts(self, tenants: Sequence[str], lease_ms: int, limit: int = 20) -> list[QueuedAlert]:
+        """The due alert events of ``tenants``, each claimed for ``lease_ms``: one script call per tenant
+        (under its hash tag), all at once (not a pipeline: a cluster pipeline does not load scripts)."""
+
+        async def claim(tenant: str) -> list[Any]:
+            k = self.keys(tenant)
+            items: list[Any] = await self._claim(keys=[k.alerts, k.alerts_due, k.alerts_delivery],
+                                                 args=[lease_ms, limit])
+            return items
+
+        async with _translated():
+            results = await asyncio.gather(*(claim(t) for t in tenants))
+        out = []
+        for tenant, items in zip(tenants, results, strict=True):
+            for item in items:
+                values = [_text(v) for v in item]
+                fields = dict(zip(values[3::2], values[4::2], strict=True))
+                hooks = {int(h) for h in values[2].split(",") if h}
+                out.append(QueuedAlert(tenant, values[0], fields, int(values[1]), hooks))
+        return out
+
+    async def record_delivery(
+        self, alert: QueuedAlert, hooks: set[int], state: str, next_at_ms: int = 0, error: str = ""
+    ) -> None:
+        """Record one delivery attempt of ``alert``: the webhooks (``hooks``) that have taken it, and its
+        ``state``: ``delivered`` or ``dropped`` (done), or ``retrying`` (due again at ``next_at_ms``)."""
+        k = self.keys(alert.tenant)
+        pipe = self.client.pipeline(transaction=False)
+        if state == "retrying":
+            pipe.zadd(k.alerts_due, {alert.id: next_at_ms}, xx=True)
+        else:
+            pipe.zrem(k.alerts_due, alert.id)
+        pipe.hset(k.alerts_delivery, mapping={
+            f"{alert.id}:state": state, f"{alert.id}:attempts": str(alert.attempts + 1),
+            f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
+        })
+        pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
+        async with _translated():
+            await pipe.execute()
+
+    async def recent_alerts(self, tenants: Sequence[str], limit: int) -> list[AlertRecord]:
+        """The latest ``limit`` alert events of ``tenants``, newest first, with their delivery state."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            k = self.keys(tenant)
+            pipe.xrevrange(k.alerts, count=limit)
+            pipe.hgetall(k.alerts_delivery)
+            pipe.zrange(k.alerts_due, 0, -1, withscores=True)
+        async with _translated():
+            values = await pipe.execute()
+        out = []
+        for i, tenant in enumerate(tenants):
+            entries, delivery, due = values[3 * i : 3 * i + 3]
+            state = {_text(a): _text(b) for a, b in (delivery or {}).items()}
+            due_at = {_text(m): int(score) for m, score in due or []}
+            for entry_id, fields in entries or []:
+                eid = _text(entry_id)
+                out.append(AlertRecord(
+                    tenant, eid, {_text(a): _text(b) for a, b in (fields or {}).items()},
+                    state=state.get(f"{eid}:state") or ("pending" if eid in due_at else "unknown"),
+                    attempts=int(state.get(f"{eid}:attempts", "0")), error=state.get(f"{eid}:error", ""),
+                    next_attempt_ms=due_at.get(eid),
+                ))
+        out.sort(key=lambda a: tuple(int(p) for p in a.id.split("-")), reverse=True)
+        return out[:limit]
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""
