@@ -93,27 +93,34 @@ if redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1 then
   settled = 1
 end
 
--- The sliding windows: what was admitted in the last 60 s.
+-- The sliding windows: what was admitted in the last 60 s (kept only for the limits a tenant has).
 local cutoff = now_ms - WINDOW_MS
-redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', cutoff)
-local aged = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', cutoff)
-if #aged > 0 then
-  local freed = 0
-  for _, n in ipairs(redis.call('HMGET', KEYS[10], unpack(aged))) do
-    freed = freed + tonumber(n or '0')
-  end
-  redis.call('DECRBY', KEYS[11], freed)
-  redis.call('HDEL', KEYS[10], unpack(aged))
-  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', cutoff)
+local requests, tokens = 0, 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', cutoff)
+  requests = redis.call('ZCARD', KEYS[8])
 end
-local requests = redis.call('ZCARD', KEYS[8])
-local tokens = tonumber(redis.call('GET', KEYS[11]) or '0')
-if redis.call('ZCARD', KEYS[9]) == 0 then
-  tokens = 0
+if tpm > 0 then
+  -- in chunks: unpack() has a limit of a few thousand values
+  while true do
+    local aged = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', cutoff, 'LIMIT', 0, 1000)
+    if #aged == 0 then break end
+    local freed = 0
+    for _, n in ipairs(redis.call('HMGET', KEYS[10], unpack(aged))) do
+      freed = freed + tonumber(n or '0')
+    end
+    redis.call('DECRBY', KEYS[11], freed)
+    redis.call('HDEL', KEYS[10], unpack(aged))
+    redis.call('ZREM', KEYS[9], unpack(aged))
+  end
+  if redis.call('ZCARD', KEYS[9]) > 0 then
+    tokens = tonumber(redis.call('GET', KEYS[11]) or '0')
+  end
 end
 local call_tokens = tonumber(ARGV[9])
 
-local function leaves_at(key)
+local function leaves_at(key, limit)
+  if limit == 0 then return 0 end
   local oldest = redis.call('ZRANGE', KEYS[key], 0, 0, 'WITHSCORES')
   if #oldest == 0 then return 0 end
   return math.max(1, tonumber(oldest[2]) + WINDOW_MS - now_ms)
@@ -206,4 +213,4 @@ if redis.call('HEXISTS', KEYS[12], 'blocked') == 1 or redis.call('HEXISTS', KEYS
   blocked = 1
 end
 return {chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
-        limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(8), leaves_at(9), blocked}
+        limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(8, rpm), leaves_at(9, tpm), blocked}

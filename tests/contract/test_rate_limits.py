@@ -109,3 +109,16 @@ async def test_a_refusal_flags_blocked_until_a_call_fits_and_snapshots_agree(bud
     assert small.reservation is not None and not small.refused
     (snap,) = await budget_store.snapshots([(TENANT, PERIODS)])
     assert not snap.refused
+
+
+async def test_thousands_of_aged_token_entries_are_swept_in_one_admission(budget_store: BudgetStore) -> None:
+    k = budget_store.keys(TENANT)
+    now = await server_ms(budget_store)
+    aged = {f"old-{i}": now - 61_000 for i in range(2500)}
+    await budget_store.client.zadd(k.rate_tokens, aged)
+    await budget_store.client.hset(k.rate_token_counts, mapping=dict.fromkeys(aged, 3))
+    await budget_store.client.set(k.rate_token_sum, 7500)
+    out = await budget_store.admit(TENANT, PERIODS, ROOMY, [1], "a", HOUR_MS, rate=RateLimits(tpm=10), call_tokens=5)
+    assert out.rate.limited is None and out.rate.tokens == 5
+    assert await budget_store.client.zcard(k.rate_tokens) == 1
+    assert await budget_store.client.hlen(k.rate_token_counts) == 1
