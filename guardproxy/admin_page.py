@@ -99,7 +99,7 @@ def _tenant_row(state: TenantState, now: datetime) -> str:
         f'<td><span class="badge {escape(state.state)}">{escape(state.state)}</span>{override}</td>'
         f"{day}{month}"
         f'<td class="caps">soft {_percent(policy.soft_cap)} &middot; hard {_percent(policy.hard_cap)}'
-        f'<div class="muted">timezone {escape(policy.timezone)}</div></td>'
+        f'<div class="muted">timezone {escape(policy.timezone)}</div>{_rate_limits(state)}</td>'
         "</tr>"
     )
 
@@ -128,6 +128,16 @@ def _period_cell(name: str, period: PeriodState, soft: Micros, hard: Micros, sta
         f" ({escape(_until(period.resets_at, now))})</div>"
         "</td>"
     )
+
+
+def _rate_limits(state: TenantState) -> str:
+    """The tenant's per-minute limits and how full the current window is (nothing without limits)."""
+    parts = []
+    if state.policy.rpm:
+        parts.append(f"{state.window_requests}/{state.policy.rpm} requests")
+    if state.policy.tpm:
+        parts.append(f"{state.window_tokens}/{state.policy.tpm} tokens")
+    return f'<div class="muted rate">last minute: {" &middot; ".join(parts)}</div>' if parts else ""
 
 
 def _usd(micros: Micros) -> str:

@@ -149,7 +149,7 @@ class BudgetedEndpoint:
         decision = admission.decision
         if admission.rate.limited is not None:
             # The tenant's per-minute window is full: a fallback would count against the same window.
-            self.s.metrics.requests.labels(tenant, requested.name, "rate_limited").inc()
+            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
             self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
             raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
         if decision.index is None:

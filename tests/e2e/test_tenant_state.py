@@ -75,7 +75,9 @@ def test_a_tenant_created_by_its_override_is_listed_everywhere(
     assert put.status_code == 200 and put.json()["rate_limits"]["rpm"] == 10
     listed = {t["tenant"]: t for t in httpx.get(url + "/admin/tenants", headers=ADMIN).json()["data"]}
     assert listed["initech"]["day"]["limit_usd"] == 3 and listed["initech"]["overridden"]
-    assert page_state(httpx.get(url + "/admin/", headers=ADMIN).text, "initech") == "active"
+    page = httpx.get(url + "/admin/", headers=ADMIN).text
+    assert page_state(page, "initech") == "active"
+    assert "last minute: 0/10 requests" in page
     scrape = httpx.get(url + "/metrics").text
     assert metric(scrape, "guardproxy_budget_limit_usd", tenant="initech", period="day") == 3
     assert metric(scrape, "guardproxy_budget_state", tenant="initech", state="active") == 1
