@@ -166,7 +166,8 @@ class AlertSender:
             else:
                 delivered.add(index)
         if not errors:
-            self.on_result(kind, "delivered")
+            if delivered - alert.delivered_to:  # not counted when no webhook asked for this kind
+                self.on_result(kind, "delivered")
             await self.store.record_delivery(alert, delivered, "delivered")
             return
         error = "; ".join(errors)
