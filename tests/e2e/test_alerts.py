@@ -162,3 +162,29 @@ def test_each_alert_arrives_exactly_once_across_replicas_a_down_receiver_and_a_r
     bodies = receiver.bodies("/json")
     assert len(bodies) == 5 and {b["tenant"] for b in bodies} == {"globex"}
     assert len({identity(b) for b in bodies}) == 5
+
+
+def test_webhooks_and_rate_limits_added_by_a_reload_apply_at_once(
+    upstream_url: str, redis_url: str, serve_proxy: Any, tmp_path: Path, receiver: Receiver
+) -> None:
+    import yaml
+
+    from guardproxy.config import load_config
+
+    raw = alert_config(upstream_url, redis_url, receiver)
+    alerts_section = raw.pop("alerts")
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    url = serve_proxy(load_config(path), config_path=path)
+    with receiver.serving():
+        assert set(asyncio.run(spend([url], TENANT_KEY, 3))) == {200}
+        assert queued(url) == []  # no webhook: nothing queued
+        raw["alerts"] = alerts_section
+        raw["tenants"]["acme"]["rpm"] = 12
+        path.write_text(yaml.safe_dump(raw))
+        assert httpx.post(url + "/admin/reload", headers=ADMIN).status_code == 200
+        statuses = asyncio.run(spend([url], TENANT_KEY, 20))
+        # the reloaded rpm holds at once (the window counts from when the tenant has a limit)
+        assert statuses.count(200) == 12 and statuses.count(429) == 8
+        wait_until(lambda: len(receiver.bodies("/json")) >= 1, 10)
+    assert {b["tenant"] for b in receiver.bodies("/json")} == {"acme"}
