@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from guardproxy.admin_page import render_page
+from guardproxy.alerts import event_json
 from guardproxy.auth import presented_key, valid_tenant
 from guardproxy.config import merge_policy
 from guardproxy.errors import ErrorKind, GuardError
@@ -108,7 +109,8 @@ async def put_budget(request: Request) -> Response:
         policy = merge_policy(Fields(body, ""), current.policy)
     except ConfigError as exc:
         raise GuardError(ErrorKind.INVALID_FIELD, f"Invalid budget: {exc}", param=exc.path or None) from None
-    await services.ledger.store.set_override(tenant, override_record(policy))
+    # Re-arms the period's alerts and lists the tenant (a tenant may exist only through its override).
+    await services.ledger.store.set_override(tenant, override_record(policy), services.ledger.periods(tenant))
     return _json((await tenant_state(services, tenant)).as_json())
 
 
@@ -116,7 +118,7 @@ async def delete_budget(request: Request) -> Response:
     """Drop the runtime override: the tenant is back on proxy.yaml's budget."""
     services = _services(request)
     tenant = valid_tenant(request.path_params["tenant"])
-    await services.ledger.store.clear_override(tenant)
+    await services.ledger.store.clear_override(tenant, services.ledger.periods(tenant))
     return _json((await tenant_state(services, tenant)).as_json())
 
 
@@ -129,6 +131,24 @@ async def list_calls(request: Request) -> Response:
         raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
     calls = await services.ledger.store.recent_calls(tenant, int(raw_limit))
     return _json({"object": "list", "tenant": tenant, "data": [_call_json(c) for c in calls]})
+
+
+async def list_alerts(request: Request) -> Response:
+    """The latest alert events of every tenant, newest first, with how their delivery stands."""
+    services = _services(request)
+    raw_limit = request.query_params.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_CALLS:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
+    store = services.ledger.store
+    records = await store.recent_alerts(await all_tenants(store, services.config), int(raw_limit))
+    data = []
+    for r in records:
+        delivery: dict[str, Any] = {"state": r.state, "attempts": r.attempts, "last_error": r.error or None}
+        if r.state in ("pending", "retrying") and r.next_attempt_ms is not None:
+            delivery["next_attempt_at"] = iso_utc(datetime.fromtimestamp(r.next_attempt_ms / 1000, UTC))
+        event = event_json(r.fields, services.config.policy_for(r.tenant).zone)
+        data.append({"id": r.id, **event, "delivery": delivery})
+    return _json({"object": "list", "data": data})
 
 
 def _call_json(call: dict[str, str]) -> dict[str, Any]:
@@ -165,6 +185,7 @@ def admin_routes() -> list[Route]:
                 ("/admin/tenants/{tenant}/budget", put_budget, "PUT"),
                 ("/admin/tenants/{tenant}/budget", delete_budget, "DELETE"),
                 ("/admin/tenants/{tenant}/calls", list_calls, "GET"),
+                ("/admin/alerts", list_alerts, "GET"),
             )
         ),
     ]

@@ -14,6 +14,7 @@ from html import escape
 
 from guardproxy.budget import ACTIVE, BLOCKED, DOWNGRADING, Thresholds
 from guardproxy.periods import iso_utc
+from guardproxy.pricing import format_usd
 from guardproxy.state import PeriodState, TenantState
 from guardproxy.types import Micros
 
@@ -98,7 +99,7 @@ def _tenant_row(state: TenantState, now: datetime) -> str:
         f'<td><span class="badge {escape(state.state)}">{escape(state.state)}</span>{override}</td>'
         f"{day}{month}"
         f'<td class="caps">soft {_percent(policy.soft_cap)} &middot; hard {_percent(policy.hard_cap)}'
-        f'<div class="muted">timezone {escape(policy.timezone)}</div></td>'
+        f'<div class="muted">timezone {escape(policy.timezone)}</div>{_rate_limits(state)}</td>'
         "</tr>"
     )
 
@@ -129,11 +130,18 @@ def _period_cell(name: str, period: PeriodState, soft: Micros, hard: Micros, sta
     )
 
 
+def _rate_limits(state: TenantState) -> str:
+    """The tenant's per-minute limits and how full the current window is (nothing without limits)."""
+    parts = []
+    if state.policy.rpm:
+        parts.append(f"{state.window_requests}/{state.policy.rpm} requests")
+    if state.policy.tpm:
+        parts.append(f"{state.window_tokens}/{state.policy.tpm} tokens")
+    return f'<div class="muted rate">last minute: {" &middot; ".join(parts)}</div>' if parts else ""
+
+
 def _usd(micros: Micros) -> str:
-    """Cents when the amount has them, else every micro-dollar: a $0.0004 call is not $0.00."""
-    if micros % 10_000 == 0 or abs(micros) >= 100_000_000:
-        return f"${micros / 1_000_000:,.2f}"
-    return f"${Decimal(micros) / 1_000_000:,.6f}".rstrip("0")
+    return f"${format_usd(micros)}"
 
 
 def _percent(fraction: Decimal) -> str:

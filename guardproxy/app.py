@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
+from guardproxy.alerts import AlertSender
 from guardproxy.auth import JobTenantResolver
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.cors import cors_middleware
@@ -149,8 +150,13 @@ def create_app(
         )
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
+        counted = metrics.alerts
+        # Follows the current config: webhooks and thresholds apply on reload, like budgets.
+        alerts = AlertSender(budget_store, lambda: runtime.current.services.config,
+                             lambda event, result: counted.labels(event, result).inc())
         try:
-            async with ledger.running():  # journal replay, lease renewal, and a last drain on the way out
+            # journal replay, lease renewal and a last drain on the way out; alert delivery
+            async with ledger.running(), alerts.running():
                 yield
         finally:
             reloads.close()

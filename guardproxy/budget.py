@@ -1,6 +1,6 @@
 """The budget decision (contract §4), as pure functions.
 
-The store runs the very same decision inside one Lua script (``lua/admit.v1.lua``) so that reading
+The store runs the very same decision inside one Lua script (``lua/admit.v3.lua``) so that reading
 the spend and reserving happen atomically; this module is its reference, tested exhaustively, and
 a differential test runs both on the same inputs.
 """
@@ -16,6 +16,11 @@ from guardproxy.config import BudgetPolicy
 from guardproxy.types import Micros
 
 ACTIVE, DOWNGRADING, BLOCKED = "active", "downgrading", "blocked"
+STATES = (ACTIVE, DOWNGRADING, BLOCKED)
+#: The rate-limit window: requests and tokens admitted in the last minute (a sliding log).
+WINDOW_MS = 60_000
+#: Kinds of rate limit a call can hit (OpenAI's error ``type`` for them).
+REQUESTS, TOKENS = "requests", "tokens"
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,11 @@ def decide(used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases
     return Decision(None, used_day, used_month, exhausted)
 
 
-def state_of(used_day: Micros, used_month: Micros, limits: Thresholds) -> str:
-    """``blocked`` once a hard cap is reached, ``downgrading`` at a soft cap, else ``active``."""
-    if used_day >= limits.hard_day or used_month >= limits.hard_month:
+def state_of(used_day: Micros, used_month: Micros, limits: Thresholds, refused: bool = False) -> str:
+    """``blocked`` once a hard cap is reached or while the period's last admission was refused
+    (``refused``: the store's flag, set by a budget 429 and cleared by the next admitted call),
+    ``downgrading`` at a soft cap, else ``active``."""
+    if refused or used_day >= limits.hard_day or used_month >= limits.hard_month:
         return BLOCKED
     if used_day >= limits.soft_day or used_month >= limits.soft_month:
         return DOWNGRADING
@@ -101,3 +108,48 @@ def state_of(used_day: Micros, used_month: Micros, limits: Thresholds) -> str:
 def remaining(used_day: Micros, used_month: Micros, limits: Thresholds) -> Micros:
     """What is left before the nearer hard cap (never negative)."""
     return max(0, min(limits.hard_day - used_day, limits.hard_month - used_month))
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Requests and tokens per minute a tenant may use; 0 means no limit."""
+
+    rpm: int = 0
+    tpm: int = 0
+
+
+@dataclass(frozen=True)
+class RateVerdict:
+    """Why a call over a per-minute limit is refused: ``kind`` (``requests`` or ``tokens``), and
+    ``wait_ms`` until the window admits it (``None``: never, the call alone exceeds ``tpm``)."""
+
+    kind: str
+    wait_ms: int | None
+
+
+def rate_verdict(
+    limits: RateLimits, now_ms: int, requests_at_ms: Sequence[int], tokens_at_ms: Sequence[tuple[int, int]],
+    call_tokens: int,
+) -> RateVerdict | None:
+    """``None`` if a call of ``call_tokens`` fits the sliding windows, else why not.
+
+    ``requests_at_ms``: when each request in the window was admitted, oldest first;
+    ``tokens_at_ms``: (admitted at, tokens) of each call in it, oldest first (entries older than
+    ``WINDOW_MS`` have left the window). Requests are checked before tokens.
+    """
+    requests = [t for t in requests_at_ms if t > now_ms - WINDOW_MS]
+    if limits.rpm > 0 and len(requests) + 1 > limits.rpm:
+        # the (len + 1 - rpm)-th oldest request has to leave the window first
+        return RateVerdict(REQUESTS, max(1, requests[len(requests) - limits.rpm] + WINDOW_MS - now_ms))
+    if limits.tpm > 0:
+        window = [(t, n) for t, n in tokens_at_ms if t > now_ms - WINDOW_MS]
+        used = sum(n for _, n in window)
+        if call_tokens > limits.tpm:
+            return RateVerdict(TOKENS, None)
+        if used + call_tokens > limits.tpm:
+            freed = 0
+            for at_ms, n in window:
+                freed += n
+                if used - freed + call_tokens <= limits.tpm:
+                    return RateVerdict(TOKENS, max(1, at_ms + WINDOW_MS - now_ms))
+    return None

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -160,7 +161,8 @@ def masked(config: Config) -> dict[str, Any]:
 
     def policy(p: Any) -> dict[str, Any]:
         return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
-                "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone}
+                "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
+                "rpm": p.rpm, "tpm": p.tpm}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
@@ -195,7 +197,20 @@ def masked(config: Config) -> dict[str, Any]:
         "servicetitan": config.servicetitan.masked() if config.servicetitan else {},
         "telemetry": {"otlp_endpoint": config.telemetry.otlp_endpoint, "service_name": config.telemetry.service_name,
                       "headers": {k: MASK for k in config.telemetry.headers}},
+        "alerts": {
+            "thresholds": [float(t) for t in config.alerts.thresholds],
+            # a webhook's path and query are its secret (Slack's are)
+            "webhooks": [{"url": _webhook_origin(w.url), "format": w.format,
+                          "headers": {k: MASK for k in w.headers}, "events": list(w.events)}
+                         for w in config.alerts.webhooks],
+        },
     }
+
+
+def _webhook_origin(url: str) -> str:
+    """A webhook URL without what may be its secret (credentials, path and query; Slack's path is one)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + f"/{MASK}"
 
 
 def _mask_url(url: str) -> str:

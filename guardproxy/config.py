@@ -27,7 +27,7 @@ from guardproxy.pricing import usd_to_micros
 from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
 from guardproxy.store_client import parse_store_url
 from guardproxy.types import Micros
-from guardproxy.validation import ConfigError, Fields, describe, expand_env
+from guardproxy.validation import ConfigError, Fields, check_range, describe, expand_env, to_decimal
 
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 _HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
@@ -92,6 +92,10 @@ class BudgetPolicy:
     soft_cap: Decimal
     hard_cap: Decimal
     timezone: str
+    #: Requests per minute (0: no limit).
+    rpm: int = 0
+    #: Tokens per minute, prompt plus worst-case output at admission, real usage once settled (0: no limit).
+    tpm: int = 0
 
     @property
     def zone(self) -> ZoneInfo:
@@ -110,6 +114,35 @@ class AuthConfig:
     service_key_hashes: tuple[str, ...] = ()
     tenant_header: str = "X-Tenant-Id"
     job_header: str = "X-ServiceTitan-Job-Id"
+
+
+ALERT_EVENTS = ("threshold", "downgrading", "blocked")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One receiver of alert events."""
+
+    url: str
+    #: ``slack`` ({"text": one line}) or ``json`` (the event object).
+    format: str = "json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    events: tuple[str, ...] = ALERT_EVENTS
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    webhooks: tuple[WebhookConfig, ...] = ()
+    #: Shares of the day's and month's limit whose crossing fires a ``threshold`` event.
+    thresholds: tuple[Decimal, ...] = (Decimal("0.5"), Decimal("0.75"), Decimal("0.9"), Decimal("1.0"))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhooks)
+
+    def thresholds_ppm(self) -> tuple[int, ...]:
+        """The thresholds in parts per million, as the settle script takes them (none while disabled)."""
+        return tuple(int(t * 1_000_000) for t in self.thresholds) if self.enabled else ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,7 @@ class Config:
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -214,12 +248,14 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     unbudgeted_upstream = top.text("unbudgeted_upstream", next(iter(upstreams)), allow_empty=False)
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
+    alerts = _alerts(top.section("alerts"))
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
         unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
         telemetry=telemetry,
+        alerts=alerts,
     )
 
 
@@ -231,6 +267,38 @@ def _cors_origins(f: Fields) -> tuple[str, ...]:
             raise ConfigError(f"{f.at('cors_allow_origins')}[{i}]", "must be an origin such as "
                               f"https://app.example.com (no path) or *, got {describe(origin)}")
     return tuple(origins)
+
+
+def _alerts(f: Fields) -> AlertsConfig:
+    hooks = f.get("webhooks", [])
+    if not isinstance(hooks, list):
+        raise ConfigError(f.at("webhooks"), f"must be a list of webhooks, got {describe(hooks)}")
+    webhooks = []
+    for i, raw in enumerate(hooks):
+        w = Fields(raw, f"{f.at('webhooks')}[{i}]")
+        url = w.text("url", "", allow_empty=False)
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(w.at("url"), f"must be an http:// or https:// URL, got {describe(url)}")
+        events = tuple(w.text_list("events")) if w.has("events") else ALERT_EVENTS
+        for event in events:
+            if event not in ALERT_EVENTS:
+                raise ConfigError(w.at("events"), f"unknown event {event!r} (known: {', '.join(ALERT_EVENTS)})")
+        webhooks.append(WebhookConfig(url=url, format=w.text("format", "json", choices=("json", "slack")),
+                                      headers=w.text_map("headers"), events=events))
+        w.done()
+    thresholds = AlertsConfig.thresholds
+    if f.has("thresholds"):
+        raw_thresholds = f.get("thresholds")
+        if not isinstance(raw_thresholds, list) or not raw_thresholds:
+            raise ConfigError(f.at("thresholds"), "must be a non-empty list of shares such as [0.75, 0.9]")
+        values = []
+        for i, value in enumerate(raw_thresholds):
+            share = to_decimal(f"{f.at('thresholds')}[{i}]", value)
+            check_range(f"{f.at('thresholds')}[{i}]", share, Decimal("0.000001"), Decimal(10))
+            values.append(share.quantize(Decimal("0.000001")))
+        thresholds = tuple(sorted(set(values)))
+    f.done()
+    return AlertsConfig(webhooks=tuple(webhooks), thresholds=thresholds)
 
 
 def _server(f: Fields) -> ServerConfig:
@@ -302,6 +370,8 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         daily_micros=money("daily_usd", base.daily_micros),
         monthly_micros=money("monthly_usd", base.monthly_micros),
         soft_cap=soft, hard_cap=hard, timezone=tz,
+        rpm=f.integer("rpm", base.rpm, min_value=0, max_value=10_000_000),
+        tpm=f.integer("tpm", base.tpm, min_value=0, max_value=10**12),
     )
 
 

@@ -108,6 +108,7 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
             response = await handlers[endpoint](body, Steering.from_headers(request.headers))
             if "x-fake-no-request-id" in request.headers:
                 del response.headers["x-request-id"]
+            response.headers.update(_PROVIDER_RATE_LIMITS)
             return response
 
         return Route(path, serve, methods=["POST"])
@@ -135,6 +136,13 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
     app.state.fake = state
     return app
 
+
+# The provider's own limits, as OpenAI reports them on every answer (the proxy's replace them).
+_PROVIDER_RATE_LIMITS = {
+    "x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-requests": "6ms", "x-ratelimit-limit-tokens": "30000000",
+    "x-ratelimit-remaining-tokens": "29999000", "x-ratelimit-reset-tokens": "2ms",
+}
 
 # Re-exported: tests, the demo and the benchmarks steer the fake with these.
 __all__ = ["DEFAULT_COMPLETION_TOKENS", "WORD", "FakeUpstreamState", "UpstreamCut", "create_fake_upstream"]

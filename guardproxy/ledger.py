@@ -23,12 +23,12 @@ from typing import TypeAlias
 
 import anyio
 
-from guardproxy.budget import Decision, Thresholds
+from guardproxy.budget import Decision, RateLimits, Thresholds
 from guardproxy.config import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.journal import Entry, Journal
 from guardproxy.periods import Periods, periods_at
-from guardproxy.store import Admission, BudgetStore, Reservation, reply_lost
+from guardproxy.store import Admission, AlertArgs, BudgetStore, Reservation, reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.ledger")
@@ -68,17 +68,28 @@ class Ledger:
 
     # -- the calls' side -------------------------------------------------------------------------
 
-    async def admit(self, tenant: str, worst_cases: Sequence[Micros]) -> Admission:
-        """Decide and reserve; raises 503 while the store is down, unless configured to fail open."""
+    def alert_args(self, tenant: str) -> AlertArgs:
+        """What the scripts need to queue ``tenant``'s alert events (nothing while no webhook is set)."""
+        policy = self.config.policy_for(tenant)
+        alerts = self.config.alerts
+        return AlertArgs(policy.daily_micros, policy.monthly_micros, alerts.thresholds_ppm(), alerts.enabled)
+
+    async def admit(self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0) -> Admission:
+        """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm);
+        raises 503 while the store is down, unless configured to fail open."""
         periods = self.periods(tenant)
-        limits = Thresholds.for_policy(self.config.policy_for(tenant))
+        policy = self.config.policy_for(tenant)
+        limits = Thresholds.for_policy(policy)
         reservation_id = uuid.uuid4().hex
         try:
             if tenant not in self._registered:
                 # Once per tenant and process: lets metrics and the admin API list service-key tenants.
                 await self.store.register_tenant(tenant)
                 self._registered.add(tenant)
-            admission = await self.store.admit(tenant, periods, limits, worst_cases, reservation_id, self.lease_ms)
+            admission = await self.store.admit(
+                tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
+                rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
+            )
         except StoreUnavailable as exc:
             if not self.config.store.fail_open:
                 if reply_lost(exc):
@@ -129,7 +140,8 @@ class Ledger:
         return await self.journal.drain(self._apply)
 
     async def _apply(self, entry: Entry) -> None:
-        settlement = await self.store.settle(entry.reservation, entry.charge, entry.record)
+        settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
+                                             self.alert_args(entry.reservation.tenant))
         if not settlement.applied:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)

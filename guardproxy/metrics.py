@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from guardproxy.budget import STATES
 from guardproxy.pricing import Usage, micros_to_usd
 from guardproxy.state import TenantState
 from guardproxy.types import Micros
@@ -74,6 +75,14 @@ class Metrics:
             "guardproxy_duplicate_settlements", "Settlements the store ignored: their reservation id had already "
             "settled (a retry after a lost reply, or a journal replay).", registry=r,
         )
+        self.rate_limited = Counter(
+            "guardproxy_rate_limited", "Calls refused by a tenant's per-minute limit, by kind (requests, tokens).",
+            ["tenant", "kind"], registry=r,
+        )
+        self.alerts = Counter(
+            "guardproxy_alerts", "Alert deliveries by event and result (delivered, failed: retried later, "
+            "dropped: given up).", ["event", "result"], registry=r,
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,
@@ -109,9 +118,21 @@ class _BudgetGauges(Collector):
                                   labels=["tenant", "period"])
         utilization = GaugeMetricFamily("guardproxy_budget_utilization_ratio", "Settled spend / limit.",
                                         labels=["tenant", "period"])
+        remaining = GaugeMetricFamily(
+            "guardproxy_budget_remaining_usd", "What is left before the period's hard cap, live reservations counted.",
+            labels=["tenant", "period"],
+        )
+        # 1 for the tenant's current state and 0 for the others, as prometheus-client's Enum does.
+        budget_state = GaugeMetricFamily(
+            "guardproxy_budget_state", "The tenant's budget state (the one its responses carry).",
+            labels=["tenant", "state"],
+        )
         for state in self.states:
             for name, period in (("day", state.day), ("month", state.month)):
                 spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
                 limit.add_metric([state.tenant, name], micros_to_usd(period.limit))
                 utilization.add_metric([state.tenant, name], period.utilization)
-        yield from (spent, limit, utilization)
+                remaining.add_metric([state.tenant, name], micros_to_usd(period.remaining))
+            for name in STATES:
+                budget_state.add_metric([state.tenant, name], 1.0 if state.state == name else 0.0)
+        yield from (spent, limit, utilization, remaining, budget_state)

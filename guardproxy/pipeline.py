@@ -26,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guardproxy import budget
+from guardproxy import budget, ratelimit
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.config import Config, ModelConfig
@@ -36,7 +36,7 @@ from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
 from guardproxy.plan import Plan
-from guardproxy.pricing import Usage, cost_micros, lookup_model, micros_to_usd
+from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model
 from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
@@ -140,11 +140,18 @@ class BudgetedEndpoint:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
         chain = self.s.config.downgrade_chain(attempt)
+        worst_outputs = [self.shape.worst_output_tokens(call, m) for m in chain]
         worst_cases = [
-            cost_micros(Usage(prompt_tokens, self.shape.worst_output_tokens(call, m)), m.price) for m in chain
+            cost_micros(Usage(prompt_tokens, out), m.price) for m, out in zip(chain, worst_outputs, strict=True)
         ]
-        admission = await self.s.ledger.admit(tenant, worst_cases)
+        call_tokens = prompt_tokens + max(worst_outputs)
+        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens)
         decision = admission.decision
+        if admission.rate.limited is not None:
+            # The tenant's per-minute window is full: a fallback would count against the same window.
+            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
+            self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
+            raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
         if decision.index is None:
             if attempt is not requested:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
@@ -168,9 +175,9 @@ class BudgetedEndpoint:
         return GuardError(
             ErrorKind.OVER_BUDGET,
             f"Tenant {tenant!r} has reached its {'daily' if period == 'day' else 'monthly'} budget "
-            f"(limit {micros_to_usd(hard):.2f} USD for {periods.day if period == 'day' else periods.month}); "
+            f"(limit {format_usd(hard)} USD for {periods.day if period == 'day' else periods.month}); "
             f"it resets at {iso_utc(resets_at)}.",
-            headers={"retry-after": str(retry_after), "x-should-retry": "false",
+            headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
                      "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
         )
 

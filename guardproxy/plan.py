@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guardproxy import budget
+from guardproxy import budget, ratelimit
 from guardproxy.calls import CallContext
 from guardproxy.config import ModelConfig
 from guardproxy.pricing import micros_to_usd
@@ -59,7 +59,8 @@ class Plan:
         headers = {
             "x-guardproxy-tenant": self.tenant,
             "x-guardproxy-model": self.sent.name,
-            "x-guardproxy-budget-state": budget.state_of(decision.used_day, decision.used_month, limits),
+            "x-guardproxy-budget-state":
+                budget.state_of(decision.used_day, decision.used_month, limits, self.admission.refused),
             "x-guardproxy-budget-remaining-usd":
                 f"{micros_to_usd(budget.remaining(decision.used_day, decision.used_month, limits)):.6f}",
         }
@@ -67,4 +68,6 @@ class Plan:
             headers["x-guardproxy-downgraded-from"] = self.attempt.name if self.fell_back else self.request.model
         if self.fell_back:
             headers["x-guardproxy-fallback-from"] = self.request.model
+        # The tenant's own per-minute limits; they replace the upstream's headers of the same kind.
+        headers.update(ratelimit.headers(self.admission.rate))
         return headers

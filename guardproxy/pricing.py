@@ -68,6 +68,14 @@ def micros_to_usd(micros: Micros) -> float:
     return micros / MICROS_PER_USD
 
 
+def format_usd(micros: Micros) -> str:
+    """An amount for people: cents when it has no finer part, else every micro-dollar it has
+    (``0.0004``, never ``0.00`` for a non-zero amount); thousands separated."""
+    if micros % 10_000 == 0 or abs(micros) >= 100_000_000:
+        return f"{micros / MICROS_PER_USD:,.2f}"
+    return f"{Decimal(micros) / MICROS_PER_USD:,.6f}".rstrip("0")
+
+
 def lookup_model(name: str, models: Mapping[str, T]) -> T | None:
     """The configured entry for ``name``; a dated snapshot falls back to its listed base model."""
     entry = models.get(name)

@@ -18,10 +18,10 @@ from guardproxy.budget import Thresholds
 from guardproxy.config import BudgetPolicy, Config
 from guardproxy.periods import Periods, iso_utc, periods_at
 from guardproxy.pricing import micros_to_usd
-from guardproxy.store import BudgetStore, PeriodSpend
+from guardproxy.store import BudgetStore, Snapshot
 from guardproxy.types import Micros
 
-OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap")
+OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class PeriodState:
     spent: Micros
     reserved: Micros
     resets_at: datetime
+    #: What is left before this period's hard cap, live reservations counted (never negative).
+    remaining: Micros = 0
 
     @property
     def utilization(self) -> float:
@@ -41,7 +43,8 @@ class PeriodState:
     def as_json(self) -> dict[str, Any]:
         return {
             "period": self.period, "limit_usd": micros_to_usd(self.limit), "spent_usd": micros_to_usd(self.spent),
-            "reserved_usd": micros_to_usd(self.reserved), "utilization": round(self.utilization, 7),
+            "reserved_usd": micros_to_usd(self.reserved), "remaining_usd": micros_to_usd(self.remaining),
+            "utilization": round(self.utilization, 7),
             "resets_at": iso_utc(self.resets_at),
         }
 
@@ -49,17 +52,29 @@ class PeriodState:
 @dataclass(frozen=True)
 class TenantState:
     tenant: str
+    #: ``budget.state_of``: the same rule the 429 and the ``x-guardproxy-budget-state`` header use.
     state: str
     day: PeriodState
     month: PeriodState
     policy: BudgetPolicy
     overridden: bool
+    #: What is left before the nearer hard cap, live reservations counted.
+    remaining: Micros = 0
+    #: Requests and tokens counted in the last minute's window.
+    window_requests: int = 0
+    window_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
             "tenant": self.tenant, "state": self.state, "day": self.day.as_json(), "month": self.month.as_json(),
+            "remaining_usd": micros_to_usd(self.remaining),
             "soft_cap": float(self.policy.soft_cap), "hard_cap": float(self.policy.hard_cap),
             "timezone": self.policy.timezone, "overridden": self.overridden,
+            "rate_limits": {
+                "rpm": self.policy.rpm or None, "tpm": self.policy.tpm or None,
+                "window_s": budget.WINDOW_MS // 1000,
+                "requests_in_window": self.window_requests, "tokens_in_window": self.window_tokens,
+            },
         }
 
 
@@ -73,14 +88,17 @@ def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetP
         soft_cap=Decimal(override.get("soft_cap", base.soft_cap)),
         hard_cap=Decimal(override.get("hard_cap", base.hard_cap)),
         timezone=base.timezone,
+        rpm=int(override.get("rpm", base.rpm)),
+        tpm=int(override.get("tpm", base.tpm)),
     )
 
 
 def override_record(policy: BudgetPolicy) -> dict[str, str]:
-    """What the store keeps for an override: the policy, and the thresholds admit.v1.lua reads."""
+    """What the store keeps for an override: the policy, and the thresholds and limits admit.v3.lua reads."""
     limits = Thresholds.for_policy(policy)
     return {
         "daily_micros": str(policy.daily_micros), "monthly_micros": str(policy.monthly_micros),
+        "rpm": str(policy.rpm), "tpm": str(policy.tpm),
         "soft_cap": str(policy.soft_cap), "hard_cap": str(policy.hard_cap),
         "soft_day": str(limits.soft_day), "hard_day": str(limits.hard_day),
         "soft_month": str(limits.soft_month), "hard_month": str(limits.hard_month),
@@ -88,7 +106,7 @@ def override_record(policy: BudgetPolicy) -> dict[str, str]:
 
 
 async def all_tenants(store: BudgetStore, config: Config) -> list[str]:
-    """Configured tenants and every tenant the store has seen (service keys, job lookups)."""
+    """Configured tenants and every tenant the store has seen (service keys, job lookups, overrides)."""
     return sorted(set(config.tenants) | await store.known_tenants())
 
 
@@ -98,23 +116,25 @@ async def read_states(
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
     return [
-        _state(tenant, config.policy_for(tenant), p, snap.day, snap.month, snap.override)
+        _state(tenant, config.policy_for(tenant), p, snap)
         for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
     ]
 
 
-def _state(
-    tenant: str, base: BudgetPolicy, periods: Periods, day: PeriodSpend, month: PeriodSpend,
-    override: Mapping[str, str],
-) -> TenantState:
+def _state(tenant: str, base: BudgetPolicy, periods: Periods, snap: Snapshot) -> TenantState:
+    day, month, override = snap.day, snap.month, snap.override
     policy = effective_policy(base, override)
     limits = Thresholds.for_policy(policy)
+    used_day, used_month = day.spent + day.reserved, month.spent + month.reserved
     return TenantState(
         tenant=tenant,
-        state=budget.state_of(day.spent + day.reserved, month.spent + month.reserved, limits),
-        day=PeriodState(periods.day, policy.daily_micros, day.spent, day.reserved, periods.day_resets_at),
+        state=budget.state_of(used_day, used_month, limits, snap.refused),
+        remaining=budget.remaining(used_day, used_month, limits),
+        window_requests=snap.window_requests, window_tokens=snap.window_tokens,
+        day=PeriodState(periods.day, policy.daily_micros, day.spent, day.reserved, periods.day_resets_at,
+                        max(0, limits.hard_day - used_day)),
         month=PeriodState(periods.month, policy.monthly_micros, month.spent, month.reserved,
-                          periods.month_resets_at),
+                          periods.month_resets_at, max(0, limits.hard_month - used_month)),
         policy=policy,
         overridden=bool(override),
     )

@@ -9,6 +9,7 @@ from typing import TextIO
 from guardproxy.config import Config
 from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import utc_now
+from guardproxy.pricing import format_usd
 from guardproxy.state import PeriodState, TenantState, all_tenants, read_states
 from guardproxy.store import BudgetStore
 
@@ -21,8 +22,8 @@ def bar(ratio: float) -> str:
 
 
 def _period(p: PeriodState) -> str:
-    return (f"[{bar(p.utilization)}] {p.utilization * 100:5.1f}%  ${p.spent / 1e6:,.2f} / ${p.limit / 1e6:,.2f}"
-            + (f" (+${p.reserved / 1e6:,.2f} held)" if p.reserved else "")
+    return (f"[{bar(p.utilization)}] {p.utilization * 100:5.1f}%  ${format_usd(p.spent)} / ${format_usd(p.limit)}"
+            + (f" (+${format_usd(p.reserved)} held)" if p.reserved else "")
             + f"  resets {p.resets_at:%Y-%m-%d %H:%MZ}")
 
 

@@ -1,13 +1,18 @@
 """The budget store: spend counters and reservations in Redis (contract §7).
 
 Admission and settlement are each one Lua script, so any number of proxy processes sharing one
-Redis never overspend; settlement applies at most once per reservation id (a settled-marker the
-scripts check), so a retried or replayed settle never charges twice. A reservation holds a lease
-that the process running the call renews (``renew``); one whose process died frees within a lease.
-Without ``store.redis_url`` the same scripts run on an embedded in-process fakeredis. Every key of
-a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
-``StoreUnavailable`` in exactly one place, ``_translated`` (its table is ``store_client.unavailable``).
-``store_client`` builds the client for plain Redis, Sentinel or Cluster.
+Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
+reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
+twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
+process died frees within a lease. Without ``store.redis_url`` the same scripts run on an embedded
+in-process fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
+Redis Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated`` (its
+table is ``store_client.unavailable``). ``store_client`` builds the client for plain Redis, Sentinel
+or Cluster.
+
+The scripts also queue alert events (a stream per tenant plus a zset of their next delivery time,
+``alerts.py`` delivers them) when they decide one: the first refusal or downgrade of a period, and
+a settlement that takes spend to a threshold, each once per period.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -26,7 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from guardproxy import store_client
-from guardproxy.budget import Decision, Thresholds
+from guardproxy.budget import REQUESTS, TOKENS, WINDOW_MS, Decision, RateLimits, Thresholds
 from guardproxy.config import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import Periods
@@ -39,6 +44,7 @@ DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
 #: How long /readyz's probe key lives (it is rewritten at every probe).
 READY_PROBE_TTL_MS = 60_000
+NO_RATE_LIMITS = RateLimits()
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,22 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class RateWindow:
+    """A tenant's per-minute window as admission saw it (after admitting the call, if it did)."""
+
+    limits: RateLimits = NO_RATE_LIMITS
+    requests: int = 0
+    tokens: int = 0
+    #: ms until the oldest request (tokens) in the window leaves it; 0 for an empty window.
+    requests_reset_ms: int = 0
+    tokens_reset_ms: int = 0
+    #: Why the call was refused (``requests`` or ``tokens``), or ``None``.
+    limited: str | None = None
+    #: ms until the window admits the call; ``None`` when it never will (the call alone exceeds tpm).
+    wait_ms: int | None = 0
+
+
+@dataclass(frozen=True)
 class Admission:
     decision: Decision
     limits: Thresholds
@@ -61,6 +83,19 @@ class Admission:
     already_settled: bool = False
     #: Not asked of the store at all (it was unavailable and ``fail_open`` served the call).
     unbudgeted: bool = False
+    rate: RateWindow = field(default_factory=RateWindow)
+    #: The period's last admission was a budget refusal (see ``budget.state_of``).
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class AlertArgs:
+    """What the scripts need to queue alert events for one tenant (``thresholds_ppm`` empty: none)."""
+
+    limit_day: Micros
+    limit_month: Micros
+    thresholds_ppm: tuple[int, ...] = ()
+    enabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,36 @@ class Snapshot:
     day: PeriodSpend
     month: PeriodSpend
     override: dict[str, str]
+    #: The period's last admission was a budget refusal.
+    refused: bool = False
+    #: Requests and tokens in the last minute's window.
+    window_requests: int = 0
+    window_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class QueuedAlert:
+    """One alert event claimed for delivery: its stream ``id`` and ``fields`` as the script wrote them."""
+
+    tenant: str
+    id: str
+    fields: dict[str, str]
+    attempts: int
+    #: Indexes of the webhooks that already took it.
+    delivered_to: set[int]
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One queued alert event and how its delivery stands (``pending``, ``delivered``, ``dropped``)."""
+
+    tenant: str
+    id: str
+    fields: dict[str, str]
+    state: str
+    attempts: int
+    error: str
+    next_attempt_ms: int | None
 
 
 class Keys:
@@ -118,6 +183,38 @@ class Keys:
     @property
     def budget(self) -> str:
         return f"{self.base}:budget"
+
+    @property
+    def rate_requests(self) -> str:
+        return f"{self.base}:rl:req"
+
+    @property
+    def rate_tokens(self) -> str:
+        return f"{self.base}:rl:tok"
+
+    @property
+    def rate_token_counts(self) -> str:
+        return f"{self.base}:rl:tok:n"
+
+    @property
+    def rate_token_sum(self) -> str:
+        return f"{self.base}:rl:tok:sum"
+
+    def flags(self, period: str, period_id: str) -> str:
+        """Once-per-period facts: blocked, the alert events already fired."""
+        return f"{self.base}:flags:{period}:{period_id}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.base}:alerts"
+
+    @property
+    def alerts_due(self) -> str:
+        return f"{self.base}:alerts:due"
+
+    @property
+    def alerts_delivery(self) -> str:
+        return f"{self.base}:alerts:delivery"
 
     @property
     def calls(self) -> str:
@@ -154,9 +251,10 @@ class BudgetStore:
         self.prefix = prefix
         self.embedded = embedded
         self.calls_kept = calls_kept
-        self._admit = client.register_script(_script_source("admit.v2.lua"))
-        self._settle = client.register_script(_script_source("settle.v2.lua"))
+        self._admit = client.register_script(_script_source("admit.v3.lua"))
+        self._settle = client.register_script(_script_source("settle.v3.lua"))
         self._renew = client.register_script(_script_source("renew.v1.lua"))
+        self._claim = client.register_script(_script_source("claim.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -204,43 +302,66 @@ class BudgetStore:
 
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
-        reservation_id: str, lease_ms: int,
+        reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
+        alerts: AlertArgs | None = None,
     ) -> Admission:
-        """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip."""
+        """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip;
+        a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused."""
         k = self.keys(tenant)
         keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
-                k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day)]
+                k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day),
+                k.rate_requests, k.rate_tokens, k.rate_token_counts, k.rate_token_sum,
+                k.flags("day", periods.day), k.flags("month", periods.month), k.alerts, k.alerts_due]
+        a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [
             reservation_id, lease_ms,
-            limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month, *worst_cases,
+            limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month,
+            rate.rpm, rate.tpm, call_tokens, int(a.enabled), tenant, periods.day, periods.month,
+            a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S, *worst_cases,
         ]
         async with _translated():
             result: list[Any] = await self._admit(keys=keys, args=args)
         index, used_day, used_month, exhausted = (int(v) for v in result[:4])
         effective = Thresholds(*(int(v) for v in result[4:8]))
+        already_settled = int(result[8]) == 1
+        limited, rpm, tpm, requests, tokens, wait_ms, requests_reset, tokens_reset, refused = (
+            int(v) for v in result[9:18]
+        )
+        window = RateWindow(
+            limits=RateLimits(rpm, tpm), requests=requests, tokens=tokens, requests_reset_ms=requests_reset,
+            tokens_reset_ms=tokens_reset, limited={1: REQUESTS, 2: TOKENS, 3: TOKENS}.get(limited),
+            wait_ms=None if limited == 3 else wait_ms,
+        )
         decision = Decision(
-            index=index if index >= 0 else None, used_day=used_day, used_month=used_month,
+            index=index if index >= 0 and not limited else None, used_day=used_day, used_month=used_month,
             exhausted={1: "day", 2: "month"}.get(exhausted),
         )
-        already_settled = len(result) > 8 and int(result[8]) == 1
         reservation = None
         if decision.index is not None and not already_settled:
             reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
                                       worst_cases[decision.index])
-        return Admission(decision, effective, reservation, already_settled)
+        return Admission(decision, effective, reservation, already_settled, rate=window, refused=refused == 1)
 
     async def settle(
-        self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None
+        self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
+        alerts: AlertArgs | None = None,
     ) -> Settlement:
         """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
-        trip, applied at most once per reservation id (a charge of 0 is a release)."""
+        trip, applied at most once per reservation id (a charge of 0 is a release). The token window
+        counts the record's real tokens; a threshold of ``alerts`` reached queues its event."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
-                k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day)]
+                k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
+                k.rate_token_counts, k.rate_token_sum, k.budget, k.flags("day", reservation.day),
+                k.flags("month", reservation.month), k.alerts, k.alerts_due]
+        tokens = int((record or {}).get("prompt_tokens", 0)) + int((record or {}).get("completion_tokens", 0))
+        a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
-                                 self.calls_kept if record else 0]
-        for field, value in (record or {}).items():
-            args += [field, value]
+                                 self.calls_kept if record else 0, tokens, reservation.tenant, reservation.day,
+                                 reservation.month, a.limit_day, a.limit_month, len(a.thresholds_ppm),
+                                 *a.thresholds_ppm]
+        for name, value in (record or {}).items():
+            args += [name, value]
         async with _translated():
             result: list[Any] = await self._replicated(
                 lambda client: client.evalsha(self._settle.sha, len(keys), *keys, *args), self._settle
@@ -287,31 +408,123 @@ class BudgetStore:
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""
         pipe = self.client.pipeline(transaction=False)
+        # This process's clock, not TIME (a cluster answers TIME per node): the figures are for display.
+        since = f"({int(time.time() * 1000) - WINDOW_MS}"
         for tenant, periods in tenants:
             k = self.keys(tenant)
             pipe.get(k.spend_day(periods.day))
             pipe.get(k.spend_month(periods.month))
             pipe.get(k.reserved)
             pipe.hgetall(k.budget)
+            pipe.hexists(k.flags("day", periods.day), "blocked")
+            pipe.hexists(k.flags("month", periods.month), "blocked")
+            pipe.zcount(k.rate_requests, since, "+inf")
+            pipe.zcount(k.rate_tokens, since, "+inf")
+            pipe.get(k.rate_token_sum)
         async with _translated():
             values = await pipe.execute()
         out = []
-        for i in range(0, len(values), 4):
-            day, month, reserved, override = values[i : i + 4]
+        step = 9
+        for i in range(0, len(values), step):
+            day, month, reserved, override, blocked_day, blocked_month, requests, calls, tokens = values[i : i + step]
             held = int(reserved or 0)
             out.append(Snapshot(
                 day=PeriodSpend(int(day or 0), held), month=PeriodSpend(int(month or 0), held),
                 override={_text(a): _text(b) for a, b in override.items()},
+                refused=bool(blocked_day or blocked_month),
+                # the token sum as of the last admission (which sweeps it); an idle minute empties it
+                window_requests=int(requests or 0), window_tokens=int(tokens or 0) if calls else 0,
             ))
         return out
 
-    async def set_override(self, tenant: str, fields: dict[str, str]) -> None:
+    async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None:
+        """Write a runtime override; it re-arms the alerts and ends the blocked state of ``periods``
+        (each event can fire again under the new limits), and lists the tenant."""
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(k.budget, mapping=fields)  # type: ignore[arg-type]
+        pipe.sadd(f"{self.prefix}:tenants", tenant)
+        if periods is not None:
+            pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
         async with _translated():
-            await self.client.hset(self.keys(tenant).budget, mapping=fields)  # type: ignore[arg-type]
+            await pipe.execute()
 
-    async def clear_override(self, tenant: str) -> None:
+    async def clear_override(self, tenant: str, periods: Periods | None = None) -> None:
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(k.budget)
+        if periods is not None:
+            pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
         async with _translated():
-            await self.client.delete(self.keys(tenant).budget)
+            await pipe.execute()
+
+    # -- alert events (queued by the scripts, delivered by ``alerts.AlertSender``) ------------------
+
+    async def claim_alerts(self, tenants: Sequence[str], lease_ms: int, limit: int = 20) -> list[QueuedAlert]:
+        """The due alert events of ``tenants``, each claimed for ``lease_ms``: one script call per tenant
+        (under its hash tag), all at once (not a pipeline: a cluster pipeline does not load scripts)."""
+
+        async def claim(tenant: str) -> list[Any]:
+            k = self.keys(tenant)
+            items: list[Any] = await self._claim(keys=[k.alerts, k.alerts_due, k.alerts_delivery],
+                                                 args=[lease_ms, limit])
+            return items
+
+        async with _translated():
+            results = await asyncio.gather(*(claim(t) for t in tenants))
+        out = []
+        for tenant, items in zip(tenants, results, strict=True):
+            for item in items:
+                values = [_text(v) for v in item]
+                fields = dict(zip(values[3::2], values[4::2], strict=True))
+                hooks = {int(h) for h in values[2].split(",") if h}
+                out.append(QueuedAlert(tenant, values[0], fields, int(values[1]), hooks))
+        return out
+
+    async def record_delivery(
+        self, alert: QueuedAlert, hooks: set[int], state: str, next_at_ms: int = 0, error: str = ""
+    ) -> None:
+        """Record one delivery attempt of ``alert``: the webhooks (``hooks``) that have taken it, and its
+        ``state``: ``delivered`` or ``dropped`` (done), or ``retrying`` (due again at ``next_at_ms``)."""
+        k = self.keys(alert.tenant)
+        pipe = self.client.pipeline(transaction=False)
+        if state == "retrying":
+            pipe.zadd(k.alerts_due, {alert.id: next_at_ms}, xx=True)
+        else:
+            pipe.zrem(k.alerts_due, alert.id)
+        pipe.hset(k.alerts_delivery, mapping={
+            f"{alert.id}:state": state, f"{alert.id}:attempts": str(alert.attempts + 1),
+            f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
+        })
+        pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
+        async with _translated():
+            await pipe.execute()
+
+    async def recent_alerts(self, tenants: Sequence[str], limit: int) -> list[AlertRecord]:
+        """The latest ``limit`` alert events of ``tenants``, newest first, with their delivery state."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            k = self.keys(tenant)
+            pipe.xrevrange(k.alerts, count=limit)
+            pipe.hgetall(k.alerts_delivery)
+            pipe.zrange(k.alerts_due, 0, -1, withscores=True)
+        async with _translated():
+            values = await pipe.execute()
+        out = []
+        for i, tenant in enumerate(tenants):
+            entries, delivery, due = values[3 * i : 3 * i + 3]
+            state = {_text(a): _text(b) for a, b in (delivery or {}).items()}
+            due_at = {_text(m): int(score) for m, score in due or []}
+            for entry_id, fields in entries or []:
+                eid = _text(entry_id)
+                out.append(AlertRecord(
+                    tenant, eid, {_text(a): _text(b) for a, b in (fields or {}).items()},
+                    state=state.get(f"{eid}:state") or ("pending" if eid in due_at else "unknown"),
+                    attempts=int(state.get(f"{eid}:attempts", "0")), error=state.get(f"{eid}:error", ""),
+                    next_attempt_ms=due_at.get(eid),
+                ))
+        out.sort(key=lambda a: tuple(int(p) for p in a.id.split("-")), reverse=True)
+        return out[:limit]
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

@@ -35,18 +35,22 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
                       admin={"api_key": "${ADMIN_KEY}"})
     raw["upstreams"]["openai"]["headers"] = {"Helicone-Auth": "Bearer helicone-secret-9"}
     raw["tenants"]["acme"]["api_keys"] = ["plain-tenant-key-77"]
+    raw["alerts"] = {"webhooks": [{"url": "https://hooks.slack.com/services/T0/B0/slack-secret-31", "format": "slack",
+                                   "headers": {"authorization": "Bearer hook-secret-13"}}]}
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(raw))
     done = guardproxy("check-config", "--config", str(path), env={"ADMIN_KEY": "admin-secret-55"})
     assert done.returncode == 0, done.stderr
     shown = done.stdout + done.stderr
     for secret in ("sk-upstream-secret", "redis-pass-123", "helicone-secret-9", "plain-tenant-key-77",
-                   "admin-secret-55", hashlib.sha256(b"plain-tenant-key-77").hexdigest()):
+                   "admin-secret-55", hashlib.sha256(b"plain-tenant-key-77").hexdigest(), "slack-secret-31",
+                   "hook-secret-13"):
         assert secret not in shown
     resolved = yaml.safe_load(done.stdout)
     assert resolved["store"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
     assert resolved["store"]["lease_s"] == 30.0 and resolved["store"]["journal_dir"].endswith("/guardproxy/journal")
     assert resolved["models"]["gpt-4o"]["output"] == 10.0
+    assert resolved["alerts"]["webhooks"][0]["url"] == "https://hooks.slack.com/***"
     assert "plain key" in done.stderr  # the start-up warning names the field, not the key
 
 

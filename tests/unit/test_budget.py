@@ -242,3 +242,19 @@ def test_requested_model_kept_when_it_fits_below_soft(
         # the first (cheapest-first order as given) candidate that fits, never an earlier one
         assert d.index >= 1
         assert all(day + w > limits.hard_day or month + w > limits.hard_month for w in worst[: d.index])
+
+
+def test_rate_limit_durations_read_like_openais() -> None:
+    from guardproxy.ratelimit import duration
+
+    assert [duration(ms) for ms in (0, 20, 999, 1000, 1500, 59_999, 60_000, 360_000, 61_250)] == [
+        "0ms", "20ms", "999ms", "1s", "1.5s", "59.999s", "1m0s", "6m0s", "1m1.25s",
+    ]
+
+
+def test_format_usd_keeps_sub_cent_digits() -> None:
+    from guardproxy.pricing import format_usd
+
+    assert [format_usd(m) for m in (0, 500, 5_000, 10_000, 1_234_567, 1_500_000, 250_000_000)] == [
+        "0.00", "0.0005", "0.005", "0.01", "1.234567", "1.50", "250.00",
+    ]

@@ -1,4 +1,4 @@
-"""admit.v2.lua on the embedded store against budget.decide, over generated scenarios.
+"""admit.v3.lua on the embedded store against budget.decide and budget.rate_verdict, over generated scenarios.
 
 The Lua script is what runs in production; ``budget.decide`` is its readable reference. The
 differential test sets spend and live reservations directly in a fake Redis under the key names
@@ -19,7 +19,7 @@ import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import Thresholds, decide
+from guardproxy.budget import RateLimits, Thresholds, decide, rate_verdict
 from guardproxy.periods import periods_at
 from guardproxy.store import BudgetStore, Keys, Reservation
 
@@ -48,7 +48,7 @@ def run(scenario: Callable[[BudgetStore], Awaitable[T]]) -> T:
 
 
 async def hold(store: BudgetStore, reservation_id: str, amount: int, expires_in_ms: int = HOUR_MS) -> None:
-    """A live reservation written the way admit.v2.lua writes one."""
+    """A live reservation written the way admit.v3.lua writes one."""
     k = store.keys(TENANT)
     now_s, now_us = await store.client.time()
     await store.client.zadd(k.reservations, {reservation_id: now_s * 1000 + now_us // 1000 + expires_in_ms})
@@ -128,3 +128,50 @@ def test_keys_layout() -> None:
     assert k.spend_month("2026-11") == "gp:{acme}:spend:month:2026-11"
     for key in (k.reservations, k.reservation_amounts, k.reserved, k.budget, k.settled("2026-11-22"), k.calls):
         assert key.startswith("gp:{acme}:")
+
+
+# --- admit: the rate-limit rule against budget.rate_verdict ------------------------------------
+
+ROOMY = Thresholds(soft_day=10**12, hard_day=10**12, soft_month=10**13, hard_month=10**13)
+# entry ages in ms, away from the window's edge (the script runs a few ms after the test reads the time)
+AGES = st.one_of(st.integers(0, 58_000), st.integers(62_000, 120_000))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rpm=st.integers(0, 5), tpm=st.sampled_from([0, 1, 50, 100, 200]),
+    request_ages=st.lists(AGES, max_size=7), token_entries=st.lists(st.tuples(AGES, st.integers(0, 80)), max_size=6),
+    call_tokens=st.integers(0, 150),
+)
+def test_admit_rate_rule_agrees_with_rate_verdict(
+    rpm: int, tpm: int, request_ages: list[int], token_entries: list[tuple[int, int]], call_tokens: int
+) -> None:
+    limits = RateLimits(rpm, tpm)
+
+    async def go(store: BudgetStore) -> tuple[Any, int]:
+        k = store.keys(TENANT)
+        now_s, now_us = await store.client.time()
+        now_ms = now_s * 1000 + now_us // 1000
+        if request_ages:
+            await store.client.zadd(k.rate_requests, {f"q{i}": now_ms - age for i, age in enumerate(request_ages)})
+        for i, (age, n) in enumerate(token_entries):
+            await store.client.zadd(k.rate_tokens, {f"t{i}": now_ms - age})
+            await store.client.hset(k.rate_token_counts, f"t{i}", n)
+            await store.client.incrby(k.rate_token_sum, n)
+        admission = await store.admit(TENANT, PERIODS, ROOMY, [1], "r-new", HOUR_MS, rate=limits,
+                                      call_tokens=call_tokens)
+        return admission, now_ms
+
+    admission, now_ms = run(go)
+    requests_at = sorted(now_ms - age for age in request_ages)
+    tokens_at = sorted((now_ms - age, n) for age, n in token_entries)
+    expected = rate_verdict(limits, now_ms, requests_at, tokens_at, call_tokens)
+    window = admission.rate
+    if expected is None:
+        assert window.limited is None and admission.reservation is not None
+        return
+    assert window.limited == expected.kind and admission.reservation is None
+    if expected.wait_ms is None:
+        assert window.wait_ms is None
+    else:
+        assert window.wait_ms is not None and abs(window.wait_ms - expected.wait_ms) <= 1_000

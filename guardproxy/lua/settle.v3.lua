@@ -1,0 +1,97 @@
+-- settle.v3: release a reservation, charge what the call really cost and log the call, atomically,
+-- at most once per reservation id (contract §4).
+-- v2: every settled (or released) id is marked in the hash settled:<day of the reservation>, kept
+-- as long as that day's spend counter; a second settle of the id (a retry after a lost reply, a
+-- journal replay) changes nothing and says so.
+-- v3: the token window counts the call's real tokens instead of its worst case; a charge that
+-- takes the day's or month's spend to an alert threshold queues a "threshold" event, once per
+-- period and threshold (the flags hash records the ones fired; an override or a new period re-arms).
+--
+-- KEYS: 1 spend:day:<day>  2 spend:month:<month>  3 resv  4 resv:amount  5 reserved  6 calls (stream)
+--       7 settled:<day>  8 rl:tok:n  9 rl:tok:sum  10 budget  11 flags:day:<day>
+--       12 flags:month:<month>  13 alerts (stream)  14 alerts:due
+-- ARGV: 1 reservation id  2 charge micros (0: a release)  3 day key ttl s  4 month key ttl s
+--       5 calls kept (0: no log)  6 the call's real tokens  7 tenant  8 day  9 month
+--       10 limit_day micros  11 limit_month micros  12 number of thresholds n (0: no alerts)
+--       13..12+n thresholds in parts per million (750000 = 75%)
+--       then field, value pairs of the call's log entry
+-- Returns {day spend, month spend, 1 if the reservation was still live else 0,
+--          1 if this settle was applied else 0 (the id was settled before)}
+
+if redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1 then
+  return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'), 0, 0}
+end
+
+local live = 0
+local amount = redis.call('HGET', KEYS[4], ARGV[1])
+if amount then
+  live = 1
+  redis.call('DECRBY', KEYS[5], amount)
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+
+-- The token window (if the call is still in it) holds its real tokens from now on.
+local counted = redis.call('HGET', KEYS[8], ARGV[1])
+if counted then
+  local real = tonumber(ARGV[6])
+  redis.call('HSET', KEYS[8], ARGV[1], real)
+  redis.call('INCRBY', KEYS[9], real - tonumber(counted))
+end
+
+local charge = tonumber(ARGV[2])
+redis.call('HSET', KEYS[7], ARGV[1], charge)
+redis.call('EXPIRE', KEYS[7], ARGV[3])
+
+local day, month
+if charge > 0 then
+  day = redis.call('INCRBY', KEYS[1], charge)
+  month = redis.call('INCRBY', KEYS[2], charge)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  day = tonumber(redis.call('GET', KEYS[1]) or '0')
+  month = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+
+local thresholds = tonumber(ARGV[12])
+local log_from = 13 + thresholds
+if charge > 0 and thresholds > 0 then
+  local limit_day, limit_month = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local override = redis.call('HMGET', KEYS[10], 'daily_micros', 'monthly_micros')
+  if override[1] then
+    limit_day, limit_month = tonumber(override[1]), tonumber(override[2])
+  end
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local periods = {
+    {'day', ARGV[8], day, limit_day, KEYS[11], ARGV[3]},
+    {'month', ARGV[9], month, limit_month, KEYS[12], ARGV[4]},
+  }
+  for _, p in ipairs(periods) do
+    local name, period_id, spent, limit, flags, ttl = p[1], p[2], p[3], p[4], p[5], p[6]
+    for i = 13, 12 + thresholds do
+      -- spent / limit >= ppm / 1e6, in integers (exact below 2^53)
+      if limit > 0 and spent * 1000000 >= limit * tonumber(ARGV[i]) then
+        if redis.call('HSETNX', flags, 'threshold:' .. ARGV[i], now_ms) == 1 then
+          redis.call('EXPIRE', flags, ttl)
+          local id = redis.call('XADD', KEYS[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
+                                'tenant', ARGV[7], 'period', name, 'period_id', period_id,
+                                'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', now_ms)
+          redis.call('ZADD', KEYS[14], now_ms, id)
+        end
+      end
+    end
+  end
+end
+
+local kept = tonumber(ARGV[5])
+if kept > 0 and #ARGV >= log_from then
+  local entry = {}
+  for i = log_from, #ARGV do
+    entry[#entry + 1] = ARGV[i]
+  end
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', kept, '*', unpack(entry))
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
+return {day, month, live, 1}
