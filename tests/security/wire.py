@@ -8,6 +8,7 @@ changed nothing.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ def tenants_seen(redis_url: str) -> set[bytes]:
         return {m if isinstance(m, bytes) else m.encode() for m in client.smembers(REGISTRY)}
     finally:
         client.close()
+
+
+#: Keys a budget refusal (429) writes on purpose: the period's blocked flag (``gp:{t}:flags:<period>:<id>``)
+#: and its alert event. No money: spend, reservations, settled markers and the call log are elsewhere.
+REFUSAL_RECORDS = re.compile(rb":flags:(day|month):[^:]+$|:alerts(:due|:delivery)?$")
+
+
+def money(snapshot: dict[bytes, Any]) -> dict[bytes, Any]:
+    """``snapshot`` without what a refusal records on purpose (``REFUSAL_RECORDS``)."""
+    return {key: value for key, value in snapshot.items() if not REFUSAL_RECORDS.search(key)}
 
 
 def store_snapshot(redis_url: str) -> dict[bytes, Any]:
