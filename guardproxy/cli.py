@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     status = commands.add_parser("status", help="tenants' budget state, read from the store")
     status.add_argument("tenant", nargs="?", help="one tenant (default: every tenant the config or store knows)")
+    status.add_argument("--jobs", type=int, nargs="?", const=20, default=0, metavar="N",
+                        help="also list the tenant's N most recently active jobs (default 20)")
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from guardproxy.status import main as status_main
 
-        return status_main(config, args.tenant)
+        return status_main(config, args.tenant, jobs=args.jobs)
     if args.command == "check-config":
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         for warning in config.warnings:

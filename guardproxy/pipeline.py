@@ -12,6 +12,7 @@ complete answers, or the relay's close callback for streams, so no path leaves m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -88,14 +89,17 @@ class BudgetedEndpoint:
 
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
+        job = self.s.tenants.job_of(request.headers)
         context = CallContext.of(request.headers, self.s.tenants.job_header)
+        if job:
+            context = dataclasses.replace(context, job_id=job)  # X-Guardproxy-Job names the job in logs too
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context)
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job)
             if plan is None:
                 continue
             started = time.monotonic()
@@ -136,6 +140,7 @@ class BudgetedEndpoint:
     async def _admit(
         self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
         context: CallContext,
+        job: str = "",
     ) -> Plan | None:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
@@ -145,7 +150,7 @@ class BudgetedEndpoint:
             cost_micros(Usage(prompt_tokens, out), m.price) for m, out in zip(chain, worst_outputs, strict=True)
         ]
         call_tokens = prompt_tokens + max(worst_outputs)
-        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens)
+        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens, job)
         decision = admission.decision
         if admission.rate.limited is not None:
             # The tenant's per-minute window is full: a fallback would count against the same window.
@@ -157,6 +162,8 @@ class BudgetedEndpoint:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
                 return None
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
+            if decision.exhausted == "job":
+                raise self._job_over_budget(tenant, job, admission)
             raise self._over_budget(tenant, decision, admission)
         sent = chain[decision.index]
         if sent is not attempt:
@@ -179,6 +186,16 @@ class BudgetedEndpoint:
             f"it resets at {iso_utc(resets_at)}.",
             headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
                      "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
+        )
+
+    def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
+        cap = admission.job_cap
+        limit = f" (limit {format_usd(cap)} USD)" if cap is not None else ""
+        return GuardError(
+            ErrorKind.JOB_OVER_BUDGET,
+            f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
+            "fit what is left.",
+            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job},
         )
 
     async def _forward(self, plan: Plan, incoming: Headers) -> httpx.Response | GuardError:
@@ -288,6 +305,7 @@ class BudgetedEndpoint:
             "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
             "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
             "cost_micros": charge, "outcome": outcome.value,
+            **({"job": plan.reservation.job} if plan.reservation.job else {}),
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
