@@ -44,7 +44,7 @@ class TenantResolver:
     @property
     def routing_headers(self) -> frozenset[str]:
         """Headers that only steer the proxy and are not sent upstream."""
-        return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER, JOB_HEADER})
+        return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER, JOB_HEADER, "x-guardproxy-cache"})
 
     def job_of(self, headers: Mapping[str, str]) -> str:
         """The job a call belongs to: ``X-Guardproxy-Job``, else the ServiceTitan job header; ``""``
