@@ -162,7 +162,8 @@ def masked(config: Config) -> dict[str, Any]:
     def policy(p: Any) -> dict[str, Any]:
         return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
-                "rpm": p.rpm, "tpm": p.tpm}
+                "rpm": p.rpm, "tpm": p.tpm,
+                "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
@@ -170,7 +171,9 @@ def masked(config: Config) -> dict[str, Any]:
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
                   "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path()),
                   "min_replica_acks": config.store.min_replica_acks,
-                  "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms},
+                  "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms,
+                  "job_retention_days": config.store.job_retention_days},
+        "cache": vars(config.cache).copy(),
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},
