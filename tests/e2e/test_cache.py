@@ -151,11 +151,12 @@ def test_entries_expire_and_a_hit_is_served_past_the_hard_cap(
 ) -> None:
     client = sdk(serve_proxy(cache_config(upstream_url, redis_url, ttl_s=1)))
     client.chat.completions.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5)
-    entries = [k for k in redis.Redis.from_url(redis_url).keys("gp:{acme}:rc:*")]
-    assert len(entries) == 1
-    assert 0 < redis.Redis.from_url(redis_url).pttl(entries[0]) <= 1000
-    # past the hard cap: the hit costs nothing, so it is served; a miss is refused
-    redis.Redis.from_url(redis_url).set(keys()[0], 10**9)
+    with redis.Redis.from_url(redis_url) as r:
+        entries = r.keys("gp:{acme}:rc:*")
+        assert len(entries) == 1
+        assert 0 < r.pttl(entries[0]) <= 1000
+        # past the hard cap: the hit costs nothing, so it is served; a miss is refused
+        r.set(keys()[0], 10**9)
     hit = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5)
     assert hit.headers["x-guardproxy-cache"] == "hit"
     with pytest.raises(openai.RateLimitError):
@@ -163,7 +164,8 @@ def test_entries_expire_and_a_hit_is_served_past_the_hard_cap(
     time.sleep(1.1)
     with pytest.raises(openai.RateLimitError):  # expired: a miss again, refused by the budget
         client.chat.completions.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5)
-    redis.Redis.from_url(redis_url).delete(keys()[0])
+    with redis.Redis.from_url(redis_url) as r:
+        r.delete(keys()[0])
     miss = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0,
                                                               max_tokens=5)
     assert miss.headers["x-guardproxy-cache"] == "miss"
@@ -180,3 +182,18 @@ def test_a_tenant_without_cache_is_never_cached(
                                                                          max_tokens=5)
         assert "x-guardproxy-cache" not in raw_response.headers
     assert len(fake_state.requests) == 2
+
+
+def test_replicas_share_the_cache_and_a_hit_leaves_no_call_or_job_trace(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], sdk: Sdk, fake_state: FakeUpstreamState
+) -> None:
+    config = cache_config(upstream_url, redis_url)
+    first, second = sdk(serve_proxy(config)), sdk(serve_proxy(config))
+    job = {"x-guardproxy-job": "ticket-9"}
+    first.chat.completions.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5, extra_headers=job)
+    hit = second.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5,
+                                                            extra_headers=job)
+    assert hit.headers["x-guardproxy-cache"] == "hit" and len(fake_state.requests) == 1
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.xlen("gp:{acme}:calls") == 1
+        assert int(r.hget("gp:{acme}:job:ticket-9", "calls") or 0) == 1
