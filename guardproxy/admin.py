@@ -21,13 +21,15 @@ from starlette.routing import Route
 from guardproxy.admin_page import render_page
 from guardproxy.alerts import event_json
 from guardproxy.auth import presented_key, valid_tenant
-from guardproxy.config import merge_policy
+from guardproxy.config import TENANT_ID, merge_policy
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.periods import iso_utc
 from guardproxy.pipeline import Services
 from guardproxy.pricing import micros_to_usd
 from guardproxy.requests import parse_json_object, read_body
 from guardproxy.state import OVERRIDE_FIELDS, TenantState, all_tenants, override_record, read_states
+from guardproxy.store import JobUsage
+from guardproxy.types import Micros
 from guardproxy.validation import ConfigError, Fields
 
 MAX_CALLS = 1000
@@ -151,6 +153,51 @@ async def list_alerts(request: Request) -> Response:
     return _json({"object": "list", "data": data})
 
 
+async def get_job(request: Request) -> Response:
+    """What one job (work order) has cost: calls, tokens, USD, per model, first and last call."""
+    services = _services(request)
+    tenant = valid_tenant(request.path_params["tenant"])
+    job = request.path_params["job"]
+    if not TENANT_ID.fullmatch(job):
+        raise GuardError(ErrorKind.INVALID_JOB_ID, "Job ids follow the tenant-id rule.", param="job")
+    usage = await services.ledger.store.job_usage(tenant, job)
+    if usage is None:
+        raise GuardError(ErrorKind.NOT_FOUND, f"Tenant {tenant!r} has no calls for job {job!r} on record.")
+    state = await tenant_state(services, tenant)
+    return _json(job_json(tenant, usage, state.policy.job_micros))
+
+
+async def list_jobs(request: Request) -> Response:
+    """The tenant's most recently active jobs, newest first."""
+    services = _services(request)
+    tenant = valid_tenant(request.path_params["tenant"])
+    raw_limit = request.query_params.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_CALLS:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"limit must be a whole number from 1 to {MAX_CALLS}.", param="limit")
+    jobs = await services.ledger.store.recent_jobs(tenant, int(raw_limit))
+    cap = (await tenant_state(services, tenant)).policy.job_micros
+    return _json({"object": "list", "tenant": tenant, "data": [job_json(tenant, j, cap) for j in jobs]})
+
+
+def job_json(tenant: str, usage: JobUsage, cap: Micros | None) -> dict[str, Any]:
+    def at(ms: int) -> str:
+        return iso_utc(datetime.fromtimestamp(ms / 1000, UTC))
+
+    return {
+        "job": usage.job, "tenant": tenant, "calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens, "cost_micros": usage.cost_micros,
+        "cost_usd": micros_to_usd(usage.cost_micros),
+        "first_at": at(usage.first_at_ms), "last_at": at(usage.last_at_ms),
+        "by_model": {
+            model: {"calls": c.get("calls", 0), "prompt_tokens": c.get("prompt_tokens", 0),
+                    "completion_tokens": c.get("completion_tokens", 0),
+                    "cost_usd": micros_to_usd(c.get("cost_micros", 0))}
+            for model, c in sorted(usage.by_model.items())
+        },
+        "job_usd": None if cap is None else micros_to_usd(cap),
+    }
+
+
 def _call_json(call: dict[str, str]) -> dict[str, Any]:
     cost = int(call.get("cost_micros", 0))
     return {
@@ -164,6 +211,7 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
         "cost_micros": cost,
         "cost_usd": micros_to_usd(cost),
         "outcome": call.get("outcome"),
+        "job": call.get("job"),
     }
 
 
@@ -185,6 +233,8 @@ def admin_routes() -> list[Route]:
                 ("/admin/tenants/{tenant}/budget", put_budget, "PUT"),
                 ("/admin/tenants/{tenant}/budget", delete_budget, "DELETE"),
                 ("/admin/tenants/{tenant}/calls", list_calls, "GET"),
+                ("/admin/tenants/{tenant}/jobs", list_jobs, "GET"),
+                ("/admin/tenants/{tenant}/jobs/{job}", get_job, "GET"),
                 ("/admin/alerts", list_alerts, "GET"),
             )
         ),

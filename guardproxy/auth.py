@@ -10,6 +10,8 @@ from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.keys import KeyRing, lookup_or_503
 
 ST_TENANT_HEADER = "x-servicetitan-tenant-id"
+#: Names the job (work order, ticket, conversation) a call belongs to, for its cost and cap.
+JOB_HEADER = "x-guardproxy-job"
 
 
 class JobTenantResolver(Protocol):
@@ -42,7 +44,18 @@ class TenantResolver:
     @property
     def routing_headers(self) -> frozenset[str]:
         """Headers that only steer the proxy and are not sent upstream."""
-        return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER})
+        return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER, JOB_HEADER, "x-guardproxy-cache"})
+
+    def job_of(self, headers: Mapping[str, str]) -> str:
+        """The job a call belongs to: ``X-Guardproxy-Job``, else the ServiceTitan job header; ``""``
+        for none; 400 for an id that does not follow the tenant-id rule."""
+        job = (headers.get(JOB_HEADER) or headers.get(self.job_header) or "").strip()
+        if job and not TENANT_ID.fullmatch(job):
+            raise GuardError(
+                ErrorKind.INVALID_JOB_ID,
+                "Job ids are 1-64 characters of letters, digits, '.', '_' and '-', starting with a letter or digit.",
+            )
+        return job
 
     async def authenticate(self, headers: Mapping[str, str]) -> str | None:
         """The tenant of a tenant key, ``None`` for a service key; 401 for anything else."""

@@ -1,6 +1,6 @@
 """The budget decision (contract §4), as pure functions.
 
-The store runs the very same decision inside one Lua script (``lua/admit.v3.lua``) so that reading
+The store runs the very same decision inside one Lua script (``lua/admit.v4.lua``) so that reading
 the spend and reserving happen atomically; this module is its reference, tested exhaustively, and
 a differential test runs both on the same inputs.
 """
@@ -71,16 +71,26 @@ class Decision:
         return self.index is not None
 
 
-def decide(used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases: Sequence[Micros]) -> Decision:
+def decide(
+    used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases: Sequence[Micros],
+    job_room: Micros | None = None,
+) -> Decision:
     """Pick the model to send from ``worst_cases`` (the requested model first, then its downgrades).
 
     - The requested model's worst case fits under both hard caps: send it, unless spend has reached
       a soft cap, then send its ``downgrade_to`` when that fits (one tier).
     - It does not fit: the first cheaper tier that fits; none fits: refuse.
+
+    ``job_room``: what the call's job may still spend (its cap minus its spend and live
+    reservations), ``None`` for no cap; "fits" then also means within it. A call that only the
+    job's cap refuses is refused with ``exhausted == "job"``.
     """
 
-    def fits(worst: Micros) -> bool:
+    def fits_tenant(worst: Micros) -> bool:
         return used_day + worst <= limits.hard_day and used_month + worst <= limits.hard_month
+
+    def fits(worst: Micros) -> bool:
+        return fits_tenant(worst) and (job_room is None or worst <= job_room)
 
     if fits(worst_cases[0]):
         soft = used_day >= limits.soft_day or used_month >= limits.soft_month
@@ -89,6 +99,8 @@ def decide(used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases
     for index in range(1, len(worst_cases)):
         if fits(worst_cases[index]):
             return Decision(index, used_day, used_month)
+    if job_room is not None and any(fits_tenant(w) for w in worst_cases):
+        return Decision(None, used_day, used_month, "job")
     cheapest = worst_cases[-1]
     exhausted = "month" if used_month + cheapest > limits.hard_month else "day"
     return Decision(None, used_day, used_month, exhausted)

@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     status = commands.add_parser("status", help="tenants' budget state, read from the store")
     status.add_argument("tenant", nargs="?", help="one tenant (default: every tenant the config or store knows)")
+    status.add_argument("--jobs", type=int, nargs="?", const=20, default=0, metavar="N",
+                        help="also list the tenant's N most recently active jobs (default 20)")
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from guardproxy.status import main as status_main
 
-        return status_main(config, args.tenant)
+        return status_main(config, args.tenant, jobs=args.jobs)
     if args.command == "check-config":
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         for warning in config.warnings:
@@ -162,7 +164,8 @@ def masked(config: Config) -> dict[str, Any]:
     def policy(p: Any) -> dict[str, Any]:
         return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
-                "rpm": p.rpm, "tpm": p.tpm}
+                "rpm": p.rpm, "tpm": p.tpm,
+                "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
@@ -170,7 +173,9 @@ def masked(config: Config) -> dict[str, Any]:
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
                   "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path()),
                   "min_replica_acks": config.store.min_replica_acks,
-                  "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms},
+                  "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms,
+                  "job_retention_days": config.store.job_retention_days},
+        "cache": vars(config.cache).copy(),
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},

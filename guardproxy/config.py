@@ -65,6 +65,8 @@ class StoreConfig:
     #: confirmations within ``replica_ack_timeout_ms`` count as "store unavailable" for that charge.
     min_replica_acks: int = 0
     replica_ack_timeout_ms: int = 500
+    #: How long a job's (work order's) counters are kept after its last call.
+    job_retention_days: int = 90
 
     @property
     def embedded(self) -> bool:
@@ -96,6 +98,10 @@ class BudgetPolicy:
     rpm: int = 0
     #: Tokens per minute, prompt plus worst-case output at admission, real usage once settled (0: no limit).
     tpm: int = 0
+    #: The most one job (work order) may cost, worst case included (``None``: no cap).
+    job_micros: Micros | None = None
+    #: Serve repeated deterministic requests from the response cache.
+    cache: bool = False
 
     @property
     def zone(self) -> ZoneInfo:
@@ -117,6 +123,15 @@ class AuthConfig:
 
 
 ALERT_EVENTS = ("threshold", "downgrading", "blocked")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The response cache (``cache.py``); tenants switch it on with ``cache: true``."""
+
+    ttl_s: int = 3600
+    #: Answers larger than this are not cached.
+    max_entry_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -249,13 +265,14 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
     alerts = _alerts(top.section("alerts"))
+    cache = _cache(top.section("cache"))
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
         unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
         telemetry=telemetry,
-        alerts=alerts,
+        alerts=alerts, cache=cache,
     )
 
 
@@ -267,6 +284,16 @@ def _cors_origins(f: Fields) -> tuple[str, ...]:
             raise ConfigError(f"{f.at('cors_allow_origins')}[{i}]", "must be an origin such as "
                               f"https://app.example.com (no path) or *, got {describe(origin)}")
     return tuple(origins)
+
+
+def _cache(f: Fields) -> CacheConfig:
+    out = CacheConfig(
+        ttl_s=f.integer("ttl_s", CacheConfig.ttl_s, min_value=1, max_value=365 * 86400),
+        max_entry_bytes=f.integer("max_entry_bytes", CacheConfig.max_entry_bytes, min_value=1,
+                                  max_value=512 * 1024 * 1024),
+    )
+    f.done()
+    return out
 
 
 def _alerts(f: Fields) -> AlertsConfig:
@@ -337,6 +364,8 @@ def _store(f: Fields) -> StoreConfig:
         min_replica_acks=acks,
         replica_ack_timeout_ms=f.integer("replica_ack_timeout_ms", StoreConfig.replica_ack_timeout_ms,
                                          min_value=1, max_value=60_000),
+        job_retention_days=f.integer("job_retention_days", StoreConfig.job_retention_days, min_value=1,
+                                     max_value=3650),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")
@@ -372,7 +401,18 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         soft_cap=soft, hard_cap=hard, timezone=tz,
         rpm=f.integer("rpm", base.rpm, min_value=0, max_value=10_000_000),
         tpm=f.integer("tpm", base.tpm, min_value=0, max_value=10**12),
+        job_micros=_job_cap(f, base.job_micros),
+        cache=f.boolean("cache", base.cache),
     )
+
+
+def _job_cap(f: Fields, base: Micros | None) -> Micros | None:
+    """``job_usd``: a cap per job in USD, or null for none."""
+    if not f.has("job_usd"):
+        return base
+    if f.get("job_usd") is None:
+        return None
+    return usd_to_micros(f.decimal("job_usd", None, min_value=Decimal(0)))
 
 
 def _key_hashes(f: Fields, key: str, warnings: list[str]) -> tuple[str, ...]:

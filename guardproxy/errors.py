@@ -41,6 +41,7 @@ class ErrorKind(Enum):
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
     REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)
     OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
+    JOB_OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "job_budget_exceeded", logging.INFO)
     # OpenAI's own per-minute 429s carry the limit's kind as their type.
     RATE_LIMITED_REQUESTS = ErrorSpec(429, "requests", "rate_limit_exceeded", logging.INFO)
     RATE_LIMITED_TOKENS = ErrorSpec(429, "tokens", "rate_limit_exceeded", logging.INFO)

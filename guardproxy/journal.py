@@ -49,7 +49,7 @@ class Entry:
     def to_line(self) -> bytes:
         r = self.reservation
         return orjson.dumps({
-            "id": r.id, "tenant": r.tenant, "day": r.day, "month": r.month, "amount": r.amount,
+            "id": r.id, "tenant": r.tenant, "day": r.day, "month": r.month, "amount": r.amount, "job": r.job,
             "charge": self.charge, "record": dict(self.record) if self.record is not None else None,
         }) + b"\n"
 
@@ -59,7 +59,7 @@ class Entry:
         data: dict[str, Any] = orjson.loads(line)
         record = data.get("record")
         reservation = Reservation(str(data["id"]), str(data["tenant"]), str(data["day"]), str(data["month"]),
-                                  int(data["amount"]))
+                                  int(data["amount"]), str(data.get("job") or ""))
         return cls(reservation, int(data["charge"]), dict(record) if isinstance(record, dict) else None)
 
 

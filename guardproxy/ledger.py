@@ -28,7 +28,7 @@ from guardproxy.config import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.journal import Entry, Journal
 from guardproxy.periods import Periods, periods_at
-from guardproxy.store import Admission, AlertArgs, BudgetStore, Reservation, reply_lost
+from guardproxy.store import Admission, AlertArgs, BudgetStore, JobArgs, Reservation, reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.ledger")
@@ -74,9 +74,16 @@ class Ledger:
         alerts = self.config.alerts
         return AlertArgs(policy.daily_micros, policy.monthly_micros, alerts.thresholds_ppm(), alerts.enabled)
 
-    async def admit(self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0) -> Admission:
-        """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm);
-        raises 503 while the store is down, unless configured to fail open."""
+    def job_args(self, tenant: str, job: str) -> JobArgs:
+        """What the scripts need for ``tenant``'s ``job`` (``""``: the call names none)."""
+        return JobArgs(job, self.config.policy_for(tenant).job_micros, self.config.store.job_retention_days * 86400)
+
+    async def admit(
+        self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = ""
+    ) -> Admission:
+        """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm;
+        ``job``: the work order it belongs to, whose cap it must fit too); raises 503 while the store
+        is down, unless configured to fail open."""
         periods = self.periods(tenant)
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
@@ -89,6 +96,7 @@ class Ledger:
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
+                job=self.job_args(tenant, job),
             )
         except StoreUnavailable as exc:
             if not self.config.store.fail_open:
@@ -96,7 +104,8 @@ class Ledger:
                     # The script may have run after all: release the id, so that a late admit holds nothing.
                     # (fail_open needs no release: the call's own settlement of this id does it.)
                     with anyio.CancelScope(shield=True):
-                        await self._keep(Entry(Reservation(reservation_id, tenant, periods.day, periods.month, 0), 0))
+                        lost = Reservation(reservation_id, tenant, periods.day, periods.month, 0, job)
+                        await self._keep(Entry(lost, 0))
                 raise GuardError(
                     ErrorKind.STORE_UNAVAILABLE,
                     "The budget store is unavailable, so no spend can be admitted. Try again shortly.",
@@ -104,7 +113,7 @@ class Ledger:
                 ) from None
             log.warning("budget store unavailable: serving tenant=%s unbudgeted (fail_open)", tenant)
             # Not written anywhere; it settles (and charges) like any other, through the journal if need be.
-            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0])
+            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job)
             return Admission(Decision(0, 0, 0), limits, unbudgeted, unbudgeted=True)
         if admission.already_settled:
             raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The reservation was released before it was made; "
@@ -141,7 +150,8 @@ class Ledger:
 
     async def _apply(self, entry: Entry) -> None:
         settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
-                                             self.alert_args(entry.reservation.tenant))
+                                             self.alert_args(entry.reservation.tenant),
+                                             self.config.store.job_retention_days * 86400)
         if not settlement.applied:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)

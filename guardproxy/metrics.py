@@ -83,6 +83,15 @@ class Metrics:
             "guardproxy_alerts", "Alert deliveries by event and result (delivered, failed: retried later, "
             "dropped: given up).", ["event", "result"], registry=r,
         )
+        # -- response cache --
+        self.cache_requests = Counter(
+            "guardproxy_cache_requests", "Cacheable requests by result (hit, miss, bypass: Cache-Control: no-cache).",
+            ["tenant", "result"], registry=r,
+        )
+        self.cache_saved = Counter(
+            "guardproxy_cache_saved_usd", "What the answers served from the cache would have cost upstream.",
+            ["tenant"], registry=r,
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,

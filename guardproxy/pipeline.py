@@ -12,9 +12,11 @@ complete answers, or the relay's close callback for streams, so no path leaves m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,19 +26,19 @@ import httpx
 import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
-from guardproxy import budget, ratelimit
+from guardproxy import budget, cache, ratelimit
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.config import Config, ModelConfig
 from guardproxy.endpoints import ApiShape
-from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
 from guardproxy.plan import Plan
-from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model
+from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
@@ -88,14 +90,21 @@ class BudgetedEndpoint:
 
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
+        job = self.s.tenants.job_of(request.headers)
         context = CallContext.of(request.headers, self.s.tenants.job_header)
+        if job:
+            context = dataclasses.replace(context, job_id=job)  # X-Guardproxy-Job names the job in logs too
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        # The response cache: a hit answers here, with no upstream call and no charge.
+        cached = await self._cache_lookup(tenant, call, request.headers)
+        if isinstance(cached, Response):
+            return cached
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context)
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job)
             if plan is None:
                 continue
             started = time.monotonic()
@@ -106,7 +115,7 @@ class BudgetedEndpoint:
                     await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
                 raise
             if isinstance(answer, httpx.Response) and (attempt is route[-1] or not fails_over(answer.status_code)):
-                return await self._respond(plan, answer, started)
+                return await self._respond(plan, answer, started, cached)
             failure = await self._failed(plan, answer, started)
         # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
         self.s.metrics.requests.labels(tenant, requested.name, "error").inc()
@@ -136,6 +145,7 @@ class BudgetedEndpoint:
     async def _admit(
         self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
         context: CallContext,
+        job: str = "",
     ) -> Plan | None:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
@@ -145,7 +155,7 @@ class BudgetedEndpoint:
             cost_micros(Usage(prompt_tokens, out), m.price) for m, out in zip(chain, worst_outputs, strict=True)
         ]
         call_tokens = prompt_tokens + max(worst_outputs)
-        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens)
+        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens, job)
         decision = admission.decision
         if admission.rate.limited is not None:
             # The tenant's per-minute window is full: a fallback would count against the same window.
@@ -157,6 +167,8 @@ class BudgetedEndpoint:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
                 return None
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
+            if decision.exhausted == "job":
+                raise self._job_over_budget(tenant, job, admission)
             raise self._over_budget(tenant, decision, admission)
         sent = chain[decision.index]
         if sent is not attempt:
@@ -179,6 +191,16 @@ class BudgetedEndpoint:
             f"it resets at {iso_utc(resets_at)}.",
             headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
                      "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
+        )
+
+    def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
+        cap = admission.job_cap
+        limit = f" (limit {format_usd(cap)} USD)" if cap is not None else ""
+        return GuardError(
+            ErrorKind.JOB_OVER_BUDGET,
+            f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
+            "fit what is left.",
+            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job},
         )
 
     async def _forward(self, plan: Plan, incoming: Headers) -> httpx.Response | GuardError:
@@ -231,28 +253,42 @@ class BudgetedEndpoint:
                     upstream.name, reason)
         return failure
 
-    async def _respond(self, plan: Plan, response: httpx.Response, started: float) -> Response:
-        """Relay the answer (streamed as it arrives, or whole) and settle what it cost."""
+    async def _respond(
+        self, plan: Plan, response: httpx.Response, started: float, cached: CacheMiss | None = None
+    ) -> Response:
+        """Relay the answer (streamed as it arrives, or whole) and settle what it cost; a ``cached``
+        miss keeps the complete answer for the next identical request."""
         upstream = self.s.upstreams[plan.sent.upstream]
         # The upstream's id when it sent one, else our own: the client and the audit log share it.
         request_id = response.headers.get("x-request-id") or plan.own_request_id
         headers = {**response_headers(response.headers), "x-request-id": request_id, **plan.headers()}
+        if cached is not None:
+            headers[cache.CACHE_HEADER] = cached.result
         if plan.request.stream and response.status_code == 200:
+            watcher = self.shape.watcher(plan.request)
+            capture = None
+            if cached is not None:
+                capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
+                watcher = capture
 
             async def on_close(result: RelayResult) -> None:
                 watcher = result.watcher
                 self._observe(plan, result.duration_s, watcher.first_token_at, started)
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
                 await self._settle(plan, ending, request_id)
+                if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
+                    await self._cache_store(plan, cached, capture.answer())
 
-            watcher = self.shape.watcher(plan.request)
             return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
         try:
             content = await upstream.read(response)
             if 200 <= response.status_code < 300:
-                usage, texts = self.shape.answer_usage(_json_or_none(content))
+                answer = _json_or_none(content)
+                usage, texts = self.shape.answer_usage(answer)
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
+                if cached is not None and response.status_code == 200:
+                    await self._cache_store(plan, cached, answer)
             else:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
         except GuardError as exc:
@@ -264,6 +300,54 @@ class BudgetedEndpoint:
                 self._observe(plan, time.monotonic() - started, None, started)
                 await self._settle(plan, ending, request_id)
         return Response(content, response.status_code, headers=headers)
+
+    # -- the response cache (``cache.py``) ---------------------------------------------------------
+
+    async def _cache_lookup(self, tenant: str, call: ApiRequest, incoming: Headers) -> Response | CacheMiss | None:
+        """A hit's response; a ``CacheMiss`` (the answer is to be stored) or ``None`` (not cached at all).
+
+        A hit is served whatever the tenant's budget: it costs nothing. A store that cannot be read
+        is a miss (admission then decides what an unavailable store means for the call)."""
+        if not self.s.config.policy_for(tenant).cache or not cache.deterministic(self.shape.path, call.body, incoming):
+            return None
+        key = cache.digest(self.shape.path, call.body)
+        if cache.skips_lookup(incoming):
+            self.s.metrics.cache_requests.labels(tenant, "bypass").inc()
+            return CacheMiss(tenant, key, "bypass")
+        try:
+            raw = await self.s.ledger.store.cached_response(tenant, key)
+        except StoreUnavailable:
+            raw = None
+        entry = cache.Entry.from_bytes(raw) if raw is not None else None
+        if entry is None:
+            self.s.metrics.cache_requests.labels(tenant, "miss").inc()
+            return CacheMiss(tenant, key, "miss")
+        self.s.metrics.cache_requests.labels(tenant, "hit").inc()
+        model = lookup_model(entry.model, self.s.config.models)
+        usage, _ = self.shape.answer_usage(entry.answer)
+        if model is not None and usage is not None:
+            self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
+        headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
+                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}"}
+        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+        if call.stream:
+            frames = cache.replay_stream(self.shape.path, entry.answer, call.wants_usage)
+            return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
+        return Response(orjson.dumps(entry.answer), media_type="application/json", headers=headers)
+
+    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
+        """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
+        what an identical request would get on its own); a store error only loses the entry."""
+        if plan.sent is not plan.requested or not cache.storable(self.shape.path, answer):
+            return
+        value = cache.Entry(plan.sent.name, answer).to_bytes()
+        if len(value) > self.s.config.cache.max_entry_bytes:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, self.s.config.cache.ttl_s)
+        except StoreUnavailable:
+            log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
 
     def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
         self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
@@ -288,6 +372,7 @@ class BudgetedEndpoint:
             "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
             "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
             "cost_micros": charge, "outcome": outcome.value,
+            **({"job": plan.reservation.job} if plan.reservation.job else {}),
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
@@ -309,6 +394,20 @@ class BudgetedEndpoint:
         log.info("%s", settled.summary(), extra=settled.log_fields())
         for observe in self.s.observers:
             observe(settled)
+
+
+@dataclass(frozen=True)
+class CacheMiss:
+    """A cacheable request the cache did not answer: its key, and ``miss`` or ``bypass`` (no-cache)."""
+
+    tenant: str
+    key: str
+    result: str
+
+
+async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for frame in frames:
+        yield frame
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -1,6 +1,6 @@
 """Per-minute rate limits as the client sees them: OpenAI's ``x-ratelimit-*`` headers and the 429.
 
-Pure: the store's admission script keeps the windows (``lua/admit.v3.lua``, mirrored by
+Pure: the store's admission script keeps the windows (``lua/admit.v4.lua``, mirrored by
 ``budget.rate_verdict``); this module only says what the answer carries.
 """
 

@@ -21,7 +21,7 @@ from guardproxy.pricing import micros_to_usd
 from guardproxy.store import BudgetStore, Snapshot
 from guardproxy.types import Micros
 
-OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm")
+OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm", "job_usd")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class TenantState:
             "remaining_usd": micros_to_usd(self.remaining),
             "soft_cap": float(self.policy.soft_cap), "hard_cap": float(self.policy.hard_cap),
             "timezone": self.policy.timezone, "overridden": self.overridden,
+            "job_usd": None if self.policy.job_micros is None else micros_to_usd(self.policy.job_micros),
             "rate_limits": {
                 "rpm": self.policy.rpm or None, "tpm": self.policy.tpm or None,
                 "window_s": budget.WINDOW_MS // 1000,
@@ -90,11 +91,19 @@ def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetP
         timezone=base.timezone,
         rpm=int(override.get("rpm", base.rpm)),
         tpm=int(override.get("tpm", base.tpm)),
+        job_micros=_job_micros(override["job_micros"]) if "job_micros" in override else base.job_micros,
+        cache=base.cache,
     )
 
 
+def _job_micros(value: str) -> Micros | None:
+    """An override's job cap: ``-1`` is none."""
+    micros = int(value)
+    return None if micros < 0 else micros
+
+
 def override_record(policy: BudgetPolicy) -> dict[str, str]:
-    """What the store keeps for an override: the policy, and the thresholds and limits admit.v3.lua reads."""
+    """What the store keeps for an override: the policy, and the thresholds and limits admit.v4.lua reads."""
     limits = Thresholds.for_policy(policy)
     return {
         "daily_micros": str(policy.daily_micros), "monthly_micros": str(policy.monthly_micros),
@@ -102,6 +111,7 @@ def override_record(policy: BudgetPolicy) -> dict[str, str]:
         "soft_cap": str(policy.soft_cap), "hard_cap": str(policy.hard_cap),
         "soft_day": str(limits.soft_day), "hard_day": str(limits.hard_day),
         "soft_month": str(limits.soft_month), "hard_month": str(limits.hard_month),
+        "job_micros": str(-1 if policy.job_micros is None else policy.job_micros),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 from typing import TextIO
 
 from guardproxy.config import Config
@@ -11,7 +12,7 @@ from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import utc_now
 from guardproxy.pricing import format_usd
 from guardproxy.state import PeriodState, TenantState, all_tenants, read_states
-from guardproxy.store import BudgetStore
+from guardproxy.store import BudgetStore, JobUsage
 
 BAR_WIDTH = 20
 
@@ -36,23 +37,41 @@ def render(states: list[TenantState]) -> str:
     return "\n".join(lines)
 
 
-async def _states(config: Config, tenant: str | None) -> list[TenantState]:
+def render_jobs(tenant: str, jobs: list[JobUsage]) -> str:
+    """A tenant's jobs, most recently active first."""
+    if not jobs:
+        return f"{tenant}: no jobs on record"
+    width = max([len("JOB"), *(len(j.job) for j in jobs)])
+    lines = [f"{tenant}: jobs", f"  {'JOB':{width}}  {'CALLS':>6}  {'TOKENS':>10}  {'COST USD':>12}  LAST CALL"]
+    for j in jobs:
+        last = datetime.fromtimestamp(j.last_at_ms / 1000, UTC)
+        lines.append(f"  {j.job:{width}}  {j.calls:>6}  {j.prompt_tokens + j.completion_tokens:>10}  "
+                     f"{format_usd(j.cost_micros):>12}  {last:%Y-%m-%d %H:%M:%SZ}")
+    return "\n".join(lines)
+
+
+async def _states(config: Config, tenant: str | None, jobs: int = 0) -> tuple[list[TenantState], list[str]]:
     store = BudgetStore.from_config(config.store)
     try:
         tenants = [tenant] if tenant else await all_tenants(store, config)
-        return await read_states(store, config, tenants, utc_now())
+        states = await read_states(store, config, tenants, utc_now())
+        listings = [render_jobs(t, await store.recent_jobs(t, jobs)) for t in tenants] if jobs > 0 else []
+        return states, listings
     finally:
         await store.aclose()
 
 
-def main(config: Config, tenant: str | None, out: TextIO = sys.stdout) -> int:
+def main(config: Config, tenant: str | None, out: TextIO = sys.stdout, *, jobs: int = 0) -> int:
+    """Print the tenants' budget state; with ``jobs`` > 0, each tenant's latest ``jobs`` jobs too."""
     if config.store.embedded:
         print("note: store.redis_url is empty, so this reads a fresh embedded store (a running proxy's "
               "embedded store lives only in its own process)", file=sys.stderr)
     try:
-        states = asyncio.run(_states(config, tenant))
+        states, listings = asyncio.run(_states(config, tenant, jobs))
     except StoreUnavailable as exc:
         print(f"guardproxy: {exc}", file=sys.stderr)
         return 1
     print(render(states) if states else "no tenants yet", file=out)
+    for listing in listings:
+        print(listing, file=out)
     return 0

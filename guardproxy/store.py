@@ -56,6 +56,8 @@ class Reservation:
     day: str
     month: str
     amount: Micros
+    #: The job (work order) the call belongs to, or ``""``.
+    job: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Admission:
     rate: RateWindow = field(default_factory=RateWindow)
     #: The period's last admission was a budget refusal (see ``budget.state_of``).
     refused: bool = False
+    #: The call's job's room before this call (its cap minus its spend and live reservations);
+    #: ``None`` when the call names no job or the job has no cap. Clamping can use it.
+    job_room: Micros | None = None
+    #: The call's job's cap as the script applied it (an override's wins), ``None``: none.
+    job_cap: Micros | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,47 @@ class Snapshot:
     #: Requests and tokens in the last minute's window.
     window_requests: int = 0
     window_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class JobArgs:
+    """A call's job for the scripts: its id (``""``: none), its cap (``None``: none) and how long its
+    counters are kept after its last call."""
+
+    id: str = ""
+    cap_micros: Micros | None = None
+    ttl_s: int = 90 * 86400
+
+
+NO_JOB = JobArgs()
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    """What one job (work order) has cost so far; ``by_model``: model -> the same counters."""
+
+    job: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: Micros
+    first_at_ms: int
+    last_at_ms: int
+    by_model: dict[str, dict[str, int]]
+
+    @classmethod
+    def from_hash(cls, job: str, fields: Mapping[str, str]) -> JobUsage:
+        by_model: dict[str, dict[str, int]] = {}
+        for name, value in fields.items():
+            if name.startswith("model:"):
+                model, _, counter = name[len("model:"):].rpartition(":")
+                by_model.setdefault(model, {})[counter] = int(value)
+        return cls(
+            job=job, calls=int(fields.get("calls", 0)), prompt_tokens=int(fields.get("prompt_tokens", 0)),
+            completion_tokens=int(fields.get("completion_tokens", 0)),
+            cost_micros=int(fields.get("cost_micros", 0)), first_at_ms=int(fields.get("first_at", 0)),
+            last_at_ms=int(fields.get("last_at", 0)), by_model=by_model,
+        )
 
 
 @dataclass(frozen=True)
@@ -220,6 +268,31 @@ class Keys:
     def calls(self) -> str:
         return f"{self.base}:calls"
 
+    # -- jobs (work orders) --
+
+    @property
+    def reservation_jobs(self) -> str:
+        """Reservation id -> the job it was made for."""
+        return f"{self.base}:resv:job"
+
+    @property
+    def job_held(self) -> str:
+        """Job id -> micros its live reservations hold."""
+        return f"{self.base}:job:held"
+
+    def job(self, job: str) -> str:
+        """One job's counters (calls, tokens, cost, per model, first/last call)."""
+        return f"{self.base}:job:{job}"
+
+    @property
+    def jobs(self) -> str:
+        """The tenant's jobs by their last call (ms)."""
+        return f"{self.base}:jobs"
+
+    def response(self, digest: str) -> str:
+        """One cached upstream answer (``cache.py`` names it by the request's digest)."""
+        return f"{self.base}:rc:{digest}"
+
 
 def _script_source(name: str) -> str:
     return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
@@ -251,8 +324,8 @@ class BudgetStore:
         self.prefix = prefix
         self.embedded = embedded
         self.calls_kept = calls_kept
-        self._admit = client.register_script(_script_source("admit.v3.lua"))
-        self._settle = client.register_script(_script_source("settle.v3.lua"))
+        self._admit = client.register_script(_script_source("admit.v4.lua"))
+        self._settle = client.register_script(_script_source("settle.v4.lua"))
         self._renew = client.register_script(_script_source("renew.v1.lua"))
         self._claim = client.register_script(_script_source("claim.v1.lua"))
 
@@ -303,21 +376,24 @@ class BudgetStore:
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
         reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
-        alerts: AlertArgs | None = None,
+        alerts: AlertArgs | None = None, job: JobArgs = NO_JOB,
     ) -> Admission:
         """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip;
-        a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused."""
+        a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused,
+        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``)."""
         k = self.keys(tenant)
         keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day),
                 k.rate_requests, k.rate_tokens, k.rate_token_counts, k.rate_token_sum,
-                k.flags("day", periods.day), k.flags("month", periods.month), k.alerts, k.alerts_due]
+                k.flags("day", periods.day), k.flags("month", periods.month), k.alerts, k.alerts_due,
+                k.reservation_jobs, k.job_held, k.job(job.id)]
         a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [
             reservation_id, lease_ms,
             limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month,
             rate.rpm, rate.tpm, call_tokens, int(a.enabled), tenant, periods.day, periods.month,
-            a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S, *worst_cases,
+            a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
+            job.id, -1 if job.cap_micros is None else job.cap_micros, 0, *worst_cases,
         ]
         async with _translated():
             result: list[Any] = await self._admit(keys=keys, args=args)
@@ -327,6 +403,7 @@ class BudgetStore:
         limited, rpm, tpm, requests, tokens, wait_ms, requests_reset, tokens_reset, refused = (
             int(v) for v in result[9:18]
         )
+        job_cap, job_used = int(result[18]), int(result[19])
         window = RateWindow(
             limits=RateLimits(rpm, tpm), requests=requests, tokens=tokens, requests_reset_ms=requests_reset,
             tokens_reset_ms=tokens_reset, limited={1: REQUESTS, 2: TOKENS, 3: TOKENS}.get(limited),
@@ -334,32 +411,36 @@ class BudgetStore:
         )
         decision = Decision(
             index=index if index >= 0 and not limited else None, used_day=used_day, used_month=used_month,
-            exhausted={1: "day", 2: "month"}.get(exhausted),
+            exhausted={1: "day", 2: "month", 3: "job"}.get(exhausted),
         )
         reservation = None
         if decision.index is not None and not already_settled:
             reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
-                                      worst_cases[decision.index])
-        return Admission(decision, effective, reservation, already_settled, rate=window, refused=refused == 1)
+                                      worst_cases[decision.index], job.id)
+        return Admission(decision, effective, reservation, already_settled, rate=window, refused=refused == 1,
+                         job_room=None if job_cap < 0 else max(0, job_cap - job_used),
+                         job_cap=None if job_cap < 0 else job_cap)
 
     async def settle(
         self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
-        alerts: AlertArgs | None = None,
+        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s,
     ) -> Settlement:
         """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
         trip, applied at most once per reservation id (a charge of 0 is a release). The token window
-        counts the record's real tokens; a threshold of ``alerts`` reached queues its event."""
+        counts the record's real tokens; a threshold of ``alerts`` reached queues its event. The call's
+        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
                 k.rate_token_counts, k.rate_token_sum, k.budget, k.flags("day", reservation.day),
-                k.flags("month", reservation.month), k.alerts, k.alerts_due]
+                k.flags("month", reservation.month), k.alerts, k.alerts_due,
+                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs]
         tokens = int((record or {}).get("prompt_tokens", 0)) + int((record or {}).get("completion_tokens", 0))
         a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
                                  self.calls_kept if record else 0, tokens, reservation.tenant, reservation.day,
                                  reservation.month, a.limit_day, a.limit_month, len(a.thresholds_ppm),
-                                 *a.thresholds_ppm]
+                                 *a.thresholds_ppm, reservation.job, job_ttl_s]
         for name, value in (record or {}).items():
             args += [name, value]
         async with _translated():
@@ -525,6 +606,40 @@ class BudgetStore:
                 ))
         out.sort(key=lambda a: tuple(int(p) for p in a.id.split("-")), reverse=True)
         return out[:limit]
+
+    # -- jobs (work orders) ------------------------------------------------------------------------
+
+    async def job_usage(self, tenant: str, job: str) -> JobUsage | None:
+        """One job's counters, ``None`` when it has none (never called, or expired)."""
+        async with _translated():
+            fields = await self.client.hgetall(self.keys(tenant).job(job))
+        if not fields:
+            return None
+        return JobUsage.from_hash(job, {_text(a): _text(b) for a, b in fields.items()})
+
+    async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
+        """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
+        k = self.keys(tenant)
+        async with _translated():
+            ids = [_text(j) for j in await self.client.zrevrange(k.jobs, 0, max(0, limit - 1))]  # type: ignore[arg-type]
+            pipe = self.client.pipeline(transaction=False)
+            for job in ids:
+                pipe.hgetall(k.job(job))
+            values = await pipe.execute() if ids else []
+        return [JobUsage.from_hash(job, {_text(a): _text(b) for a, b in fields.items()})
+                for job, fields in zip(ids, values, strict=True) if fields]
+
+    # -- the response cache (keys and values from ``cache.py``) ------------------------------------
+
+    async def cached_response(self, tenant: str, digest: str) -> bytes | None:
+        """The answer cached under ``digest`` for ``tenant``, if it has not expired."""
+        async with _translated():
+            value = await self.client.get(self.keys(tenant).response(digest))
+        return None if value is None else (value if isinstance(value, bytes) else value.encode())
+
+    async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None:
+        async with _translated():
+            await self.client.set(self.keys(tenant).response(digest), value, ex=max(1, ttl_s))
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

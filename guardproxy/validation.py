@@ -117,6 +117,12 @@ class Fields:
         check_range(self.at(key), value, min_value, max_value)
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.at(key), f"must be true or false, got {describe(value)}")
+        return value
+
     def decimal(
         self, key: str, default: Decimal | None, *, min_value: Decimal | None = None,
         max_value: Decimal | None = None,

@@ -1,6 +1,6 @@
 """Per-minute rate limits and the blocked flag, on every backend (embedded and a real redis-server).
 
-What admit.v3 and settle.v3 promise about the sliding windows: requests and worst-case tokens are
+What admit.v4 and settle.v4 promise about the sliding windows: requests and worst-case tokens are
 counted at admission, tokens corrected to the real usage at settlement, a call over a limit holds
 nothing and says how long to wait; a budget refusal flags the period blocked until a call fits.
 """

@@ -1,7 +1,7 @@
 """The budget store's contract, on every backend of ``tests/stores.py`` (embedded and a real redis-server).
 
 Admission, settlement, exactly-once settlement and release, leases and overrides: what the Lua
-scripts (admit.v3, settle.v3, renew.v1) promise, checked the same way wherever they run.
+scripts (admit.v4, settle.v4, renew.v1) promise, checked the same way wherever they run.
 ``tests/unit/test_lua_differential.py`` checks the decision against ``budget.decide`` in depth.
 """
 

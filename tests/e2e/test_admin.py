@@ -63,7 +63,7 @@ def test_tenant_state_has_the_contract_shape_and_exact_figures(
     cost = cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), GPT4O)
     state = httpx.get(url + "/admin/tenants/acme", headers=ADMIN).json()
     assert set(state) == {"tenant", "state", "day", "month", "soft_cap", "hard_cap", "timezone", "overridden",
-                          "remaining_usd", "rate_limits"}
+                          "remaining_usd", "rate_limits", "job_usd"}
     assert state["tenant"] == "acme" and state["state"] == "active" and state["timezone"] == "UTC"
     assert state["soft_cap"] == 0.8 and state["hard_cap"] == 1.0
     day = state["day"]

@@ -642,3 +642,36 @@ def test_journal_dir_defaults_to_the_xdg_state_home(monkeypatch: pytest.MonkeyPa
     assert parse_config(minimal(), {}).store.journal_path() == tmp_path / "home/.local/state/guardproxy/journal"
     config = parse_config(with_changes(store={"journal_dir": "/var/lib/gp", "lease_s": 2.5}), {})
     assert config.store.journal_path() == Path("/var/lib/gp") and config.store.lease_s == 2.5
+
+
+# --- jobs and the response cache --------------------------------------------------------------
+
+
+def test_job_caps_and_cache_default_off_and_inherit() -> None:
+    config = parse_config(minimal(), {})
+    assert config.defaults.job_micros is None and config.defaults.cache is False
+    assert config.store.job_retention_days == 90
+    assert (config.cache.ttl_s, config.cache.max_entry_bytes) == (3600, 1024 * 1024)
+    raw = with_changes(
+        budgets={"defaults": {"job_usd": 2.5, "cache": True}},
+        tenants={"acme": {"api_keys": [f"sha256:{HEX_A}"]},
+                 "globex": {"api_keys": [f"sha256:{HEX_B}"], "job_usd": None, "cache": False}},
+        store={"job_retention_days": 30}, cache={"ttl_s": 60, "max_entry_bytes": 1000},
+    )
+    config = parse_config(raw, {})
+    acme, globex = config.policy_for("acme"), config.policy_for("globex")
+    assert acme.job_micros == 2_500_000 and acme.cache is True
+    assert globex.job_micros is None and globex.cache is False
+    assert config.store.job_retention_days == 30
+    assert (config.cache.ttl_s, config.cache.max_entry_bytes) == (60, 1000)
+
+
+@pytest.mark.parametrize(("raw", "path"), [
+    (with_changes(budgets={"defaults": {"job_usd": -1}}), "budgets.defaults.job_usd"),
+    (with_changes(budgets={"defaults": {"cache": "yes"}}), "budgets.defaults.cache"),
+    (with_changes(cache={"ttl_s": 0}), "cache.ttl_s"),
+    (with_changes(cache={"ttl": 5}), "cache.ttl"),
+    (with_changes(store={"job_retention_days": 0}), "store.job_retention_days"),
+])
+def test_bad_job_and_cache_settings_name_the_field(raw: dict[str, Any], path: str) -> None:
+    assert error_of(raw).path == path

@@ -157,3 +157,10 @@ def test_a_file_being_adopted_is_locked_until_removed(tmp_path: Path) -> None:
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_an_entry_keeps_its_job_and_a_line_from_before_jobs_reads_as_none() -> None:
+    e = Entry(Reservation("r1", "acme", "2026-11-22", "2026-11", 500, "WO-1"), 120, {"job": "WO-1"})
+    assert Entry.from_line(e.to_line()) == e
+    line = b'{"id":"r1","tenant":"acme","day":"2026-11-22","month":"2026-11","amount":5,"charge":1,"record":null}'
+    assert Entry.from_line(line).reservation.job == ""

@@ -1,4 +1,4 @@
-"""admit.v3.lua on the embedded store against budget.decide and budget.rate_verdict, over generated scenarios.
+"""admit.v4.lua on the embedded store against budget.decide and budget.rate_verdict, over generated scenarios.
 
 The Lua script is what runs in production; ``budget.decide`` is its readable reference. The
 differential test sets spend and live reservations directly in a fake Redis under the key names
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from guardproxy.budget import RateLimits, Thresholds, decide, rate_verdict
 from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, Keys, Reservation
+from guardproxy.store import BudgetStore, JobArgs, Keys, Reservation
 
 T = TypeVar("T")
 TENANT = "acme"
@@ -48,7 +48,7 @@ def run(scenario: Callable[[BudgetStore], Awaitable[T]]) -> T:
 
 
 async def hold(store: BudgetStore, reservation_id: str, amount: int, expires_in_ms: int = HOUR_MS) -> None:
-    """A live reservation written the way admit.v3.lua writes one."""
+    """A live reservation written the way admit.v4.lua writes one."""
     k = store.keys(TENANT)
     now_s, now_us = await store.client.time()
     await store.client.zadd(k.reservations, {reservation_id: now_s * 1000 + now_us // 1000 + expires_in_ms})
@@ -120,6 +120,51 @@ def test_admit_agrees_with_decide(scenario: tuple[int, int, list[int], Threshold
         assert admission.reservation == Reservation("r-new", TENANT, PERIODS.day, PERIODS.month, worst[expected.index])
         assert reserved_after == sum(reserved) + worst[expected.index]
         assert live == len(reserved) + 1
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 10**10), st.lists(st.integers(0, 10**4), max_size=3), st.data())
+def test_admit_with_a_job_cap_agrees_with_decide(
+    scenario: tuple[int, int, list[int], Thresholds, list[int]], job_spent: int, job_held: list[int],
+    data: st.DataObject,
+) -> None:
+    """The job's cap (its spend + its live reservations + worst case) is one more bound on "fits";
+    a call only the job refuses is refused as ``job``, and the job's share is held and counted."""
+    spend_day, spend_month, reserved, limits, worst = scenario
+    used_day, used_month = spend_day + sum(reserved), spend_month + sum(reserved)
+    job_used = job_spent + sum(job_held)
+    # caps around what the job has used plus each candidate's worst case, as well as anywhere
+    cap = data.draw(st.one_of(
+        st.sampled_from([job_used + w for w in worst]).flatmap(lambda c: st.integers(max(0, c - 1), c + 1)),
+        st.integers(0, 2 * job_used + 10),
+    ))
+
+    async def go(store: BudgetStore) -> tuple[Any, int]:
+        k = store.keys(TENANT)
+        await store.client.set(k.spend_day(PERIODS.day), spend_day)
+        await store.client.set(k.spend_month(PERIODS.month), spend_month)
+        for i, amount in enumerate(reserved):
+            await hold(store, f"earlier-{i}", amount)
+        await store.client.hset(k.job("J1"), "cost_micros", job_spent)
+        for i, amount in enumerate(job_held):
+            await hold(store, f"job-{i}", amount)
+            await store.client.hset(k.reservation_jobs, f"job-{i}", "J1")
+            await store.client.hincrby(k.job_held, "J1", amount)
+        admission = await store.admit(TENANT, PERIODS, limits, worst, "r-new", HOUR_MS,
+                                      job=JobArgs("J1", cap))
+        return admission, int(await store.client.hget(k.job_held, "J1") or 0)
+
+    admission, held_after = run(go)
+    # the job's reservations count against the tenant's caps too
+    expected_with_held = decide(used_day + sum(job_held), used_month + sum(job_held), limits, worst,
+                                job_room=cap - job_used)
+    assert admission.decision == expected_with_held
+    assert admission.job_room == max(0, cap - job_used)
+    if expected_with_held.index is None:
+        assert admission.reservation is None and held_after == sum(job_held)
+    else:
+        assert admission.reservation is not None and admission.reservation.job == "J1"
+        assert held_after == sum(job_held) + worst[expected_with_held.index]
 
 
 def test_keys_layout() -> None:

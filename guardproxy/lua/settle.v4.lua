@@ -1,4 +1,4 @@
--- settle.v3: release a reservation, charge what the call really cost and log the call, atomically,
+-- settle.v4: release a reservation, charge what the call really cost and log the call, atomically,
 -- at most once per reservation id (contract §4).
 -- v2: every settled (or released) id is marked in the hash settled:<day of the reservation>, kept
 -- as long as that day's spend counter; a second settle of the id (a retry after a lost reply, a
@@ -6,15 +6,20 @@
 -- v3: the token window counts the call's real tokens instead of its worst case; a charge that
 -- takes the day's or month's spend to an alert threshold queues a "threshold" event, once per
 -- period and threshold (the flags hash records the ones fired; an override or a new period re-arms).
+-- v4: jobs (work orders): a call that names a job frees the job's share of its reservation and
+-- adds its calls, tokens and cost (also per model) to the job's hash, which a per-tenant zset
+-- lists by last activity; both kept job_ttl s from the last call. Blocks marked "jobs (v4)".
 --
 -- KEYS: 1 spend:day:<day>  2 spend:month:<month>  3 resv  4 resv:amount  5 reserved  6 calls (stream)
 --       7 settled:<day>  8 rl:tok:n  9 rl:tok:sum  10 budget  11 flags:day:<day>
 --       12 flags:month:<month>  13 alerts (stream)  14 alerts:due
+--       15 resv:job  16 job:held  17 job:<job id>  18 jobs (zset job id -> last call at ms)
 -- ARGV: 1 reservation id  2 charge micros (0: a release)  3 day key ttl s  4 month key ttl s
 --       5 calls kept (0: no log)  6 the call's real tokens  7 tenant  8 day  9 month
 --       10 limit_day micros  11 limit_month micros  12 number of thresholds n (0: no alerts)
 --       13..12+n thresholds in parts per million (750000 = 75%)
---       then field, value pairs of the call's log entry
+--       then the job id ('' none) and the job's ttl s
+--       then field, value pairs of the call's log entry (the job's tokens and model are read from it)
 -- Returns {day spend, month spend, 1 if the reservation was still live else 0,
 --          1 if this settle was applied else 0 (the id was settled before)}
 
@@ -28,6 +33,13 @@ if amount then
   live = 1
   redis.call('DECRBY', KEYS[5], amount)
   redis.call('HDEL', KEYS[4], ARGV[1])
+  -- jobs (v4): the job's share of the reservation goes with it
+  local held_by = redis.call('HGET', KEYS[15], ARGV[1])
+  if held_by then
+    if redis.call('HINCRBY', KEYS[16], held_by, -tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[16], held_by) end
+    redis.call('HDEL', KEYS[15], ARGV[1])
+  end
+  -- end jobs (v4)
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 
@@ -55,7 +67,8 @@ else
 end
 
 local thresholds = tonumber(ARGV[12])
-local log_from = 13 + thresholds
+local job_at = 13 + thresholds
+local log_from = job_at + 2
 if charge > 0 and thresholds > 0 then
   local limit_day, limit_month = tonumber(ARGV[10]), tonumber(ARGV[11])
   local override = redis.call('HMGET', KEYS[10], 'daily_micros', 'monthly_micros')
@@ -84,6 +97,36 @@ if charge > 0 and thresholds > 0 then
     end
   end
 end
+
+-- jobs (v4): the job's counters, from the call's own log entry (so a job's report and its calls agree)
+local job = ARGV[job_at]
+if job ~= '' and #ARGV >= log_from then
+  local entry = {}
+  for i = log_from, #ARGV - 1, 2 do
+    entry[ARGV[i]] = ARGV[i + 1]
+  end
+  local prompt = tonumber(entry['prompt_tokens'] or '0')
+  local completion = tonumber(entry['completion_tokens'] or '0')
+  local model = entry['model'] or ''
+  local now = redis.call('TIME')
+  local at_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local job_ttl = tonumber(ARGV[job_at + 1])
+  redis.call('HINCRBY', KEYS[17], 'calls', 1)
+  redis.call('HINCRBY', KEYS[17], 'prompt_tokens', prompt)
+  redis.call('HINCRBY', KEYS[17], 'completion_tokens', completion)
+  redis.call('HINCRBY', KEYS[17], 'cost_micros', charge)
+  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':calls', 1)
+  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':prompt_tokens', prompt)
+  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':completion_tokens', completion)
+  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':cost_micros', charge)
+  redis.call('HSETNX', KEYS[17], 'first_at', at_ms)
+  redis.call('HSET', KEYS[17], 'last_at', at_ms)
+  redis.call('EXPIRE', KEYS[17], job_ttl)
+  redis.call('ZADD', KEYS[18], at_ms, job)
+  redis.call('ZREMRANGEBYSCORE', KEYS[18], '-inf', at_ms - job_ttl * 1000)
+  redis.call('EXPIRE', KEYS[18], job_ttl)
+end
+-- end jobs (v4)
 
 local kept = tonumber(ARGV[5])
 if kept > 0 and #ARGV >= log_from then

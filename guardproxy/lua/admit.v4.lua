@@ -1,8 +1,13 @@
--- admit.v3: decide and reserve for one call of one tenant, atomically (contract §4).
+-- admit.v4: decide and reserve for one call of one tenant, atomically (contract §4).
 -- The decision mirrors guardproxy/budget.py:decide and rate_verdict (a differential test keeps
 -- them equal).
 -- v2: the reservation holds a lease (renewed by renew.v1 while the call runs), and an id that
 -- was already settled or released (settle's marker) is never reserved.
+-- v4: jobs (work orders): a call may name a job; its worst case must also fit the job's cap
+-- (the job's settled cost + the job's live reservations + worst case <= cap), else it is refused
+-- with exhausted = 3 (the tenant's blocked flag and alerts are left alone). The job's share of
+-- live reservations is held in job:held and dropped with the reservation (settle, release or an
+-- expired lease). Blocks marked "jobs (v4)".
 -- v3: per-minute request and token limits (sliding logs over the last 60 s of server time); a
 -- period's "blocked" flag (set by a budget refusal, cleared by the next admitted call); the alert
 -- events "blocked" (first refusal) and "downgrading" (first cheaper tier), each once per period.
@@ -16,18 +21,22 @@
 --       12 flags:day:<day>  13 flags:month:<month> (hashes: blocked, blocked_event,
 --       downgrading, threshold:<t>)
 --       14 alerts (stream of events)  15 alerts:due (zset entry id -> next delivery at ms)
+--       16 resv:job (hash reservation id -> job id)  17 job:held (hash job id -> micros reserved)
+--       18 job:<job id> (the job's counters; see settle.v4)
 -- ARGV: 1 reservation id  2 lease ms  3 soft_day  4 hard_day  5 soft_month  6 hard_month
 --       7 rpm (0: none)  8 tpm (0: none)  9 the call's worst-case tokens
 --       10 queue alert events (1) or not (0)  11 tenant  12 day  13 month  14 limit_day micros
 --       15 limit_month micros  16 day flags ttl s  17 month flags ttl s
---       18.. worst case micros of each candidate: the requested model, then its downgrade chain
+--       18 job id ('' none)  19 job cap micros (-1 none; the override's job_micros wins)  20 unused
+--       21.. worst case micros of each candidate: the requested model, then its downgrade chain
 -- Returns {index or -1, used_day, used_month, exhausted (0 none, 1 day, 2 month),
 --          soft_day, hard_day, soft_month, hard_month, 1 if the id was already settled else 0,
 --          limited (0 none, 1 requests, 2 tokens, 3 tokens: the call alone exceeds tpm),
 --          rpm, tpm, requests in the window, tokens in the window,
 --          ms until the window admits this call (0 when admitted),
 --          ms until the oldest request leaves the window, ms until the oldest tokens leave it,
---          1 if the period is flagged blocked else 0}
+--          1 if the period is flagged blocked else 0,
+--          the job's cap (-1: no job or no cap), the job's spent + held micros before this call}
 
 local WINDOW_MS = 60000
 local time = redis.call('TIME')
@@ -41,6 +50,13 @@ for _, id in ipairs(expired) do
   if amount then
     redis.call('DECRBY', KEYS[5], amount)
     redis.call('HDEL', KEYS[4], id)
+    -- jobs (v4): the job's share of the reservation frees with it
+    local job = redis.call('HGET', KEYS[16], id)
+    if job then
+      if redis.call('HINCRBY', KEYS[17], job, -tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[17], job) end
+      redis.call('HDEL', KEYS[16], id)
+    end
+    -- end jobs (v4)
   end
   redis.call('ZREM', KEYS[3], id)
 end
@@ -66,11 +82,26 @@ local reserved = tonumber(redis.call('GET', KEYS[5]) or '0')
 local used_day = tonumber(redis.call('GET', KEYS[1]) or '0') + reserved
 local used_month = tonumber(redis.call('GET', KEYS[2]) or '0') + reserved
 
-local function fits(worst)
+local function fits_tenant(worst)
   return used_day + worst <= hard_day and used_month + worst <= hard_month
 end
 
-local first = 18
+-- jobs (v4): the job's cap, its spend and live reservations
+local job, job_cap, job_used = ARGV[18], tonumber(ARGV[19]), 0
+if job ~= '' then
+  local job_override = redis.call('HGET', KEYS[6], 'job_micros')
+  if job_override then job_cap = tonumber(job_override) end
+  job_used = tonumber(redis.call('HGET', KEYS[18], 'cost_micros') or '0')
+    + tonumber(redis.call('HGET', KEYS[17], job) or '0')
+else
+  job_cap = -1
+end
+local function fits(worst)
+  return fits_tenant(worst) and (job_cap < 0 or job_used + worst <= job_cap)
+end
+-- end jobs (v4)
+
+local first = 21
 local candidates = #ARGV - first + 1
 local chosen = -1
 if fits(tonumber(ARGV[first])) then
@@ -157,7 +188,17 @@ local function queue(event, period, period_id, spent, limit)
 end
 
 local exhausted = 0
-if chosen < 0 then
+-- jobs (v4): refused by the job's cap alone (some candidate fits the tenant): the tenant is not blocked
+local job_refused = false
+if chosen < 0 and job_cap >= 0 then
+  for i = 0, candidates - 1 do
+    if fits_tenant(tonumber(ARGV[first + i])) then job_refused = true end
+  end
+end
+-- end jobs (v4)
+if job_refused then
+  exhausted = 3
+elseif chosen < 0 then
   exhausted = 1
   if used_month + tonumber(ARGV[#ARGV]) > hard_month then
     exhausted = 2
@@ -179,6 +220,12 @@ elseif settled == 0 and limited == 0 then
   redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[2]), ARGV[1])
   redis.call('HSET', KEYS[4], ARGV[1], amount)
   redis.call('INCRBY', KEYS[5], amount)
+  -- jobs (v4): the job holds its share until the reservation goes
+  if job ~= '' then
+    redis.call('HSET', KEYS[16], ARGV[1], job)
+    redis.call('HINCRBY', KEYS[17], job, amount)
+  end
+  -- end jobs (v4)
   -- a call that fits again ends the blocked state (a cheaper call, a raised cap, released reservations)
   redis.call('HDEL', KEYS[12], 'blocked')
   redis.call('HDEL', KEYS[13], 'blocked')
@@ -213,4 +260,5 @@ if redis.call('HEXISTS', KEYS[12], 'blocked') == 1 or redis.call('HEXISTS', KEYS
   blocked = 1
 end
 return {chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
-        limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(8, rpm), leaves_at(9, tpm), blocked}
+        limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(8, rpm), leaves_at(9, tpm), blocked,
+        job_cap, job_used}
