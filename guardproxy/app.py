@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
+from guardproxy.agent_api import agent_routes
 from guardproxy.auth import JobTenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.cors import cors_middleware
@@ -211,6 +212,7 @@ def create_app(
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
+            *agent_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},

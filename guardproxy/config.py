@@ -92,6 +92,10 @@ class BudgetPolicy:
     soft_cap: Decimal
     hard_cap: Decimal
     timezone: str
+    #: When no tier's worst case fits, send the call with a lowered output limit that fits instead
+    #: of refusing it, if each output can still have ``min_completion_tokens``.
+    clamp_max_tokens: bool = False
+    min_completion_tokens: int = 256
 
     @property
     def zone(self) -> ZoneInfo:
@@ -297,6 +301,8 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         daily_micros=money("daily_usd", base.daily_micros),
         monthly_micros=money("monthly_usd", base.monthly_micros),
         soft_cap=soft, hard_cap=hard, timezone=tz,
+        clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
+        min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
     )
 
 

@@ -44,6 +44,10 @@ class Metrics:
             "guardproxy_downgrades", "Calls sent to a cheaper model than asked.",
             ["tenant", "from_model", "to_model"], registry=r,
         )
+        self.clamped = Counter(
+            "guardproxy_clamped", "Calls sent with a lowered output limit because their worst case did not fit.",
+            ["tenant", "model"], registry=r,
+        )
         self.servicetitan_lookups = Counter(
             "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
             registry=r,

@@ -29,6 +29,8 @@ from starlette.responses import Response
 from guardproxy import budget
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
+from guardproxy.choice import Admit, Choice, choose
+from guardproxy.clamp import Tier
 from guardproxy.config import Config, ModelConfig
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError
@@ -140,23 +142,39 @@ class BudgetedEndpoint:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
         chain = self.s.config.downgrade_chain(attempt)
-        worst_cases = [
-            cost_micros(Usage(prompt_tokens, self.shape.worst_output_tokens(call, m)), m.price) for m in chain
-        ]
-        admission = await self.s.ledger.admit(tenant, worst_cases)
-        decision = admission.decision
-        if decision.index is None:
+        choice = await self._choose(tenant, call, chain, prompt_tokens, self.s.ledger.admit)
+        admission = choice.deciding
+        if choice.index is None:
             if attempt is not requested:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
                 return None
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
-            raise self._over_budget(tenant, decision, admission)
-        sent = chain[decision.index]
+            raise self._over_budget(tenant, admission.decision, admission)
+        sent = chain[choice.index]
         if sent is not attempt:
             self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
         if attempt is not requested:
             self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
-        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context)
+        if choice.clamped_tokens is not None:
+            self.s.metrics.clamped.labels(tenant, sent.name).inc()
+        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context,
+                    choice.clamped_tokens)
+
+    async def _choose(
+        self, tenant: str, call: ApiRequest, chain: Sequence[ModelConfig], prompt_tokens: int, admit: Admit
+    ) -> Choice:
+        tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
+        return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
+
+    async def quote(self, tenant: str, raw: bytes, admit: Admit) -> Quote:
+        """What admission would decide for the request body ``raw`` now, through the same steps as a
+        call (parse, price, estimate, choose), with ``admit`` reading the spend instead of reserving."""
+        call = self.shape.parse(raw)
+        requested = self._price(call.model)
+        prompt_tokens = await self._estimate(call)
+        chain = self.s.config.downgrade_chain(requested)
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        return Quote(call, chain, prompt_tokens, choice)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
         period = decision.exhausted or "day"
@@ -193,6 +211,8 @@ class BudgetedEndpoint:
             changes["model"] = plan.upstream_model
         if self.shape.asks_for_usage and call.stream and not call.wants_usage:
             changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        if plan.clamped_tokens is not None:
+            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens))
         return orjson.dumps({**call.body, **changes}) if changes else call.raw
 
     async def _failed(self, plan: Plan, answer: httpx.Response | GuardError, started: float) -> Response | GuardError:
@@ -302,6 +322,17 @@ class BudgetedEndpoint:
         log.info("%s", settled.summary(), extra=settled.log_fields())
         for observe in self.s.observers:
             observe(settled)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What admission would decide for one request now (``BudgetedEndpoint.quote``)."""
+
+    request: ApiRequest
+    #: The requested model and its downgrade chain, in order.
+    chain: Sequence[ModelConfig]
+    prompt_tokens: int
+    choice: Choice
 
 
 def _json_or_none(content: bytes) -> Any:

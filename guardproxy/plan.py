@@ -27,6 +27,8 @@ class Plan:
     prompt_tokens: int
     admission: Admission
     context: CallContext = field(default_factory=CallContext)
+    #: The lowered output limit sent, when the call was clamped to fit (``clamp.py``).
+    clamped_tokens: int | None = None
 
     @property
     def reservation(self) -> Reservation:
@@ -67,4 +69,6 @@ class Plan:
             headers["x-guardproxy-downgraded-from"] = self.attempt.name if self.fell_back else self.request.model
         if self.fell_back:
             headers["x-guardproxy-fallback-from"] = self.request.model
+        if self.clamped_tokens is not None:
+            headers["x-guardproxy-clamped-max-tokens"] = str(self.clamped_tokens)
         return headers

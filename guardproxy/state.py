@@ -7,6 +7,7 @@ display, and the thresholds in micro-USD that the admission script applies.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,12 +68,12 @@ def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetP
     """``base`` with the runtime override applied (fields kept as exact decimal strings)."""
     if not override:
         return base
-    return BudgetPolicy(
+    return dataclasses.replace(
+        base,
         daily_micros=int(override.get("daily_micros", base.daily_micros)),
         monthly_micros=int(override.get("monthly_micros", base.monthly_micros)),
         soft_cap=Decimal(override.get("soft_cap", base.soft_cap)),
         hard_cap=Decimal(override.get("hard_cap", base.hard_cap)),
-        timezone=base.timezone,
     )
 
 
