@@ -28,6 +28,7 @@ from guardproxy.config import Config, load_config
 from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body
+from guardproxy.external import external_routes
 from guardproxy.journal import Journal
 from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
@@ -213,6 +214,7 @@ def create_app(
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
             *agent_routes(),
+            *external_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_guard_error, HTTPException: on_http_error, Exception: on_unexpected},

@@ -119,6 +119,10 @@ class Keys:
     def budget(self) -> str:
         return f"{self.base}:budget"
 
+    def booked_on(self, reservation_id: str) -> str:
+        """The day an external spend's id was first booked on (its settled-marker's day)."""
+        return f"{self.base}:booked:{reservation_id}"
+
     @property
     def calls(self) -> str:
         return f"{self.base}:calls"
@@ -262,6 +266,29 @@ class BudgetStore:
         async with _translated():
             results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
         return {_text(i) for lost in results for i in lost}
+
+    async def booking_day(self, tenant: str, reservation_id: str, day: str) -> str:
+        """The day ``reservation_id`` was first booked on; ``day`` (and remembered as long as a day's
+        settled-marker lives) when it is new."""
+        key = self.keys(tenant).booked_on(reservation_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, day, nx=True, ex=DAY_KEY_TTL_S)
+        pipe.get(key)
+        async with _translated():
+            _, first = await pipe.execute()
+        return day if first is None else _text(first)
+
+    async def move_booking_day(self, tenant: str, reservation_id: str, day: str) -> None:
+        """Remember ``day`` as the day ``reservation_id`` is booked on (its earlier day never settled it)."""
+        async with _translated():
+            await self.client.set(self.keys(tenant).booked_on(reservation_id), day, ex=DAY_KEY_TTL_S)
+
+    async def settled_charge(self, tenant: str, day: str, reservation_id: str) -> Micros | None:
+        """What ``reservation_id``, admitted or booked on ``day``, was charged when it settled; ``None``
+        when it has not settled (or its marker has expired)."""
+        async with _translated():
+            value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
+        return None if value is None else int(value)
 
     async def register_tenant(self, tenant: str) -> None:
         """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
