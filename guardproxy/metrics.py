@@ -113,9 +113,15 @@ class _BudgetGauges(Collector):
                                   labels=["tenant", "period"])
         utilization = GaugeMetricFamily("guardproxy_budget_utilization_ratio", "Settled spend / limit.",
                                         labels=["tenant", "period"])
+        projected = GaugeMetricFamily(
+            "guardproxy_budget_projected_usd", "Spend projected at the end of the period from the recent burn rate.",
+            labels=["tenant", "period"])
         for state in self.states:
             for name, period in (("day", state.day), ("month", state.month)):
                 spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
                 limit.add_metric([state.tenant, name], micros_to_usd(period.limit))
                 utilization.add_metric([state.tenant, name], period.utilization)
-        yield from (spent, limit, utilization)
+            if state.forecast is not None:
+                for name, forecast in (("day", state.forecast.day), ("month", state.forecast.month)):
+                    projected.add_metric([state.tenant, name], micros_to_usd(forecast.projected_micros))
+        yield from (spent, limit, utilization, projected)

@@ -17,8 +17,10 @@ from typing import Any
 from guardproxy import budget
 from guardproxy.budget import Thresholds
 from guardproxy.config import BudgetPolicy, Config
+from guardproxy.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, project
 from guardproxy.periods import Periods, iso_utc, periods_at
 from guardproxy.pricing import micros_to_usd
+from guardproxy.relay import Outcome
 from guardproxy.store import BudgetStore, PeriodSpend
 from guardproxy.types import Micros
 
@@ -55,12 +57,18 @@ class TenantState:
     month: PeriodState
     policy: BudgetPolicy
     overridden: bool
+    #: Where spend is heading (``forecast.py``); ``None`` without a call log to take the rate from.
+    forecast: Forecast | None = None
 
     def as_json(self) -> dict[str, Any]:
+        no_forecast = {"projected_usd": None, "hard_cap_at": None}
         return {
-            "tenant": self.tenant, "state": self.state, "day": self.day.as_json(), "month": self.month.as_json(),
+            "tenant": self.tenant, "state": self.state,
+            "day": {**self.day.as_json(), **(self.forecast.day.as_json() if self.forecast else no_forecast)},
+            "month": {**self.month.as_json(), **(self.forecast.month.as_json() if self.forecast else no_forecast)},
             "soft_cap": float(self.policy.soft_cap), "hard_cap": float(self.policy.hard_cap),
             "timezone": self.policy.timezone, "overridden": self.overridden,
+            "burn_rate_usd_per_hour": round(self.forecast.usd_per_hour, 6) if self.forecast else None,
         }
 
 
@@ -98,10 +106,26 @@ async def read_states(
 ) -> list[TenantState]:
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
-    return [
+    states = [
         _state(tenant, config.policy_for(tenant), p, snap.day, snap.month, snap.override)
         for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
     ]
+    if not store.calls_kept or not tenants:
+        return states
+    now_ms, logs = await store.call_costs(tenants, SAMPLE_CALLS)
+    return [dataclasses.replace(state, forecast=_forecast(state, log, now_ms, now))
+            for state, log in zip(states, logs, strict=True)]
+
+
+def _forecast(state: TenantState, log: Sequence[tuple[int, str, str]], now_ms: int, now: datetime) -> Forecast:
+    calls = [Spent(time_ms, int(cost)) for time_ms, cost, outcome in log if outcome != Outcome.EXTERNAL.value]
+    rate = burn_rate(calls, now_ms)
+    limits = Thresholds.for_policy(state.policy)
+    return Forecast(
+        rate_per_s=rate,
+        day=project(state.day.spent, limits.hard_day, rate, now, state.day.resets_at),
+        month=project(state.month.spent, limits.hard_month, rate, now, state.month.resets_at),
+    )
 
 
 def _state(

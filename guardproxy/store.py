@@ -311,6 +311,22 @@ class BudgetStore:
             calls.append(call)
         return calls
 
+    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, str, str]]]]:
+        """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
+        ``(time_ms, cost_micros, outcome)``, in one pipelined round trip (for forecasts)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        for tenant in tenants:
+            pipe.xrevrange(self.keys(tenant).calls, count=count)
+        async with _translated():
+            now, *logs = await pipe.execute()
+        seconds, micros = now
+        return int(seconds) * 1000 + int(micros) // 1000, [
+            [(int(_text(entry_id).split("-")[0]), _text((fields or {}).get(b"cost_micros", b"0")),
+              _text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+            for log in logs
+        ]
+
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""
         pipe = self.client.pipeline(transaction=False)

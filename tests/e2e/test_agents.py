@@ -3,7 +3,10 @@ budget, quotes that agree with the admission that follows them, and clamping ins
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -14,6 +17,9 @@ import redis
 from guardproxy.config import Config
 from guardproxy.fake_upstream import FakeUpstreamState
 from guardproxy.pricing import Usage, cost_micros
+from guardproxy.state import TenantState, read_states
+from guardproxy.status import render
+from guardproxy.store import BudgetStore
 from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric
@@ -229,3 +235,56 @@ def test_without_clamping_or_below_the_minimum_the_call_is_refused(
     with pytest.raises(openai.RateLimitError):
         sdk(strict).chat.completions.create(model="gpt-4o-mini", messages=HI)
     assert fake_state.requests == [] and redis_int(redis_url, keys()[0]) == 19_600 and reserved(redis_url) == 0
+
+
+# -- forecasts ------------------------------------------------------------------------------------
+
+
+def test_a_steady_tenants_forecast_is_within_ten_percent_everywhere_it_shows(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], sdk: Sdk
+) -> None:
+    config = make_config(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
+    url = serve_proxy(config)
+    client = sdk(url)
+    interval_s, calls = 0.2, 16
+    start = time.monotonic()
+    for i in range(calls):  # one call every 200 ms, on a fixed schedule
+        time.sleep(max(0.0, start + i * interval_s - time.monotonic()))
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    cost = redis_int(redis_url, keys()[0]) // calls
+    assert cost * calls == redis_int(redis_url, keys()[0])  # every call cost the same
+    rate_per_s = cost / interval_s
+
+    def truth(resets_at: str) -> float:
+        """What a steady tenant will have spent when the period resets."""
+        left_s = (datetime.fromisoformat(resets_at.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds()
+        return cost * calls + rate_per_s * left_s
+
+    own = client.get("guardproxy/budget", cast_to=object)
+    assert isinstance(own, dict)
+    assert own["burn_rate_usd_per_hour"] == pytest.approx(rate_per_s * 3600 / 1e6, rel=0.10)
+    for period in ("day", "month"):
+        assert own[period]["projected_usd"] * 1e6 == pytest.approx(truth(own[period]["resets_at"]), rel=0.10)
+    # At this rate acme's 1 USD a day runs out within hours (unless the day ends first).
+    left_s = (1_000_000 - cost * calls) / rate_per_s
+    day_end = datetime.fromisoformat(own["day"]["resets_at"].replace("Z", "+00:00"))
+    if datetime.now(UTC).timestamp() + left_s * 1.1 < day_end.timestamp():
+        cap_at = datetime.fromisoformat(own["day"]["hard_cap_at"].replace("Z", "+00:00"))
+        assert (cap_at - datetime.now(UTC)).total_seconds() == pytest.approx(left_s, rel=0.10)
+
+    scrape = httpx.get(url + "/metrics").text
+    projected = metric(scrape, "guardproxy_budget_projected_usd", tenant="acme", period="month")
+    assert projected * 1e6 == pytest.approx(truth(own["month"]["resets_at"]), rel=0.10)
+    page = httpx.get(url + "/admin/", headers=ADMIN).text
+    assert page.count('class="forecast muted"') == 4 and "projected $" in page  # two tenants, two periods
+    (state,) = asyncio.run(_read(config))
+    assert "projected $" in render([state]) and state.forecast is not None
+    assert state.forecast.day.projected_micros == pytest.approx(truth(own["day"]["resets_at"]), rel=0.10)
+
+
+async def _read(config: Config) -> list[TenantState]:
+    store = BudgetStore.from_config(config.store)
+    try:
+        return await read_states(store, config, ["acme"], datetime.now(UTC))
+    finally:
+        await store.aclose()
