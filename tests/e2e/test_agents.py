@@ -4,6 +4,7 @@ budget, quotes that agree with the admission that follows them, and clamping ins
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from guardproxy.config import Config
-from guardproxy.fake_upstream import FakeUpstreamState
+from guardproxy.fake_upstream import DEFAULT_COMPLETION_TOKENS, FakeUpstreamState
 from guardproxy.pricing import Usage, cost_micros
 from guardproxy.state import TenantState, read_states
 from guardproxy.status import render
@@ -23,7 +24,7 @@ from guardproxy.store import BudgetStore
 from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, MINI, keys, reserved, settled
+from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, MINI, keys, reserved, settled, wait_for
 
 ADMIN_KEY = "adm-secret-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -224,11 +225,29 @@ def test_clamping_streams_and_n_above_one_multiplies_the_worst_case(
     assert 19_600 < redis_int(redis_url, keys()[0]) <= DAILY_MICROS
 
 
+def test_responses_and_legacy_completions_are_clamped_in_their_own_fields(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], sdk: Sdk, fake_state: FakeUpstreamState,
+) -> None:
+    url = serve_proxy(clamping_config(upstream_url, redis_url, min_tokens=100))
+    spend(redis_url, 19_600)
+    client = sdk(url)
+    response = client.responses.with_raw_response.create(model="gpt-4o-mini", input="Say hello.")
+    clamped = int(response.headers["x-guardproxy-clamped-max-tokens"])
+    assert fake_state.requests[-1]["max_output_tokens"] == clamped and 100 <= clamped < 1000
+    settled(redis_url, keys()[0], redis_int(redis_url, keys()[0]))
+    spent = redis_int(redis_url, keys()[0])
+    legacy = client.completions.with_raw_response.create(model="gpt-4o-mini", prompt="Say hello.")
+    assert fake_state.requests[-1]["max_tokens"] == int(legacy.headers["x-guardproxy-clamped-max-tokens"])
+    assert spent < redis_int(redis_url, keys()[0]) <= DAILY_MICROS
+
+
 def test_without_clamping_or_below_the_minimum_the_call_is_refused(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], sdk: Sdk, fake_state: FakeUpstreamState,
 ) -> None:
     off = serve_proxy(clamping_config(upstream_url, redis_url, clamp=False))
     spend(redis_url, 19_600)
+    quote = get_quote(sdk(off), {"model": "gpt-4o-mini", "messages": HI})
+    assert (quote["allowed"], quote["reason"], quote["clamped_max_tokens"]) == (False, "daily_budget_exhausted", None)
     with pytest.raises(openai.RateLimitError):
         sdk(off).chat.completions.create(model="gpt-4o-mini", messages=HI)
     strict = serve_proxy(clamping_config(upstream_url, redis_url, min_tokens=700))
@@ -246,40 +265,57 @@ def test_a_steady_tenants_forecast_is_within_ten_percent_everywhere_it_shows(
     config = make_config(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
     url = serve_proxy(config)
     client = sdk(url)
-    interval_s, calls = 0.2, 16
-    start = time.monotonic()
-    for i in range(calls):  # one call every 200 ms, on a fixed schedule
-        time.sleep(max(0.0, start + i * interval_s - time.monotonic()))
-        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
-    cost = redis_int(redis_url, keys()[0]) // calls
-    assert cost * calls == redis_int(redis_url, keys()[0])  # every call cost the same
-    rate_per_s = cost / interval_s
+    interval_s, stop, made = 0.2, threading.Event(), [0]
 
-    def truth(resets_at: str) -> float:
-        """What a steady tenant will have spent when the period resets."""
-        left_s = (datetime.fromisoformat(resets_at.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds()
-        return cost * calls + rate_per_s * left_s
+    def steady_tenant() -> None:
+        """One call every 200 ms on a fixed schedule, still going while the forecasts are read."""
+        start = time.monotonic()
+        for i in range(100):  # at most 20 s
+            if stop.wait(max(0.0, start + i * interval_s - time.monotonic())):
+                return
+            client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+            made[0] += 1
 
-    own = client.get("guardproxy/budget", cast_to=object)
-    assert isinstance(own, dict)
-    assert own["burn_rate_usd_per_hour"] == pytest.approx(rate_per_s * 3600 / 1e6, rel=0.10)
-    for period in ("day", "month"):
-        assert own[period]["projected_usd"] * 1e6 == pytest.approx(truth(own[period]["resets_at"]), rel=0.10)
-    # At this rate acme's 1 USD a day runs out within hours (unless the day ends first).
-    left_s = (1_000_000 - cost * calls) / rate_per_s
-    day_end = datetime.fromisoformat(own["day"]["resets_at"].replace("Z", "+00:00"))
-    if datetime.now(UTC).timestamp() + left_s * 1.1 < day_end.timestamp():
-        cap_at = datetime.fromisoformat(own["day"]["hard_cap_at"].replace("Z", "+00:00"))
-        assert (cap_at - datetime.now(UTC)).total_seconds() == pytest.approx(left_s, rel=0.10)
+    caller = threading.Thread(target=steady_tenant)
+    caller.start()
+    try:
+        wait_for(lambda: made[0] >= 16, timeout_s=15)
+        cost = cost_micros(Usage(HI_PROMPT_TOKENS, DEFAULT_COMPLETION_TOKENS), MINI)  # every call's
+        assert redis_int(redis_url, keys()[0]) % cost == 0
+        rate_per_s = cost / interval_s
 
-    scrape = httpx.get(url + "/metrics").text
-    projected = metric(scrape, "guardproxy_budget_projected_usd", tenant="acme", period="month")
-    assert projected * 1e6 == pytest.approx(truth(own["month"]["resets_at"]), rel=0.10)
-    page = httpx.get(url + "/admin/", headers=ADMIN).text
-    assert page.count('class="forecast muted"') == 4 and "projected $" in page  # two tenants, two periods
-    (state,) = asyncio.run(_read(config))
-    assert "projected $" in render([state]) and state.forecast is not None
-    assert state.forecast.day.projected_micros == pytest.approx(truth(own["day"]["resets_at"]), rel=0.10)
+        def truth(spent_usd: float, resets_at: str | datetime) -> float:
+            """A steady tenant's spend when the period resets, from what it has spent now."""
+            if isinstance(resets_at, str):
+                resets_at = datetime.fromisoformat(resets_at.replace("Z", "+00:00"))
+            return spent_usd * 1e6 + rate_per_s * (resets_at - datetime.now(UTC)).total_seconds()
+
+        own = client.get("guardproxy/budget", cast_to=object)
+        assert isinstance(own, dict)
+        assert own["burn_rate_usd_per_hour"] == pytest.approx(rate_per_s * 3600 / 1e6, rel=0.10)
+        for period in ("day", "month"):
+            expected = truth(own[period]["spent_usd"], own[period]["resets_at"])
+            assert own[period]["projected_usd"] * 1e6 == pytest.approx(expected, rel=0.10), period
+        # At this rate acme's 1 USD a day runs out within hours (unless the day ends first).
+        left_s = (1_000_000 - own["day"]["spent_usd"] * 1e6) / rate_per_s
+        day_end = datetime.fromisoformat(own["day"]["resets_at"].replace("Z", "+00:00"))
+        if datetime.now(UTC).timestamp() + left_s * 1.1 < day_end.timestamp():
+            cap_at = datetime.fromisoformat(own["day"]["hard_cap_at"].replace("Z", "+00:00"))
+            assert (cap_at - datetime.now(UTC)).total_seconds() == pytest.approx(left_s, rel=0.10)
+
+        scrape = httpx.get(url + "/metrics").text
+        projected = metric(scrape, "guardproxy_budget_projected_usd", tenant="acme", period="month")
+        spent = metric(scrape, "guardproxy_budget_spent_usd", tenant="acme", period="month")
+        assert projected * 1e6 == pytest.approx(truth(spent, own["month"]["resets_at"]), rel=0.10)
+        page = httpx.get(url + "/admin/", headers=ADMIN).text
+        assert page.count('class="forecast muted"') == 4 and "projected $" in page  # two tenants, two periods
+        (state,) = asyncio.run(_read(config))
+        assert "projected $" in render([state]) and state.forecast is not None
+        expected = truth(state.day.spent / 1e6, state.day.resets_at)
+        assert state.forecast.day.projected_micros == pytest.approx(expected, rel=0.10)
+    finally:
+        stop.set()
+        caller.join(timeout=10)
 
 
 async def _read(config: Config) -> list[TenantState]:

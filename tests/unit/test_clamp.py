@@ -205,3 +205,25 @@ def test_thresholds_in_force_are_what_the_script_applies() -> None:
 
     assert asyncio.run(go()) == thresholds_in_force(base, override) == Thresholds(3_889, 6_999, 50_000, 89_999)
     assert thresholds_in_force(base, {}) == base
+
+
+def test_clamping_is_configured_in_the_defaults_and_per_tenant() -> None:
+    from guardproxy.config import parse_config
+    from guardproxy.validation import ConfigError
+
+    raw = {
+        "upstreams": {"openai": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": {"m": {"input": 1, "output": 2}},
+        "budgets": {"defaults": {"clamp_max_tokens": True, "min_completion_tokens": 64}},
+        "tenants": {"a": {}, "b": {"clamp_max_tokens": False}, "c": {"min_completion_tokens": 1}},
+    }
+    config = parse_config(raw, {})
+    assert (config.defaults.clamp_max_tokens, config.defaults.min_completion_tokens) == (True, 64)
+    assert [(config.policy_for(t).clamp_max_tokens, config.policy_for(t).min_completion_tokens)
+            for t in ("a", "b", "c", "unknown")] == [(True, 64), (False, 64), (True, 1), (True, 64)]
+    assert parse_config({**raw, "budgets": {}, "tenants": {}}, {}).defaults.clamp_max_tokens is False
+    for bad, field in [({"clamp_max_tokens": "yes"}, "clamp_max_tokens"),
+                       ({"min_completion_tokens": 0}, "min_completion_tokens")]:
+        with pytest.raises(ConfigError) as error:
+            parse_config({**raw, "tenants": {"a": bad}}, {})
+        assert error.value.path == f"tenants.a.{field}"
