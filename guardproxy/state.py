@@ -117,8 +117,8 @@ async def read_states(
             for state, log in zip(states, logs, strict=True)]
 
 
-def _forecast(state: TenantState, log: Sequence[tuple[int, str, str]], now_ms: int, now: datetime) -> Forecast:
-    calls = [Spent(time_ms, int(cost)) for time_ms, cost, outcome in log if outcome != Outcome.EXTERNAL.value]
+def _forecast(state: TenantState, log: Sequence[tuple[int, Micros, str]], now_ms: int, now: datetime) -> Forecast:
+    calls = [Spent(time_ms, cost) for time_ms, cost, outcome in log if outcome != Outcome.EXTERNAL.value]
     rate = burn_rate(calls, now_ms)
     limits = Thresholds.for_policy(state.policy)
     return Forecast(

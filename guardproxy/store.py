@@ -311,7 +311,7 @@ class BudgetStore:
             calls.append(call)
         return calls
 
-    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, str, str]]]]:
+    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
         """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
         ``(time_ms, cost_micros, outcome)``, in one pipelined round trip (for forecasts)."""
         pipe = self.client.pipeline(transaction=False)
@@ -322,7 +322,7 @@ class BudgetStore:
             now, *logs = await pipe.execute()
         seconds, micros = now
         return int(seconds) * 1000 + int(micros) // 1000, [
-            [(int(_text(entry_id).split("-")[0]), _text((fields or {}).get(b"cost_micros", b"0")),
+            [(int(_text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
               _text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
             for log in logs
         ]

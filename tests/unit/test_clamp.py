@@ -227,3 +227,17 @@ def test_clamping_is_configured_in_the_defaults_and_per_tenant() -> None:
         with pytest.raises(ConfigError) as error:
             parse_config({**raw, "tenants": {"a": bad}}, {})
         assert error.value.path == f"tenants.a.{field}"
+
+
+def test_the_lowered_limit_goes_in_the_fields_the_request_used() -> None:
+    from guardproxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+
+    assert CHAT.lowered_limit({"max_completion_tokens": 900}, 300) == {"max_completion_tokens": 300}
+    assert CHAT.lowered_limit({"max_tokens": 900}, 300) == {"max_tokens": 300}
+    assert CHAT.lowered_limit({"max_tokens": 9, "max_completion_tokens": 9}, 3) == {
+        "max_tokens": 3, "max_completion_tokens": 3}
+    assert CHAT.lowered_limit({"max_tokens": None}, 300) == {"max_tokens": 300}
+    assert CHAT.lowered_limit({}, 300) == {"max_tokens": 300}
+    assert COMPLETIONS.lowered_limit({}, 300) == {"max_tokens": 300}
+    assert RESPONSES.lowered_limit({}, 300) == {"max_output_tokens": 300}
+    assert EMBEDDINGS.lowered_limit({}, 300) == {}
