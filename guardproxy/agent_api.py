@@ -27,6 +27,7 @@ from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.pipeline import BudgetedEndpoint, Quote, Services
 from guardproxy.pricing import micros_to_usd
 from guardproxy.requests import parse_json_object, read_body
+from guardproxy.runtime import Generation
 from guardproxy.state import read_states
 from guardproxy.store import Admission
 from guardproxy.types import Micros
@@ -49,7 +50,7 @@ async def _store_errors() -> AsyncIterator[None]:
 
 async def own_budget(request: Request) -> Response:
     """The caller's tenant state, as ``GET /admin/tenants/{tenant}`` shows it."""
-    services: Services = request.app.state.services
+    services: Services = request.app.state.runtime.current.services
     tenant = await services.tenants.resolve(request.headers)
     async with _store_errors():
         (state,) = await read_states(services.ledger.store, services.config, [tenant], services.clock())
@@ -58,14 +59,15 @@ async def own_budget(request: Request) -> Response:
 
 async def quote(request: Request) -> Response:
     """``{"endpoint": "/v1/chat/completions", "request": {...}}`` -> the decision admission would take."""
-    services: Services = request.app.state.services
+    generation: Generation = request.app.state.runtime.current  # one config throughout, even across a reload
+    services = generation.services
     tenant = await services.tenants.resolve(request.headers)
     body = parse_json_object(await read_body(request, services.config.server.max_body_bytes))
     unknown = sorted(set(body) - set(QUOTE_FIELDS))
     if unknown:
         raise GuardError(ErrorKind.INVALID_FIELD, f"Unknown field {unknown[0]!r}; a quote takes 'endpoint' and "
                          "'request'.", param=unknown[0])
-    endpoint = _endpoint(request.app.state.endpoints, body.get("endpoint"))
+    endpoint = _endpoint(generation.endpoints, body.get("endpoint"))
     call = body.get("request")
     if not isinstance(call, dict):
         raise GuardError(ErrorKind.INVALID_FIELD if call is not None else ErrorKind.MISSING_FIELD,

@@ -149,7 +149,7 @@ async def _store_errors() -> AsyncIterator[None]:
 async def post_spend(request: Request) -> Response:
     """Book spend made elsewhere: 201 when charged, 200 for a replay of an idempotency key (charged
     before, nothing changed), 409 when a replay names a different amount."""
-    services: Services = request.app.state.services
+    services: Services = request.app.state.runtime.current.services
     check_admin(request, services)
     tenant = valid_tenant(request.path_params["tenant"])
     spend = parse_external_spend(await read_body(request, MAX_BODY_BYTES))

@@ -313,14 +313,14 @@ class BudgetStore:
 
     async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
         """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
-        ``(time_ms, cost_micros, outcome)``, in one pipelined round trip (for forecasts)."""
+        ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
         for tenant in tenants:
             pipe.xrevrange(self.keys(tenant).calls, count=count)
         async with _translated():
-            now, *logs = await pipe.execute()
-        seconds, micros = now
+            logs = await pipe.execute()
+            # Not pipelined: Redis Cluster pipelines take only commands with keys.
+            seconds, micros = await self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000, [
             [(int(_text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
               _text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]

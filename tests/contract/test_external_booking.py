@@ -33,3 +33,17 @@ async def test_settled_charge_reads_the_settle_scripts_marker(budget_store: Budg
     day = budget_store.keys(TENANT).spend_day("2026-11-22")
     assert int(await budget_store.client.get(day) or 0) == 4_321
     assert await budget_store.client.xlen(budget_store.keys(TENANT).calls) == 1
+
+
+async def test_call_costs_read_each_tenants_log_newest_first_with_the_servers_time(budget_store: BudgetStore) -> None:
+    for tenant, costs in (("acme", [5, 7, 11]), ("globex", [3])):
+        for i, cost in enumerate(costs):
+            booking = Reservation(f"r-{tenant}-{i}", tenant, "2026-11-22", "2026-11", 0)
+            outcome = "external" if cost == 7 else "completed"
+            await budget_store.settle(booking, cost, {"outcome": outcome, "cost_micros": cost})
+    seconds, micros = await budget_store.client.time()
+    now_ms, logs = await budget_store.call_costs(["acme", "globex", "nobody"], 2)
+    assert abs(now_ms - (int(seconds) * 1000 + int(micros) // 1000)) < 5_000
+    assert [[(cost, outcome) for _, cost, outcome in log] for log in logs] == [
+        [(11, "completed"), (7, "external")], [(3, "completed")], []]
+    assert all(now_ms - 5_000 < at <= now_ms for log in logs for at, _, _ in log)
