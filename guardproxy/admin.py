@@ -212,6 +212,8 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
         "cost_usd": micros_to_usd(cost),
         "outcome": call.get("outcome"),
         "job": call.get("job"),
+        # Spend booked from elsewhere (``outcome: external``) says what it was.
+        **({"description": call["description"]} if "description" in call else {}),
     }
 
 

@@ -126,6 +126,7 @@ def _period_cell(name: str, period: PeriodState, soft: Micros, hard: Micros, sta
         f" ({period.utilization * 100:.1f}%){reserved}</div>"
         f'<div class="muted">resets <time datetime="{resets}">{escape(resets)}</time>'
         f" ({escape(_until(period.resets_at, now))})</div>"
+        f"{_forecast_line(name, state, now)}"
         "</td>"
     )
 
@@ -138,6 +139,19 @@ def _rate_limits(state: TenantState) -> str:
     if state.policy.tpm:
         parts.append(f"{state.window_tokens}/{state.policy.tpm} tokens")
     return f'<div class="muted rate">last minute: {" &middot; ".join(parts)}</div>' if parts else ""
+
+
+def _forecast_line(name: str, state: TenantState, now: datetime) -> str:
+    """Projected spend at the period's end, and when the hard cap would be reached at this rate."""
+    if state.forecast is None:
+        return ""
+    forecast = state.forecast.day if name == "day" else state.forecast.month
+    cap = ""
+    if forecast.hard_cap_at is not None:
+        at = iso_utc(forecast.hard_cap_at)
+        cap = f' &middot; hard cap <time datetime="{at}">{escape(_until(forecast.hard_cap_at, now))}</time>'
+    return (f'<div class="forecast muted" data-projected-usd="{forecast.projected_micros / 1_000_000:.6f}">'
+            f"projected {escape(_usd(forecast.projected_micros))}{cap}</div>")
 
 
 def _usd(micros: Micros) -> str:

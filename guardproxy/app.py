@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from guardproxy import tokens
 from guardproxy.admin import admin_routes
+from guardproxy.agent_api import agent_routes
 from guardproxy.alerts import AlertSender
 from guardproxy.auth import JobTenantResolver
 from guardproxy.config import Config, hash_key, load_config
@@ -30,6 +31,7 @@ from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, as_guard_error, error_body, new_request_id
 from guardproxy.errors import error_response as error_response
+from guardproxy.external import external_routes
 from guardproxy.journal import Journal
 from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
@@ -254,6 +256,8 @@ def create_app(
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *admin_routes(),
+            *agent_routes(),
+            *external_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,

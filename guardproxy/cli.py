@@ -165,7 +165,8 @@ def masked(config: Config) -> dict[str, Any]:
         return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
                 "rpm": p.rpm, "tpm": p.tpm,
-                "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache}
+                "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache,
+                "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},

@@ -102,6 +102,10 @@ class BudgetPolicy:
     job_micros: Micros | None = None
     #: Serve repeated deterministic requests from the response cache.
     cache: bool = False
+    #: When no tier's worst case fits, send the call with a lowered output limit that fits instead
+    #: of refusing it, if each output can still have ``min_completion_tokens``.
+    clamp_max_tokens: bool = False
+    min_completion_tokens: int = 256
 
     @property
     def zone(self) -> ZoneInfo:
@@ -403,6 +407,8 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         tpm=f.integer("tpm", base.tpm, min_value=0, max_value=10**12),
         job_micros=_job_cap(f, base.job_micros),
         cache=f.boolean("cache", base.cache),
+        clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
+        min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
     )
 
 

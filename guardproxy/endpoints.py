@@ -39,10 +39,23 @@ class ApiShape:
     #: Streams report usage only when asked (``stream_options.include_usage``): the proxy asks, and
     #: hides the answer from clients that did not.
     asks_for_usage: bool
+    #: The request fields that limit each output's length, the one set when a request sets none last
+    #: (empty: outputs have no length, as embeddings).
+    limit_fields: tuple[str, ...] = ()
 
     def worst_output_tokens(self, request: ApiRequest, model: ModelConfig) -> int:
         """Every output as long as the request's limit, or the model's when it sets none."""
-        return request.choices * (request.max_output_tokens or model.max_output_tokens)
+        return request.choices * self.output_limit(request, model)
+
+    def output_limit(self, request: ApiRequest, model: ModelConfig) -> int:
+        """How long each output may be on ``model``: the request's limit, or the model's when it sets none."""
+        return request.max_output_tokens or model.max_output_tokens
+
+    def lowered_limit(self, body: JSONObject, tokens: int) -> dict[str, int]:
+        """The fields that lower the output limit to ``tokens``: each limit field the request set,
+        else the shape's usual one."""
+        used = [name for name in self.limit_fields if body.get(name) is not None]
+        return dict.fromkeys(used or self.limit_fields[-1:], tokens)
 
 
 def _usage_and_texts(key: str) -> Callable[[Any], tuple[Usage | None, list[str]]]:
@@ -61,6 +74,7 @@ CHAT = ApiShape(
     answer_usage=_usage_and_texts("message"),
     watcher=lambda request: ChatStreamWatcher(request.wants_usage),
     asks_for_usage=True,
+    limit_fields=("max_completion_tokens", "max_tokens"),
 )
 
 COMPLETIONS = ApiShape(
@@ -70,6 +84,7 @@ COMPLETIONS = ApiShape(
     answer_usage=_usage_and_texts("text"),
     watcher=lambda request: ChatStreamWatcher(request.wants_usage, text_key="text"),
     asks_for_usage=True,
+    limit_fields=("max_tokens",),
 )
 
 EMBEDDINGS = ApiShape(
@@ -90,6 +105,7 @@ RESPONSES = ApiShape(
     answer_usage=answer_usage,
     watcher=lambda request: ResponsesStreamWatcher(),
     asks_for_usage=False,
+    limit_fields=("max_output_tokens",),
 )
 
 BUDGETED = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)

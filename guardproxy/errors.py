@@ -39,6 +39,7 @@ class ErrorKind(Enum):
     TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
+    IDEMPOTENCY_CONFLICT = ErrorSpec(409, "invalid_request_error", "idempotency_key_reused", logging.INFO)
     REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)
     OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
     JOB_OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "job_budget_exceeded", logging.INFO)

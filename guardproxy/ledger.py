@@ -79,11 +79,13 @@ class Ledger:
         return JobArgs(job, self.config.policy_for(tenant).job_micros, self.config.store.job_retention_days * 86400)
 
     async def admit(
-        self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = ""
+        self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = "", *,
+        provisional: bool = False,
     ) -> Admission:
         """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm;
-        ``job``: the work order it belongs to, whose cap it must fit too); raises 503 while the store
-        is down, unless configured to fail open."""
+        ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
+        not recorded, as a clamped admission may follow); raises 503 while the store is down, unless
+        configured to fail open."""
         periods = self.periods(tenant)
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
@@ -96,7 +98,7 @@ class Ledger:
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
-                job=self.job_args(tenant, job),
+                job=self.job_args(tenant, job), provisional=provisional,
             )
         except StoreUnavailable as exc:
             if not self.config.store.fail_open:

@@ -45,6 +45,10 @@ class Metrics:
             "guardproxy_downgrades", "Calls sent to a cheaper model than asked.",
             ["tenant", "from_model", "to_model"], registry=r,
         )
+        self.clamped = Counter(
+            "guardproxy_clamped", "Calls sent with a lowered output limit because their worst case did not fit.",
+            ["tenant", "model"], registry=r,
+        )
         self.servicetitan_lookups = Counter(
             "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
             registry=r,
@@ -136,6 +140,9 @@ class _BudgetGauges(Collector):
             "guardproxy_budget_state", "The tenant's budget state (the one its responses carry).",
             labels=["tenant", "state"],
         )
+        projected = GaugeMetricFamily(
+            "guardproxy_budget_projected_usd", "Spend projected at the end of the period from the recent burn rate.",
+            labels=["tenant", "period"])
         for state in self.states:
             for name, period in (("day", state.day), ("month", state.month)):
                 spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
@@ -144,4 +151,7 @@ class _BudgetGauges(Collector):
                 remaining.add_metric([state.tenant, name], micros_to_usd(period.remaining))
             for name in STATES:
                 budget_state.add_metric([state.tenant, name], 1.0 if state.state == name else 0.0)
-        yield from (spent, limit, utilization, remaining, budget_state)
+            if state.forecast is not None:
+                for name, forecast in (("day", state.forecast.day), ("month", state.forecast.month)):
+                    projected.add_metric([state.tenant, name], micros_to_usd(forecast.projected_micros))
+        yield from (spent, limit, utilization, remaining, budget_state, projected)

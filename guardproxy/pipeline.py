@@ -31,6 +31,8 @@ from starlette.responses import Response, StreamingResponse
 from guardproxy import budget, cache, ratelimit
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
+from guardproxy.choice import Admit, Choice, choose
+from guardproxy.clamp import Tier
 from guardproxy.config import Config, ModelConfig
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
@@ -43,6 +45,7 @@ from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
+from guardproxy.types import Micros
 from guardproxy.upstream import Upstream, response_headers
 
 log = logging.getLogger("guardproxy.pipeline")
@@ -150,19 +153,20 @@ class BudgetedEndpoint:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
         chain = self.s.config.downgrade_chain(attempt)
-        worst_outputs = [self.shape.worst_output_tokens(call, m) for m in chain]
-        worst_cases = [
-            cost_micros(Usage(prompt_tokens, out), m.price) for m, out in zip(chain, worst_outputs, strict=True)
-        ]
-        call_tokens = prompt_tokens + max(worst_outputs)
-        admission = await self.s.ledger.admit(tenant, worst_cases, call_tokens, job)
+        call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
+
+        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional)
+
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        admission = choice.deciding
         decision = admission.decision
         if admission.rate.limited is not None:
             # The tenant's per-minute window is full: a fallback would count against the same window.
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
             self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
             raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
-        if decision.index is None:
+        if choice.index is None:
             if attempt is not requested:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
                 return None
@@ -170,12 +174,31 @@ class BudgetedEndpoint:
             if decision.exhausted == "job":
                 raise self._job_over_budget(tenant, job, admission)
             raise self._over_budget(tenant, decision, admission)
-        sent = chain[decision.index]
+        sent = chain[choice.index]
         if sent is not attempt:
             self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
         if attempt is not requested:
             self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
-        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context)
+        if choice.clamped_tokens is not None:
+            self.s.metrics.clamped.labels(tenant, sent.name).inc()
+        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context,
+                    choice.clamped_tokens)
+
+    async def _choose(
+        self, tenant: str, call: ApiRequest, chain: Sequence[ModelConfig], prompt_tokens: int, admit: Admit
+    ) -> Choice:
+        tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
+        return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
+
+    async def quote(self, tenant: str, raw: bytes, admit: Admit) -> Quote:
+        """What admission would decide for the request body ``raw`` now, through the same steps as a
+        call (parse, price, estimate, choose), with ``admit`` reading the spend instead of reserving."""
+        call = self.shape.parse(raw)
+        requested = self._price(call.model)
+        prompt_tokens = await self._estimate(call)
+        chain = self.s.config.downgrade_chain(requested)
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        return Quote(call, chain, prompt_tokens, choice)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
         period = decision.exhausted or "day"
@@ -222,6 +245,8 @@ class BudgetedEndpoint:
             changes["model"] = plan.upstream_model
         if self.shape.asks_for_usage and call.stream and not call.wants_usage:
             changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        if plan.clamped_tokens is not None:
+            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens))
         return orjson.dumps({**call.body, **changes}) if changes else call.raw
 
     async def _failed(self, plan: Plan, answer: httpx.Response | GuardError, started: float) -> Response | GuardError:
@@ -408,6 +433,17 @@ class CacheMiss:
 async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:
     for frame in frames:
         yield frame
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What admission would decide for one request now (``BudgetedEndpoint.quote``)."""
+
+    request: ApiRequest
+    #: The requested model and its downgrade chain, in order.
+    chain: Sequence[ModelConfig]
+    prompt_tokens: int
+    choice: Choice
 
 
 def _json_or_none(content: bytes) -> Any:

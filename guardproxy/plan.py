@@ -27,6 +27,8 @@ class Plan:
     prompt_tokens: int
     admission: Admission
     context: CallContext = field(default_factory=CallContext)
+    #: The lowered output limit sent, when the call was clamped to fit (``clamp.py``).
+    clamped_tokens: int | None = None
 
     @property
     def reservation(self) -> Reservation:
@@ -70,4 +72,6 @@ class Plan:
             headers["x-guardproxy-fallback-from"] = self.request.model
         # The tenant's own per-minute limits; they replace the upstream's headers of the same kind.
         headers.update(ratelimit.headers(self.admission.rate))
+        if self.clamped_tokens is not None:
+            headers["x-guardproxy-clamped-max-tokens"] = str(self.clamped_tokens)
         return headers

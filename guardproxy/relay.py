@@ -44,6 +44,8 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     #: Served unbudgeted (``fail_open``) because the store could not be asked; otherwise complete.
     STORE_UNAVAILABLE = "store_unavailable"
+    #: Spend made outside the proxy, booked through ``POST /admin/tenants/{t}/spend``.
+    EXTERNAL = "external"
 
     @classmethod
     def of_failure(cls, error: GuardError) -> Outcome:

@@ -7,6 +7,7 @@ display, and the thresholds in micro-USD that the admission script applies.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,8 +17,10 @@ from typing import Any
 from guardproxy import budget
 from guardproxy.budget import Thresholds
 from guardproxy.config import BudgetPolicy, Config
+from guardproxy.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, project
 from guardproxy.periods import Periods, iso_utc, periods_at
 from guardproxy.pricing import micros_to_usd
+from guardproxy.relay import Outcome
 from guardproxy.store import BudgetStore, Snapshot
 from guardproxy.types import Micros
 
@@ -63,10 +66,15 @@ class TenantState:
     #: Requests and tokens counted in the last minute's window.
     window_requests: int = 0
     window_tokens: int = 0
+    #: Where spend is heading (``forecast.py``); ``None`` without a call log to take the rate from.
+    forecast: Forecast | None = None
 
     def as_json(self) -> dict[str, Any]:
+        no_forecast = {"projected_usd": None, "hard_cap_at": None}
         return {
-            "tenant": self.tenant, "state": self.state, "day": self.day.as_json(), "month": self.month.as_json(),
+            "tenant": self.tenant, "state": self.state,
+            "day": {**self.day.as_json(), **(self.forecast.day.as_json() if self.forecast else no_forecast)},
+            "month": {**self.month.as_json(), **(self.forecast.month.as_json() if self.forecast else no_forecast)},
             "remaining_usd": micros_to_usd(self.remaining),
             "soft_cap": float(self.policy.soft_cap), "hard_cap": float(self.policy.hard_cap),
             "timezone": self.policy.timezone, "overridden": self.overridden,
@@ -76,6 +84,7 @@ class TenantState:
                 "window_s": budget.WINDOW_MS // 1000,
                 "requests_in_window": self.window_requests, "tokens_in_window": self.window_tokens,
             },
+            "burn_rate_usd_per_hour": round(self.forecast.usd_per_hour, 6) if self.forecast else None,
         }
 
 
@@ -83,16 +92,15 @@ def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetP
     """``base`` with the runtime override applied (fields kept as exact decimal strings)."""
     if not override:
         return base
-    return BudgetPolicy(
+    return dataclasses.replace(
+        base,
         daily_micros=int(override.get("daily_micros", base.daily_micros)),
         monthly_micros=int(override.get("monthly_micros", base.monthly_micros)),
         soft_cap=Decimal(override.get("soft_cap", base.soft_cap)),
         hard_cap=Decimal(override.get("hard_cap", base.hard_cap)),
-        timezone=base.timezone,
         rpm=int(override.get("rpm", base.rpm)),
         tpm=int(override.get("tpm", base.tpm)),
         job_micros=_job_micros(override["job_micros"]) if "job_micros" in override else base.job_micros,
-        cache=base.cache,
     )
 
 
@@ -125,10 +133,26 @@ async def read_states(
 ) -> list[TenantState]:
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
-    return [
+    states = [
         _state(tenant, config.policy_for(tenant), p, snap)
         for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
     ]
+    if not store.calls_kept or not tenants:
+        return states
+    now_ms, logs = await store.call_costs(tenants, SAMPLE_CALLS)
+    return [dataclasses.replace(state, forecast=_forecast(state, log, now_ms, now))
+            for state, log in zip(states, logs, strict=True)]
+
+
+def _forecast(state: TenantState, log: Sequence[tuple[int, Micros, str]], now_ms: int, now: datetime) -> Forecast:
+    calls = [Spent(time_ms, cost) for time_ms, cost, outcome in log if outcome != Outcome.EXTERNAL.value]
+    rate = burn_rate(calls, now_ms)
+    limits = Thresholds.for_policy(state.policy)
+    return Forecast(
+        rate_per_s=rate,
+        day=project(state.day.spent, limits.hard_day, rate, now, state.day.resets_at),
+        month=project(state.month.spent, limits.hard_month, rate, now, state.month.resets_at),
+    )
 
 
 def _state(tenant: str, base: BudgetPolicy, periods: Periods, snap: Snapshot) -> TenantState:

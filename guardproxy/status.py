@@ -9,6 +9,7 @@ from typing import TextIO
 
 from guardproxy.config import Config
 from guardproxy.errors import StoreUnavailable
+from guardproxy.forecast import PeriodForecast
 from guardproxy.periods import utc_now
 from guardproxy.pricing import format_usd
 from guardproxy.state import PeriodState, TenantState, all_tenants, read_states
@@ -28,12 +29,21 @@ def _period(p: PeriodState) -> str:
             + f"  resets {p.resets_at:%Y-%m-%d %H:%MZ}")
 
 
+def _forecast(forecast: PeriodForecast | None) -> str:
+    """``projected $X`` at the period's end, and when the hard cap would be reached at this rate."""
+    if forecast is None:
+        return ""
+    cap = f", hard cap at {forecast.hard_cap_at:%Y-%m-%d %H:%MZ}" if forecast.hard_cap_at else ""
+    return f"  projected ${forecast.projected_micros / 1e6:,.2f}{cap}"
+
+
 def render(states: list[TenantState]) -> str:
     width = max([len("TENANT"), *(len(s.tenant) for s in states)])
     lines = [f"{'TENANT':{width}}  {'STATE':11}  PERIOD  UTILIZATION"]
     for s in states:
-        lines.append(f"{s.tenant:{width}}  {s.state:11}  day     {_period(s.day)}")
-        lines.append(f"{'':{width}}  {'':11}  month   {_period(s.month)}")
+        day, month = (s.forecast.day, s.forecast.month) if s.forecast else (None, None)
+        lines.append(f"{s.tenant:{width}}  {s.state:11}  day     {_period(s.day)}{_forecast(day)}")
+        lines.append(f"{'':{width}}  {'':11}  month   {_period(s.month)}{_forecast(month)}")
     return "\n".join(lines)
 
 

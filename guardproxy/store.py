@@ -232,6 +232,10 @@ class Keys:
     def budget(self) -> str:
         return f"{self.base}:budget"
 
+    def booked_on(self, reservation_id: str) -> str:
+        """The day an external spend's id was first booked on (its settled-marker's day)."""
+        return f"{self.base}:booked:{reservation_id}"
+
     @property
     def rate_requests(self) -> str:
         return f"{self.base}:rl:req"
@@ -376,11 +380,12 @@ class BudgetStore:
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
         reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
-        alerts: AlertArgs | None = None, job: JobArgs = NO_JOB,
+        alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
     ) -> Admission:
         """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip;
         a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused,
-        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``)."""
+        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``). A
+        ``provisional`` refusal (a clamped admission may follow) records no blocked flag or alert."""
         k = self.keys(tenant)
         keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day),
@@ -393,7 +398,7 @@ class BudgetStore:
             limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month,
             rate.rpm, rate.tpm, call_tokens, int(a.enabled), tenant, periods.day, periods.month,
             a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
-            job.id, -1 if job.cap_micros is None else job.cap_micros, 0, *worst_cases,
+            job.id, -1 if job.cap_micros is None else job.cap_micros, 1 if provisional else 0, *worst_cases,
         ]
         async with _translated():
             result: list[Any] = await self._admit(keys=keys, args=args)
@@ -465,6 +470,29 @@ class BudgetStore:
             results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
         return {_text(i) for lost in results for i in lost}
 
+    async def booking_day(self, tenant: str, reservation_id: str, day: str) -> str:
+        """The day ``reservation_id`` was first booked on; ``day`` (and remembered as long as a day's
+        settled-marker lives) when it is new."""
+        key = self.keys(tenant).booked_on(reservation_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, day, nx=True, ex=DAY_KEY_TTL_S)
+        pipe.get(key)
+        async with _translated():
+            _, first = await pipe.execute()
+        return day if first is None else _text(first)
+
+    async def move_booking_day(self, tenant: str, reservation_id: str, day: str) -> None:
+        """Remember ``day`` as the day ``reservation_id`` is booked on (its earlier day never settled it)."""
+        async with _translated():
+            await self.client.set(self.keys(tenant).booked_on(reservation_id), day, ex=DAY_KEY_TTL_S)
+
+    async def settled_charge(self, tenant: str, day: str, reservation_id: str) -> Micros | None:
+        """What ``reservation_id``, admitted or booked on ``day``, was charged when it settled; ``None``
+        when it has not settled (or its marker has expired)."""
+        async with _translated():
+            value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
+        return None if value is None else int(value)
+
     async def register_tenant(self, tenant: str) -> None:
         """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
         async with _translated():
@@ -485,6 +513,22 @@ class BudgetStore:
             call["time_ms"] = _text(entry_id or b"0").split("-")[0]
             calls.append(call)
         return calls
+
+    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
+        """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
+        ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.xrevrange(self.keys(tenant).calls, count=count)
+        async with _translated():
+            logs = await pipe.execute()
+            # Not pipelined: Redis Cluster pipelines take only commands with keys.
+            seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000, [
+            [(int(_text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
+              _text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+            for log in logs
+        ]
 
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""

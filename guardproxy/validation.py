@@ -102,6 +102,12 @@ class Fields:
             raise ConfigError(self.at(key), "must not be empty")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.at(key), f"must be true or false, got {describe(value)}")
+        return value
+
     def optional_str(self, key: str) -> str | None:
         value = self.get(key)
         if value is None:
@@ -115,12 +121,6 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.at(key), f"must be a whole number, got {describe(value)}")
         check_range(self.at(key), value, min_value, max_value)
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(self.at(key), f"must be true or false, got {describe(value)}")
         return value
 
     def decimal(

@@ -27,7 +27,8 @@
 --       7 rpm (0: none)  8 tpm (0: none)  9 the call's worst-case tokens
 --       10 queue alert events (1) or not (0)  11 tenant  12 day  13 month  14 limit_day micros
 --       15 limit_month micros  16 day flags ttl s  17 month flags ttl s
---       18 job id ('' none)  19 job cap micros (-1 none; the override's job_micros wins)  20 unused
+--       18 job id ('' none)  19 job cap micros (-1 none; the override's job_micros wins)
+--       20 provisional (1: a clamped admission may follow a refusal, which then records nothing)
 --       21.. worst case micros of each candidate: the requested model, then its downgrade chain
 -- Returns {index or -1, used_day, used_month, exhausted (0 none, 1 day, 2 month),
 --          soft_day, hard_day, soft_month, hard_month, 1 if the id was already settled else 0,
@@ -210,10 +211,12 @@ elseif chosen < 0 then
     flags, ttl = KEYS[13], ARGV[17]
     period, period_id, spent, limit = 'month', ARGV[13], used_month - reserved, limit_month
   end
-  redis.call('HSET', flags, 'blocked', now_ms)
-  redis.call('EXPIRE', flags, ttl)
-  if redis.call('HSETNX', flags, 'blocked_event', now_ms) == 1 then
-    queue('blocked', period, period_id, spent, limit)
+  if ARGV[20] ~= '1' then
+    redis.call('HSET', flags, 'blocked', now_ms)
+    redis.call('EXPIRE', flags, ttl)
+    if redis.call('HSETNX', flags, 'blocked_event', now_ms) == 1 then
+      queue('blocked', period, period_id, spent, limit)
+    end
   end
 elseif settled == 0 and limited == 0 then
   local amount = tonumber(ARGV[first + chosen])

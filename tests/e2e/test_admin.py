@@ -63,12 +63,12 @@ def test_tenant_state_has_the_contract_shape_and_exact_figures(
     cost = cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), GPT4O)
     state = httpx.get(url + "/admin/tenants/acme", headers=ADMIN).json()
     assert set(state) == {"tenant", "state", "day", "month", "soft_cap", "hard_cap", "timezone", "overridden",
-                          "remaining_usd", "rate_limits", "job_usd"}
+                          "remaining_usd", "rate_limits", "job_usd", "burn_rate_usd_per_hour"}
     assert state["tenant"] == "acme" and state["state"] == "active" and state["timezone"] == "UTC"
     assert state["soft_cap"] == 0.8 and state["hard_cap"] == 1.0
     day = state["day"]
     assert set(day) == {"period", "limit_usd", "spent_usd", "reserved_usd", "remaining_usd", "utilization",
-                        "resets_at"}
+                        "resets_at", "projected_usd", "hard_cap_at"}
     assert day["limit_usd"] == 1.0 and day["spent_usd"] == cost / 1e6 and day["reserved_usd"] == 0.0
     assert day["utilization"] == round(cost / 1_000_000, 7)
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T00:00:00Z", day["resets_at"])
