@@ -71,6 +71,21 @@ async def test_first_downgrade_and_first_refusal_of_a_period(budget_store: Budge
                                                                       ("blocked", "day", "850")]
 
 
+async def test_a_provisional_refusal_records_nothing_and_a_final_one_does(budget_store: BudgetStore) -> None:
+    """A tenant that clamps asks first provisionally: if a clamped call then fits, the period must not
+    read blocked nor alert; the refusal that stands (admitted again, not provisional) records both."""
+    await budget_store.client.set(budget_store.keys(TENANT).spend_day(PERIODS.day), 850)
+    out = await budget_store.admit(TENANT, PERIODS, LIMITS, [500, 400], "a", HOUR_MS, alerts=ALERTS, provisional=True)
+    assert out.decision.index is None and not out.refused
+    assert await events(budget_store) == []
+    clamped = await budget_store.admit(TENANT, PERIODS, LIMITS, [150], "b", HOUR_MS, alerts=ALERTS)
+    assert clamped.decision.index == 0 and not clamped.refused
+    assert await events(budget_store) == []
+    final = await budget_store.admit(TENANT, PERIODS, LIMITS, [500, 400], "c", HOUR_MS, alerts=ALERTS)
+    assert final.decision.index is None and final.refused
+    assert [(e["event"], e["period"]) for e in await events(budget_store)] == [("blocked", "day")]
+
+
 async def test_nothing_is_queued_without_webhooks(budget_store: BudgetStore) -> None:
     off = AlertArgs(1000, 100_000, (), enabled=False)
     admission = await budget_store.admit(TENANT, PERIODS, LIMITS, [2000], "a", HOUR_MS, alerts=off)
