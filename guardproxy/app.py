@@ -71,7 +71,7 @@ def create_app(
             await budget_store.ping()
         except StoreUnavailable:
             log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
-        await anyio.to_thread.run_sync(tokens.warm_up)
+        await anyio.to_thread.run_sync(tokens.warm_up, list(config.models))
         breaker_state = app.state.metrics.breaker_state
         upstreams = build_upstreams(
             config.upstreams, upstream_transport, lambda name, state: breaker_state.labels(name).set(state)
