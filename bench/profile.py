@@ -23,29 +23,32 @@ import run
 
 # The first match, from the innermost frame outwards, names a sample's component.
 COMPONENTS = [
-    ("logging", ("/logging/",)),
-    ("redis-py", ("/redis/",)),
-    ("fakeredis+lupa (embedded store)", ("/fakeredis/", "/lupa/")),
-    ("httpx API layer", ("/httpx/", "/httpx_aiohttp/", "/httpcore/")),
-    ("aiohttp", ("/aiohttp/", "/yarl/", "/multidict/")),
-    ("tiktoken", ("/tiktoken/", "guardproxy/tokens.py")),
-    ("prometheus", ("/prometheus_client/",)),
-    ("uvicorn+httptools", ("/uvicorn/", "/httptools/")),
-    ("starlette", ("/starlette/",)),
-    ("anyio", ("/anyio/",)),
-    ("orjson/json", ("/json/", "orjson")),
-    ("guardproxy", ("guardproxy/",)),
-    ("asyncio/uvloop", ("/asyncio/", "uvloop")),
+    ("logging", ("(logging/",)),
+    ("redis-py", ("(redis/",)),
+    ("fakeredis+lupa (embedded store)", ("(fakeredis/", "(lupa/")),
+    ("httpx API layer", ("(httpx/", "(httpx_aiohttp/", "(httpcore/")),
+    ("aiohttp", ("(aiohttp/", "(yarl/", "(multidict/")),
+    ("tiktoken", ("(tiktoken/", "(guardproxy/tokens.py")),
+    ("prometheus", ("(prometheus_client/",)),
+    ("uvicorn+httptools", ("(uvicorn/", "(httptools/")),
+    ("starlette", ("(starlette/",)),
+    ("anyio", ("(anyio/",)),
+    ("orjson/json", ("(json/", "orjson")),
+    ("guardproxy", ("(guardproxy/",)),
+    ("asyncio/uvloop", ("(asyncio/", "uvloop")),
 ]
 # Inclusive shares: samples with any frame matching.
 STEPS = [
-    ("settle (store round trip + bookkeeping)", "_settle (guardproxy/pipeline.py"),
-    ("admit (store round trip)", "_admit (guardproxy/pipeline.py"),
-    ("forward to upstream (send)", "send (guardproxy/upstream.py"),
+    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/pipeline.py"),
+    ("admit (store round trip)", "._admit (guardproxy/pipeline.py"),
+    ("store client calls (admit + settle + other)", "(guardproxy/store.py"),
+    ("forward to upstream (send)", "Upstream.send (guardproxy/upstream.py"),
+    ("read a whole answer (read)", "Upstream.read (guardproxy/upstream.py"),
     ("relay of a stream", "(guardproxy/relay.py"),
-    ("token estimate", "_estimate (guardproxy/pipeline.py"),
-    ("auth (tenant resolve)", "resolve (guardproxy/auth.py"),
-    ("logging", "/logging/"),
+    ("token estimate", "._estimate (guardproxy/pipeline.py"),
+    ("auth (tenant resolve)", "(guardproxy/auth.py"),
+    ("logging", "(logging/"),
+    ("metrics", "(prometheus_client/"),
 ]
 
 
@@ -76,7 +79,7 @@ def summarize(collapsed: str) -> str:
     lines = [f"{total} busy samples of the event-loop thread", "", "exclusive, by component:"]
     lines += [f"  {name:<34} {100 * n / total:5.1f} %" for name, n in by_component.most_common()]
     lines += ["", "inclusive, by step:"]
-    lines += [f"  {name:<40} {100 * by_step[name] / total:5.1f} %" for name, _ in STEPS]
+    lines += [f"  {name:<44} {100 * by_step[name] / total:5.1f} %" for name, _ in STEPS]
     return "\n".join(lines)
 
 
@@ -87,7 +90,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--flame", help="also write a flame graph (SVG) here")
     parser.add_argument("--raw", help="keep the collapsed stacks here")
+    parser.add_argument("--summarize", help="only summarize collapsed stacks kept earlier with --raw")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(Path(args.summarize).read_text()))
+        return 0
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("py-spy not found: pip install py-spy (into this venv; not a project dependency)")

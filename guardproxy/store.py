@@ -3,11 +3,13 @@
 Admission and settlement are each one Lua script, so any number of proxy processes sharing one
 Redis never overspend. Without ``store.redis_url`` the same scripts run on an embedded in-process
 fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis
-Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated``.
+Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``BudgetStore._call``, which
+also bounds every call by one deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -110,14 +112,6 @@ def _script_source(name: str) -> str:
     return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-@contextlib.asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
-
-
 class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
@@ -130,6 +124,8 @@ class BudgetStore:
         self.calls_kept = calls_kept
         self._admit = client.register_script(_script_source("admit.v1.lua"))
         self._settle = client.register_script(_script_source("settle.v1.lua"))
+        # At most this many calls in flight; the others wait their turn (within their deadline).
+        self._slots = asyncio.Semaphore(REDIS_POOL_SIZE)
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -137,21 +133,37 @@ class BudgetStore:
             import fakeredis
 
             return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
-        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
+        # A plain pool and no per-socket timeouts: the deadline and the bound on calls in flight are
+        # ``_call``'s, once per call, which costs the event loop far less than a blocking pool's
+        # Condition and a timer per socket read and write (bench/README.md: redis-py client).
+        pool = aioredis.ConnectionPool.from_url(
+            config.redis_url, max_connections=REDIS_POOL_SIZE, socket_connect_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=30,
         )
         return cls(aioredis.Redis(connection_pool=pool), config.key_prefix, calls_kept=config.call_log_size)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
 
+    @contextlib.asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """One store call: a slot among ``REDIS_POOL_SIZE`` in flight, and ``REDIS_TIMEOUT_S`` for the whole
+        of it (waiting for the slot included); Redis errors and the deadline become ``StoreUnavailable``.
+
+        A command cut by the deadline has its connection closed by redis-py, so no late reply is ever
+        read as the answer to another command.
+        """
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S), self._slots:
+                yield
+        except _UNAVAILABLE as exc:  # TimeoutError, the deadline's, is an OSError
+            raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}") from exc
+
     async def aclose(self) -> None:
         await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
-        async with _translated():
+        async with self._call():
             await self.client.ping()
 
     async def admit(
@@ -166,7 +178,7 @@ class BudgetStore:
             reservation_id, reservation_ttl_ms,
             limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month, *worst_cases,
         ]
-        async with _translated():
+        async with self._call():
             result: list[Any] = await self._admit(keys=keys, args=args)
         index, used_day, used_month, exhausted = (int(v) for v in result[:4])
         effective = Thresholds(*(int(v) for v in result[4:8]))
@@ -191,22 +203,22 @@ class BudgetStore:
                                  self.calls_kept if record else 0]
         for field, value in (record or {}).items():
             args += [field, value]
-        async with _translated():
+        async with self._call():
             await self._settle(keys=keys, args=args)
 
     async def register_tenant(self, tenant: str) -> None:
         """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
-        async with _translated():
+        async with self._call():
             await self.client.sadd(f"{self.prefix}:tenants", tenant)
 
     async def known_tenants(self) -> set[str]:
-        async with _translated():
+        async with self._call():
             members = await self.client.smembers(f"{self.prefix}:tenants")
         return {_text(m) for m in members}
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
         """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
-        async with _translated():
+        async with self._call():
             entries = await self.client.xrevrange(self.keys(tenant).calls, count=limit) or []
         calls = []
         for entry_id, fields in entries:
@@ -224,7 +236,7 @@ class BudgetStore:
             pipe.get(k.spend_month(periods.month))
             pipe.get(k.reserved)
             pipe.hgetall(k.budget)
-        async with _translated():
+        async with self._call():
             values = await pipe.execute()
         out = []
         for i in range(0, len(values), 4):
@@ -237,21 +249,21 @@ class BudgetStore:
         return out
 
     async def set_override(self, tenant: str, fields: dict[str, str]) -> None:
-        async with _translated():
+        async with self._call():
             await self.client.hset(self.keys(tenant).budget, mapping=fields)  # type: ignore[arg-type]
 
     async def clear_override(self, tenant: str) -> None:
-        async with _translated():
+        async with self._call():
             await self.client.delete(self.keys(tenant).budget)
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""
-        async with _translated():
+        async with self._call():
             value = await self.client.get(f"{self.prefix}:cache:{key}")
         return None if value is None else _text(value)
 
     async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
-        async with _translated():
+        async with self._call():
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
 
 
