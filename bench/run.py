@@ -269,10 +269,11 @@ class Processes:
         self.logs = logs
         self.started: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> None:
+    def start(self, name: str, command: list[str], port: int, env: dict[str, str] | None = None,
+              cwd: Path = REPO_DIR) -> None:
         with open(self.log_path(name), "wb") as log:
             proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_DIR,
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd,
                 env={**os.environ, **(env or {})}, start_new_session=True,
             )
         self.started[name] = proc
@@ -352,9 +353,21 @@ def missing_tools() -> list[str]:
     return missing
 
 
+def checkout(ref: str, tmp: Path) -> Path:
+    """The repository's ``guardproxy`` package at git ``ref``, unpacked in a directory under ``tmp``."""
+    where = tmp / f"ref-{ref.replace('/', '_')}"
+    where.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref, "guardproxy"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
+
+
 @contextlib.contextmanager
-def servers(tmp: Path, wanted: Sequence[str]) -> Iterator[tuple[list[Target], Processes]]:
-    """Start nginx, redis-server and every wanted target; yields the targets that are up."""
+def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
+            ) -> Iterator[tuple[list[Target], Processes]]:
+    """Start nginx, redis-server and every wanted target; yields the targets that are up. With ``compare``
+    (a git ref), also ``guardproxy-redis@<ref>``: the same command on that revision's code."""
     procs = Processes(tmp)
     py = sys.executable
     targets: list[Target] = []
@@ -384,13 +397,20 @@ def servers(tmp: Path, wanted: Sequence[str]) -> Iterator[tuple[list[Target], Pr
         for store, url in (("redis", redis_url), ("embedded", "")):
             (tmp / f"guardproxy-{store}.yaml").write_text(json.dumps(guardproxy_config(upstream, url), indent=2))
         # guardproxy as users start it: `guardproxy serve --config ...`, default settings.
-        for name, store, extra in ((GUARD, "redis", []), ("guardproxy-embedded", "embedded", []),
-                                   ("guardproxy-redis-w2", "redis", ["--workers", "2"]),
-                                   ("guardproxy-redis-quiet", "redis", ["--log-level", "warning"])):
+        variants: list[tuple[str, str, list[str], Path]] = [
+            (GUARD, "redis", [], REPO_DIR), ("guardproxy-embedded", "embedded", [], REPO_DIR),
+            ("guardproxy-redis-w2", "redis", ["--workers", "2"], REPO_DIR),
+            ("guardproxy-redis-quiet", "redis", ["--log-level", "warning"], REPO_DIR),
+        ]
+        if compare:
+            # `python -m` puts its working directory first on sys.path: the revision's package is imported.
+            variants.append((f"{GUARD}@{compare}", "redis", [], checkout(compare, tmp)))
+            wanted = [*wanted, f"{GUARD}@{compare}"]
+        for name, store, extra, cwd in variants:
             if name in wanted:
                 port = free_port()
                 procs.start(name, [py, "-m", "guardproxy", "serve", "--config", str(tmp / f"guardproxy-{store}.yaml"),
-                                   "--port", str(port), *extra], port)
+                                   "--port", str(port), *extra], port, cwd=cwd)
                 targets.append(Target(name, f"http://127.0.0.1:{port}", uses_redis=store == "redis"))
 
         if "litellm" in wanted:
@@ -621,7 +641,7 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
     out: list[str] = []
     data: dict[str, Any] = {"throughput": [], "latency_c1": [], "first_frame": [], "memory": [], "ratios": {}}
 
-    header = (f"{'mode':<7} {'target':<23} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms/req':>10} "
+    header = (f"{'mode':<7} {'target':<28} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms/req':>10} "
               f"{'+redis':>7} {'errors':>6} {'vs ' + BASELINE:>22} {'vs bare-aiohttp':>16} {'vs upstream':>11}")
     out += ["Throughput, wrk -t2 -c32 (medians over rounds; ratios: medians of same-round ratios)", header,
             "-" * len(header)]
@@ -636,14 +656,14 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
                     "vs_bare_aiohttp": paired(rounds, target, "bare-aiohttp", "ratio"),
                     "vs_upstream": paired(rounds, target, "upstream", "ratio")}
             data["throughput"].append(row)
-            out.append(f"{mode:<7} {target:<23} {row['requests_per_s']:>7.0f} {row['p50_ms']:>7.2f} "
+            out.append(f"{mode:<7} {target:<28} {row['requests_per_s']:>7.0f} {row['p50_ms']:>7.2f} "
                        f"{row['p99_ms']:>7.2f} {row['cpu_ms_per_request']:>10.3f} "
                        f"{_fmt(row['store_cpu_ms_per_request'], '.3f'):>7} {row['errors']:>6} "
                        f"{_fmt(row['vs_baseline']):>22} {_fmt(row['vs_bare_aiohttp']):>16} "
                        f"{_fmt(row['vs_upstream']):>11}")
 
     cpus = os.cpu_count() or 1
-    header = (f"{'mode':<7} {'target':<23} {'proxy':>7} {'redis':>7} {'nginx':>7} {'wrk':>7} {'total':>7} "
+    header = (f"{'mode':<7} {'target':<28} {'proxy':>7} {'redis':>7} {'nginx':>7} {'wrk':>7} {'total':>7} "
               f"{'ceiling req/s':>13} {'reached':>7}")
     out += ["", f"CPU ms per request at -c32, the whole machine (ceiling: {cpus} cores / total)", header,
             "-" * len(header)]
@@ -653,11 +673,11 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
         total = sum(parts)
         ceiling = cpus * 1000 / total if total else None
         row["machine_cpu_ms_per_request"] = total
-        out.append(f"{row['mode']:<7} {row['target']:<23} " + " ".join(f"{p:>7.3f}" for p in parts) +
+        out.append(f"{row['mode']:<7} {row['target']:<28} " + " ".join(f"{p:>7.3f}" for p in parts) +
                    f" {total:>7.3f} {_fmt(ceiling, '.0f'):>13} "
                    f"{_fmt(row['requests_per_s'] / ceiling if ceiling else None):>7}")
 
-    header = (f"{'mode':<7} {'target':<23} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9} "
+    header = (f"{'mode':<7} {'target':<28} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9} "
               f"{'CPU ms/req':>10}")
     out += ["", "Latency at concurrency 1, wrk -t1 -c1 (added: over the direct upstream, same round)", header,
             "-" * len(header)]
@@ -670,12 +690,12 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
                     "added_p50_ms": paired(report.rounds_of("c1", mode, "p50_ms"), target, "upstream", "diff"),
                     "added_p99_ms": paired(report.rounds_of("c1", mode, "p99_ms"), target, "upstream", "diff")}
             data["latency_c1"].append(row)
-            out.append(f"{mode:<7} {target:<23} {row['p50_ms']:>7.3f} {row['p99_ms']:>7.3f} "
+            out.append(f"{mode:<7} {target:<28} {row['p50_ms']:>7.3f} {row['p99_ms']:>7.3f} "
                        f"{_fmt(row['added_p50_ms'], '+.3f'):>9} {_fmt(row['added_p99_ms'], '+.3f'):>9} "
                        f"{row['cpu_ms_per_request']:>10.3f}")
 
     if report.first_frame_ms:
-        header = f"{'target':<23} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9}"
+        header = f"{'target':<28} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9}"
         out += ["", "Streaming: time to the first data frame, one request at a time", header, "-" * len(header)]
         p50_rounds, p99_rounds = report.first_frame_rounds("p50"), report.first_frame_rounds("p99")
         for target in targets:
@@ -686,16 +706,16 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
                    "added_p50_ms": paired(p50_rounds, target, "upstream", "diff"),
                    "added_p99_ms": paired(p99_rounds, target, "upstream", "diff")}
             data["first_frame"].append(row)
-            out.append(f"{target:<23} {_fmt(row['p50_ms'], '.3f'):>7} {_fmt(row['p99_ms'], '.3f'):>7} "
+            out.append(f"{target:<28} {_fmt(row['p50_ms'], '.3f'):>7} {_fmt(row['p99_ms'], '.3f'):>7} "
                        f"{_fmt(row['added_p50_ms'], '+.3f'):>9} {_fmt(row['added_p99_ms'], '+.3f'):>9}")
 
     if report.memory:
-        header = (f"{'target':<23} {'workers':>7} {'idle MB/worker':>14} {'after load':>10} {'streams open':>12} "
+        header = (f"{'target':<28} {'workers':>7} {'idle MB/worker':>14} {'after load':>10} {'streams open':>12} "
                   f"{'MB with streams':>15}")
         out += ["", "Memory (RSS; with streams: every worker together)", header, "-" * len(header)]
         for m in report.memory:
             data["memory"].append(asdict(m))
-            out.append(f"{m.target:<23} {m.workers:>7} {m.idle_mb:>14.1f} {m.after_load_mb:>10.1f} "
+            out.append(f"{m.target:<28} {m.workers:>7} {m.idle_mb:>14.1f} {m.after_load_mb:>10.1f} "
                        f"{m.streams_open:>12} {_fmt(m.streams_mb, '.1f'):>15}")
 
     ratios: dict[str, Any] = data["ratios"]
@@ -704,6 +724,9 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
         ratios[f"workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-redis-w2", GUARD, "ratio")
         ratios[f"quiet_over_default_{mode}"] = paired(rounds, "guardproxy-redis-quiet", GUARD, "ratio")
         ratios[f"embedded_over_redis_{mode}"] = paired(rounds, "guardproxy-embedded", GUARD, "ratio")
+        for other in targets:
+            if other.startswith(f"{GUARD}@"):
+                ratios[f"this_over_{other.partition('@')[2]}_{mode}"] = paired(rounds, GUARD, other, "ratio")
     ratios["log_lines_per_request"] = report.log_lines_per_request
     out += ["", "Ratios of req/s at -c32 (same-round medians)"]
     for name, value in ratios.items():
@@ -792,11 +815,11 @@ PLANS = {
 }
 
 
-def run(plan: Plan, wanted: Sequence[str], tmp: Path) -> tuple[Report, list[str]]:
+def run(plan: Plan, wanted: Sequence[str], tmp: Path, compare: str | None = None) -> tuple[Report, list[str]]:
     report = Report()
     for mode in MODES:
         (tmp / f"{mode}.lua").write_text(wrk_script(mode))
-    with servers(tmp, wanted) as (targets, procs):
+    with servers(tmp, wanted, compare) as (targets, procs):
         names = [t.name for t in targets]
         print(f"up: {', '.join(names)}; {plan.rounds} round(s) of {plan.duration_s:g} s per run", flush=True)
         for target in targets:
@@ -853,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of each -c32 run (default 5)")
     parser.add_argument("--streams", type=int, help="streams held open at once for the memory figure (default 1000)")
     parser.add_argument("--targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)} (upstream always runs)")
+    parser.add_argument("--compare", metavar="GIT_REF",
+                        help=f"also run {GUARD} on this revision's code, in the same rounds (before/after)")
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     plan = Plan(rounds=args.rounds or plan.rounds, duration_s=args.duration or plan.duration_s,
@@ -872,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     with tempfile.TemporaryDirectory(prefix="guardproxy-bench-") as tmp_dir:
-        report, names_and_errors = run(plan, wanted, Path(tmp_dir))
+        report, names_and_errors = run(plan, wanted, Path(tmp_dir), args.compare)
     names = [n for n in names_and_errors if not n.startswith("---")]
     text, data = tables(report, names)
     goal_items = goals(data)

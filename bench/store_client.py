@@ -10,14 +10,18 @@ and the pairs per second; the redis-server's own CPU is not counted. Variants:
   ``BudgetStore._call`` as it is now (so this row slightly overstates the old cost: see the third);
 - ``plain+deadline``: a plain ``ConnectionPool``, no socket timeouts, ``BudgetStore._call``'s one deadline and
   slot per call (guardproxy after);
-- ``plain, no deadline``: the same with ``_call`` reduced to translating errors: what the deadline costs.
+- ``plain, no deadline``: the same with ``_call`` reduced to translating errors: what the deadline costs;
+- ``raw RESP (prototype)``: not redis-py: one connection, commands pipelined in order, replies parsed by
+  hand (``RawRedis`` below), under ``_call``: the least client work possible, the ceiling of this lever.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -26,6 +30,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
@@ -39,6 +44,105 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = Thresholds(soft_day=10**15, hard_day=10**15, soft_month=10**16, hard_month=10**16)
 
 
+class _Incomplete(Exception):
+    pass
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2 reply from ``buf[pos:]``: (value, next position); raises _Incomplete."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
+    pos = end + 2
+    if kind == b":":
+        return int(line), pos
+    if kind == b"+":
+        return line, pos
+    if kind == b"-":
+        return RuntimeError(line.decode()), pos
+    if kind == b"$":
+        n = int(line)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise _Incomplete
+        return buf[pos:pos + n], pos + n + 2
+    if kind == b"*":
+        items = []
+        for _ in range(int(line)):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    raise ValueError(f"unexpected RESP type {kind!r}")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        pos = 0
+        while self.waiting:
+            try:
+                value, pos = _parse(self.buffer, pos)
+            except _Incomplete:
+                break
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(value)
+        self.buffer = self.buffer[pos:]
+
+
+class RawRedis:
+    """The least client work for EVALSHA: a prototype to price redis-py, not a client to ship (no
+    reconnection, no Cluster or Sentinel, no cancellation safety)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.protocol: _Protocol | None = None
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        if self.protocol is None:
+            loop = asyncio.get_running_loop()
+            _, self.protocol = await loop.create_connection(_Protocol, self.host, self.port)
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.protocol.waiting.append(future)
+        assert self.protocol.transport is not None
+        self.protocol.transport.write(b"".join(parts))
+        value = await future
+        if isinstance(value, RuntimeError):
+            raise value
+        return value
+
+    def register_script(self, source: str) -> Callable[..., Any]:
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        loaded = False
+
+        async def call(keys: list[str], args: list[str | int]) -> Any:
+            nonlocal loaded
+            if not loaded:
+                await self.execute("SCRIPT", "LOAD", source)
+                loaded = True
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+
+        return call
+
+    async def aclose(self, close_connection_pool: bool = True) -> None:
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.close()
+
+
 def _variants(url: str) -> dict[str, Callable[[], aioredis.Redis]]:
     def blocking() -> aioredis.Redis:
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=2.0, socket_timeout=2.0,
@@ -50,7 +154,12 @@ def _variants(url: str) -> dict[str, Callable[[], aioredis.Redis]]:
                                                 health_check_interval=30)
         return aioredis.Redis(connection_pool=pool)
 
-    return {"blocking": blocking, "plain+deadline": plain, "plain, no deadline": plain}
+    def raw() -> aioredis.Redis:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        return RawRedis("127.0.0.1", port)  # type: ignore[return-value]
+
+    return {"blocking": blocking, "plain+deadline": plain, "plain, no deadline": plain,
+            "raw RESP (prototype)": raw}
 
 
 async def _measure(client: aioredis.Redis, deadline: bool, calls: int, concurrency: int) -> tuple[float, float]:
