@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run demo test lint bench clean
+.PHONY: venv run demo test lint bench bench-quick clean
 
 $(BIN)/guardproxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ test: venv
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+# Side by side against bare pass-throughs (and LiteLLM when installed) on a canned nginx upstream
+# (~12 min; needs nginx-light, wrk, redis-server). bench-quick: one short round, to see that it runs.
 bench: venv
 	$(BIN)/python bench/run.py
+
+bench-quick: venv
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

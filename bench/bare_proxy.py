@@ -1,19 +1,31 @@
-"""The baseline of the benchmark: a bare Starlette + httpx pass-through, with no auth and no budget.
+"""The baselines of the benchmark: bare Starlette pass-throughs, with no auth, no budget and no logging.
 
-It does what any proxy in front of an OpenAI upstream must do, and nothing else: read the body, POST it
-upstream over one pooled ``httpx.AsyncClient`` (the pool limits of ``guardproxy/upstream.py``) and stream
-the answer back with the upstream's status and content type. guardproxy's overhead is measured against it.
+They do what any proxy in front of an OpenAI upstream must do, and nothing else: read the body, POST it
+upstream over one pooled client (the pool limits of ``guardproxy/upstream.py``) and stream the answer back
+with the upstream's status and content type. guardproxy's overhead is measured against them.
+
+``BENCH_CLIENT`` picks the upstream client:
+
+- ``httpx-aiohttp`` (default): ``httpx.AsyncClient`` over the ``httpx-aiohttp`` transport, as guardproxy
+  calls its upstreams today: the like-for-like baseline of the issue's goals;
+- ``aiohttp``: ``aiohttp.ClientSession`` directly, without httpx's API layer on top: what guardproxy would
+  gain by calling aiohttp itself;
+- ``httpx``: ``httpx.AsyncClient`` on its own pool (httpcore), for reference.
+
+The upstream path comes from the ``x-bench-route`` request header (``plain``, ``stream`` or ``slow``): the
+canned nginx upstream of ``bench/run.py`` serves each kind of answer under ``/<route>/v1/``.
 
 Served by ``bench/run.py`` as ``uvicorn --factory bare_proxy:app_from_env --app-dir bench``, with the
-upstream's base URL (``http://127.0.0.1:PORT/v1``) in ``BENCH_UPSTREAM_URL``.
+upstream's root URL (``http://127.0.0.1:PORT``) in ``BENCH_UPSTREAM_URL``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import httpx
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -22,22 +34,42 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 UPSTREAM_ENV = "BENCH_UPSTREAM_URL"
+CLIENT_ENV = "BENCH_CLIENT"
+CLIENTS = ("httpx-aiohttp", "aiohttp", "httpx")
+ROUTES = frozenset({"plain", "stream", "slow"})
 
 
-def create_bare_proxy(upstream_url: str) -> Starlette:
-    """A pass-through of ``POST /v1/chat/completions`` to ``{upstream_url}/chat/completions``."""
+def _route(request: Request) -> str:
+    route = request.headers.get("x-bench-route", "plain")
+    return route if route in ROUTES else "plain"
+
+
+def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp") -> Starlette:
+    """A pass-through of ``POST /v1/chat/completions`` to ``{upstream_url}/<route>/v1/chat/completions``."""
+    if client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}; one of {', '.join(CLIENTS)}")
+    root = upstream_url.rstrip("/")
+    handler: Callable[[Request], Awaitable[Response]]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if client == "aiohttp":
+            app.state.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=600, connect=10), auto_decompress=False,
+            )
+            try:
+                yield
+            finally:
+                await app.state.session.close()
+            return
         transport = None
-        if os.environ.get("BENCH_TRANSPORT") == "aiohttp":
+        if client == "httpx-aiohttp":
             from httpx_aiohttp import AiohttpTransport
 
             transport = AiohttpTransport(limits=httpx.Limits(max_connections=1000, keepalive_expiry=30))
         app.state.client = httpx.AsyncClient(
-            transport=transport,
-            base_url=upstream_url.rstrip("/") + "/",
-            timeout=httpx.Timeout(600.0, connect=10.0),
+            transport=transport, timeout=httpx.Timeout(600.0, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30),
             follow_redirects=False,
         )
@@ -46,19 +78,31 @@ def create_bare_proxy(upstream_url: str) -> Starlette:
         finally:
             await app.state.client.aclose()
 
-    async def chat_completions(request: Request) -> Response:
-        client: httpx.AsyncClient = request.app.state.client
+    async def via_httpx(request: Request) -> Response:
+        http: httpx.AsyncClient = request.app.state.client
         headers = {"content-type": request.headers.get("content-type", "application/json")}
-        upstream = client.build_request("POST", "chat/completions", content=await request.body(), headers=headers)
-        response = await client.send(upstream, stream=True)
+        url = f"{root}/{_route(request)}/v1/chat/completions"
+        upstream = http.build_request("POST", url, content=await request.body(), headers=headers)
+        response = await http.send(upstream, stream=True)
         return StreamingResponse(
             response.aiter_raw(), response.status_code,
             media_type=response.headers.get("content-type"), background=BackgroundTask(response.aclose),
         )
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"])], lifespan=lifespan)
+    async def via_aiohttp(request: Request) -> Response:
+        session: aiohttp.ClientSession = request.app.state.session
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        url = f"{root}/{_route(request)}/v1/chat/completions"
+        response = await session.post(url, data=await request.body(), headers=headers)
+        return StreamingResponse(
+            response.content.iter_any(), response.status,
+            media_type=response.headers.get("content-type"), background=BackgroundTask(response.release),
+        )
+
+    handler = via_aiohttp if client == "aiohttp" else via_httpx
+    return Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])], lifespan=lifespan)
 
 
 def app_from_env() -> Starlette:
-    """Factory for ``uvicorn --factory``: the upstream comes from ``BENCH_UPSTREAM_URL``."""
-    return create_bare_proxy(os.environ[UPSTREAM_ENV])
+    """Factory for ``uvicorn --factory``: the upstream from ``BENCH_UPSTREAM_URL``, the client from ``BENCH_CLIENT``."""
+    return create_bare_proxy(os.environ[UPSTREAM_ENV], os.environ.get(CLIENT_ENV, "httpx-aiohttp"))

@@ -129,7 +129,7 @@ def create_app(
             await budget_store.ping()
         except StoreUnavailable:
             log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
-        await anyio.to_thread.run_sync(tokens.warm_up)
+        await anyio.to_thread.run_sync(tokens.warm_up, list(config.models))
         servicetitan = None
         if jobs is None and config.servicetitan is not None:
             lookups = app.state.metrics.servicetitan_lookups

@@ -184,3 +184,26 @@ def test_corrupt_vocab_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(tokens._EXPECTED_SHA256, "o200k_base", "0" * 64)
     with pytest.raises(RuntimeError, match="corrupt"):
         tokens._load_ranks("o200k_base")
+
+
+def test_warm_up_builds_only_the_configured_models_encodings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "_encodings", {})
+    tokens.warm_up(["gpt-4o", "gpt-4.1-mini"])
+    assert set(tokens._encodings) == {"o200k_base"}
+    tokens.warm_up(["gpt-4o", "text-embedding-3-small"])
+    assert set(tokens._encodings) == {"o200k_base", "cl100k_base"}
+    # A model configured later (or not at all) still counts: its encoding is built on first use.
+    monkeypatch.setattr(tokens, "_encodings", {})
+    tokens.warm_up([])
+    assert tokens._encodings == {}
+    assert TokenCounter("gpt-4").text("hello world") == 2
+
+
+def test_encodings_count_and_decode_without_their_python_ranks() -> None:
+    # The Python copy of the ranks is dropped after the build: encoding and decoding use the Rust core.
+    for name in ("o200k_base", "cl100k_base"):
+        encoding = get_encoding(name)
+        text = "Budgets hold: naïve café, 東京, emoji 🎉 and code `x = y**2`."
+        assert encoding.decode(encoding.encode_ordinary(text)) == text
+        assert encoding.encode_single_token(b"hello") == encoding.encode_ordinary("hello")[0]
+        assert encoding.encode("<|endoftext|>", allowed_special="all") == [encoding.eot_token]
