@@ -20,9 +20,9 @@ import re
 from collections.abc import Callable, Collection
 from urllib.parse import unquote_to_bytes
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardproxy.errors import ErrorKind, GuardError, error_response
+from guardproxy.errors import ErrorKind, GuardError, error_response, new_request_id
 
 #: Longer paths are refused: no OpenAI path comes near it, and it bounds the work per request.
 MAX_PATH_BYTES = 2048
@@ -129,4 +129,20 @@ class EntryGuard:
                 (name, value) for name, value in scope["headers"]
                 if name in _KEY_HEADERS or not carries_key(value, key_hashes)
             ]
+            send = _with_request_id(send)
         await self.app(scope, receive, send)
+
+
+def _with_request_id(send: Send) -> Send:
+    """``send`` adding guardproxy's own ``x-request-id`` to an answer that has none (a passthrough
+    upstream that sent none, ``/v1/models``, the admin API, ``/metrics``): every answer can be quoted
+    back. Budgeted calls set theirs (the upstream's, else the one in the call log) and keep it."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", new_request_id().encode())]}
+        await send(message)
+
+    return sending

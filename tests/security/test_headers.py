@@ -93,6 +93,8 @@ def test_each_response_header_is_sent_once(
     assert answer.status < 500 or answer.header("x-guardproxy-model") is not None
     assert_each_header_once(answer)
     assert answer.header("date") is not None
+    # Every answer can be quoted back: passthrough of an upstream that sent none, /v1/models, admin...
+    assert (answer.header("x-request-id") or "").startswith(("req_gp_", "req_")), answer.names
 
 
 def test_hop_by_hop_and_network_headers_are_not_sent_upstream(
