@@ -6,7 +6,7 @@ reservation id (a settled-marker the scripts check), so a retried or replayed se
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
 process died frees within a lease. Without ``store.redis_url`` the same scripts run on an embedded
 in-process fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
-Redis Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``_translated`` (its
+Redis Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``translated`` (its
 table is ``store_client.unavailable``). ``store_client`` builds the client for plain Redis, Sentinel
 or Cluster.
 
@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -35,6 +34,21 @@ from guardproxy.budget import REQUESTS, TOKENS, WINDOW_MS, Decision, RateLimits,
 from guardproxy.config import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import Periods
+from guardproxy.records import NO_JOB as NO_JOB
+from guardproxy.records import NO_RATE_LIMITS as NO_RATE_LIMITS
+from guardproxy.records import Admission as Admission
+from guardproxy.records import AlertArgs as AlertArgs
+from guardproxy.records import AlertRecord as AlertRecord
+from guardproxy.records import JobArgs as JobArgs
+from guardproxy.records import JobUsage as JobUsage
+from guardproxy.records import PeriodSpend as PeriodSpend
+from guardproxy.records import QueuedAlert as QueuedAlert
+from guardproxy.records import RateWindow as RateWindow
+
+# The values the store answers with live in ``records``; they stay importable from here.
+from guardproxy.records import Reservation as Reservation
+from guardproxy.records import Settlement as Settlement
+from guardproxy.records import Snapshot as Snapshot
 from guardproxy.store_client import StoreClient, StoreConnection
 from guardproxy.types import Micros
 
@@ -44,160 +58,6 @@ DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
 #: How long /readyz's probe key lives (it is rewritten at every probe).
 READY_PROBE_TTL_MS = 60_000
-NO_RATE_LIMITS = RateLimits()
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Worst-case money held for one call until it settles (or its lease runs out unrenewed)."""
-
-    id: str
-    tenant: str
-    day: str
-    month: str
-    amount: Micros
-    #: The job (work order) the call belongs to, or ``""``.
-    job: str = ""
-
-
-@dataclass(frozen=True)
-class RateWindow:
-    """A tenant's per-minute window as admission saw it (after admitting the call, if it did)."""
-
-    limits: RateLimits = NO_RATE_LIMITS
-    requests: int = 0
-    tokens: int = 0
-    #: ms until the oldest request (tokens) in the window leaves it; 0 for an empty window.
-    requests_reset_ms: int = 0
-    tokens_reset_ms: int = 0
-    #: Why the call was refused (``requests`` or ``tokens``), or ``None``.
-    limited: str | None = None
-    #: ms until the window admits the call; ``None`` when it never will (the call alone exceeds tpm).
-    wait_ms: int | None = 0
-
-
-@dataclass(frozen=True)
-class Admission:
-    decision: Decision
-    limits: Thresholds
-    reservation: Reservation | None
-    #: The id had been settled or released before this admit ran: nothing was reserved.
-    already_settled: bool = False
-    #: Not asked of the store at all (it was unavailable and ``fail_open`` served the call).
-    unbudgeted: bool = False
-    rate: RateWindow = field(default_factory=RateWindow)
-    #: The period's last admission was a budget refusal (see ``budget.state_of``).
-    refused: bool = False
-    #: The call's job's room before this call (its cap minus its spend and live reservations);
-    #: ``None`` when the call names no job or the job has no cap. Clamping can use it.
-    job_room: Micros | None = None
-    #: The call's job's cap as the script applied it (an override's wins), ``None``: none.
-    job_cap: Micros | None = None
-
-
-@dataclass(frozen=True)
-class AlertArgs:
-    """What the scripts need to queue alert events for one tenant (``thresholds_ppm`` empty: none)."""
-
-    limit_day: Micros
-    limit_month: Micros
-    thresholds_ppm: tuple[int, ...] = ()
-    enabled: bool = False
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What one settle did: ``applied`` is false when the id had already settled (a retry or replay
-    that changed nothing); ``released`` is false when its reservation was no longer held."""
-
-    applied: bool
-    released: bool
-
-
-@dataclass(frozen=True)
-class PeriodSpend:
-    spent: Micros
-    reserved: Micros
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the store holds for one tenant now."""
-
-    day: PeriodSpend
-    month: PeriodSpend
-    override: dict[str, str]
-    #: The period's last admission was a budget refusal.
-    refused: bool = False
-    #: Requests and tokens in the last minute's window.
-    window_requests: int = 0
-    window_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class JobArgs:
-    """A call's job for the scripts: its id (``""``: none), its cap (``None``: none) and how long its
-    counters are kept after its last call."""
-
-    id: str = ""
-    cap_micros: Micros | None = None
-    ttl_s: int = 90 * 86400
-
-
-NO_JOB = JobArgs()
-
-
-@dataclass(frozen=True)
-class JobUsage:
-    """What one job (work order) has cost so far; ``by_model``: model -> the same counters."""
-
-    job: str
-    calls: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_micros: Micros
-    first_at_ms: int
-    last_at_ms: int
-    by_model: dict[str, dict[str, int]]
-
-    @classmethod
-    def from_hash(cls, job: str, fields: Mapping[str, str]) -> JobUsage:
-        by_model: dict[str, dict[str, int]] = {}
-        for name, value in fields.items():
-            if name.startswith("model:"):
-                model, _, counter = name[len("model:"):].rpartition(":")
-                by_model.setdefault(model, {})[counter] = int(value)
-        return cls(
-            job=job, calls=int(fields.get("calls", 0)), prompt_tokens=int(fields.get("prompt_tokens", 0)),
-            completion_tokens=int(fields.get("completion_tokens", 0)),
-            cost_micros=int(fields.get("cost_micros", 0)), first_at_ms=int(fields.get("first_at", 0)),
-            last_at_ms=int(fields.get("last_at", 0)), by_model=by_model,
-        )
-
-
-@dataclass(frozen=True)
-class QueuedAlert:
-    """One alert event claimed for delivery: its stream ``id`` and ``fields`` as the script wrote them."""
-
-    tenant: str
-    id: str
-    fields: dict[str, str]
-    attempts: int
-    #: Indexes of the webhooks that already took it.
-    delivered_to: set[int]
-
-
-@dataclass(frozen=True)
-class AlertRecord:
-    """One queued alert event and how its delivery stands (``pending``, ``delivered``, ``dropped``)."""
-
-    tenant: str
-    id: str
-    fields: dict[str, str]
-    state: str
-    attempts: int
-    error: str
-    next_attempt_ms: int | None
 
 
 class Keys:
@@ -303,7 +163,7 @@ def _script_source(name: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
+async def translated() -> AsyncIterator[None]:
     async with store_client.translated():
         yield
 
@@ -355,7 +215,7 @@ class BudgetStore:
             await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
-        async with _translated():
+        async with translated():
             await self.client.ping()
 
     async def check_writable(self) -> None:
@@ -366,7 +226,7 @@ class BudgetStore:
         that many replicas, as settlements do. On a cluster, every primary must report ``cluster_state:ok``.
         """
         key = f"{self.prefix}:{{readyz}}:probe"
-        async with _translated():
+        async with translated():
             if isinstance(self.client, RedisCluster):
                 states = await self.client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
                 failing = sorted(node for node, info in _per_node(states).items()
@@ -400,7 +260,7 @@ class BudgetStore:
             a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
             job.id, -1 if job.cap_micros is None else job.cap_micros, 1 if provisional else 0, *worst_cases,
         ]
-        async with _translated():
+        async with translated():
             result: list[Any] = await self._admit(keys=keys, args=args)
         index, used_day, used_month, exhausted = (int(v) for v in result[:4])
         effective = Thresholds(*(int(v) for v in result[4:8]))
@@ -448,7 +308,7 @@ class BudgetStore:
                                  *a.thresholds_ppm, reservation.job, job_ttl_s]
         for name, value in (record or {}).items():
             args += [name, value]
-        async with _translated():
+        async with translated():
             result: list[Any] = await self._replicated(
                 lambda client: client.evalsha(self._settle.sha, len(keys), *keys, *args), self._settle
             )
@@ -466,9 +326,9 @@ class BudgetStore:
             lost: list[Any] = await self._renew(keys=[self.keys(tenant).reservations], args=[lease_ms, *ids])
             return lost
 
-        async with _translated():
+        async with translated():
             results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
-        return {_text(i) for lost in results for i in lost}
+        return {text(i) for lost in results for i in lost}
 
     async def booking_day(self, tenant: str, reservation_id: str, day: str) -> str:
         """The day ``reservation_id`` was first booked on; ``day`` (and remembered as long as a day's
@@ -477,40 +337,40 @@ class BudgetStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.set(key, day, nx=True, ex=DAY_KEY_TTL_S)
         pipe.get(key)
-        async with _translated():
+        async with translated():
             _, first = await pipe.execute()
-        return day if first is None else _text(first)
+        return day if first is None else text(first)
 
     async def move_booking_day(self, tenant: str, reservation_id: str, day: str) -> None:
         """Remember ``day`` as the day ``reservation_id`` is booked on (its earlier day never settled it)."""
-        async with _translated():
+        async with translated():
             await self.client.set(self.keys(tenant).booked_on(reservation_id), day, ex=DAY_KEY_TTL_S)
 
     async def settled_charge(self, tenant: str, day: str, reservation_id: str) -> Micros | None:
         """What ``reservation_id``, admitted or booked on ``day``, was charged when it settled; ``None``
         when it has not settled (or its marker has expired)."""
-        async with _translated():
+        async with translated():
             value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
         return None if value is None else int(value)
 
     async def register_tenant(self, tenant: str) -> None:
         """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
-        async with _translated():
+        async with translated():
             await self.client.sadd(f"{self.prefix}:tenants", tenant)
 
     async def known_tenants(self) -> set[str]:
-        async with _translated():
+        async with translated():
             members = await self.client.smembers(f"{self.prefix}:tenants")
-        return {_text(m) for m in members}
+        return {text(m) for m in members}
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
         """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
-        async with _translated():
+        async with translated():
             entries = await self.client.xrevrange(self.keys(tenant).calls, count=limit) or []
         calls = []
         for entry_id, fields in entries:
-            call = {_text(a): _text(b) for a, b in (fields or {}).items()}
-            call["time_ms"] = _text(entry_id or b"0").split("-")[0]
+            call = {text(a): text(b) for a, b in (fields or {}).items()}
+            call["time_ms"] = text(entry_id or b"0").split("-")[0]
             calls.append(call)
         return calls
 
@@ -520,13 +380,13 @@ class BudgetStore:
         pipe = self.client.pipeline(transaction=False)
         for tenant in tenants:
             pipe.xrevrange(self.keys(tenant).calls, count=count)
-        async with _translated():
+        async with translated():
             logs = await pipe.execute()
             # Not pipelined: Redis Cluster pipelines take only commands with keys.
             seconds, micros = await self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000, [
-            [(int(_text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
-              _text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+            [(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
+              text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
             for log in logs
         ]
 
@@ -546,7 +406,7 @@ class BudgetStore:
             pipe.zcount(k.rate_requests, since, "+inf")
             pipe.zcount(k.rate_tokens, since, "+inf")
             pipe.get(k.rate_token_sum)
-        async with _translated():
+        async with translated():
             values = await pipe.execute()
         out = []
         step = 9
@@ -555,7 +415,7 @@ class BudgetStore:
             held = int(reserved or 0)
             out.append(Snapshot(
                 day=PeriodSpend(int(day or 0), held), month=PeriodSpend(int(month or 0), held),
-                override={_text(a): _text(b) for a, b in override.items()},
+                override={text(a): text(b) for a, b in override.items()},
                 refused=bool(blocked_day or blocked_month),
                 # the token sum as of the last admission (which sweeps it); an idle minute empties it
                 window_requests=int(requests or 0), window_tokens=int(tokens or 0) if calls else 0,
@@ -571,7 +431,7 @@ class BudgetStore:
         pipe.sadd(f"{self.prefix}:tenants", tenant)
         if periods is not None:
             pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
-        async with _translated():
+        async with translated():
             await pipe.execute()
 
     async def clear_override(self, tenant: str, periods: Periods | None = None) -> None:
@@ -580,7 +440,7 @@ class BudgetStore:
         pipe.delete(k.budget)
         if periods is not None:
             pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
-        async with _translated():
+        async with translated():
             await pipe.execute()
 
     # -- alert events (queued by the scripts, delivered by ``alerts.AlertSender``) ------------------
@@ -595,12 +455,12 @@ class BudgetStore:
                                                  args=[lease_ms, limit])
             return items
 
-        async with _translated():
+        async with translated():
             results = await asyncio.gather(*(claim(t) for t in tenants))
         out = []
         for tenant, items in zip(tenants, results, strict=True):
             for item in items:
-                values = [_text(v) for v in item]
+                values = [text(v) for v in item]
                 fields = dict(zip(values[3::2], values[4::2], strict=True))
                 hooks = {int(h) for h in values[2].split(",") if h}
                 out.append(QueuedAlert(tenant, values[0], fields, int(values[1]), hooks))
@@ -622,7 +482,7 @@ class BudgetStore:
             f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
         })
         pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
-        async with _translated():
+        async with translated():
             await pipe.execute()
 
     async def recent_alerts(self, tenants: Sequence[str], limit: int) -> list[AlertRecord]:
@@ -633,17 +493,17 @@ class BudgetStore:
             pipe.xrevrange(k.alerts, count=limit)
             pipe.hgetall(k.alerts_delivery)
             pipe.zrange(k.alerts_due, 0, -1, withscores=True)
-        async with _translated():
+        async with translated():
             values = await pipe.execute()
         out = []
         for i, tenant in enumerate(tenants):
             entries, delivery, due = values[3 * i : 3 * i + 3]
-            state = {_text(a): _text(b) for a, b in (delivery or {}).items()}
-            due_at = {_text(m): int(score) for m, score in due or []}
+            state = {text(a): text(b) for a, b in (delivery or {}).items()}
+            due_at = {text(m): int(score) for m, score in due or []}
             for entry_id, fields in entries or []:
-                eid = _text(entry_id)
+                eid = text(entry_id)
                 out.append(AlertRecord(
-                    tenant, eid, {_text(a): _text(b) for a, b in (fields or {}).items()},
+                    tenant, eid, {text(a): text(b) for a, b in (fields or {}).items()},
                     state=state.get(f"{eid}:state") or ("pending" if eid in due_at else "unknown"),
                     attempts=int(state.get(f"{eid}:attempts", "0")), error=state.get(f"{eid}:error", ""),
                     next_attempt_ms=due_at.get(eid),
@@ -655,44 +515,44 @@ class BudgetStore:
 
     async def job_usage(self, tenant: str, job: str) -> JobUsage | None:
         """One job's counters, ``None`` when it has none (never called, or expired)."""
-        async with _translated():
+        async with translated():
             fields = await self.client.hgetall(self.keys(tenant).job(job))
         if not fields:
             return None
-        return JobUsage.from_hash(job, {_text(a): _text(b) for a, b in fields.items()})
+        return JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
 
     async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
         """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
         k = self.keys(tenant)
-        async with _translated():
-            ids = [_text(j) for j in await self.client.zrevrange(k.jobs, 0, max(0, limit - 1))]  # type: ignore[arg-type]
+        async with translated():
+            ids = [text(j) for j in await self.client.zrevrange(k.jobs, 0, max(0, limit - 1))]  # type: ignore[arg-type]
             pipe = self.client.pipeline(transaction=False)
             for job in ids:
                 pipe.hgetall(k.job(job))
             values = await pipe.execute() if ids else []
-        return [JobUsage.from_hash(job, {_text(a): _text(b) for a, b in fields.items()})
+        return [JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
                 for job, fields in zip(ids, values, strict=True) if fields]
 
     # -- the response cache (keys and values from ``cache.py``) ------------------------------------
 
     async def cached_response(self, tenant: str, digest: str) -> bytes | None:
         """The answer cached under ``digest`` for ``tenant``, if it has not expired."""
-        async with _translated():
+        async with translated():
             value = await self.client.get(self.keys(tenant).response(digest))
         return None if value is None else (value if isinstance(value, bytes) else value.encode())
 
     async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None:
-        async with _translated():
+        async with translated():
             await self.client.set(self.keys(tenant).response(digest), value, ex=max(1, ttl_s))
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""
-        async with _translated():
+        async with translated():
             value = await self.client.get(f"{self.prefix}:cache:{key}")
-        return None if value is None else _text(value)
+        return None if value is None else text(value)
 
     async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
-        async with _translated():
+        async with translated():
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
 
 
@@ -701,7 +561,7 @@ class BudgetStore:
 
         Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary
         took is lost, so it must not count as written. ``script`` is loaded and the write run again when
-        the server does not know it (a new primary). Errors leave unwrapped, for ``_translated``.
+        the server does not know it (a new primary). Errors leave unwrapped, for ``translated``.
         """
         try:
             return await self._replicated_once(write)
@@ -733,56 +593,6 @@ def _per_node(states: Any) -> dict[str, dict[str, Any]]:
     return {str(node): info for node, info in dict(states).items()}
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A Redis reply as text."""
     return value.decode() if isinstance(value, bytes) else value
-
-
-class KeyStore:
-    """Tenant API keys created at runtime (``guardproxy.keys``), hashed, in the budget store's Redis.
-
-    ``{prefix}:keys`` maps a key's sha256 digest to its owner, so an unknown key costs one HGET on
-    any replica; ``{prefix}:{tenant}:keys`` holds each key's metadata by id and ``…:keys:used`` its
-    last use. Every operation touches one key, so no two keys of different slots ever meet in one
-    command (Redis Cluster).
-    """
-
-    def __init__(self, store: BudgetStore) -> None:
-        self.client = store.client
-        self.index = f"{store.prefix}:keys"
-        self.store = store
-
-    def _meta(self, tenant: str) -> str:
-        return f"{self.store.keys(tenant).base}:keys"
-
-    def _used(self, tenant: str) -> str:
-        return f"{self.store.keys(tenant).base}:keys:used"
-
-    async def owner(self, digest: str) -> str | None:
-        """The index entry (JSON) of the key with this sha256 hex digest, or ``None``."""
-        async with _translated():
-            value = await self.client.hget(self.index, digest)
-        return None if value is None else _text(value)
-
-    async def add(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
-        # Metadata first: a key is usable only once it is listed, never the other way round.
-        async with _translated():
-            await self.client.hset(self._meta(tenant), key_id, meta)
-            await self.client.hset(self.index, digest, owner)
-
-    async def listed(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
-        """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
-        async with _translated():
-            meta = await self.client.hgetall(self._meta(tenant))
-            used = await self.client.hgetall(self._used(tenant))
-        return ({_text(a): _text(b) for a, b in meta.items()}, {_text(a): _text(b) for a, b in used.items()})
-
-    async def remove(self, tenant: str, key_id: str, digest: str) -> None:
-        # Index first: the key stops working before its listing goes.
-        async with _translated():
-            await self.client.hdel(self.index, digest)
-            await self.client.hdel(self._meta(tenant), key_id)
-            await self.client.hdel(self._used(tenant), key_id)
-
-    async def touch(self, tenant: str, key_id: str, at_ms: int) -> None:
-        async with _translated():
-            await self.client.hset(self._used(tenant), key_id, str(at_ms))
