@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="override server.log_format (default text)")
     serve.add_argument("--access-log", action="store_true", help="also log one line per HTTP request (uvicorn's)")
+    serve.add_argument("--log-calls", action=argparse.BooleanOptionalAction, default=None,
+                       help="one line per settled call (default: server.log_calls, else on with json, off with text)")
 
     check = commands.add_parser("check-config", help="validate a config and print it with secrets masked")
     _config_option(check)
@@ -103,7 +105,9 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
 
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
-    log_config = logs.log_config(args.log_format or config.server.log_format, args.log_level, args.access_log)
+    log_calls = config.server.log_calls if args.log_calls is None else args.log_calls
+    log_config = logs.log_config(args.log_format or config.server.log_format, args.log_level, args.access_log,
+                                 log_calls)
     logging.config.dictConfig(log_config)
     uvicorn_options: dict[str, Any] = {
         "log_level": args.log_level, "log_config": log_config, "access_log": args.access_log, "proxy_headers": False,

@@ -4,7 +4,9 @@ Used by ``guardproxy serve`` for the single process and, as uvicorn's ``log_conf
 worker. A record's ``extra`` fields (the pipeline's ``call settled`` line carries tenant, models,
 tokens, cost, outcome, request and job id, duration) become keys of its JSON object; the text line
 says the same in its message. Per-request access lines (uvicorn) and httpx's ``HTTP Request``
-lines are off by default: one line per call is the settled line.
+lines are off by default. The settled line of each call (``guardproxy.calls``) is on by default in
+``json`` and off in ``text`` (``server.log_calls`` / ``--log-calls`` decide): the audit log in the
+store already holds every call, and a line per call is a sizeable share of a request's CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import orjson
 
 FORMATS = ("text", "json")
+#: The settled line of each call (tenant, models, tokens, cost, outcome, ids) is logged here.
+CALLS_LOGGER = "guardproxy.calls"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -43,8 +47,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def log_config(log_format: str = "text", level: str = "info", access_log: bool = False) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` document (also uvicorn's ``log_config``)."""
+def log_config(
+    log_format: str = "text", level: str = "info", access_log: bool = False, log_calls: bool | None = None,
+) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` document (also uvicorn's ``log_config``). ``log_calls``: the
+    settled line of every call (``guardproxy.calls``); ``None``: on for ``json``, off for ``text``."""
+    calls = log_format == "json" if log_calls is None else log_calls
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
     formatter: dict[str, Any] = (
@@ -64,9 +72,12 @@ def log_config(log_format: str = "text", level: str = "info", access_log: bool =
             # One "HTTP Request: POST ..." line per upstream call: the settled line says it better.
             "httpx": quiet,
             "httpcore": quiet,
+            CALLS_LOGGER: {"level": level.upper() if calls else "WARNING", "handlers": [], "propagate": True},
         },
     }
 
 
-def configure(log_format: str = "text", level: str = "info", access_log: bool = False) -> None:
-    logging.config.dictConfig(log_config(log_format, level, access_log))
+def configure(
+    log_format: str = "text", level: str = "info", access_log: bool = False, log_calls: bool | None = None,
+) -> None:
+    logging.config.dictConfig(log_config(log_format, level, access_log, log_calls))

@@ -49,6 +49,8 @@ from guardproxy.types import Micros
 from guardproxy.upstream import Upstream, response_headers
 
 log = logging.getLogger("guardproxy.pipeline")
+#: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
+calls_log = logging.getLogger("guardproxy.calls")
 
 # Counting a large prompt takes milliseconds: off the event loop above this size.
 _COUNT_IN_THREAD_BYTES = 32 * 1024
@@ -416,7 +418,8 @@ class BudgetedEndpoint:
             downgraded_from=headers.get("x-guardproxy-downgraded-from"),
             fallback_from=headers.get("x-guardproxy-fallback-from"),
         )
-        log.info("%s", settled.summary(), extra=settled.log_fields())
+        if calls_log.isEnabledFor(logging.INFO):
+            calls_log.info("%s", settled.summary(), extra=settled.log_fields())
         for observe in self.s.observers:
             observe(settled)
 

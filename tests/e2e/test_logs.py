@@ -48,12 +48,12 @@ def serve(raw: dict[str, Any], tmp_path: Path, *flags: str) -> Iterator[tuple[st
         process.wait(timeout=15)
 
 
-def calls(url: str) -> list[dict[str, Any]]:
-    """The audit log (newest first) once both calls are settled."""
+def calls(url: str, expected: int = 2) -> list[dict[str, Any]]:
+    """The audit log (newest first) once ``expected`` calls are settled."""
     deadline = time.monotonic() + 5
     while True:
         found: list[dict[str, Any]] = httpx.get(url + "/admin/tenants/acme/calls", headers=ADMIN).json()["data"]
-        if len(found) == 2 or time.monotonic() > deadline:
+        if len(found) == expected or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
@@ -101,9 +101,15 @@ def test_text_logs_say_the_same_and_the_access_log_is_opt_in(
 ) -> None:
     raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": "adm-logs"},
                       server={"log_format": "text"})
+    # Text logs write no line per call unless asked (the audit log has every call).
     with serve(raw, tmp_path) as (url, log_path):
         make_calls(url)
         audit = calls(url)
+        time.sleep(0.2)
+    assert audit and not [line for line in log_path.read_text().splitlines() if "request_id=" in line]
+    with serve(raw, tmp_path, "--log-calls") as (url, log_path):
+        make_calls(url)
+        audit = calls(url, expected=4)[:2]  # the two calls of this run (newest first)
         time.sleep(0.2)
     text = log_path.read_text()
     for entry in audit:
