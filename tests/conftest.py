@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +19,7 @@ from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
 from guardproxy.store import BudgetStore
 from tests.redis_procs import RedisCluster3, SentinelSet
 from tests.servers import free_port, serve_in_thread
+from tests.servers import no_proxy_env as no_proxy_env
 from tests.stores import BACKENDS, Backend
 
 TENANT_KEY = "tk-acme-secret"
@@ -207,7 +207,3 @@ def redis_int(url: str, key: str) -> int:
         client.close()
     return int(value or 0)
 
-
-def no_proxy_env() -> dict[str, str]:
-    """The environment for subprocesses, without proxies that would capture loopback traffic."""
-    return {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}

@@ -1,16 +1,22 @@
-"""Real servers on loopback for tests: an ASGI app served by uvicorn in a background thread."""
+"""Real servers on loopback for tests: an ASGI app served by uvicorn in a background thread, and
+``guardproxy serve`` as a subprocess (``ProxyProcess``), to be stopped, signalled or killed for real."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+import yaml
 
 LOOP = os.environ.get("GP_TEST_LOOP", "auto")
 
@@ -45,3 +51,65 @@ def serve_in_thread(app: Any, *, port: int | None = None, **options: Any) -> Ite
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def no_proxy_env() -> dict[str, str]:
+    """The environment for subprocesses, without proxies that would capture loopback traffic."""
+    return {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+
+
+class ProxyProcess:
+    """``guardproxy serve`` as a subprocess on a free loopback port, its output in ``log_path``.
+
+    ``config`` is a config as YAML would give it (written to ``tmp_path``) or the path of one.
+    """
+
+    def __init__(self, config: dict[str, Any] | Path, tmp_path: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if isinstance(config, Path):
+            path = config
+        else:
+            path = tmp_path / f"proxy-{self.port}.yaml"
+            path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"proxy-{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(self.port),
+                 *flags],
+                env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def wait_until(self, path: str = "/readyz", timeout_s: float = 30) -> None:
+        """Until ``path`` answers 200 (``/healthz``: serving; ``/readyz``: the store takes writes too)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + path).status_code == 200:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"guardproxy did not become ready: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def wait_serving(self) -> None:
+        self.wait_until("/healthz")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def running_proxy(config: dict[str, Any] | Path, tmp_path: Path, *flags: str) -> Iterator[ProxyProcess]:
+    """A ``ProxyProcess`` that is ready (``/readyz``) for the block and stopped after it."""
+    proxy = ProxyProcess(config, tmp_path, *flags)
+    try:
+        proxy.wait_until("/readyz")
+        yield proxy
+    finally:
+        proxy.stop()

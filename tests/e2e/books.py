@@ -3,23 +3,17 @@ the audit log, and guardproxy as a subprocess that can be killed for real."""
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
-import yaml
 
 from guardproxy.fake_upstream import FakeUpstreamState
 from guardproxy.pricing import Usage, cost_micros
-from tests.conftest import TENANT_KEY, no_proxy_env, redis_int
+from tests.conftest import TENANT_KEY, redis_int
 from tests.e2e.test_admin import metric
 from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
-from tests.servers import free_port
+from tests.servers import ProxyProcess as ProxyProcess
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
@@ -63,37 +57,3 @@ def assert_books_balance(redis_url: str, state: FakeUpstreamState, proxy_url: st
     return billed
 
 
-class ProxyProcess:
-    """``guardproxy serve`` as a subprocess, to be killed for real."""
-
-    def __init__(self, config: dict[str, Any], tmp_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        path = tmp_path / f"proxy-{self.port}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp_path / f"proxy-{self.port}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(self.port),
-                 "--log-level", "info"],
-                env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
-            )
-
-    def wait_serving(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/healthz").status_code == 200:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardproxy did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=15)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +11,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
 from guardproxy.pricing import Price, Usage, cost_micros
-from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, no_proxy_env, redis_int
+from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, redis_int
 from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
-from tests.servers import free_port
+from tests.servers import running_proxy
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
 # The fake answers as many tokens as asked, so each call costs exactly its reserved worst case.
@@ -84,30 +80,8 @@ def test_200_concurrent_calls_never_pass_the_hard_cap(
 @contextlib.contextmanager
 def proxy_process(config: dict[str, Any], tmp_path: Path, workers: int = 1) -> Iterator[str]:
     """``guardproxy serve`` as its own process; yields its base URL."""
-    port = free_port()
-    path = tmp_path / f"proxy-{port}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log_path = tmp_path / f"proxy-{port}.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port),
-             "--log-level", "warning", "--workers", str(workers)],
-            env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardproxy did not become ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with running_proxy(config, tmp_path, "--log-level", "warning", "--workers", str(workers)) as proxy:
+        yield proxy.url
 
 
 @pytest.mark.slow

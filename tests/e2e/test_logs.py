@@ -4,48 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from tests.conftest import TENANT_KEY, config_dict, no_proxy_env
+from tests.conftest import TENANT_KEY, config_dict
 from tests.e2e.test_chat import HI
-from tests.servers import free_port
+from tests.servers import running_proxy
 
 ADMIN = {"authorization": "Bearer adm-logs"}
 
 
 @contextlib.contextmanager
 def serve(raw: dict[str, Any], tmp_path: Path, *flags: str) -> Iterator[tuple[str, Path]]:
-    port = free_port()
-    path = tmp_path / f"proxy-{port}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    log_path = tmp_path / f"proxy-{port}.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port), *flags],
-            env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardproxy did not become ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield url, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with running_proxy(raw, tmp_path, *flags) as proxy:
+        yield proxy.url, proxy.log_path
 
 
 def calls(url: str, expected: int = 2) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +17,9 @@ import yaml
 
 from guardproxy.config import load_config
 from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict, no_proxy_env
+from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict
 from tests.e2e.test_chat import HI
-from tests.servers import free_port
+from tests.servers import running_proxy
 
 ADMIN_KEY = "adm-reload-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -129,28 +128,8 @@ def test_settings_that_need_a_restart_are_named_and_the_rest_applies(
 
 @contextlib.contextmanager
 def served(path: Path, workers: int = 1) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    log_path = path.with_suffix(".log")
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", str(port),
-             "--workers", str(workers)],
-            env=no_proxy_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"guardproxy did not become ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield process, url, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with running_proxy(path, path.parent, "--workers", str(workers)) as proxy:
+        yield proxy.process, proxy.url, proxy.log_path
 
 
 def workers_on(url: str, sha: str, count: int, timeout_s: float = 8.0) -> set[int]:
