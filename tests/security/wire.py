@@ -114,14 +114,18 @@ def money(snapshot: dict[bytes, Any]) -> dict[bytes, Any]:
     return {key: value for key, value in snapshot.items() if not REFUSAL_RECORDS.search(key)}
 
 
+#: The key /readyz writes to check that the store takes writes (``BudgetStore.check_writable``).
+READY_PROBE = b":{readyz}:probe"
+
+
 def store_snapshot(redis_url: str) -> dict[bytes, Any]:
     """Every key of the store with its value, whatever its type (counters, reservations, call log)."""
     client = redis.Redis.from_url(redis_url)
     try:
         snapshot: dict[bytes, Any] = {}
         for key in client.scan_iter(count=1000):
-            if key == REGISTRY:
-                continue
+            if key == REGISTRY or key.endswith(READY_PROBE):
+                continue  # /readyz writes its probe key on every call: that is how it knows writes work
             kind = client.type(key)
             if kind == b"string":
                 value = client.get(key)
