@@ -27,9 +27,11 @@ class CallContext:
     started_ns: int = field(default_factory=time.time_ns)
 
     @classmethod
-    def of(cls, headers: Mapping[str, str], job_header: str) -> CallContext:
+    def of(cls, headers: Mapping[str, str], job_id: str) -> CallContext:
+        """The call's context: its job (already validated, ``auth.TenantResolver.job_of``) and the
+        incoming trace headers."""
         trace = {name: headers[name] for name in ("traceparent", "tracestate") if name in headers}
-        return cls(job_id=headers.get(job_header, "")[:128], trace_headers=trace)
+        return cls(job_id=job_id, trace_headers=trace)
 
 
 @dataclass(frozen=True)

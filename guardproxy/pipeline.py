@@ -12,7 +12,6 @@ complete answers, or the relay's close callback for streams, so no path leaves m
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
@@ -95,10 +94,8 @@ class BudgetedEndpoint:
 
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
-        job = self.s.tenants.job_of(request.headers)
-        context = CallContext.of(request.headers, self.s.tenants.job_header)
-        if job:
-            context = dataclasses.replace(context, job_id=job)  # X-Guardproxy-Job names the job in logs too
+        job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
+        context = CallContext.of(request.headers, job)
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
