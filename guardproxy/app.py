@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -107,12 +106,11 @@ def create_app(
     config: Config,
     *,
     store: BudgetStore | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
     jobs: JobTenantResolver | None = None,
     clock: Callable[[], datetime] = utc_now,
     config_path: str | Path | None = None,
 ) -> Starlette:
-    """The proxy for ``config``. ``store``, ``upstream_transport``, ``jobs`` and ``clock`` are for tests.
+    """The proxy for ``config``. ``store``, ``jobs`` and ``clock`` are for tests.
 
     ``config_path``: the file ``config`` came from, re-read on SIGHUP and ``POST /admin/reload``.
     """
@@ -147,8 +145,7 @@ def create_app(
         ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
         runtime = Runtime(
             config, ledger=ledger, metrics=metrics, clock=clock,
-            keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, upstream_transport=upstream_transport,
-            config_path=config_path, tracing=tracing,
+            keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,
         )
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)

@@ -13,7 +13,6 @@ import re
 from urllib.parse import unquote
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,7 +21,7 @@ from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.pipeline import Services
 from guardproxy.requests import read_body
-from guardproxy.upstream import aiter_translated, response_headers
+from guardproxy.upstream import UpstreamResponse, response_headers
 
 log = logging.getLogger("guardproxy.passthrough")
 
@@ -89,7 +88,7 @@ class PassthroughRelay(Response):
     transfer rather than a complete-looking one.
     """
 
-    def __init__(self, upstream: str, response: httpx.Response, headers: dict[str, str]) -> None:
+    def __init__(self, upstream: str, response: UpstreamResponse, headers: dict[str, str]) -> None:
         # Not Response.__init__: it would declare a content-length for the empty body it is given.
         self.status_code = response.status_code
         self.background = None
@@ -101,7 +100,7 @@ class PassthroughRelay(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
-                async for chunk in aiter_translated(self.upstream, self.response):
+                async for chunk in self.response.chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except GuardError as exc:
                 log.warning("passthrough from upstream %s ended early: %s", self.upstream, exc.message)

@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import httpx
 import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -45,7 +44,7 @@ from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
 from guardproxy.types import Micros
-from guardproxy.upstream import Upstream, response_headers
+from guardproxy.upstream import Upstream, UpstreamResponse, response_headers
 
 log = logging.getLogger("guardproxy.pipeline")
 #: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
@@ -116,7 +115,7 @@ class BudgetedEndpoint:
                 with anyio.CancelScope(shield=True):
                     await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
                 raise
-            if isinstance(answer, httpx.Response) and (attempt is route[-1] or not fails_over(answer.status_code)):
+            if isinstance(answer, UpstreamResponse) and (attempt is route[-1] or not fails_over(answer.status_code)):
                 return await self._respond(plan, answer, started, cached)
             failure = await self._failed(plan, answer, started)
         # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
@@ -225,7 +224,7 @@ class BudgetedEndpoint:
             headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job},
         )
 
-    async def _forward(self, plan: Plan, incoming: Headers) -> httpx.Response | GuardError:
+    async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
         """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
         upstream = self.s.upstreams[plan.sent.upstream]
         headers = upstream.request_headers(incoming.items(), self.s.tenants.routing_headers, plan.tenant)
@@ -248,7 +247,7 @@ class BudgetedEndpoint:
             changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens))
         return orjson.dumps({**call.body, **changes}) if changes else call.raw
 
-    async def _failed(self, plan: Plan, answer: httpx.Response | GuardError, started: float) -> Response | GuardError:
+    async def _failed(self, plan: Plan, answer: UpstreamResponse | GuardError, started: float) -> Response | GuardError:
         """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
         upstream = self.s.upstreams[plan.sent.upstream]
         failure: Response | GuardError | None = None
@@ -278,7 +277,7 @@ class BudgetedEndpoint:
         return failure
 
     async def _respond(
-        self, plan: Plan, response: httpx.Response, started: float, cached: CacheMiss | None = None
+        self, plan: Plan, response: UpstreamResponse, started: float, cached: CacheMiss | None = None
     ) -> Response:
         """Relay the answer (streamed as it arrives, or whole) and settle what it cost; a ``cached``
         miss keeps the complete answer for the next identical request."""

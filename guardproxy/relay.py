@@ -19,14 +19,13 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import anyio
-import httpx
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.pricing import Usage
 from guardproxy.sse import Frame, SSEParser, json_object
-from guardproxy.upstream import translated
+from guardproxy.upstream import UpstreamResponse
 
 log = logging.getLogger("guardproxy.relay")
 
@@ -162,7 +161,7 @@ class StreamRelay:
     """ASGI response streaming an upstream SSE answer through a ``StreamWatcher``."""
 
     def __init__(
-        self, upstream: str, response: httpx.Response, headers: dict[str, str], watcher: StreamWatcher,
+        self, upstream: str, response: UpstreamResponse, headers: dict[str, str], watcher: StreamWatcher,
         on_close: Callable[[RelayResult], Awaitable[None]],
     ) -> None:
         self.upstream = upstream
@@ -205,9 +204,8 @@ class StreamRelay:
                 await send(message)
 
         try:
-            with translated(self.upstream):
-                async for chunk in self.response.aiter_bytes():
-                    await forward(parser.feed(chunk))
+            async for chunk in self.response.chunks():
+                await forward(parser.feed(chunk))
             await forward(parser.close())
         except GuardError as exc:
             timed_out = exc.kind is ErrorKind.UPSTREAM_TIMEOUT

@@ -23,8 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
-
 from guardproxy.auth import JobTenantResolver, TenantResolver
 from guardproxy.config import Config, load_config
 from guardproxy.endpoints import BUDGETED
@@ -73,7 +71,7 @@ class Runtime:
     def __init__(
         self, config: Config, *, ledger: Ledger, metrics: Metrics, clock: Callable[[], datetime],
         keyring: KeyRing | None, jobs: JobTenantResolver | None,
-        upstream_transport: httpx.AsyncBaseTransport | None = None, config_path: str | Path | None = None,
+        config_path: str | Path | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.ledger = ledger
@@ -81,7 +79,6 @@ class Runtime:
         self.clock = clock
         self.keyring = keyring
         self.jobs = jobs
-        self.transport = upstream_transport
         self.config_path = Path(config_path) if config_path else None
         self.tracing = tracing
         self._retired: list[Upstream] = []
@@ -93,7 +90,7 @@ class Runtime:
         fresh = {name: u for name, u in config.upstreams.items()
                  if name not in keep or keep[name].config != u}
         upstreams = {**{n: keep[n] for n in config.upstreams if n not in fresh},
-                     **build_upstreams(fresh, self.transport, lambda n, state: breaker_state.labels(n).set(state))}
+                     **build_upstreams(fresh, lambda n, state: breaker_state.labels(n).set(state))}
         for name in fresh:
             breaker_state.labels(name).set(0)
         services = Services(

@@ -3,7 +3,9 @@ passthrough (on and off), /metrics, /readyz, /healthz.
 
 Each example is one request, given to the app in process as uvicorn would (an ASGI scope built
 from the raw request target, so ``//``, ``%2F`` and friends arrive as sent), with a real Redis and
-the fake upstream behind a recording transport. Properties:
+the fake upstream on a real loopback socket (uvicorn with h11, a strict parser), which records each
+request as it was read off the wire; every request guardproxy's aiohttp sessions start is recorded
+too, wherever it goes. Properties:
 
 - no 5xx from guardproxy itself (a 5xx is only ever the upstream's own answer, relayed);
 - every error guardproxy answers is OpenAI-shaped (``error`` with message/type/param/code) and
@@ -11,7 +13,7 @@ the fake upstream behind a recording transport. Properties:
 - a request guardproxy refused, or passed through unbudgeted, changes no counter, reservation or
   call log (the store is compared key by key before and after), and no reservation is ever left;
 - no request the upstream receives carries a guardproxy credential (tenant, service, admin key),
-  and every one goes to the configured base URL.
+  and every one goes to the configured base URL: each request started is one the fake received.
 
 ``GP_FUZZ_EXAMPLES`` sets the number of examples (default 300); the figures of a run are written to
 ``test-artifacts/fuzz-stats-<examples>.json``.
@@ -30,15 +32,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import anyio
 import anyio.from_thread
-import httpx
 import orjson
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from guardproxy.app import create_app
 from guardproxy.config import TENANT_ID, Config
@@ -46,10 +50,10 @@ from guardproxy.fake_upstream import create_fake_upstream
 from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config
 from tests.e2e.test_chat import keys
 from tests.security.wire import ADMIN_KEY, REFUSAL_RECORDS, store_snapshot, tenants_seen
+from tests.servers import serve_in_thread
 
 EXAMPLES = int(os.environ.get("GP_FUZZ_EXAMPLES", "300"))
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, SERVICE_KEY, ADMIN_KEY)
-UPSTREAM_HOST = "upstream.test"
 UPSTREAM_KEY = "sk-upstream-secret"
 STATS_FILE = Path(__file__).resolve().parents[2] / "test-artifacts" / f"fuzz-stats-{EXAMPLES}.json"
 
@@ -57,21 +61,76 @@ STATS_FILE = Path(__file__).resolve().parents[2] / "test-artifacts" / f"fuzz-sta
 # -- the system under test -------------------------------------------------------------------------
 
 
-class RecordingTransport(httpx.AsyncBaseTransport):
-    """Every request guardproxy sends upstream, and the status each got; then the fake answers."""
+@dataclass
+class Received:
+    """One request as the fake upstream's server read it off the wire, and the status it answered."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.sent: list[httpx.Request] = []
-        self.bodies: list[bytes] = []
-        self.statuses: list[int] = []
+    method: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    status: int = 0
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.sent.append(request)
-        self.bodies.append(await request.aread())
-        response = await self.inner.handle_async_request(request)
-        self.statuses.append(response.status_code)
-        return response
+
+class RecordingUpstream:
+    """ASGI middleware in front of the fake upstream: records every request it serves, then lets the
+    fake answer (a fake that raises answers 500, as uvicorn would)."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.received: list[Received] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the proxy hung up before its request was complete
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        query = scope.get("query_string", b"")
+        record = Received(scope["method"], scope["raw_path"] + (b"?" + query if query else b""),
+                          list(scope["headers"]), body)
+        self.received.append(record)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, replay, sending)
+        except Exception:
+            if not record.status:
+                record.status = 500
+            raise
+
+
+class StartedRequests:
+    """The URL of every request an aiohttp session starts (guardproxy's calls upstream), wherever it goes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.urls: list[URL] = []
+        request = aiohttp.ClientSession.request
+
+        def recording(session: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
+            self.urls.append(URL(url))
+            return request(session, method, url, **kwargs)
+
+        monkeypatch.setattr(aiohttp.ClientSession, "request", recording)
 
 
 @dataclass
@@ -128,7 +187,9 @@ async def asgi_call(app: Starlette, method: str, target: bytes, headers: list[tu
 class Target:
     portal: anyio.from_thread.BlockingPortal
     apps: dict[str, Starlette]
-    recorder: RecordingTransport
+    upstream: RecordingUpstream
+    upstream_url: URL
+    started: StartedRequests
     redis_url: str
     stats: Counter[str] = field(default_factory=Counter)
 
@@ -136,31 +197,33 @@ class Target:
         return self.portal.call(asgi_call, self.apps[app], method, target, headers, body)
 
 
-def fuzz_config(redis_url: str, **overrides: Any) -> Config:
+def fuzz_config(redis_url: str, upstream_url: str, **overrides: Any) -> Config:
     # No breaker: a 5xx the fake answers must not turn into the proxy's own 502s for later examples.
-    upstream = {"base_url": f"http://{UPSTREAM_HOST}/v1", "api_key": UPSTREAM_KEY, "breaker": {"failures": 0}}
-    return make_config(f"http://{UPSTREAM_HOST}", store={"redis_url": redis_url}, upstreams={"openai": upstream},
-                       **overrides)
+    upstream = {"base_url": f"{upstream_url}/v1", "api_key": UPSTREAM_KEY, "breaker": {"failures": 0}}
+    return make_config(upstream_url, store={"redis_url": redis_url}, upstreams={"openai": upstream}, **overrides)
 
 
 @pytest.fixture
-def target(redis_url: str) -> Iterator[Target]:
-    recorder = RecordingTransport(httpx.ASGITransport(create_fake_upstream(), raise_app_exceptions=False))
-    apps = {
-        # passthrough on, admin API on
-        "open": create_app(fuzz_config(redis_url, unbudgeted_paths="passthrough", admin={"api_key": ADMIN_KEY}),
-                           upstream_transport=recorder),
-        # the defaults: passthrough off, admin API off
-        "closed": create_app(fuzz_config(redis_url), upstream_transport=recorder),
-    }
-    with anyio.from_thread.start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+def target(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    recorder = RecordingUpstream(create_fake_upstream())
+    started = StartedRequests(monkeypatch)
+    with contextlib.ExitStack() as stack:
+        upstream_url = stack.enter_context(serve_in_thread(recorder, http="h11"))
+        apps = {
+            # passthrough on, admin API on
+            "open": create_app(fuzz_config(redis_url, upstream_url, unbudgeted_paths="passthrough",
+                                           admin={"api_key": ADMIN_KEY})),
+            # the defaults: passthrough off, admin API off
+            "closed": create_app(fuzz_config(redis_url, upstream_url)),
+        }
+        portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
         for app in apps.values():
             stack.enter_context(portal.wrap_async_context_manager(app.router.lifespan_context(app)))
         # acme starts 300 micro-USD short of its daily budget: its calls meet the downgrade and the 429.
         client = redis.Redis.from_url(redis_url)
         client.set(keys()[0], 999_700)
         client.close()
-        fuzz_target = Target(portal, apps, recorder, redis_url)
+        fuzz_target = Target(portal, apps, recorder, URL(upstream_url), started, redis_url)
         for figure in ("guardproxy_5xx", "counter_changes_on_refused", "credentials_seen_upstream"):
             fuzz_target.stats[figure] = 0
         yield fuzz_target
@@ -319,16 +382,22 @@ def check_error_shape(answer: Answer, method: str) -> str:
     return str(error["code"])
 
 
-def check_upstream_requests(recorder: RecordingTransport, first: int, stats: Counter[str]) -> None:
-    for request, body in zip(recorder.sent[first:], recorder.bodies[first:], strict=True):
-        assert request.url.host == UPSTREAM_HOST and request.url.scheme == "http" and request.url.port is None
-        assert request.url.raw_path.startswith(b"/v1/"), request.url
-        text = repr(request.url) + repr(request.headers.raw) + repr(body)
+def check_upstream_requests(target: Target, first: int, stats: Counter[str]) -> None:
+    received = target.upstream.received[first:]
+    base = target.upstream_url
+    assert len(target.started.urls) == len(target.upstream.received), "a request started that the fake never read"
+    for url in target.started.urls[first:]:
+        assert (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port), url
+        assert url.raw_path.startswith("/v1/"), url
+    for request in received:
+        assert request.target.startswith(b"/v1/"), request.target
+        assert [v for k, v in request.headers if k == b"host"] == [f"{base.host}:{base.port}".encode()]
+        text = repr(request.target) + repr(request.headers) + repr(request.body)
         leaked = [s for s in SECRETS if s in text]
         stats["credentials_seen_upstream"] += len(leaked)
         assert leaked == [], f"credential sent upstream: {leaked}"
-        assert request.headers.get_list("authorization") == [f"Bearer {UPSTREAM_KEY}"]
-        assert not any(b"\r" in v or b"\n" in v for _, v in request.headers.raw)
+        assert [v for k, v in request.headers if k == b"authorization"] == [f"Bearer {UPSTREAM_KEY}".encode()]
+        assert not any(b"\r" in v or b"\n" in v for _, v in request.headers)
 
 
 def no_reservation_left(snapshot: dict[bytes, Any]) -> bool:
@@ -352,14 +421,14 @@ def test_fuzz_every_route(target: Target, app: str, case: tuple[str, bytes, str,
                           extra: list[tuple[str, str]]) -> None:
     method, path, auth, body = case
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in [*auth_headers(auth, tenant), *extra]]
-    first = len(target.recorder.sent)
+    first = len(target.upstream.received)
     before = store_snapshot(target.redis_url)
     answer = target.call(app, method, path, headers, body)
     after = store_snapshot(target.redis_url)
     stats = target.stats
     stats["cases"] += 1
     stats[f"status_{answer.status}"] += 1
-    upstream_statuses = target.recorder.statuses[first:]
+    upstream_statuses = [request.status for request in target.upstream.received[first:]]
     forwarded = bool(upstream_statuses)
     stats["forwarded_upstream"] += forwarded
 
@@ -370,7 +439,7 @@ def test_fuzz_every_route(target: Target, app: str, case: tuple[str, bytes, str,
     if answer.status >= 400 and not from_upstream:
         stats[f"code_{check_error_shape(answer, method)}"] += 1
 
-    check_upstream_requests(target.recorder, first, stats)
+    check_upstream_requests(target, first, stats)
     stats["upstream_requests_checked"] += len(upstream_statuses)
 
     budgeted = answer.header(b"x-guardproxy-model") is not None and not answer.header(b"x-guardproxy-unbudgeted")

@@ -111,10 +111,12 @@ def test_endpoint_paths() -> None:
     assert dated.endpoint_path("responses", "prod") == "openai/responses?api-version=2024-10-21"
     v1 = upstream(kind="azure")
     assert v1.endpoint_path("responses", "prod") == "openai/v1/responses"
-    assert v1.passthrough_path("files", "purpose=batch") == "https://example.test/openai/v1/files?purpose=batch"
-    assert plain.passthrough_path("files/file-1", "") == "https://example.test/files/file-1"
+    assert str(v1.passthrough_path("files", "purpose=batch")) == "https://example.test/openai/v1/files?purpose=batch"
+    assert str(plain.passthrough_path("files/file-1", "")) == "https://example.test/files/file-1"
     # The client chooses the path below the base URL, never the host.
-    for hostile in ("http://evil.test/x", "//evil.test/x", "http:", "a/../../x", "./x", "a//b", "a?b", "a#b", "a@b"):
+    # Nor, once parsed as it is sent, a dot segment or an authority spelled with escapes.
+    for hostile in ("http://evil.test/x", "//evil.test/x", "http:", "a/../../x", "./x", "a//b", "a?b", "a#b", "a@b",
+                    "files/%2e%2e/%2e%2e/x", "a/%2E%2E", "%2e%2e/x", "x%40evil.test/y", "http%3A//evil.test/x"):
         with pytest.raises(GuardError) as caught:
             plain.passthrough_path(hostile, "")
         assert caught.value.code == "invalid_path"
