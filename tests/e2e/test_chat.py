@@ -307,6 +307,25 @@ def test_client_disconnect_cancels_upstream_and_charges_what_was_produced(
     assert cost_micros(Usage(HI_PROMPT_TOKENS, 5), GPT4O) <= spent < cost_micros(Usage(HI_PROMPT_TOKENS, 100), GPT4O)
 
 
+def test_a_client_leaving_a_stalled_stream_ends_it_at_once(
+    config: Config, serve_proxy: Callable[..., str], redis_url: str
+) -> None:
+    """The client's hang-up is noticed while the upstream is silent, not at its next chunk."""
+    from tests.e2e.books import audit_log  # books imports this module
+
+    url = serve_proxy(config)
+    body = {"model": "gpt-4o", "messages": HI, "stream": True}
+    headers = {"authorization": f"Bearer {TENANT_KEY}", "x-fake-chunk-delay-ms": "20000"}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+    left = time.monotonic()
+    wait_for(lambda: reserved(redis_url) == 0, timeout_s=10)
+    assert time.monotonic() - left < 5
+    [entry] = audit_log(redis_url)
+    assert entry["outcome"] == "client_disconnected"
+
+
 def test_models_health_ready_and_unknown_paths(config: Config, serve_proxy: Callable[..., str]) -> None:
     url = serve_proxy(config)
     client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY)
