@@ -271,6 +271,12 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
         max_connections=pool_size, require_full_coverage=True, health_check_interval=HEALTH_CHECK_INTERVAL_S,
         **auth, **timeouts,
     )
+    # RedisCluster takes no connection class: every node it learns of is built from its connection_kwargs
+    # (the startup nodes already were, with no connection open yet).
+    packed = c_packed(cluster.connection_kwargs["connection_class"])
+    cluster.connection_kwargs["connection_class"] = packed
+    for node in cluster.startup_nodes:
+        node.connection_class = packed
     return StoreConnection(parsed, cluster)
 
 
