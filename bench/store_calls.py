@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         wall = statistics.median(m["wall_ms"] for m in results[name])
         print(f"  {name:8} {tree}: {statistics.median(cpu):.3f} ms CPU per pair "
               f"(min {min(cpu):.3f}, max {max(cpu):.3f}), {wall:.3f} ms wall")
+    if args.compare:
+        # Each round measures both trees back to back: the ratio within a round shrugs off the load
+        # that other processes put on the machine better than the ratio of medians.
+        ratios = sorted(a["cpu_ms"] / b["cpu_ms"] for a, b in zip(results["this"], results["compare"], strict=True))
+        print(f"  this / compare, per round: median {statistics.median(ratios):.3f} "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
     return 0
 
 

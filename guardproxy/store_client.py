@@ -74,15 +74,25 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
-@contextlib.asynccontextmanager
-async def translated() -> Any:
-    """Run a store call; an error of the ``unavailable`` kind leaves as ``StoreUnavailable``."""
-    try:
-        yield
-    except Exception as exc:
-        if not unavailable(exc):
-            raise
-        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}: {_first_line(exc)}") from exc
+class _Translated:
+    """``async with translated():`` runs a store call; an error of the ``unavailable`` kind leaves as
+    ``StoreUnavailable``. A class, not a generator-based context manager: it is entered on every store
+    call, and holds no state, so one instance serves all."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, Exception) and unavailable(exc):
+            raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+_TRANSLATED = _Translated()
+
+
+def translated() -> _Translated:
+    """Run a store call (``async with``); an error of the ``unavailable`` kind leaves as ``StoreUnavailable``."""
+    return _TRANSLATED
 
 
 def _first_line(exc: BaseException) -> str:
