@@ -2,7 +2,8 @@
 
 Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
 
-- ``redis://``, ``rediss://``, ``unix://``: one Redis, through a blocking connection pool.
+- ``redis://``, ``rediss://``, ``unix://``: one Redis, through a plain connection pool, each command
+  ending by one deadline (``DeadlineRedis``).
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[/db]`` (``rediss+sentinel``
   for TLS to the data nodes): the primary that the Sentinels name, followed through failovers.
 - ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS): Redis
@@ -23,8 +24,9 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
     Sentinel,
@@ -221,6 +223,43 @@ def c_packed(base: type[_Connection]) -> type[_Connection]:
     return type(f"CPacked{base.__name__}", (base,), {"pack_command": pack_command})
 
 
+class DeadlineRedis(aioredis.Redis):
+    """One Redis through a plain connection pool: each command, or pipeline, ends within ``deadline_s``
+    (``TimeoutError``) and at most ``limit`` are under way, the others waiting (within their deadline).
+
+    This replaces a blocking pool (a Condition per checkout) and socket timeouts (a timer per read, a
+    task per write): one timer per command instead. A command cut short while its reply is awaited
+    leaves its connection closed (redis-py disconnects on any exception there, cancellation included),
+    so no pooled connection ever holds a reply that a later command would take for its own; as with a
+    socket timeout, the command may have run (``store.reply_lost``). The store sends no WATCH or MULTI
+    outside a pipeline's ``execute``, the only other way to the server.
+    """
+
+    def __init__(self, pool: ConnectionPool, *, deadline_s: float, limit: int) -> None:
+        super().__init__(connection_pool=pool)
+        self.deadline_s = deadline_s
+        self._slots = asyncio.Semaphore(limit)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        async with asyncio.timeout(self.deadline_s), self._slots:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _DeadlinePipeline(self, transaction, shard_hint)
+
+
+class _DeadlinePipeline(Pipeline):
+    """A pipeline of ``DeadlineRedis``: its ``execute`` is one command as far as deadline and slots go."""
+
+    def __init__(self, client: DeadlineRedis, transaction: bool, shard_hint: str | None) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, transaction, shard_hint)
+        self._client = client
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        async with asyncio.timeout(self._client.deadline_s), self._client._slots:
+            return await super().execute(raise_on_error)
+
+
 @dataclass
 class StoreConnection:
     """A client for one ``StoreURL`` and what else must be closed with it."""
@@ -259,13 +298,13 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     parsed = parse_store_url(url)
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if parsed.kind == "redis":
-        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            **timeouts,
+        # No socket timeout: DeadlineRedis bounds every command (a burst beyond the pool waits for a slot).
+        pool = ConnectionPool.from_url(
+            url, max_connections=pool_size, socket_connect_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
         pool.connection_class = c_packed(pool.connection_class)
-        return StoreConnection(parsed, aioredis.Redis(connection_pool=pool))
+        return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size))
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.kind == "sentinel":
         # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
