@@ -298,9 +298,9 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     parsed = parse_store_url(url)
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if parsed.kind == "redis":
-        # No socket timeout: DeadlineRedis bounds every command (a burst beyond the pool waits for a slot).
+        # No socket timeout (redis-py's default is 5 s): DeadlineRedis bounds every command.
         pool = ConnectionPool.from_url(
-            url, max_connections=pool_size, socket_connect_timeout=timeout_s,
+            url, max_connections=pool_size, socket_timeout=None, socket_connect_timeout=timeout_s,
             health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
         pool.connection_class = c_packed(pool.connection_class)
