@@ -1,6 +1,7 @@
 """The Redis client's CPU per budgeted call: admit + settle pairs through ``BudgetStore``, nothing else.
 
     python bench/store_calls.py [--compare /work/main] [--rounds 5] [--pairs 3000] [--concurrency 32]
+                                [--url redis+sentinel://... | redis+cluster://...]
 
 Starts a ``redis-server`` on a free loopback port, then in each round runs one worker process per
 tree (this checkout, and ``--compare``'s if given, in alternating order) that makes ``--pairs`` admit +
@@ -37,7 +38,9 @@ async def pairs(url: str, count: int, concurrency: int, warmup: int) -> dict[str
     from guardproxy.records import AlertArgs
     from guardproxy.store import BudgetStore
 
-    store = BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix="bench"))
+    # As `guardproxy serve` runs behind Sentinel by default: each settlement waits for one replica.
+    acks = 1 if url.startswith(("redis+sentinel", "rediss+sentinel")) else 0
+    store = BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix="bench", min_replica_acks=acks))
     limits = Thresholds(soft_day=10**12, hard_day=10**12, soft_month=10**13, hard_month=10**13)
     alerts = AlertArgs(10**12, 10**13, (500_000, 800_000, 1_000_000), True)
     periods = periods_at(datetime.now(UTC), ZoneInfo("UTC"))

@@ -5,7 +5,8 @@ Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
 - ``redis://``, ``rediss://``, ``unix://``: one Redis, through a plain connection pool, each command
   ending by one deadline (``DeadlineRedis``).
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[/db]`` (``rediss+sentinel``
-  for TLS to the data nodes): the primary that the Sentinels name, followed through failovers.
+  for TLS to the data nodes): the primary that the Sentinels name, followed through failovers, through
+  a ``DeadlineRedis`` too.
 - ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS): Redis
   Cluster; the hosts are startup nodes, the client learns the rest of the cluster from them.
 
@@ -26,7 +27,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
     Sentinel,
@@ -186,12 +187,10 @@ class _NewestSentinel(Sentinel):
         return best[1], best[2]
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once.
-
-    It also leaves a former primary for good: redis-py's asyncio pool drops only the idle connections
-    to it, so one busy at that moment would go back into the pool still writing to the old primary.
-    """
+class _SentinelPool(SentinelConnectionPool):
+    """The Sentinel pool, leaving a former primary for good: redis-py's asyncio pool drops only the idle
+    connections to it, so one busy at that moment would go back into the pool still writing to the old
+    primary."""
 
     async def get_master_address(self) -> Any:
         address = await super().get_master_address()  # type: ignore[no-untyped-call]
@@ -224,8 +223,9 @@ def c_packed(base: type[_Connection]) -> type[_Connection]:
 
 
 class DeadlineRedis(aioredis.Redis):
-    """One Redis through a plain connection pool: each command, or pipeline, ends within ``deadline_s``
-    (``TimeoutError``) and at most ``limit`` are under way, the others waiting (within their deadline).
+    """A client of one Redis (or of the primary that Sentinel names) over a plain connection pool: each
+    command, or pipeline, ends within ``deadline_s`` (``TimeoutError``), and at most ``limit`` are under
+    way, the others waiting (within their deadline).
 
     This replaces a blocking pool (a Condition per checkout) and socket timeouts (a timer per read, a
     task per write): one timer per command instead. A command cut short while its reply is awaited
@@ -308,13 +308,15 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.kind == "sentinel":
         # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
-        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
-        client = sentinel.master_for(
-            parsed.master, connection_pool_class=_BlockingSentinelPool, db=parsed.db, ssl=parsed.tls,
+        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts))  # type: ignore[no-untyped-call]
+        # The primary's connections as redis:// ones: no socket timeout, DeadlineRedis bounds every command.
+        pool = _SentinelPool(  # type: ignore[no-untyped-call]
+            parsed.master, sentinel, db=parsed.db, ssl=parsed.tls,
             connection_class=c_packed(SentinelManagedSSLConnection if parsed.tls else SentinelManagedConnection),
-            max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
+            max_connections=pool_size, socket_timeout=None, socket_connect_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
         )
-        return StoreConnection(parsed, client, sentinel)
+        return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size), sentinel)
     cluster = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], ssl=parsed.tls,
         max_connections=pool_size, require_full_coverage=True, health_check_interval=HEALTH_CHECK_INTERVAL_S,

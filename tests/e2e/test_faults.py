@@ -89,7 +89,8 @@ def test_a_settle_reply_arriving_after_the_timeout_charges_once(
 async def test_a_command_past_its_deadline_leaves_no_reply_behind(own_redis: RedisServer) -> None:
     """The redis:// client bounds each command by one deadline instead of socket timeouts: a command
     (or pipeline, or script) that Redis takes while paused fails as a lost reply, and its late reply
-    never reaches a later command, though the pool has a single connection to reuse."""
+    never reaches a later command, though the pool has a single connection to reuse. (Behind Sentinel,
+    the primary's client is the same kind.)"""
     connection = store_client.connect(own_redis.url, pool_size=1, timeout_s=0.3)
     client = connection.client
     store = BudgetStore(client, connection=connection)
@@ -113,6 +114,8 @@ async def test_a_command_past_its_deadline_leaves_no_reply_behind(own_redis: Red
         pipe.echo("a")
         pipe.echo("b")
         assert await pipe.execute() == [b"a", b"b"]
+        # More commands at once than connections: they wait their turn for the one connection.
+        assert await asyncio.gather(*(client.echo(str(i)) for i in range(20))) == [str(i).encode() for i in range(20)]
         # Whether Redis ran the paused admit when it woke (r1's 7 next to r0's 5) or dropped it with its
         # closed connection, nothing else was reserved.
         assert int(await client.get(store.keys("acme").reserved) or 0) in (5, 12)
