@@ -61,6 +61,7 @@ async def pairs(url: str, count: int, concurrency: int, warmup: int) -> dict[str
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+    await store.ping()  # as serve's start-up does: a cluster client learns the cluster's shards
     await run(warmup)
     cpu, wall = time.process_time(), time.perf_counter()
     await run(count)
