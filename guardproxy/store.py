@@ -18,10 +18,9 @@ a settlement that takes spend to a threshold, each once per period.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -162,10 +161,8 @@ def _script_source(name: str) -> str:
     return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-@contextlib.asynccontextmanager
-async def translated() -> AsyncIterator[None]:
-    async with store_client.translated():
-        yield
+#: ``async with translated():`` turns the store's "unavailable" errors into ``StoreUnavailable``.
+translated = store_client.translated
 
 
 def reply_lost(error: StoreUnavailable) -> bool:

@@ -2,9 +2,11 @@
 
 Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
 
-- ``redis://``, ``rediss://``, ``unix://``: one Redis, through a blocking connection pool.
+- ``redis://``, ``rediss://``, ``unix://``: one Redis, through a plain connection pool, each command
+  ending by one deadline (``DeadlineRedis``).
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[/db]`` (``rediss+sentinel``
-  for TLS to the data nodes): the primary that the Sentinels name, followed through failovers.
+  for TLS to the data nodes): the primary that the Sentinels name, followed through failovers, through
+  a ``DeadlineRedis`` too.
 - ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS): Redis
   Cluster; the hosts are startup nodes, the client learns the rest of the cluster from them.
 
@@ -17,14 +19,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from guardproxy.errors import StoreUnavailable
 
@@ -67,15 +77,25 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
-@contextlib.asynccontextmanager
-async def translated() -> Any:
-    """Run a store call; an error of the ``unavailable`` kind leaves as ``StoreUnavailable``."""
-    try:
-        yield
-    except Exception as exc:
-        if not unavailable(exc):
-            raise
-        raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}: {_first_line(exc)}") from exc
+class _Translated:
+    """``async with translated():`` runs a store call; an error of the ``unavailable`` kind leaves as
+    ``StoreUnavailable``. A class, not a generator-based context manager: it is entered on every store
+    call, and holds no state, so one instance serves all."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, Exception) and unavailable(exc):
+            raise StoreUnavailable(f"budget store unavailable: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+_TRANSLATED = _Translated()
+
+
+def translated() -> _Translated:
+    """Run a store call (``async with``); an error of the ``unavailable`` kind leaves as ``StoreUnavailable``."""
+    return _TRANSLATED
 
 
 def _first_line(exc: BaseException) -> str:
@@ -167,12 +187,10 @@ class _NewestSentinel(Sentinel):
         return best[1], best[2]
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """The Sentinel pool, waiting for a free connection like the plain one instead of failing at once.
-
-    It also leaves a former primary for good: redis-py's asyncio pool drops only the idle connections
-    to it, so one busy at that moment would go back into the pool still writing to the old primary.
-    """
+class _SentinelPool(SentinelConnectionPool):
+    """The Sentinel pool, leaving a former primary for good: redis-py's asyncio pool drops only the idle
+    connections to it, so one busy at that moment would go back into the pool still writing to the old
+    primary."""
 
     async def get_master_address(self) -> Any:
         address = await super().get_master_address()  # type: ignore[no-untyped-call]
@@ -181,6 +199,65 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             if connection.is_connected and where != tuple(address):
                 connection.mark_for_reconnect()  # type: ignore[no-untyped-call]  # closed when released
         return address
+
+
+_Connection = TypeVar("_Connection", bound=AbstractConnection)
+
+
+def c_packed(base: type[_Connection]) -> type[_Connection]:
+    """``base``, packing commands with hiredis's C packer.
+
+    redis-py's asyncio connection packs a command argument by argument in Python, and a budgeted
+    call's two scripts take ~40 arguments each: that was the largest part of the client's CPU per call
+    (bench/store_calls.py). The bytes sent are the same; anything hiredis does not take (a bool, None,
+    a memoryview) goes to redis-py's packer, which raises its usual error or packs it.
+    """
+
+    def pack_command(self: _Connection, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " not in args[0]:  # redis-py splits "CONFIG GET"-style names
+            with contextlib.suppress(TypeError):
+                return [hiredis.pack_command(args)]
+        return base.pack_command(self, *args)
+
+    return type(f"CPacked{base.__name__}", (base,), {"pack_command": pack_command})
+
+
+class DeadlineRedis(aioredis.Redis):
+    """A client of one Redis (or of the primary that Sentinel names) over a plain connection pool: each
+    command, or pipeline, ends within ``deadline_s`` (``TimeoutError``), and at most ``limit`` are under
+    way, the others waiting (within their deadline).
+
+    This replaces a blocking pool (a Condition per checkout) and socket timeouts (a timer per read, a
+    task per write): one timer per command instead. A command cut short while its reply is awaited
+    leaves its connection closed (redis-py disconnects on any exception there, cancellation included),
+    so no pooled connection ever holds a reply that a later command would take for its own; as with a
+    socket timeout, the command may have run (``store.reply_lost``). The store sends no WATCH or MULTI
+    outside a pipeline's ``execute``, the only other way to the server.
+    """
+
+    def __init__(self, pool: ConnectionPool, *, deadline_s: float, limit: int) -> None:
+        super().__init__(connection_pool=pool)
+        self.deadline_s = deadline_s
+        self._slots = asyncio.Semaphore(limit)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        async with asyncio.timeout(self.deadline_s), self._slots:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _DeadlinePipeline(self, transaction, shard_hint)
+
+
+class _DeadlinePipeline(Pipeline):
+    """A pipeline of ``DeadlineRedis``: its ``execute`` is one command as far as deadline and slots go."""
+
+    def __init__(self, client: DeadlineRedis, transaction: bool, shard_hint: str | None) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, transaction, shard_hint)
+        self._client = client
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        async with asyncio.timeout(self._client.deadline_s), self._client._slots:
+            return await super().execute(raise_on_error)
 
 
 @dataclass
@@ -221,26 +298,36 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     parsed = parse_store_url(url)
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if parsed.kind == "redis":
-        # A blocking pool: a burst beyond the pool waits briefly for a connection instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            **timeouts,
+        # No socket timeout (redis-py's default is 5 s): DeadlineRedis bounds every command.
+        pool = ConnectionPool.from_url(
+            url, max_connections=pool_size, socket_timeout=None, socket_connect_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
-        return StoreConnection(parsed, aioredis.Redis(connection_pool=pool))
+        pool.connection_class = c_packed(pool.connection_class)
+        return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size))
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.kind == "sentinel":
         # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
-        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
-        client = sentinel.master_for(
-            parsed.master, connection_pool_class=_BlockingSentinelPool, db=parsed.db, ssl=parsed.tls,
-            max_connections=pool_size, timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
+        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts))  # type: ignore[no-untyped-call]
+        # The primary's connections as redis:// ones: no socket timeout, DeadlineRedis bounds every command.
+        pool = _SentinelPool(  # type: ignore[no-untyped-call]
+            parsed.master, sentinel, db=parsed.db, ssl=parsed.tls,
+            connection_class=c_packed(SentinelManagedSSLConnection if parsed.tls else SentinelManagedConnection),
+            max_connections=pool_size, socket_timeout=None, socket_connect_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
         )
-        return StoreConnection(parsed, client, sentinel)
+        return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size), sentinel)
     cluster = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], ssl=parsed.tls,
         max_connections=pool_size, require_full_coverage=True, health_check_interval=HEALTH_CHECK_INTERVAL_S,
         **auth, **timeouts,
     )
+    # RedisCluster takes no connection class: every node it learns of is built from its connection_kwargs
+    # (the startup nodes already were, with no connection open yet).
+    packed = c_packed(cluster.connection_kwargs["connection_class"])
+    cluster.connection_kwargs["connection_class"] = packed
+    for node in cluster.startup_nodes:
+        node.connection_class = packed
     return StoreConnection(parsed, cluster)
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import fakeredis
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from guardproxy.config import StoreConfig
 from guardproxy.store import BudgetStore
@@ -36,11 +35,12 @@ def embedded(request: pytest.FixtureRequest) -> BudgetStore:
 
 
 def real_redis(request: pytest.FixtureRequest) -> BudgetStore:
-    """A real ``redis-server`` process, the suite's own (the session's ``redis_server`` fixture)."""
+    """A real ``redis-server`` process, the suite's own (the session's ``redis_server`` fixture), through
+    the client guardproxy builds for a ``redis://`` URL."""
     url: str = request.getfixturevalue("redis_server").url
     with redis.Redis.from_url(url) as sync:
         sync.flushall()
-    return BudgetStore(aioredis.Redis.from_url(url), PREFIX)
+    return BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix=PREFIX))
 
 
 def _from_url(request: pytest.FixtureRequest, fixture: str) -> BudgetStore:

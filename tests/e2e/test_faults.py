@@ -13,18 +13,28 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
+from guardproxy import store_client
+from guardproxy.budget import Thresholds
 from guardproxy.config import parse_config
+from guardproxy.errors import StoreUnavailable
 from guardproxy.fake_upstream import FakeUpstreamState
+from guardproxy.periods import periods_at
+from guardproxy.store import BudgetStore, reply_lost
 from tests.conftest import RedisServer, config_dict, redis_int
 from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, audit_log, billed_micros, pending
 from tests.e2e.test_admin import metric
 from tests.e2e.test_chat import keys, wait_for
+
+PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
+LIMITS = Thresholds(soft_day=10**9, hard_day=10**9, soft_month=10**10, hard_month=10**10)
 
 
 @contextlib.contextmanager
@@ -73,6 +83,44 @@ def test_a_settle_reply_arriving_after_the_timeout_charges_once(
     duplicates = metric(httpx.get(url + "/metrics").text, "guardproxy_duplicate_settlements_total")
     print(f"late settle: billed={billed} settled={redis_int(own_redis.url, keys()[0])} "
           f"replays ignored={duplicates:.0f}")
+
+
+@pytest.mark.anyio
+async def test_a_command_past_its_deadline_leaves_no_reply_behind(own_redis: RedisServer) -> None:
+    """The redis:// client bounds each command by one deadline instead of socket timeouts: a command
+    (or pipeline, or script) that Redis takes while paused fails as a lost reply, and its late reply
+    never reaches a later command, though the pool has a single connection to reuse. (Behind Sentinel,
+    the primary's client is the same kind.)"""
+    connection = store_client.connect(own_redis.url, pool_size=1, timeout_s=0.3)
+    client = connection.client
+    store = BudgetStore(client, connection=connection)
+    try:
+        assert await client.echo("warm") == b"warm"
+        await store.admit("acme", PERIODS, LIMITS, [5], "r0", 60_000)  # loads the script, as in service
+        with paused(own_redis):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await client.echo("late")
+            pipe = client.pipeline(transaction=False)
+            pipe.echo("late too")
+            with pytest.raises(TimeoutError):
+                await pipe.execute()
+            with pytest.raises(StoreUnavailable) as lost:
+                await store.admit("acme", PERIODS, LIMITS, [7], "r1", 60_000)
+            assert reply_lost(lost.value)
+            assert time.monotonic() - started < 3 * 0.3 + 1.0
+        assert await client.echo("next") == b"next"
+        pipe = client.pipeline(transaction=False)
+        pipe.echo("a")
+        pipe.echo("b")
+        assert await pipe.execute() == [b"a", b"b"]
+        # More commands at once than connections: they wait their turn for the one connection.
+        assert await asyncio.gather(*(client.echo(str(i)) for i in range(20))) == [str(i).encode() for i in range(20)]
+        # Whether Redis ran the paused admit when it woke (r1's 7 next to r0's 5) or dropped it with its
+        # closed connection, nothing else was reserved.
+        assert int(await client.get(store.keys("acme").reserved) or 0) in (5, 12)
+    finally:
+        await store.aclose()
 
 
 async def load(url: str, duration_s: float, workers: int, max_calls: int) -> dict[int, int]:

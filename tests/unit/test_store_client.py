@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import MasterNotFoundError
 
 from guardproxy.config import parse_config
-from guardproxy.store_client import StoreURL, mask_password, parse_store_url, unavailable
+from guardproxy.store_client import StoreURL, c_packed, mask_password, parse_store_url, unavailable
 from guardproxy.validation import ConfigError
 from tests.conftest import config_dict
 
@@ -91,3 +94,18 @@ def test_store_unavailable_errors(exc: Exception) -> None:
 ])
 def test_bugs_are_not_store_unavailable(exc: Exception) -> None:
     assert not unavailable(exc)
+
+
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", "0" * 40, 2, "gp:{acme}:a", "gp:{é}:b", -1, 0, 10**20, 2.5, b"\x00\xff", ""),
+    ("CONFIG GET", "maxmemory"), ("SET", "k", memoryview(b"v")), ("SET", "k", "x" * 100_000),
+])
+def test_commands_packed_in_c_are_the_bytes_redis_py_packs(args: tuple[Any, ...]) -> None:
+    plain, packed = Connection(), c_packed(Connection)()
+    assert b"".join(packed.pack_command(*args)) == b"".join(plain.pack_command(*args))
+
+
+@pytest.mark.parametrize("value", [True, None, [1]])
+def test_commands_packed_in_c_refuse_what_redis_py_refuses(value: Any) -> None:
+    with pytest.raises(redis_errors.DataError):
+        c_packed(Connection)().pack_command("SET", "k", value)
