@@ -24,8 +24,12 @@ from importlib import resources
 from typing import Any
 
 import fakeredis
+from fakeredis._command_args_parsing import Int
+from fakeredis._core import Item
 from fakeredis._helpers import SimpleError
+from fakeredis._msgs import WRONGTYPE_MSG
 from fakeredis._socket._fakesocket import FakeSocket
+from fakeredis.model import Hash, ZSet
 from redis import exceptions as redis_errors
 
 Arg = str | int | bytes
@@ -53,6 +57,9 @@ class Commands:
             return twin(self, [None, *map(_text, keys)], [None, *map(_text, args)])
 
     def __call__(self, name: str, *args: Arg) -> Any:
+        direct = _DIRECT.get(name)
+        if direct is not None:
+            return direct(self, *args)
         found = self._funcs.get(name)
         if found is None:
             found = self._funcs[name] = self._socket._name_to_func(name.lower())
@@ -64,6 +71,175 @@ class Commands:
 
 
 Twin = Callable[[Commands, list[Any], list[Any]], Any]
+
+
+# The commands the twins make most, straight on fakeredis's data; the others go through its commands. Reads
+# as its commands read: an expired key is gone, a key of another type is WRONGTYPE.
+
+def _value(r: Commands, key: Arg, kind: type) -> Any:
+    item = r._socket._db.get(_bytes(key))
+    if item is None:
+        return None
+    if type(item.value) is not kind:
+        raise redis_errors.ResponseError(WRONGTYPE_MSG)
+    return item.value
+
+
+def _get(r: Commands, key: Arg) -> bytes | None:
+    value: bytes | None = _value(r, key, bytes)
+    return value
+
+
+def _hget(r: Commands, key: Arg, field: Arg) -> bytes | None:
+    fields = _value(r, key, Hash)
+    return None if fields is None else fields.get(_bytes(field))  # type: ignore[no-any-return]
+
+
+def _hexists(r: Commands, key: Arg, field: Arg) -> int:
+    fields = _value(r, key, Hash)
+    return 1 if fields is not None and _bytes(field) in fields else 0
+
+
+def _hmget(r: Commands, key: Arg, *names: Arg) -> list[bytes | None]:
+    fields = _value(r, key, Hash)
+    return [None if fields is None else fields.get(_bytes(f)) for f in names]
+
+
+def _zcard(r: Commands, key: Arg) -> int:
+    members = _value(r, key, ZSet)
+    return 0 if members is None else len(members)
+
+
+def _zscore(r: Commands, key: Arg, member: Arg) -> float | None:
+    members = _value(r, key, ZSet)
+    return None if members is None else members.get(_bytes(member))  # type: ignore[no-any-return]
+
+
+# ... and the plain writes they make most (as Redis does them: a container left empty is deleted, a write keeps
+# the key's TTL; a client WATCHing the key is told).
+
+def _item(r: Commands, key: bytes, kind: type) -> Item | None:
+    item: Item | None = r._socket._db.get(key)
+    if item is not None and type(item.value) is not kind:
+        raise redis_errors.ResponseError(WRONGTYPE_MSG)
+    return item
+
+
+def _new_item(r: Commands, key: bytes, value: Any) -> Item:
+    item = r._socket._db[key] = Item(value)
+    return item
+
+
+def _hset(r: Commands, key: Arg, field: Arg, value: Arg) -> int:
+    k = _bytes(key)
+    item = _item(r, k, Hash) or _new_item(r, k, Hash())
+    f = _bytes(field)
+    added = f not in item.value
+    item.value[f] = _bytes(value)
+    r._socket._db.notify_watch(k)
+    return int(added)
+
+
+def _hdel(r: Commands, key: Arg, *fields: Arg) -> int:
+    k = _bytes(key)
+    item = _item(r, k, Hash)
+    if item is None:
+        return 0
+    deleted = 0
+    for f in map(_bytes, fields):
+        if f in item.value:
+            del item.value[f]
+            deleted += 1
+    if deleted:
+        _written(r, k, item)
+    return deleted
+
+
+def _incrby(r: Commands, key: Arg, amount: Arg) -> int:
+    k = _bytes(key)
+    item = _item(r, k, bytes)
+    try:
+        total = (0 if item is None else Int.decode(item.value)) + Int.decode(_bytes(amount))
+        encoded = Int.encode(total)
+    except SimpleError as exc:
+        raise redis_errors.ResponseError(exc.value) from None
+    if item is None:
+        _new_item(r, k, encoded)
+    else:
+        item.value = encoded
+    r._socket._db.notify_watch(k)
+    return total
+
+
+def _decrby(r: Commands, key: Arg, amount: Arg) -> int:
+    return _incrby(r, key, -int(amount))
+
+
+def _zadd(r: Commands, key: Arg, *args: Arg) -> int:
+    xx = args[0] == 'XX'
+    score_, member = args[-2:]
+    if len(args) != (3 if xx else 2):
+        raise ValueError(f"ZADD {args!r}: the twins' fast ZADD takes [XX] score member")
+    k, m = _bytes(key), _bytes(member)
+    item = _item(r, k, ZSet)
+    if item is None:
+        if xx:
+            return 0
+        item = _new_item(r, k, ZSet())
+    added = m not in item.value
+    if xx and added:
+        return 0
+    if item.value.add(m, float(score_)):
+        r._socket._db.notify_watch(k)
+    return int(added)
+
+
+def _zrem(r: Commands, key: Arg, *members: Arg) -> int:
+    k = _bytes(key)
+    item = _item(r, k, ZSet)
+    if item is None:
+        return 0
+    before = len(item.value)
+    for m in map(_bytes, members):
+        item.value.discard(m)
+    deleted = before - len(item.value)
+    if deleted:
+        _written(r, k, item)
+    return deleted
+
+
+def _written(r: Commands, key: bytes, item: Item) -> None:
+    db = r._socket._db
+    db.notify_watch(key)
+    if not item.value:
+        del db[key]
+
+
+def _expire_in(r: Commands, key: Arg, seconds: float) -> int:
+    k = _bytes(key)
+    db = r._socket._db
+    item: Item | None = db.get(k)
+    if item is None:
+        return 0
+    item.expireat = db.time + seconds
+    db.schedule_expiry(k, item.expireat)
+    db.notify_watch(k)
+    return 1
+
+
+def _expire(r: Commands, key: Arg, seconds: Arg) -> int:
+    return _expire_in(r, key, int(seconds))
+
+
+def _pexpire(r: Commands, key: Arg, ms: Arg) -> int:
+    return _expire_in(r, key, int(ms) / 1000.0)
+
+
+_DIRECT: dict[str, Callable[..., Any]] = {
+    "GET": _get, "HGET": _hget, "HEXISTS": _hexists, "HMGET": _hmget, "ZCARD": _zcard, "ZSCORE": _zscore,
+    "HSET": _hset, "HDEL": _hdel, "INCRBY": _incrby, "DECRBY": _decrby, "ZADD": _zadd, "ZREM": _zrem,
+    "EXPIRE": _expire, "PEXPIRE": _pexpire,
+}
 
 
 def _text(value: Arg) -> str:
@@ -84,6 +260,15 @@ def num_or_0(value: Arg | None) -> int:
     return 0 if value is None else int(value)
 
 
+def negated(value: Arg) -> int:
+    """Lua's ``-tonumber(value)`` as a command argument. Of 0 it is -0, which Redis formats as "-0" and
+    HINCRBY refuses ("not an integer"): a job's reservation of 0 micros fails to free on Redis, so it
+    fails here too (the stores stay alike; the Lua is where to mend it)."""
+    if num(value) == 0:
+        raise redis_errors.ResponseError("ERR value is not an integer or out of range")
+    return -num(value)
+
+
 def score(value: Arg | float) -> int:
     """A sorted set's score (whole ms in every set the scripts keep)."""
     return int(float(value))
@@ -101,7 +286,7 @@ def admit_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N80
             r('HDEL', K[4], id_)
             job = r('HGET', K[16], id_)
             if job is not None:
-                if r('HINCRBY', K[17], job, -num(amount)) <= 0:
+                if r('HINCRBY', K[17], job, negated(amount)) <= 0:
                     r('HDEL', K[17], job)
                 r('HDEL', K[16], id_)
         r('ZREM', K[3], id_)
@@ -281,7 +466,7 @@ def settle_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N8
         r('HDEL', K[4], A[1])
         held_by = r('HGET', K[15], A[1])
         if held_by is not None:
-            if r('HINCRBY', K[16], held_by, -num(amount)) <= 0:
+            if r('HINCRBY', K[16], held_by, negated(amount)) <= 0:
                 r('HDEL', K[16], held_by)
             r('HDEL', K[15], A[1])
     r('ZREM', K[3], A[1])
