@@ -3,10 +3,11 @@
 Without ``store.redis_url`` the data lives in an in-process fakeredis. fakeredis runs a script through
 lupa and every call through RESP on both sides, which cost ~1 ms of CPU per request (issue 10). Here
 ``evalsha`` of admit.v4, settle.v4, renew.v1 and claim.v1 runs a Python transcription of the script
-instead: line for line the same commands, executed by fakeredis's own command implementations on its own
-data, with no ``await`` between the first and the last, so a twin is as atomic in the event loop as a
-script is in Redis. Every other command (snapshots, admin, keys, jobs, alerts, cache) goes through
-fakeredis unchanged and sees the same keys, TTLs included.
+instead: line for line the same commands, on fakeredis's own data (the dozen most frequent done directly
+on its hashes, sorted sets and strings, the others by its own command implementations), with no ``await``
+between the first and the last, so a twin is as atomic in the event loop as a script is in Redis. Every
+other caller (snapshots, admin, keys, jobs, alerts, cache) goes through fakeredis unchanged and sees the
+same keys, TTLs included.
 
 The Lua files stay the source of truth (they run on Redis); ``TWINS`` maps each file's SHA1 to its twin,
 so an edited script with no edited twin falls back to fakeredis's Lua (correct, just slow) and
@@ -48,7 +49,7 @@ class Commands:
 
     def now_ms(self) -> int:
         """``TIME`` as the scripts read it: whole seconds * 1000 + microseconds // 1000."""
-        return int(round(self._clock() * 1_000_000)) // 1000
+        return round(self._clock() * 1_000_000) // 1000
 
     def run(self, twin: Twin, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         with self._server.lock:
@@ -92,7 +93,7 @@ def _get(r: Commands, key: Arg) -> bytes | None:
 
 def _hget(r: Commands, key: Arg, field: Arg) -> bytes | None:
     fields = _value(r, key, Hash)
-    return None if fields is None else fields.get(_bytes(field))  # type: ignore[no-any-return]
+    return None if fields is None else fields.get(_bytes(field))
 
 
 def _hexists(r: Commands, key: Arg, field: Arg) -> int:
@@ -112,7 +113,7 @@ def _zcard(r: Commands, key: Arg) -> int:
 
 def _zscore(r: Commands, key: Arg, member: Arg) -> float | None:
     members = _value(r, key, ZSet)
-    return None if members is None else members.get(_bytes(member))  # type: ignore[no-any-return]
+    return None if members is None else members.get(_bytes(member))
 
 
 # ... and the plain writes they make most (as Redis does them: a container left empty is deleted, a write keeps
@@ -221,8 +222,9 @@ def _expire_in(r: Commands, key: Arg, seconds: float) -> int:
     item: Item | None = db.get(k)
     if item is None:
         return 0
-    item.expireat = db.time + seconds
-    db.schedule_expiry(k, item.expireat)
+    expireat = db.time + seconds
+    item.expireat = expireat  # type: ignore[assignment]  # fakeredis annotates it as None only
+    db.schedule_expiry(k, expireat)
     db.notify_watch(k)
     return 1
 
@@ -276,7 +278,7 @@ def score(value: Arg | float) -> int:
 
 # -- the twins: each mirrors its guardproxy/lua/<name>.lua; KEYS[i] is K[i] and ARGV[i] is A[i] ------------
 
-def admit_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N803 - named as in the Lua
+def admit_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:
     now_ms = r.now_ms()
 
     for id_ in r('ZRANGEBYSCORE', K[3], '-inf', now_ms, 'LIMIT', 0, 100):
@@ -454,7 +456,7 @@ def admit_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N80
             job_cap, job_used]
 
 
-def settle_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N803 - named as in the Lua
+def settle_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:
     if r('HEXISTS', K[7], A[1]) == 1:
         return [num_or_0(r('GET', K[1])), num_or_0(r('GET', K[2])), 0, 0]
 
@@ -503,13 +505,13 @@ def settle_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N8
         periods = [('day', A[8], day, limit_day, K[11], A[3]), ('month', A[9], month, limit_month, K[12], A[4])]
         for name, period_id, spent, limit, flags, ttl in periods:
             for i in range(13, 13 + thresholds):
-                if limit > 0 and spent * 1000000 >= limit * num(A[i]):
-                    if r('HSETNX', flags, 'threshold:' + A[i], now_ms) == 1:
-                        r('EXPIRE', flags, ttl)
-                        entry = r('XADD', K[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold', 'tenant', A[7],
-                                  'period', name, 'period_id', period_id, 'threshold', A[i], 'spent', spent,
-                                  'limit', limit, 'at_ms', now_ms)
-                        r('ZADD', K[14], now_ms, entry)
+                if (limit > 0 and spent * 1000000 >= limit * num(A[i])
+                        and r('HSETNX', flags, 'threshold:' + A[i], now_ms) == 1):
+                    r('EXPIRE', flags, ttl)
+                    entry = r('XADD', K[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold', 'tenant', A[7],
+                              'period', name, 'period_id', period_id, 'threshold', A[i], 'spent', spent,
+                              'limit', limit, 'at_ms', now_ms)
+                    r('ZADD', K[14], now_ms, entry)
 
     job = A[job_at]
     if job != '' and last >= log_from:
@@ -541,7 +543,7 @@ def settle_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:  # noqa: N8
     return [day, month, live, 1]
 
 
-def renew_v1(r: Commands, K: list[Any], A: list[Any]) -> list[bytes]:  # noqa: N803 - named as in the Lua
+def renew_v1(r: Commands, K: list[Any], A: list[Any]) -> list[bytes]:
     expiry = r.now_ms() + num(A[1])
     lost = []
     for id_ in A[2:]:
@@ -552,7 +554,7 @@ def renew_v1(r: Commands, K: list[Any], A: list[Any]) -> list[bytes]:  # noqa: N
     return lost
 
 
-def claim_v1(r: Commands, K: list[Any], A: list[Any]) -> list[list[bytes]]:  # noqa: N803 - named as in the Lua
+def claim_v1(r: Commands, K: list[Any], A: list[Any]) -> list[list[bytes]]:
     now_ms = r.now_ms()
     out = []
     for id_ in r('ZRANGEBYSCORE', K[2], '-inf', now_ms, 'LIMIT', 0, num(A[2])):
@@ -594,5 +596,5 @@ class EmbeddedRedis(fakeredis.FakeAsyncRedis):
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:  # type: ignore[override]
         twin = TWINS.get(sha)
         if twin is None:
-            return await super().evalsha(sha, numkeys, *keys_and_args)  # type: ignore[misc]
+            return await super().evalsha(sha, numkeys, *keys_and_args)
         return self._twins.run(twin, keys_and_args[:numkeys], keys_and_args[numkeys:])

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -59,18 +59,18 @@ class Clock:
 class LuaOnRedis(aioredis.Redis):
     """A real redis-server running the scripts as they are, but for TIME read from ``CLOCK_KEY``."""
 
-    lua_by_sha: dict[str, str] = {}
+    lua_by_sha: ClassVar[dict[str, str]] = {}
 
     def __init__(self, url: str, clock: Clock) -> None:
         super().__init__(connection_pool=aioredis.ConnectionPool.from_url(url))
         self.clock = clock
         self.replies: list[Any] = []
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         us = round(self.clock() * 1_000_000)
         await self.hset(CLOCK_KEY, mapping={"s": us // 1_000_000, "us": us % 1_000_000})
         try:
-            reply = await self.eval(self.lua_by_sha[sha], numkeys, *keys_and_args)  # type: ignore[misc]
+            reply = await self.eval(self.lua_by_sha[sha], numkeys, *keys_and_args)
         except Exception as exc:
             self.replies.append(("error", type(exc).__name__))
             raise
@@ -211,7 +211,7 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
 # -- comparing what the two stores hold ------------------------------------------------------------------
 
 
-async def dump(client: aioredis.Redis) -> tuple[dict[str, Any], dict[bytes, str]]:
+async def dump(client: Any) -> tuple[dict[str, Any], dict[bytes, str]]:
     """Every key's type, value and TTL (s); alert ids replaced by ``<stream>#<position>``, also where a
     zset or hash names them. Returns the dump and the id renaming (for the replies)."""
     keys = sorted(k for k in await client.keys("*") if k != CLOCK_KEY.encode())
