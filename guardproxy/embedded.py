@@ -111,6 +111,22 @@ def _zcard(r: Commands, key: Arg) -> int:
     return 0 if members is None else len(members)
 
 
+def _zrangebyscore(r: Commands, key: Arg, low: Arg, high: Arg, *limit: Arg) -> list[bytes]:
+    """The shape the twins use: ``-inf``, a score, ``LIMIT 0 count``: the members up to ``high``, lowest first."""
+    if low != '-inf' or len(limit) != 3 or limit[0] != 'LIMIT' or int(limit[1]) != 0:
+        raise ValueError(f"ZRANGEBYSCORE {low!r} {high!r} {limit!r}: the twins' fast one takes -inf x LIMIT 0 n")
+    members = _value(r, key, ZSet)
+    if members is None:
+        return []
+    top, count = float(high), int(limit[2])
+    out: list[bytes] = []
+    for score_, member in members._byscore:  # sorted by (score, member), as Redis orders them
+        if score_ > top or len(out) == count:
+            break
+        out.append(member)
+    return out
+
+
 def _zscore(r: Commands, key: Arg, member: Arg) -> float | None:
     members = _value(r, key, ZSet)
     return None if members is None else members.get(_bytes(member))
@@ -239,6 +255,7 @@ def _pexpire(r: Commands, key: Arg, ms: Arg) -> int:
 
 _DIRECT: dict[str, Callable[..., Any]] = {
     "GET": _get, "HGET": _hget, "HEXISTS": _hexists, "HMGET": _hmget, "ZCARD": _zcard, "ZSCORE": _zscore,
+    "ZRANGEBYSCORE": _zrangebyscore,
     "HSET": _hset, "HDEL": _hdel, "INCRBY": _incrby, "DECRBY": _decrby, "ZADD": _zadd, "ZREM": _zrem,
     "EXPIRE": _expire, "PEXPIRE": _pexpire,
 }
