@@ -404,8 +404,12 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         ]
         if compare:
             # `python -m` puts its working directory first on sys.path: the revision's package is imported.
-            variants.append((f"{GUARD}@{compare}", "redis", [], checkout(compare, tmp)))
+            revision = checkout(compare, tmp)
+            variants.append((f"{GUARD}@{compare}", "redis", [], revision))
             wanted = [*wanted, f"{GUARD}@{compare}"]
+            if "guardproxy-embedded" in wanted:
+                variants.append((f"guardproxy-embedded@{compare}", "embedded", [], revision))
+                wanted = [*wanted, f"guardproxy-embedded@{compare}"]
         for name, store, extra, cwd in variants:
             if name in wanted:
                 port = free_port()

@@ -193,9 +193,9 @@ class BudgetStore:
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
         if config.embedded:
-            import fakeredis
+            from guardproxy.embedded import EmbeddedRedis
 
-            return cls(fakeredis.FakeAsyncRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
+            return cls(EmbeddedRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
         connection = store_client.connect(config.redis_url)
         return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
                    min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import fakeredis
 import pytest
 import redis
 
 from guardproxy.config import StoreConfig
+from guardproxy.embedded import EmbeddedRedis
 from guardproxy.store import BudgetStore
 
 PREFIX = "gp"
@@ -30,8 +30,8 @@ class Backend:
 
 
 def embedded(request: pytest.FixtureRequest) -> BudgetStore:
-    """The in-process store guardproxy runs without ``store.redis_url`` (fakeredis + lupa)."""
-    return BudgetStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), PREFIX, embedded=True)
+    """The in-process store guardproxy runs without ``store.redis_url`` (fakeredis, the scripts' Python twins)."""
+    return BudgetStore(EmbeddedRedis(), PREFIX, embedded=True)
 
 
 def real_redis(request: pytest.FixtureRequest) -> BudgetStore:
