@@ -4,8 +4,8 @@ Admission and settlement are each one Lua script, so any number of proxy process
 Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
-process died frees within a lease. Without ``store.redis_url`` the same scripts run on an embedded
-in-process fakeredis. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
+process died frees within a lease. Without ``store.redis_url`` the store is an in-process fakeredis
+on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
 Redis Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``translated`` (its
 table is ``store_client.unavailable``). ``store_client`` builds the client for plain Redis, Sentinel
 or Cluster.

@@ -54,7 +54,7 @@ for _, id in ipairs(expired) do
     -- jobs (v4): the job's share of the reservation frees with it
     local job = redis.call('HGET', KEYS[16], id)
     if job then
-      if redis.call('HINCRBY', KEYS[17], job, -tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[17], job) end
+      if redis.call('HINCRBY', KEYS[17], job, 0 - tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[17], job) end
       redis.call('HDEL', KEYS[16], id)
     end
     -- end jobs (v4)

@@ -36,7 +36,7 @@ if amount then
   -- jobs (v4): the job's share of the reservation goes with it
   local held_by = redis.call('HGET', KEYS[15], ARGV[1])
   if held_by then
-    if redis.call('HINCRBY', KEYS[16], held_by, -tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[16], held_by) end
+    if redis.call('HINCRBY', KEYS[16], held_by, 0 - tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[16], held_by) end
     redis.call('HDEL', KEYS[15], ARGV[1])
   end
   -- end jobs (v4)

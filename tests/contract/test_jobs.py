@@ -127,3 +127,19 @@ async def test_a_job_share_frees_on_release_and_on_an_expired_lease(budget_store
     usage = await store.job_usage(TENANT, "J1")
     assert usage is not None and usage.cost_micros == 50 and usage.calls == 1
     assert await held(store) == 200
+
+
+async def test_a_free_models_job_reservation_settles_and_expires(budget_store: BudgetStore) -> None:
+    """A model priced at 0 reserves 0 for its job: freeing that share must not send HINCRBY "-0"
+    (Lua's -0, which Redis refuses as not an integer), on settle nor on an expired lease."""
+    store = budget_store
+    job = JobArgs("J1")
+    free = await reserve(store, "free", 0, job)
+    assert (await store.settle(free, 0, record("local-model", 10, 5, 0))).applied
+    usage = await store.job_usage(TENANT, "J1")
+    assert usage is not None and (usage.calls, usage.cost_micros) == (1, 0)
+    await reserve(store, "dies", 0, job, lease_ms=100)
+    await anyio.sleep(0.2)
+    # the next admission sweeps the expired one, its job share of 0 with it
+    assert (await store.admit(TENANT, PERIODS, LIMITS, [10], "next", HOUR_MS, job=job)).reservation is not None
+    assert await held(store) == 10
