@@ -33,6 +33,7 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 # Characters that may not be percent-encoded: they would change the path's structure once decoded.
 _NOT_ESCAPABLE = frozenset(b"/.\\%?#;@")
 _SCHEME_SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f\\]")
 #: Paths that legitimately end with a slash (the admin page).
 _SLASH_PATHS = frozenset({"/admin/"})
 
@@ -52,7 +53,7 @@ def path_problem(path: str, raw_path: bytes | None) -> str | None:
             return f"the path holds a percent-encoded %{escaped.decode().upper()}, which is not allowed"
     if raw_path is not None and unquote_to_bytes(raw) != path.encode("utf-8", "surrogateescape"):
         return "the path does not match the bytes that were sent"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in path):
+    if _CONTROL_OR_BACKSLASH.search(path):
         return "the path holds a control character or a backslash"
     if path in _SLASH_PATHS:
         return None
@@ -94,6 +95,8 @@ _RUNTIME_KEY = re.compile(rb"gp-[A-Za-z0-9_-]{43}")
 def carries_key(value: bytes, key_hashes: Collection[str]) -> bool:
     """Whether a word of ``value`` is one of the keys whose ``sha256:`` forms are ``key_hashes``, or
     has the shape of a runtime key."""
+    if len(value) < _MIN_KEY_BYTES:  # most header values: no word of them can be a key
+        return False
     return any(
         len(word) >= _MIN_KEY_BYTES
         and (_RUNTIME_KEY.fullmatch(word) is not None or "sha256:" + hashlib.sha256(word).hexdigest() in key_hashes)

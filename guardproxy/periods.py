@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -23,7 +24,12 @@ class Periods:
 
 def periods_at(now: datetime, tz: ZoneInfo) -> Periods:
     """Periods of the aware datetime ``now`` in ``tz``; reset times are in UTC."""
-    local_day = now.astimezone(tz).date()
+    return _periods_of(now.astimezone(tz).date(), tz)
+
+
+@functools.lru_cache(maxsize=1024)
+def _periods_of(local_day: date, tz: ZoneInfo) -> Periods:
+    # Asked at every admission: the same few days and zones, computed once each.
     next_day = local_day + timedelta(days=1)
     next_month = date(local_day.year + local_day.month // 12, local_day.month % 12 + 1, 1)
     return Periods(

@@ -63,6 +63,9 @@ def _load_ranks(name: str) -> dict[bytes, int]:
 
 def get_encoding(name: str) -> tiktoken.Encoding:
     """The named encoding, built once per process from the shipped vocabulary (never the network)."""
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding  # built already: no lock on the request path
     with _lock:
         encoding = _encodings.get(name)
         if encoding is None:
