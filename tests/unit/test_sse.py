@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.sse import Frame, SSEParser, parse_frame
+from guardproxy.sse import Frame, SSEParser, parse_frame, parse_lines
 
 
 def parse_whole(data: bytes) -> list[Frame]:
@@ -230,3 +230,9 @@ def test_each_complete_frame_is_one_frame(expected: list[tuple[bytes, bytes | No
         assert [f.raw for f in parsed] == frames[:-1]
         parsed += parser.close()
     assert [(f.raw, f.data, f.event) for f in parsed] == expected
+
+
+@settings(max_examples=500)
+@given(st.one_of(frame_bytes(), st.binary(max_size=40), values.map(lambda v: b"data: " + v + b"\n\n")))
+def test_the_one_data_line_fast_path_agrees_with_the_general_parse(raw: bytes) -> None:
+    assert parse_frame(raw) == parse_lines(raw)
