@@ -5,10 +5,10 @@ Redis never overspend nor pass a per-minute rate limit; settlement applies at mo
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
 process died frees within a lease. Without ``store.redis_url`` the store is an in-process fakeredis
-on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
-Redis Cluster. Redis errors become ``StoreUnavailable`` in exactly one place, ``translated`` (its
-table is ``store_client.unavailable``). ``store_client`` builds the client for plain Redis, Sentinel
-or Cluster.
+on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a
+tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
+``StoreUnavailable`` in exactly one place, ``translated`` (its table is ``store_client.unavailable``).
+``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 
 The scripts also queue alert events (a stream per tenant plus a zset of their next delivery time,
 ``alerts.py`` delivers them) when they decide one: the first refusal or downgrade of a period, and
