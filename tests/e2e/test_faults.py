@@ -142,14 +142,19 @@ async def load(url: str, duration_s: float, workers: int, max_calls: int) -> dic
     return statuses
 
 
+MAX_CALLS = 3000
+
+
 @pytest.mark.slow
 def test_redis_paused_under_load_settles_exactly_what_was_billed(
     upstream_url: str, fake_state: FakeUpstreamState, own_redis: RedisServer, serve_proxy: Callable[..., str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url = serve_proxy(parse_config(config_dict(upstream_url, store={"redis_url": own_redis.url}), {}))
+    # The audit log keeps every call of the run (its default keeps the last 1,000, fewer than a fast proxy serves).
+    store = {"redis_url": own_redis.url, "call_log_size": MAX_CALLS}
+    url = serve_proxy(parse_config(config_dict(upstream_url, store=store), {}))
     pauser = pause_later(own_redis, 1.0, 4.0)
-    statuses = asyncio.run(load(url, duration_s=7.0, workers=12, max_calls=3000))
+    statuses = asyncio.run(load(url, duration_s=7.0, workers=12, max_calls=MAX_CALLS))
     pauser.join()
     # Admits during the pause time out (503, fail_closed) unless Redis wakes first; settles are journaled.
     assert set(statuses) <= {200, 503} and statuses.get(200), statuses
