@@ -247,15 +247,25 @@ class DeadlineRedis(aioredis.Redis):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
     async def _script_call(self, args: tuple[Any, ...]) -> Any:
-        """A script call (two per budgeted call) straight on a pooled connection: send, read, release,
-        without redis-py's per-command retry wrapper and observability hooks (-0.02 ms CPU per
-        admit + settle, bench/store_calls.py). Like that path on these connections (no retry policy),
-        an error is not retried: a script that may have run is never sent twice. A script reply
-        needs no response callback. An error while sending or reading leaves the connection
-        disconnected (redis-py's connection does that), so it never goes back to the pool with a
-        reply pending; the health check before a long-idle connection's use is redis-py's own."""
+        """A script call (two per budgeted call) straight on a pooled connection: check one out, send,
+        read, release. Skipped: redis-py's per-command retry wrapper and observability hooks, and on
+        checkout its pool lock, deprecated-argument check and connection-count records (a checkout
+        takes no await before the connection is ours, so no lock is needed in one event loop). The
+        connection is still made ready (connected, no stray data) by the pool's ``ensure_connection``.
+        Client CPU per admit + settle, bench/store_calls.py: 0.121 -> 0.108 ms without the wrapper,
+        then 0.099 -> 0.089 ms with the lean checkout.
+
+        Like redis-py's path on these connections (no retry policy), an error is not retried: a script
+        that may have run is never sent twice. A script reply needs no response callback. An error while
+        sending or reading leaves the connection disconnected (redis-py's connection does that), so it
+        never goes back to the pool with a reply pending."""
         pool = self.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn = pool.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await pool.ensure_connection(conn)
+        except BaseException:
+            await pool.release(conn)
+            raise
         try:
             await conn.send_packed_command(conn.pack_command(*args))
             return await conn.read_response()
