@@ -288,6 +288,45 @@ class _DeadlinePipeline(Pipeline):
             return await super().execute(raise_on_error)
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, learning the cluster before it routes a command.
+
+    redis-py chooses a command's shard before it learns the cluster: with no shard map yet (a fresh
+    client, or one that closed itself after CLUSTERDOWN or MOVED) it sends EVALSHA to a random primary.
+    Two in three of the first burst's commands then bounce (MOVED), and every fifth MOVED makes the
+    client close all its connections, under the commands still using them (uvloop: ``RuntimeError``,
+    a 500). Here a command waits for the cluster to be learnt first; redis-py's lock makes concurrent
+    first commands wait for one discovery.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
+def _closed_is_connection_error(base: type[_Connection]) -> type[_Connection]:
+    """``base``, refusing to write on a connection another task closed: ``ConnectionError``.
+
+    A cluster client's connections are shared: redis-py's cluster client closes all of them, in use or
+    not, when it relearns the cluster (after CLUSTERDOWN, or many MOVED). A command about to write on
+    one then met ``AttributeError`` (no writer left) or, on uvloop, ``RuntimeError`` (transport closed),
+    neither of them a Redis error: a 500. As ``ConnectionError``, raised before anything is written (so
+    the command has not run), the cluster client retries it on a fresh connection, and once retries run
+    out it is "store unavailable" (``unavailable``). Every write of a connection with a socket timeout,
+    as the cluster's have, goes through ``_send_packed_command``.
+    """
+
+    async def _send_packed_command(self: Any, command: Any) -> None:
+        writer = self._writer
+        if writer is None or writer.transport.is_closing():
+            raise redis_errors.ConnectionError(f"connection to {self.host}:{self.port} closed while in use")
+        writer.writelines(command)
+        await writer.drain()
+
+    return type(f"Shared{base.__name__}", (base,), {"_send_packed_command": _send_packed_command})
+
+
 @dataclass
 class StoreConnection:
     """A client for one ``StoreURL`` and what else must be closed with it."""
@@ -345,14 +384,14 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
             health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
         )
         return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size), sentinel)
-    cluster = RedisCluster(
+    cluster = _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], ssl=parsed.tls,
         max_connections=pool_size, require_full_coverage=True, health_check_interval=HEALTH_CHECK_INTERVAL_S,
         **auth, **timeouts,
     )
     # RedisCluster takes no connection class: every node it learns of is built from its connection_kwargs
     # (the startup nodes already were, with no connection open yet).
-    packed = c_packed(cluster.connection_kwargs["connection_class"])
+    packed = c_packed(_closed_is_connection_error(cluster.connection_kwargs["connection_class"]))
     cluster.connection_kwargs["connection_class"] = packed
     for node in cluster.startup_nodes:
         node.connection_class = packed
