@@ -6,8 +6,9 @@ tenant → body → estimate → decision → reserve → forward → relay → 
 responses). When an upstream fails before anything reached the client (unreachable, timed out,
 5xx, 429, or skipped by its open circuit breaker), the next model of the route is tried: the
 requested model, then its ``fallbacks``, each admitted and reserved for its own price. Each
-attempt's reservation is settled in exactly one place: the failure branch, a ``finally`` for
-complete answers, or the relay's close callback for streams, so no path leaves money reserved.
+attempt's reservation is settled in exactly one place: the failure branch, the complete answer's
+response once it has been sent (``SettledAfterSending``), or the relay's close callback for streams,
+so no path leaves money reserved.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from guardproxy import budget, cache, ratelimit
 from guardproxy.auth import TenantResolver
@@ -304,6 +306,11 @@ class BudgetedEndpoint:
 
             return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
+
+        async def settle(duration_s: float) -> None:
+            self._observe(plan, duration_s, None, started)
+            await self._settle(plan, ending, request_id)
+
         try:
             content = await upstream.read(response)
             if 200 <= response.status_code < 300:
@@ -314,15 +321,22 @@ class BudgetedEndpoint:
                     await self._cache_store(plan, cached, answer)
             else:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
-        except GuardError as exc:
-            exc.headers["x-request-id"] = request_id
-            ending = Ending(Outcome.of_failure(exc))
-            raise
-        finally:
+        except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
+            if isinstance(exc, GuardError):
+                exc.headers["x-request-id"] = request_id
+                ending = Ending(Outcome.of_failure(exc))
             with anyio.CancelScope(shield=True):
-                self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, ending, request_id)
-        return Response(content, response.status_code, headers=headers)
+                await settle(time.monotonic() - started)
+            raise
+        duration_s = time.monotonic() - started
+        if plan.admission.unbudgeted or self.s.ledger.journal_pending():
+            # The store is failing: the charge goes to the journal, fsynced before the client has its
+            # answer, so that a crash right after the answer still loses nothing.
+            with anyio.CancelScope(shield=True):
+                await settle(duration_s)
+            return Response(content, response.status_code, headers=headers)
+        # The store's round trip leaves the latency path: the answer is sent first, then settled.
+        return SettledAfterSending(content, response.status_code, headers, lambda: settle(duration_s))
 
     # -- the response cache (``cache.py``) ---------------------------------------------------------
 
@@ -418,6 +432,26 @@ class BudgetedEndpoint:
             calls_log.info("%s", settled.summary(), extra=settled.log_fields())
         for observe in self.s.observers:
             observe(settled)
+
+
+class SettledAfterSending(Response):
+    """A complete answer whose attempt is settled once the answer has been handed to the server, so
+    the client does not wait on the store. ``settle`` runs exactly once whatever the sending meets
+    (client gone, cancelled), shielded; until it has run the reservation holds, so admission stays
+    conservative. uvicorn finishes it before the lifespan's shutdown (which drains the journal)."""
+
+    def __init__(
+        self, content: bytes, status_code: int, headers: dict[str, str], settle: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(content, status_code, headers=headers)
+        self.settle = settle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.settle()
 
 
 @dataclass(frozen=True)

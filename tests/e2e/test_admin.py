@@ -18,7 +18,7 @@ from guardproxy.state import read_states
 from guardproxy.status import render
 from guardproxy.store import BudgetStore
 from tests.conftest import SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys
+from tests.e2e.test_chat import GPT4O, HI, MINI, all_settled, keys
 from tests.e2e.test_concurrency import proxy_process
 
 ADMIN_KEY = "adm-secret-key"
@@ -61,6 +61,7 @@ def test_tenant_state_has_the_contract_shape_and_exact_figures(
     usage = client.chat.completions.create(model="gpt-4o", messages=HI).usage
     assert usage is not None
     cost = cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), GPT4O)
+    all_settled(redis_url)
     state = httpx.get(url + "/admin/tenants/acme", headers=ADMIN).json()
     assert set(state) == {"tenant", "state", "day", "month", "soft_cap", "hard_cap", "timezone", "overridden",
                           "remaining_usd", "rate_limits", "job_usd", "burn_rate_usd_per_hour"}
@@ -100,7 +101,9 @@ def test_calls_log_is_the_audit_trail(config: Config, serve_proxy: Callable[...,
     url = serve_proxy(config)
     client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY)
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
+    all_settled(redis_url)  # so that the audit log's order is the calls' order
     list(client.chat.completions.create(model="gpt-4o", messages=HI, stream=True))
+    all_settled(redis_url)
     calls = httpx.get(url + "/admin/tenants/acme/calls?limit=5", headers=ADMIN).json()["data"]
     assert [c["model"] for c in calls] == ["gpt-4o", "gpt-4o-mini"]  # newest first
     oldest = calls[1]
@@ -121,8 +124,11 @@ def test_metrics_equal_what_the_ledger_settled(config: Config, serve_proxy: Call
         acme.chat.completions.create(model="gpt-4o", messages=HI, extra_headers={"x-fake-cached-tokens": "5"})
     service = openai.OpenAI(base_url=url + "/v1", api_key=SERVICE_KEY, default_headers={"X-Tenant-Id": "shop-9"})
     service.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    all_settled(redis_url)
     redis.Redis.from_url(redis_url).set(keys()[0], 900_000)  # acme past its soft cap
     acme.chat.completions.create(model="gpt-4o", messages=HI)
+    all_settled(redis_url)
+    all_settled(redis_url, "shop-9")
     text = httpx.get(url + "/metrics").text
     day = redis_int(redis_url, keys()[0])
     assert metric(text, "guardproxy_budget_spent_usd", tenant="acme", period="day") == day / 1e6
@@ -152,6 +158,7 @@ def test_two_workers_add_up(upstream_url: str, redis_url: str, tmp_path: Path) -
             client.with_options(default_headers={"connection": "close"}).chat.completions.create(
                 model="gpt-4o-mini", messages=HI
             )
+        all_settled(redis_url)
         scrapes = [httpx.get(url + "/metrics", headers={"connection": "close"}).text for _ in range(4)]
     for text in scrapes:
         assert metric(text, "guardproxy_requests_total", tenant="acme", model="gpt-4o-mini", outcome="allowed") == 8

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY
-from tests.e2e.test_chat import HI
+from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_concurrency import proxy_process
 from tests.servers import free_port, serve_in_thread
 
@@ -114,6 +114,7 @@ def test_each_alert_arrives_exactly_once_across_replicas_a_down_receiver_and_a_r
         # The receiver is down: both replicas cross every threshold, downgrade, and refuse.
         statuses = asyncio.run(spend([first, second], TENANT_KEY, 80))
         assert 200 in statuses and 429 in statuses
+        all_settled(redis_url)
         events = queued(first)
         kinds = Counter(e["event"] for e in events)
         assert kinds == {"threshold": 3, "downgrading": 1, "blocked": 1}, events
@@ -155,6 +156,7 @@ def test_each_alert_arrives_exactly_once_across_replicas_a_down_receiver_and_a_r
                          headers=ADMIN)
         assert put.status_code == 200
         asyncio.run(spend([url], OTHER_TENANT_KEY, 80))
+        all_settled(redis_url, "globex")
         assert len([e for e in queued(url) if e["tenant"] == "globex"]) == 5
     with receiver.serving(), proxy_process(raw, tmp_path) as url:
         wait_until(lambda: len(receiver.bodies("/json")) >= 5, 15)

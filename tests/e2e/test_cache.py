@@ -17,7 +17,7 @@ from guardproxy.fake_upstream import FakeUpstreamState
 from tests.conftest import TENANT_KEY, config_dict, redis_int
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric as admin_metric
-from tests.e2e.test_chat import HI, keys, reserved
+from tests.e2e.test_chat import HI, all_settled, keys, reserved
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 
@@ -48,6 +48,7 @@ def test_a_repeated_temperature_0_chat_is_a_hit_that_reaches_no_upstream_and_cha
     first = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0,
                                                                max_tokens=20)
     assert first.headers["x-guardproxy-cache"] == "miss"
+    all_settled(redis_url)
     charged = spent(redis_url)
     assert charged > 0 and len(fake_state.requests) == 1
     second = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0,
@@ -194,6 +195,7 @@ def test_replicas_share_the_cache_and_a_hit_leaves_no_call_or_job_trace(
     hit = second.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=5,
                                                             extra_headers=job)
     assert hit.headers["x-guardproxy-cache"] == "hit" and len(fake_state.requests) == 1
+    all_settled(redis_url)
     with redis.Redis.from_url(redis_url) as r:
         assert r.xlen("gp:{acme}:calls") == 1
         assert int(r.hget("gp:{acme}:job:ticket-9", "calls") or 0) == 1

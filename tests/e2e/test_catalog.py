@@ -12,7 +12,7 @@ import yaml
 from guardproxy.config import load_config
 from guardproxy.pricing import Price, Usage, cost_micros, price_to_micros
 from tests.conftest import TENANT_KEY, config_dict
-from tests.e2e.test_chat import HI
+from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_cli import guardproxy
 
 ADMIN = {"authorization": "Bearer adm-catalog"}
@@ -40,6 +40,7 @@ def test_a_catalog_priced_model_is_charged_as_check_config_shows(
     )
     assert reply.status_code == 200, reply.text
     expected = cost_micros(Usage(123457, 251, 77777), price)
+    all_settled(redis_url)
     # (123457-77777)*0.10 + 77777*0.025 + 251*0.40 USD per 1M tokens, rounded up to a micro-USD.
     assert expected == -(-(45680 * 100_000 + 77777 * 25_000 + 251 * 400_000) // 1_000_000) == 6613
     (call,) = httpx.get(url + "/admin/tenants/acme/calls", headers=ADMIN).json()["data"]

@@ -47,6 +47,12 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def all_settled(url: str, tenant: str = "acme") -> None:
+    """Complete answers settle right after they are sent (``pipeline.SettledAfterSending``): wait until
+    no call of ``tenant`` holds a reservation, so that its spend and audit log are final."""
+    wait_for(lambda: reserved(url, tenant) == 0)
+
+
 def settled(url: str, key: str, expected: int) -> None:
     """Streams settle after their last byte reaches the client: wait for the charge to land."""
     try:
@@ -77,8 +83,8 @@ def test_non_streaming_is_relayed_and_charged_exactly(
     usage = Usage(answer.usage.prompt_tokens, answer.usage.completion_tokens, 4)
     expected = cost_micros(usage, GPT4O)
     day, month = keys()
+    all_settled(redis_url)
     assert redis_int(redis_url, day) == expected == redis_int(redis_url, month)
-    assert reserved(redis_url) == 0
     assert raw.headers["x-guardproxy-tenant"] == "acme"
     assert raw.headers["x-guardproxy-model"] == "gpt-4o"
     assert raw.headers["x-guardproxy-budget-state"] == "active"
@@ -125,6 +131,7 @@ def test_soft_cap_downgrades_to_the_cheaper_tier(
     assert fake_state.requests[-1]["model"] == "gpt-4o-mini"
     usage = raw.parse().usage
     assert usage is not None
+    all_settled(redis_url)
     assert redis_int(redis_url, day) == 800_000 + cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), MINI)
 
 
@@ -204,6 +211,7 @@ def test_service_key_with_tenant_header_charges_that_tenant(
     client = openai.OpenAI(base_url=url + "/v1", api_key=SERVICE_KEY, default_headers={"X-Tenant-Id": "shop-42"})
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
     assert raw.headers["x-guardproxy-tenant"] == "shop-42"
+    all_settled(redis_url, "shop-42")
     assert redis_int(redis_url, keys("shop-42")[0]) > 0
     no_tenant = openai.OpenAI(base_url=url + "/v1", api_key=SERVICE_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -220,6 +228,7 @@ def test_tenant_timezone_decides_the_day_key(
     client = openai.OpenAI(base_url=serve_proxy(config) + "/v1", api_key=OTHER_TENANT_KEY)
     client.chat.completions.create(model="gpt-4o-mini", messages=HI)
     day, month = keys("globex", "America/Chicago")
+    all_settled(redis_url, "globex")
     assert redis_int(redis_url, day) > 0 and redis_int(redis_url, month) == redis_int(redis_url, day)
 
 
@@ -232,10 +241,12 @@ def test_upstream_error_passes_through_and_charges_nothing(
         )
     assert caught.value.code == "server_error"
     assert caught.value.response.headers["x-request-id"].startswith("req_fake_")
-    assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0
+    all_settled(redis_url)
+    assert redis_int(redis_url, keys()[0]) == 0
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="gpt-4o", messages=HI, stream=True, extra_headers={"x-fake-fail": "400"})
-    assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0
+    all_settled(redis_url)
+    assert redis_int(redis_url, keys()[0]) == 0
 
 
 def test_upstream_unreachable_is_502_and_slow_upstream_is_504(

@@ -16,7 +16,7 @@ from guardproxy.fake_upstream import FakeUpstreamState
 from guardproxy.pricing import Price, Usage, cost_micros
 from tests.conftest import TENANT_KEY, config_dict, make_config, redis_int
 from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, MINI, keys, reserved, settled
+from tests.e2e.test_chat import GPT4O, MINI, all_settled, keys, reserved, settled
 
 EMBEDDING = Price(20_000, 20_000, 0)
 INSTRUCT = Price(1_500_000, 1_500_000, 2_000_000)
@@ -83,6 +83,7 @@ def test_responses_non_streaming_is_charged_from_its_usage(
     usage = Usage(1234, response.usage.output_tokens, response.usage.input_tokens_details.cached_tokens)
     assert usage.cached_prompt_tokens == 1000
     day, month = keys()
+    all_settled(redis_url)
     assert redis_int(redis_url, day) == cost_micros(usage, GPT4O) == redis_int(redis_url, month)
     assert reserved(redis_url) == 0
     assert raw.headers["x-guardproxy-model"] == "gpt-4o"
@@ -199,10 +200,12 @@ def test_embeddings_are_charged_their_input_tokens(
     result = raw.parse()
     assert len(result.data) == 2 and len(result.data[0].embedding) == 8
     assert result.usage.prompt_tokens == 1234
+    all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == cost_micros(Usage(1234, 0), EMBEDDING)
     assert reserved(redis_url) == 0
     assert raw.headers["x-guardproxy-model"] == "text-embedding-3-small"
     client.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3], [4, 5]])
+    all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == cost_micros(Usage(1234, 0), EMBEDDING) + cost_micros(
         Usage(5, 0), EMBEDDING
     )
@@ -219,6 +222,7 @@ def test_embeddings_worst_case_is_the_input_alone(
     client = sdk(serve_proxy(config))
     spend(redis_url, 999_999)  # one micro-USD left
     client.embeddings.create(model="text-embedding-3-small", input="hi")
+    all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == 1_000_000
 
 
@@ -250,6 +254,7 @@ def test_completions_non_streaming(client: openai.OpenAI, redis_url: str, fake_s
     answer = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say", max_tokens=5,
                                        extra_headers=REPORTED)
     assert answer.choices[0].text == " hello" * 5 and answer.choices[0].finish_reason == "length"
+    all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == cost_micros(Usage(1234, 5), INSTRUCT)
     assert "stream_options" not in fake_state.requests[-1]
 

@@ -17,7 +17,7 @@ from guardproxy.config import Config
 from guardproxy.periods import periods_at
 from tests.conftest import TENANT_KEY, make_config, redis_int
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
-from tests.e2e.test_chat import HI, keys
+from tests.e2e.test_chat import HI, all_settled, keys
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def test_spend_posted_twice_with_one_key_is_charged_once_and_shows_in_the_log_an
     url = serve_proxy(config)
     openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY).chat.completions.create(model="gpt-4o", messages=HI)
     day, month = keys()
+    all_settled(redis_url)
     before = redis_int(redis_url, day)
 
     first = book(url, BATCH)

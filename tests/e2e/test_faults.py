@@ -31,7 +31,7 @@ from guardproxy.store import BudgetStore, reply_lost
 from tests.conftest import RedisServer, config_dict, redis_int
 from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, audit_log, billed_micros, pending
 from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import keys, wait_for
+from tests.e2e.test_chat import all_settled, keys, wait_for
 
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
 LIMITS = Thresholds(soft_day=10**9, hard_day=10**9, soft_month=10**10, hard_month=10**10)
@@ -175,6 +175,7 @@ def test_guardproxy_killed_while_redis_is_down_loses_no_charge(
     raw = config_dict(upstream_url, store={"redis_url": own_redis.url, "on_unavailable": "fail_open", "lease_s": 2})
     first = proxies(raw)
     assert httpx.post(first.url + "/v1/chat/completions", json=CALL, headers=AUTH).status_code == 200
+    all_settled(own_redis.url)  # settled just after its answer: into Redis before it is paused
 
     async def served_while_down() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as client:

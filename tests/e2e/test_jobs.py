@@ -16,7 +16,7 @@ from guardproxy.config import parse_config
 from guardproxy.pricing import Price, Usage, cost_micros, format_usd
 from guardproxy.status import main as status_main
 from tests.conftest import SERVICE_KEY, TENANT_KEY, config_dict, redis_int
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved
+from tests.e2e.test_chat import GPT4O, HI, MINI, all_settled, keys, reserved
 from tests.e2e.test_concurrency import FULL_LENGTH, proxy_process
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
@@ -72,6 +72,7 @@ def test_20_concurrent_calls_of_one_job_over_two_processes_sum_exactly(
     raw = job_config(upstream_url, redis_url)
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         costs, refused = asyncio.run(job_burst([first, second], 20, JOB))
+        all_settled(redis_url)
         assert len(costs) == 20 and not refused
         report = admin_get(first, f"/admin/tenants/acme/jobs/{JOB}")
         calls = admin_get(second, "/admin/tenants/acme/calls?limit=100")["data"]
@@ -95,9 +96,11 @@ def test_the_job_cap_holds_over_two_processes(upstream_url: str, redis_url: str,
     raw = job_config(upstream_url, redis_url, job_usd=JOB_CAP_MICROS / 1e6)
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         costs, refused = asyncio.run(job_burst([first, second], 40, JOB))
+        all_settled(redis_url)
         report = admin_get(first, f"/admin/tenants/acme/jobs/{JOB}")
         # another job, and the tenant without a job, are not held back
         other, _ = asyncio.run(job_burst([second], 1, "WO-other"))
+        all_settled(redis_url)
         plain = httpx.post(first + "/v1/chat/completions", headers={"authorization": f"Bearer {TENANT_KEY}"},
                            json={"model": "gpt-4o", "messages": HI, "max_tokens": 50})
         state = admin_get(first, "/admin/tenants/acme")
@@ -122,6 +125,7 @@ def test_job_ids_are_checked_and_the_servicetitan_header_names_the_job(
     ok = httpx.post(url + "/v1/chat/completions", json=call,
                     headers={"authorization": f"Bearer {TENANT_KEY}", "x-servicetitan-job-id": "123456"})
     assert ok.status_code == 200
+    all_settled(redis_url)
     report = admin_get(url, "/admin/tenants/acme/jobs/123456")
     assert report["calls"] == 1 and report["cost_micros"] == redis_int(redis_url, keys()[0])
     out = io.StringIO()

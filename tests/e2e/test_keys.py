@@ -16,7 +16,7 @@ import yaml
 
 from guardproxy.config import Config, hash_key
 from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, redis_int
-from tests.e2e.test_chat import HI
+from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_cli import guardproxy
 
 ADMIN_KEY = "adm-keys-secret"
@@ -63,6 +63,7 @@ def test_a_key_made_on_one_replica_works_on_the_other_and_revocation_reaches_bot
     finally:
         client.close()
     assert answer.choices[0].message.content
+    all_settled(redis_url)
     assert redis_int(redis_url, "gp:{acme}:spend:month:" + datetime.now(UTC).strftime("%Y-%m")) > 0
 
     revoked = httpx.delete(f"{a}/admin/tenants/acme/keys/{made['key_id']}", headers=ADMIN)

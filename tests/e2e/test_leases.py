@@ -27,6 +27,7 @@ def held_micros(url: str, redis_url: str) -> int:
     spent = redis_int(redis_url, keys()[0])
     answer = httpx.post(url + "/v1/chat/completions", json={**CALL, "max_tokens": 1}, headers=AUTH)
     assert answer.status_code == 200
+    wait_for(lambda: redis_int(redis_url, keys()[0]) > spent)  # the probe settles just after its answer
     return 1_000_000 - spent - round(float(answer.headers["x-guardproxy-budget-remaining-usd"]) * 1_000_000)
 
 

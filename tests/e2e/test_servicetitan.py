@@ -12,7 +12,7 @@ import redis
 
 from guardproxy.servicetitan.fake import FakeServiceTitan
 from tests.conftest import SERVICE_KEY, TENANT_KEY, make_config, redis_int
-from tests.e2e.test_chat import HI, keys
+from tests.e2e.test_chat import HI, all_settled, keys
 from tests.servers import serve_in_thread
 
 ST_TENANT = 1234567
@@ -46,6 +46,7 @@ def test_job_header_charges_the_jobs_tenant_and_is_cached(
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
     assert raw.headers["x-guardproxy-tenant"] == "acme-hvac"
     client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    all_settled(redis_url, "acme-hvac")
     assert redis_int(redis_url, keys("acme-hvac")[0]) > 0
     assert fake.calls["jobs"] == 1  # the second call was answered from the shared cache
     metrics = httpx.get(proxy + "/metrics").text

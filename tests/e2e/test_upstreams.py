@@ -16,7 +16,7 @@ from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
 from guardproxy.pricing import Price, Usage, cost_micros
 from tests.conftest import config_dict, redis_int
 from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, keys, reserved, settled
+from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, all_settled, keys, reserved, settled
 from tests.e2e.test_endpoints import spend
 from tests.servers import free_port, serve_in_thread
 
@@ -74,6 +74,7 @@ def test_azure_deployment_paths_with_api_key_and_api_version(
     assert fake_state.requests[-1]["model"] == "prod-4o"
     assert answer.headers["x-guardproxy-model"] == "gpt-4o"  # priced as the configured model, not the deployment
     day = keys()[0]
+    all_settled(redis_url)
     assert redis_int(redis_url, day) == cost_micros(Usage(HI_PROMPT_TOKENS, 12), GPT4O)
 
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, stream=True))
@@ -135,6 +136,7 @@ def test_failing_upstream_falls_back_to_the_next_model_at_its_price(
     assert backup_state.requests[-1]["model"] == "grok-2"
     assert backup_state.headers[-1]["authorization"] == "Bearer xai-backup"
     # Charged once, at grok-2's price; the failed attempt's reservation is released.
+    all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == cost_micros(Usage(HI_PROMPT_TOKENS, 12), GROK)
     assert reserved(redis_url) == 0
     metrics = httpx.get(url + "/metrics").text
@@ -166,7 +168,8 @@ def test_client_errors_do_not_fall_back(
     with pytest.raises(openai.BadRequestError):
         sdk(url).chat.completions.create(model="gpt-4o", messages=HI)
     assert backup_state.requests == []
-    assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0
+    all_settled(redis_url)
+    assert redis_int(redis_url, keys()[0]) == 0
 
 
 def test_when_every_model_fails_the_last_failure_passes_through(
@@ -180,7 +183,8 @@ def test_when_every_model_fails_the_last_failure_passes_through(
     assert caught.value.status_code == 503 and caught.value.code == "overloaded"
     assert caught.value.response.headers["x-guardproxy-model"] == "grok-2"
     assert len(fake_state.requests) == len(backup_state.requests) == 1
-    assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0
+    all_settled(redis_url)
+    assert redis_int(redis_url, keys()[0]) == 0
     metrics = httpx.get(url + "/metrics").text
     assert 'guardproxy_requests_total{model="gpt-4o",outcome="error",tenant="acme"} 1.0' in metrics
 
@@ -218,7 +222,7 @@ def test_breaker_stops_calling_a_dead_upstream_then_probes_it_after_the_cooldown
     assert len(fake_state.requests) == 2  # opened after two failures: the other two never left the proxy
     assert len(backup_state.requests) == 4
     assert breaker_state(url, "primary") == 2 and breaker_state(url, "backup") == 0
-    assert reserved(redis_url) == 0
+    all_settled(redis_url)
 
     time.sleep(1.1)  # cool-down over: one probe goes out, fails, and the circuit opens again
     client.chat.completions.create(model="gpt-4o", messages=HI)
