@@ -305,28 +305,6 @@ class _Cluster(RedisCluster):
         return await super().execute_command(*args, **kwargs)
 
 
-def _closed_is_connection_error(base: type[_Connection]) -> type[_Connection]:
-    """``base``, refusing to write on a connection another task closed: ``ConnectionError``.
-
-    A cluster client's connections are shared: redis-py's cluster client closes all of them, in use or
-    not, when it relearns the cluster (after CLUSTERDOWN, or many MOVED). A command about to write on
-    one then met ``AttributeError`` (no writer left) or, on uvloop, ``RuntimeError`` (transport closed),
-    neither of them a Redis error: a 500. As ``ConnectionError``, raised before anything is written (so
-    the command has not run), the cluster client retries it on a fresh connection, and once retries run
-    out it is "store unavailable" (``unavailable``). Every write of a connection with a socket timeout,
-    as the cluster's have, goes through ``_send_packed_command``.
-    """
-
-    async def _send_packed_command(self: Any, command: Any) -> None:
-        writer = self._writer
-        if writer is None or writer.transport.is_closing():
-            raise redis_errors.ConnectionError(f"connection to {self.host}:{self.port} closed while in use")
-        writer.writelines(command)
-        await writer.drain()
-
-    return type(f"Shared{base.__name__}", (base,), {"_send_packed_command": _send_packed_command})
-
-
 @dataclass
 class StoreConnection:
     """A client for one ``StoreURL`` and what else must be closed with it."""
@@ -391,7 +369,7 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     )
     # RedisCluster takes no connection class: every node it learns of is built from its connection_kwargs
     # (the startup nodes already were, with no connection open yet).
-    packed = c_packed(_closed_is_connection_error(cluster.connection_kwargs["connection_class"]))
+    packed = c_packed(cluster.connection_kwargs["connection_class"])
     cluster.connection_kwargs["connection_class"] = packed
     for node in cluster.startup_nodes:
         node.connection_class = packed
