@@ -260,7 +260,7 @@ class BudgetedEndpoint:
             else:
                 request_id = answer.headers.get("x-request-id") or request_id
                 headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers()}
-                failure = Response(await upstream.read(answer), answer.status_code, headers=headers)
+                failure = Response(await answer.read(), answer.status_code, headers=headers)
         except GuardError as exc:
             failure = exc
         finally:
@@ -312,7 +312,7 @@ class BudgetedEndpoint:
             await self._settle(plan, ending, request_id)
 
         try:
-            content = await upstream.read(response)
+            content = await response.read()
             if 200 <= response.status_code < 300:
                 answer = _json_or_none(content)
                 usage, texts = self.shape.answer_usage(answer)

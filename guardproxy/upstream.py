@@ -256,9 +256,6 @@ class Upstream:
             self.breaker.success()
         return UpstreamResponse(self.name, response)
 
-    async def read(self, response: UpstreamResponse) -> bytes:
-        return await response.read()
-
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
