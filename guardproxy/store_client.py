@@ -263,10 +263,6 @@ class DeadlineRedis(aioredis.Redis):
         conn = pool.get_available_connection()  # type: ignore[no-untyped-call]
         try:
             await pool.ensure_connection(conn)
-        except BaseException:
-            await pool.release(conn)
-            raise
-        try:
             await conn.send_packed_command(conn.pack_command(*args))
             return await conn.read_response()
         finally:
