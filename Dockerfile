@@ -10,9 +10,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     XDG_STATE_HOME=/var/lib/guardproxy
 
 WORKDIR /app
+# Exactly the locked set (versions and hashes), then guardproxy itself with the locked setuptools.
+COPY requirements/runtime.lock ./requirements/runtime.lock
+RUN pip install --require-hashes --no-deps -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY guardproxy ./guardproxy
-RUN pip install . && useradd --system --uid 10001 --no-create-home guardproxy \
+RUN pip install --no-deps --no-build-isolation . && useradd --system --uid 10001 --no-create-home guardproxy \
     && mkdir -p /var/lib/guardproxy/guardproxy/journal && chown -R guardproxy /var/lib/guardproxy
 COPY proxy.yaml /etc/guardproxy/proxy.yaml
 # Charges Redis could not take wait here until it can: mount a volume to keep them across containers.

@@ -1,17 +1,39 @@
 # The README's two commands: `make demo` (run guardproxy, nothing else needed) and `make test`.
+#
+# Every install goes through a committed lock (requirements/*.lock, exact versions with hashes), so a
+# fresh machine gets the set the suite passed on, not whatever was released last night. `make lock`
+# refreshes the locks from pyproject.toml's ranges; `make test-latest` tries the newest versions those
+# ranges allow, in a venv of its own.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# guardproxy itself, from the checkout, with the locked setuptools (no build isolation: nothing unlocked
+# is fetched to build it).
+INSTALL_SELF := $(PIP) install --quiet --no-deps --no-build-isolation -e .
+UV_VERSION := 0.13.9
+LOCK := $(BIN)/uv pip compile pyproject.toml requirements/build.in --quiet --generate-hashes --universal \
+	--python-version 3.11 --no-header
 
-.PHONY: venv run demo test lint bench bench-quick clean
+.PHONY: venv venv-test run demo test test-latest lint lock bench bench-quick clean
 
-$(BIN)/guardproxy: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+
+# What `guardproxy serve` and `guardproxy demo` need, and nothing else.
+$(VENV)/.runtime: requirements/runtime.lock pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet --require-hashes --no-deps -r requirements/runtime.lock
+	$(INSTALL_SELF)
 	@touch $@
 
-venv: $(BIN)/guardproxy
+# The runtime, the otel extra and the test and lint tools.
+$(VENV)/.test: requirements/test.lock pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet --require-hashes --no-deps -r requirements/test.lock
+	$(INSTALL_SELF)
+	@touch $@ $(VENV)/.runtime
+
+venv: $(VENV)/.runtime
+venv-test: $(VENV)/.test
 
 # Serve the example proxy.yaml on the embedded store (no Redis, no API key needed to start).
 run: venv
@@ -20,19 +42,39 @@ run: venv
 demo: venv
 	$(BIN)/guardproxy demo
 
-# Lint, type-check, then the whole suite (it starts its own redis-server and fake upstreams).
-test: venv
+lint: venv-test
 	$(BIN)/ruff check guardproxy tests bench
 	$(BIN)/mypy
+
+# Lint, type-check, then the whole suite (it starts its own redis-server and fake upstreams).
+test: lint
 	$(BIN)/pytest
+
+# The suite on the newest versions pyproject.toml allows (not the lock): an upgrade tried on purpose.
+# Its venv is .venv-latest, made anew each time.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	@echo "test-latest: versions in .venv-latest/versions.txt"
+	.venv-latest/bin/pytest
+
+# Refresh both locks from pyproject.toml's ranges (newest allowed versions); review the diff, then
+# `make test` before committing it.
+lock: | $(BIN)/python
+	$(PIP) install --quiet uv==$(UV_VERSION)
+	$(LOCK) --extra test -o requirements/test.lock
+	$(LOCK) --extra demo -c requirements/test.lock -o requirements/runtime.lock
 
 # Side by side against bare pass-throughs (and LiteLLM when installed) on a canned nginx upstream
 # (~12 min; needs nginx-light, wrk, redis-server). bench-quick: one short round, to see that it runs.
-bench: venv
+bench: venv-test
 	$(BIN)/python bench/run.py
 
-bench-quick: venv
+bench-quick: venv-test
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-latest build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

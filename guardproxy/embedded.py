@@ -22,14 +22,41 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import fakeredis
-from fakeredis._command_args_parsing import Int
-from fakeredis._core import Item
-from fakeredis._helpers import SimpleError
-from fakeredis._msgs import WRONGTYPE_MSG
-from fakeredis._socket._fakesocket import FakeSocket
-from fakeredis.model import Hash, ZSet
 from redis import exceptions as redis_errors
+
+from guardproxy.compat import internals, require
+
+# fakeredis's private modules: this module is their one seam (guardproxy/compat.py). A release that
+# moves them stops this import with IncompatibleLibrary naming fakeredis, its version and this range.
+FAKEREDIS_TESTED = ">=2.40,<2.42"
+with internals("fakeredis", FAKEREDIS_TESTED):
+    import fakeredis
+    from fakeredis._command_args_parsing import Int
+    from fakeredis._core import Item
+    from fakeredis._helpers import SimpleError
+    from fakeredis._msgs import WRONGTYPE_MSG
+    from fakeredis._socket._fakesocket import FakeSocket
+    from fakeredis.model import Hash, ZSet
+
+
+def check_internals() -> None:
+    """What the twins reach for on fakeredis's objects at run time is there (``IncompatibleLibrary`` if not)."""
+    with internals("fakeredis", FAKEREDIS_TESTED):
+        server = fakeredis.FakeServer(version=(7,))
+        socket = FakeSocket(server, 0, client_class=fakeredis.FakeAsyncRedis)
+        db = socket._db
+    require(
+        "fakeredis", FAKEREDIS_TESTED,
+        FakeServer=(server, ("lock",)),
+        FakeSocket=(socket, ("_db", "_name_to_func", "_run_command")),
+        Database=(db, ("time", "get", "notify_watch", "__setitem__")),
+        ZSet=(ZSet(), ("_byscore", "add", "discard")),
+        Item=(Item(b""), ("value", "expireat")),
+        Int=(Int, ("decode",)),
+    )
+
+
+check_internals()
 
 Arg = str | int | bytes
 Clock = Callable[[], float]

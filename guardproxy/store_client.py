@@ -22,21 +22,48 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import hiredis
-import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.sentinel import (
-    MasterNotFoundError,
-    Sentinel,
-    SentinelConnectionPool,
-    SentinelManagedConnection,
-    SentinelManagedSSLConnection,
-)
-
+from guardproxy.compat import internals, require
 from guardproxy.errors import StoreUnavailable
+
+# redis-py's internals (the pool's checkout, the Sentinel pool's connection lists, the cluster client's
+# connection class) are used in this module only: its seam (guardproxy/compat.py). A release that moves
+# them stops this import with IncompatibleLibrary naming redis, its version and this range.
+REDIS_TESTED = ">=5.2,<8.3"
+with internals("redis", REDIS_TESTED):
+    import hiredis
+    import redis.asyncio as aioredis
+    from redis import exceptions as redis_errors
+    from redis.asyncio.client import Pipeline
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.connection import AbstractConnection, ConnectionPool
+    from redis.asyncio.sentinel import (
+        MasterNotFoundError,
+        Sentinel,
+        SentinelConnectionPool,
+        SentinelManagedConnection,
+        SentinelManagedSSLConnection,
+    )
+
+
+def check_internals() -> None:
+    """What this module reaches for inside redis-py is there (``IncompatibleLibrary`` if not)."""
+    pool = ConnectionPool()
+    cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", 6379)])  # contacts nothing until used
+    require(
+        "redis", REDIS_TESTED,
+        ConnectionPool=(pool, ("_in_use_connections", "_available_connections", "get_available_connection",
+                               "ensure_connection", "release", "connection_class")),
+        AbstractConnection=(AbstractConnection, ("pack_command", "send_packed_command", "read_response",
+                                                 "mark_for_reconnect", "is_connected")),
+        Sentinel=(Sentinel([]), ("check_master_state", "discover_master", "sentinels")),
+        SentinelConnectionPool=(SentinelConnectionPool, ("get_master_address",)),
+        RedisCluster=(cluster, ("_initialize", "initialize", "execute_command", "connection_kwargs",
+                                "startup_nodes")),
+        hiredis=(hiredis, ("pack_command",)),
+    )
+
+
+check_internals()
 
 #: Either client; both speak the commands and scripts the store uses.
 StoreClient: TypeAlias = "aioredis.Redis | RedisCluster"
@@ -349,7 +376,7 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
     auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
     if parsed.kind == "sentinel":
         # The Sentinels themselves are asked without credentials (theirs are not the data nodes').
-        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts))  # type: ignore[no-untyped-call]
+        sentinel = _NewestSentinel(list(parsed.nodes), sentinel_kwargs=dict(timeouts))
         # The primary's connections as redis:// ones: no socket timeout, DeadlineRedis bounds every command.
         pool = _SentinelPool(  # type: ignore[no-untyped-call]
             parsed.master, sentinel, db=parsed.db, ssl=parsed.tls,
