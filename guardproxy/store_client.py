@@ -1,6 +1,6 @@
 """From ``store.redis_url`` to a Redis client, and which Redis errors mean "store unavailable".
 
-Four kinds of URL (contract §2, README "Running on Sentinel / Redis Cluster"):
+Four kinds of URL (docs/production.md, "Running on Redis Sentinel" and "Running on Redis Cluster"):
 
 - ``redis://``, ``rediss://``, ``unix://``: one Redis, through a plain connection pool, each command
   ending by one deadline (``DeadlineRedis``).
