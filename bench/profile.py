@@ -28,7 +28,7 @@ COMPONENTS = [
     ("fakeredis+lupa (embedded store)", ("(fakeredis/", "(lupa/")),
     ("httpx API layer", ("(httpx/", "(httpx_aiohttp/", "(httpcore/")),
     ("aiohttp", ("(aiohttp/", "(yarl/", "(multidict/")),
-    ("tiktoken", ("(tiktoken/", "(guardproxy/tokens.py")),
+    ("tiktoken", ("(tiktoken/", "(guardproxy/budget/tokens.py")),
     ("prometheus", ("(prometheus_client/",)),
     ("uvicorn+httptools", ("(uvicorn/", "(httptools/")),
     ("starlette", ("(starlette/",)),
@@ -39,14 +39,14 @@ COMPONENTS = [
 ]
 # Inclusive shares: samples with any frame matching.
 STEPS = [
-    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/pipeline.py"),
-    ("admit (store round trip)", "._admit (guardproxy/pipeline.py"),
-    ("store client calls (admit + settle + other)", "(guardproxy/store.py"),
-    ("forward to upstream (send)", "Upstream.send (guardproxy/upstream.py"),
-    ("read a whole answer (read)", "Upstream.read (guardproxy/upstream.py"),
-    ("relay of a stream", "(guardproxy/relay.py"),
-    ("token estimate", "._estimate (guardproxy/pipeline.py"),
-    ("auth (tenant resolve)", "(guardproxy/auth.py"),
+    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/http/pipeline.py"),
+    ("admit (store round trip)", "._admit (guardproxy/http/pipeline.py"),
+    ("store client calls (admit + settle + other)", "(guardproxy/store/redis.py"),
+    ("forward to upstream (send)", "Upstream.send (guardproxy/http/upstream.py"),
+    ("read a whole answer (read)", "Upstream.read (guardproxy/http/upstream.py"),
+    ("relay of a stream", "(guardproxy/http/relay.py"),
+    ("token estimate", "._estimate (guardproxy/http/pipeline.py"),
+    ("auth (tenant resolve)", "(guardproxy/http/auth.py"),
     ("logging", "(logging/"),
     ("metrics", "(prometheus_client/"),
 ]

@@ -171,7 +171,7 @@ http {{
 def guardproxy_config(upstream: str, redis_url: str) -> dict[str, Any]:
     """One upstream per kind of answer, a model on each (bench-plain downgrading to bench-plain-mini), one
     tenant whose budget nothing here can reach. Every model counts tokens with o200k_base."""
-    from guardproxy.config import hash_key  # after sys.path holds the repository
+    from guardproxy.config.settings import hash_key  # after sys.path holds the repository
 
     gpt_4o = {"input": "2.50", "cached_input": "1.25", "output": "10.00"}
     return {

@@ -14,11 +14,11 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import parse_config
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.config.settings import parse_config
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI
 from tests.e2e.test_concurrency import proxy_process
+from tests.helpers import TENANT_KEY, config_dict
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

@@ -15,9 +15,9 @@ from types import ModuleType
 
 import orjson
 
-from guardproxy.endpoints import CHAT
-from guardproxy.pricing import Usage
-from guardproxy.sse import SSEParser
+from guardproxy.budget.pricing import Usage
+from guardproxy.http.endpoints import CHAT
+from guardproxy.http.sse import SSEParser
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
@@ -75,7 +75,7 @@ def test_nginx_serves_each_route_from_memory_with_the_bodies_escaped(tmp_path: P
 
 
 def test_every_route_has_a_model_and_upstream_on_guardproxy_and_litellm() -> None:
-    from guardproxy.config import parse_config
+    from guardproxy.config.settings import parse_config
 
     config = parse_config(run.guardproxy_config("http://127.0.0.1:1", ""), {})
     for route, model in run.MODELS.items():
