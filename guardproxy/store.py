@@ -4,9 +4,10 @@ Admission and settlement are each one Lua script, so any number of proxy process
 Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
-process died frees within a lease. Without ``store.redis_url`` the store is an in-process fakeredis
-on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a
-tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
+process died frees within a lease. Without a Redis URL the store is one SQLite file (``sqlite_store.py``:
+the same keys and commands, the scripts transcribed and checked against the Lua), shared by every
+process that opens it. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
+Redis Cluster. ``store_protocol.Store`` is what the rest of guardproxy may ask of a store. Redis errors become
 ``StoreUnavailable`` in exactly one place, ``translated`` (its table is ``store_client.unavailable``).
 ``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 
@@ -48,6 +49,8 @@ from guardproxy.records import RateWindow as RateWindow
 from guardproxy.records import Reservation as Reservation
 from guardproxy.records import Settlement as Settlement
 from guardproxy.records import Snapshot as Snapshot
+from guardproxy.sqlite_store import Script as SqliteScript
+from guardproxy.sqlite_store import SqliteClient
 from guardproxy.store_client import StoreClient, StoreConnection
 from guardproxy.types import Micros
 
@@ -175,7 +178,7 @@ class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     def __init__(
-        self, client: StoreClient, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000,
+        self, client: StoreClient | SqliteClient, prefix: str = "gp", *, calls_kept: int = 1000,
         connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
     ) -> None:
         self.client = client
@@ -183,7 +186,6 @@ class BudgetStore:
         self.min_replica_acks = min_replica_acks
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.prefix = prefix
-        self.embedded = embedded
         self.calls_kept = calls_kept
         self._admit = client.register_script(_script_source("admit.v4.lua"))
         self._settle = client.register_script(_script_source("settle.v4.lua"))
@@ -193,12 +195,16 @@ class BudgetStore:
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
         if config.embedded:
-            from guardproxy.embedded import EmbeddedRedis
-
-            return cls(EmbeddedRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
+            sqlite = SqliteClient(config.sqlite_path(), synchronous=config.synchronous)
+            return cls(sqlite, config.key_prefix, calls_kept=config.call_log_size)
         connection = store_client.connect(config.redis_url)
         return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
                    min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)
+
+    @property
+    def embedded(self) -> bool:
+        """The SQLite store (one file on this machine), not Redis."""
+        return isinstance(self.client, SqliteClient)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
@@ -553,7 +559,7 @@ class BudgetStore:
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
 
 
-    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | None = None) -> Any:
+    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | SqliteScript | None = None) -> Any:
         """Run ``write`` and, with ``min_replica_acks``, ``WAIT`` for replicas in the same round trip.
 
         Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary
