@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs store.redis_url above 1)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (they share the store: Redis or the SQLite file)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="override server.log_format (default text)")
     serve.add_argument("--access-log", action="store_true", help="also log one line per HTTP request (uvicorn's)")
@@ -118,13 +118,6 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1:
-        if config.store.embedded:
-            print(
-                "guardproxy: --workers above 1 needs a shared store: with the embedded store each worker would "
-                "keep its own counters and budgets would not hold. Set store.redis_url (or REDIS_URL).",
-                file=sys.stderr,
-            )
-            return 2
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
         # Workers keep their counters in files here, summed at scrape time; removed when serve ends.
         metrics_dir = tempfile.mkdtemp(prefix="guardproxy-metrics-")
@@ -174,7 +167,8 @@ def masked(config: Config) -> dict[str, Any]:
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
-        "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
+        "store": {"url": _mask_url(config.store.url), "synchronous": config.store.synchronous,
+                  "key_prefix": config.store.key_prefix,
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
                   "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path()),
                   "min_replica_acks": config.store.min_replica_acks,

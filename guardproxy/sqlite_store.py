@@ -216,12 +216,8 @@ class SqliteClient:
         self._next_sweep = 0.0
         #: The longest a transaction has held the file (ms), for the bench and docs/store.md.
         self.longest_tx_ms = 0.0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # the schema, once, from this thread (a throwaway connection)
-        with sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-        db.close()
+        if str(path) != ":memory:":  # ":memory:": a store of the client's own, gone when it closes (tests)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     # -- the thread's connection and transactions -------------------------------------------------------
 
@@ -233,8 +229,22 @@ class SqliteClient:
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             # No busy handler: ``run`` waits for another process's lock itself, in short pauses.
             db.execute("PRAGMA busy_timeout=0")
+            self.run_on(db, lambda: db.executescript(SCHEMA))
             self._local.db = db
         return db
+
+    def run_on(self, db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+        """``work`` on ``db``, tried again while another connection holds the lock (see ``run``)."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        pause = 0.0001
+        while True:
+            try:
+                return work()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 2, 0.005)
 
     def _now_ms(self, clock: Clock) -> int:
         return round(clock() * 1_000_000) // 1000
@@ -247,16 +257,7 @@ class SqliteClient:
         up to ``busy_timeout_ms``; a transaction that met the lock mid-way was rolled back whole first.
         """
         db = self._connection()
-        deadline = time.monotonic() + self.busy_timeout_ms / 1000
-        pause = 0.0001
-        while True:
-            try:
-                return self._once(db, work, writes)
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(random.uniform(pause / 2, pause))
-            pause = min(pause * 2, 0.005)
+        return self.run_on(db, lambda: self._once(db, work, writes))
 
     def _once(self, db: sqlite3.Connection, work: Callable[[Tx], Any], writes: bool) -> Any:
         db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
