@@ -30,7 +30,8 @@ from guardproxy.errors import StoreUnavailable
 from guardproxy.periods import iso_utc, periods_at
 from guardproxy.pricing import format_usd, micros_to_usd
 from guardproxy.state import all_tenants
-from guardproxy.store import BudgetStore, QueuedAlert
+from guardproxy.store import QueuedAlert
+from guardproxy.store_protocol import Store
 
 log = logging.getLogger("guardproxy.alerts")
 
@@ -105,7 +106,7 @@ class AlertSender:
     being retried may send that event to a webhook twice or skip one."""
 
     def __init__(
-        self, store: BudgetStore, config: Callable[[], Config], on_result: Callable[[str, str], None]
+        self, store: Store, config: Callable[[], Config], on_result: Callable[[str, str], None]
     ) -> None:
         self.store = store
         #: The current config (it may be reloaded): nothing is claimed while it has no webhook.

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (they share the store: Redis or the SQLite file)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (sharing the store)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="override server.log_format (default text)")
     serve.add_argument("--access-log", action="store_true", help="also log one line per HTTP request (uvicorn's)")

@@ -113,7 +113,8 @@ async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: An
         config = demo_config(upstream_url, f"{folder}/spend.db")
         app = create_app(config)
         async with _serve(app) as proxy_url:
-            say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 (SQLite store in a temporary file)")
+            say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 "
+                "(SQLite store in a temporary file)")
             for agent in AGENTS:
                 policy = config.policy_for(agent.tenant)
                 say(f"  tenant {agent.tenant:14} daily budget ${policy.daily_micros / 1e6:.2f}, downgrade at "

@@ -28,7 +28,8 @@ from guardproxy.config import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.journal import Entry, Journal
 from guardproxy.periods import Periods, periods_at
-from guardproxy.store import Admission, AlertArgs, BudgetStore, JobArgs, Reservation, reply_lost
+from guardproxy.store import Admission, AlertArgs, JobArgs, Reservation, reply_lost
+from guardproxy.store_protocol import Store
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.ledger")
@@ -51,7 +52,7 @@ class Ledger:
     """
 
     def __init__(
-        self, store: BudgetStore, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
+        self, store: Store, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
         on_duplicate: Callable[[], None] | None = None,
     ) -> None:
         self.store = store

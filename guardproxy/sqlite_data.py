@@ -14,6 +14,7 @@ and finished windows do not pile up.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -304,7 +305,7 @@ class Tx:
         return sum(self.db.execute("INSERT OR IGNORE INTO sets (key, member) VALUES (?, ?)",
                                    (key, as_text(m))).rowcount for m in members)
 
-    def smembers(self, key: str) -> set[str]:
+    def smembers(self, key: str) -> builtins.set[str]:
         if not self.alive(key):
             return set()
         return {row[0] for row in self.db.execute("SELECT member FROM sets WHERE key = ?", (key,))}
@@ -320,7 +321,8 @@ class Tx:
         pos = last_pos + 1
         self.db.execute("INSERT INTO streams (key, pos, ms, seq, fields) VALUES (?, ?, ?, ?, ?)",
                         (key, pos, ms, seq, json.dumps([as_text(v) for v in fields])))
-        self.db.execute("INSERT OR REPLACE INTO stream_ends (key, ms, seq, pos) VALUES (?, ?, ?, ?)", (key, ms, seq, pos))
+        self.db.execute("INSERT OR REPLACE INTO stream_ends (key, ms, seq, pos) VALUES (?, ?, ?, ?)",
+                        (key, ms, seq, pos))
         if maxlen is not None and pos % TRIM_SLACK == 0:
             self.db.execute("DELETE FROM streams WHERE key = ? AND pos <= ?", (key, pos - maxlen))
         return f"{ms}-{seq}"

@@ -19,8 +19,10 @@ WINDOW_MS = 60000
 Script = Callable[[Tx, list[Any], list[Any]], Any]
 
 
-def num(value: Value) -> int:
-    """Lua's ``tonumber`` of an integer reply or argument."""
+def num(value: Value | None) -> int:
+    """Lua's ``tonumber`` of an integer reply or argument (of nothing: the script fails, as in Lua)."""
+    if value is None:
+        raise TypeError("tonumber of nil")
     return int(value)
 
 
@@ -174,13 +176,13 @@ def admit_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
             if r.hsetnx(flags, 'blocked_event', now_ms) == 1:
                 queue('blocked', period, period_id, spent, limit)
     elif settled == 0 and limited == 0:
-        amount = num(A[first + chosen])
+        worst = num(A[first + chosen])  # the Lua's local "amount"
         r.zadd(K[3], now_ms + num(A[2]), A[1])
-        r.hset(K[4], A[1], amount)
-        r.incrby(K[5], amount)
+        r.hset(K[4], A[1], worst)
+        r.incrby(K[5], worst)
         if job != '':
             r.hset(K[16], A[1], job)
-            r.hincrby(K[17], job, amount)
+            r.hincrby(K[17], job, worst)
         r.hdel(K[12], 'blocked')
         r.hdel(K[13], 'blocked')
         if rpm > 0:

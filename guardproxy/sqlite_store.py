@@ -160,9 +160,9 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "sadd": (True, lambda t, k, *ms: t.sadd(_text(k), *ms)),
     "smembers": (False, lambda t, k: {m.encode() for m in t.smembers(_text(k))}),
     "xadd": (True, _xadd),
-    "xrange": (False, lambda t, k, min="-", max="+", count=None: _entries(  # noqa: A002 (redis-py's names)
+    "xrange": (False, lambda t, k, min="-", max="+", count=None: _entries(
         t.xrange(_text(k), _text(min), _text(max), -1 if count is None else count))),
-    "xrevrange": (False, lambda t, k, max="+", min="-", count=None: _entries(  # noqa: A002
+    "xrevrange": (False, lambda t, k, max="+", min="-", count=None: _entries(
         t.xrange(_text(k), _text(min), _text(max), -1 if count is None else count, reverse=True))),
     "xlen": (False, lambda t, k: t.xlen(_text(k))),
     "flushall": (True, lambda t: t.delete(*t.keys()) >= 0),
@@ -189,7 +189,9 @@ class Pipeline:
     async def execute(self) -> list[Any]:
         queued, self._queued = self._queued, []
         writes = any(_OPS[name][0] for name, _, _ in queued)
-        return await self._client.transact(lambda t: [_OPS[n][1](t, *a, **kw) for n, a, kw in queued], writes=writes)
+        replies: list[Any] = await self._client.transact(
+            lambda t: [_OPS[n][1](t, *a, **kw) for n, a, kw in queued], writes=writes)
+        return replies
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -300,13 +302,14 @@ class SqliteClient:
     def register_script(self, source: str) -> Script:
         return Script(self, source)
 
-    async def script_load(self, source: str) -> str:
-        return Script(self, source).sha
+    async def script_load(self, source: str | bytes | memoryview) -> str:
+        return Script(self, source if isinstance(source, str) else bytes(source).decode()).sha
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> Any:
         script = SCRIPTS.get(sha)
         if script is None:
-            raise redis_errors.NoScriptError("NOSCRIPT No matching script (the SQLite store runs the budget scripts only)")
+            raise redis_errors.NoScriptError("NOSCRIPT No matching script (the SQLite store runs the budget "
+                                             "scripts only)")
         keys = [None, *map(_text, keys_and_args[:numkeys])]
         args = [None, *map(_text, keys_and_args[numkeys:])]
 

@@ -21,7 +21,8 @@ from guardproxy.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, projec
 from guardproxy.periods import Periods, iso_utc, periods_at
 from guardproxy.pricing import micros_to_usd
 from guardproxy.relay import Outcome
-from guardproxy.store import BudgetStore, Snapshot
+from guardproxy.store import Snapshot
+from guardproxy.store_protocol import Store
 from guardproxy.types import Micros
 
 OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm", "job_usd")
@@ -123,13 +124,13 @@ def override_record(policy: BudgetPolicy) -> dict[str, str]:
     }
 
 
-async def all_tenants(store: BudgetStore, config: Config) -> list[str]:
+async def all_tenants(store: Store, config: Config) -> list[str]:
     """Configured tenants and every tenant the store has seen (service keys, job lookups, overrides)."""
     return sorted(set(config.tenants) | await store.known_tenants())
 
 
 async def read_states(
-    store: BudgetStore, config: Config, tenants: Sequence[str], now: datetime
+    store: Store, config: Config, tenants: Sequence[str], now: datetime
 ) -> list[TenantState]:
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
