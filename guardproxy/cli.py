@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from guardproxy import __version__, keys_cli, logs
+from guardproxy import __version__, keys_cli, logs, store_copy
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
 from guardproxy.store_client import mask_password
@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
+    store_copy.add_parser(commands)
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "prices":
         return prices_command(args.model, args.provider)
+    if args.command == "store":
+        return store_copy.main(args)
     if args.command == "demo":
         from guardproxy.demo import main as demo_main
 

@@ -312,12 +312,18 @@ class Tx:
 
     # -- streams (entry ids ``ms-seq`` from the transaction's clock, as Redis makes them) -------------------
 
-    def xadd(self, key: str, fields: Sequence[Value], maxlen: int | None = None) -> str:
-        """Append an entry (``fields``: field, value, ...); with ``maxlen``, keep about the latest that many."""
+    def xadd(self, key: str, fields: Sequence[Value], maxlen: int | None = None, entry_id: str = "*") -> str:
+        """Append an entry (``fields``: field, value, ...) under a new id (or ``entry_id``, which must be
+        above the stream's last); with ``maxlen``, keep about the latest that many."""
         self.alive(key)
         end = self.db.execute("SELECT ms, seq, pos FROM stream_ends WHERE key = ?", (key,)).fetchone()
         last_ms, last_seq, last_pos = end if end is not None else (0, -1, 0)
-        ms, seq = (last_ms, last_seq + 1) if self.now_ms <= last_ms else (self.now_ms, 0)
+        if entry_id != "*":
+            ms, seq = _entry_id(entry_id, 0)
+            if (ms, seq) <= (last_ms, last_seq):
+                raise ValueError(f"XADD {key} {entry_id}: the id is not above the stream's last entry")
+        else:
+            ms, seq = (last_ms, last_seq + 1) if self.now_ms <= last_ms else (self.now_ms, 0)
         pos = last_pos + 1
         self.db.execute("INSERT INTO streams (key, pos, ms, seq, fields) VALUES (?, ?, ?, ?, ?)",
                         (key, pos, ms, seq, json.dumps([as_text(v) for v in fields])))

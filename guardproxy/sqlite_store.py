@@ -27,7 +27,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,10 +111,13 @@ def _entries(rows: list[tuple[str, list[str]]]) -> list[tuple[bytes, dict[bytes,
     return [(i.encode(), {f.encode(): v.encode() for f, v in zip(fs[::2], fs[1::2], strict=True)}) for i, fs in rows]
 
 
-def _xadd(t: Tx, name: Value, fields: Mapping[Value, Value], maxlen: int | None = None,
-          approximate: bool = True) -> bytes:
+def _xadd(t: Tx, name: Value, fields: Mapping[Value, Value], id: Value = "*",
+          maxlen: int | None = None, approximate: bool = True) -> bytes:
     flat: list[Value] = [v for pair in fields.items() for v in pair]
-    return t.xadd(_text(name), flat, maxlen=maxlen).encode()
+    try:
+        return t.xadd(_text(name), flat, maxlen=maxlen, entry_id=_text(id)).encode()
+    except ValueError as exc:
+        raise redis_errors.ResponseError(str(exc)) from None
 
 
 def _keys(t: Tx, pattern: Value = "*") -> list[bytes]:
@@ -295,6 +298,11 @@ class SqliteClient:
             return await self.transact(lambda t: op(t, *args, **kwargs), writes=writes)
 
         return command
+
+    async def scan_iter(self, match: str = "*") -> AsyncIterator[bytes]:
+        """The keys matching ``match`` (``*`` or ``prefix*``), as redis-py's ``scan_iter`` yields them."""
+        for key in await self.keys(match):
+            yield key
 
     def pipeline(self, transaction: bool = False) -> Pipeline:
         return Pipeline(self)
