@@ -57,7 +57,8 @@ async def copy_store(source: BudgetStore, target: BudgetStore) -> Copied:
     if await _keys(target):
         raise ValueError(f"the destination already holds keys under {target.prefix}: (copy into an empty store)")
     done = Copied()
-    src, dst = source.client, target.client
+    src: Any = source.client  # either engine: both answer the same commands
+    dst: Any = target.client
     for key in await _keys(source):
         async with translated():
             kind, ttl_ms = text(await src.type(key)), int(await src.pttl(key))

@@ -51,12 +51,9 @@ async def dump(store: BudgetStore) -> dict[str, Any]:
     client = store.client
     for key in sorted({text(k) async for k in client.scan_iter(match=f"{store.prefix}:*")}):
         kind = text(await client.type(key))
-        value: Any = {
-            "string": lambda: client.get(key), "hash": lambda: client.hgetall(key),
-            "zset": lambda: client.zrange(key, 0, -1, withscores=True), "set": lambda: client.smembers(key),
-            "stream": lambda: client.xrange(key),
-        }[kind]
-        out[key] = (kind, await value(), await client.ttl(key))
+        read = {"string": client.get, "hash": client.hgetall, "set": client.smembers, "stream": client.xrange,
+                "zset": lambda k: client.zrange(k, 0, -1, withscores=True)}[kind]
+        out[key] = (kind, await read(key), await client.ttl(key))
     return out
 
 
