@@ -18,7 +18,8 @@ COPY guardproxy ./guardproxy
 RUN pip install --no-deps --no-build-isolation . && useradd --system --uid 10001 --no-create-home guardproxy \
     && mkdir -p /var/lib/guardproxy/guardproxy/journal && chown -R guardproxy /var/lib/guardproxy
 COPY proxy.yaml /etc/guardproxy/proxy.yaml
-# Charges Redis could not take wait here until it can: mount a volume to keep them across containers.
+# Without REDIS_URL the budgets live here (guardproxy/spend.db, the SQLite store), and charges a store
+# could not take wait here (guardproxy/journal): mount a volume to keep them across containers.
 VOLUME /var/lib/guardproxy
 
 USER guardproxy

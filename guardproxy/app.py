@@ -120,14 +120,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         budget_store = store or BudgetStore.from_config(config.store)
         if budget_store.embedded:
-            log.warning("store: embedded in-process store; spend is neither persisted nor shared between "
-                        "processes. Set store.redis_url for production.")
+            log.info("store: SQLite file %s (shared by the processes of this machine; docs/store.md says "
+                     "when to move to Redis)", config.store.sqlite_path())
         for warning in config.warnings:
             log.warning("config: %s", warning)
         try:
             await budget_store.ping()
         except StoreUnavailable:
-            log.error("store: Redis is unreachable at start-up; /readyz answers 503 until it is back")
+            log.error("store: the store is unreachable at start-up; /readyz answers 503 until it is back")
         await anyio.to_thread.run_sync(tokens.warm_up, list(config.models))
         servicetitan = None
         if jobs is None and config.servicetitan is not None:
@@ -141,7 +141,7 @@ def create_app(
 
             tracing = Tracing(config.telemetry)
         metrics: Metrics = app.state.metrics
-        journal = None if budget_store.embedded else Journal(config.store.journal_path(), metrics.journal_pending.set)
+        journal = Journal(config.store.journal_path(), metrics.journal_pending.set)
         metrics.journal_pending.set(0)
         ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
         runtime = Runtime(

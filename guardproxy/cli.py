@@ -22,6 +22,7 @@ from guardproxy.budget.pricing import MICROS_PER_USD
 from guardproxy.config.settings import Config, hash_key, load_config
 from guardproxy.config.validation import ConfigError
 from guardproxy.observe import logs
+from guardproxy.store import copy as store_copy
 from guardproxy.store.client import mask_password
 
 MASK = "***"
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs store.redis_url above 1)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (sharing the store)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="override server.log_format (default text)")
     serve.add_argument("--access-log", action="store_true", help="also log one line per HTTP request (uvicorn's)")
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
+    store_copy.add_parser(commands)
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -70,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "prices":
         return prices_command(args.model, args.provider)
+    if args.command == "store":
+        return store_copy.main(args)
     if args.command == "demo":
         from guardproxy.demo import main as demo_main
 
@@ -120,13 +124,6 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1:
-        if config.store.embedded:
-            print(
-                "guardproxy: --workers above 1 needs a shared store: with the embedded store each worker would "
-                "keep its own counters and budgets would not hold. Set store.redis_url (or REDIS_URL).",
-                file=sys.stderr,
-            )
-            return 2
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
         # Workers keep their counters in files here, summed at scrape time; removed when serve ends.
         metrics_dir = tempfile.mkdtemp(prefix="guardproxy-metrics-")
@@ -176,7 +173,8 @@ def masked(config: Config) -> dict[str, Any]:
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},
-        "store": {"redis_url": _mask_url(config.store.redis_url), "key_prefix": config.store.key_prefix,
+        "store": {"url": _mask_url(config.store.url), "synchronous": config.store.synchronous,
+                  "key_prefix": config.store.key_prefix,
                   "on_unavailable": config.store.on_unavailable, "call_log_size": config.store.call_log_size,
                   "lease_s": config.store.lease_s, "journal_dir": str(config.store.journal_path()),
                   "min_replica_acks": config.store.min_replica_acks,

@@ -1,7 +1,7 @@
 """``guardproxy demo``: a scripted day of agent traffic against a built-in fake upstream.
 
-Needs no key, no network and no Redis: the fake OpenAI upstream and guardproxy (on the embedded
-store) are served by uvicorn on loopback inside this process, and the agents are the real ``openai``
+Needs no key, no network and no Redis: the fake OpenAI upstream and guardproxy (on a SQLite
+store in a temporary file) are served by uvicorn on loopback inside this process, and the agents are the real ``openai``
 SDK. Two tenants' agents burst until their budgets stop them, so the output shows spend rising,
 the downgrade at the soft cap and the 429 at the hard cap.
 """
@@ -14,6 +14,7 @@ import logging
 import random
 import socket
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -45,8 +46,9 @@ AGENTS = (
 )
 
 
-def demo_config(upstream_url: str) -> Config:
+def demo_config(upstream_url: str, store_file: str) -> Config:
     return parse_config({
+        "store": {"url": f"sqlite://{store_file}"},
         "upstreams": {"fake-openai": {"base_url": f"{upstream_url}/v1", "api_key": "sk-demo-not-a-real-key"}},
         "models": {
             "gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00, "max_output_tokens": 4096,
@@ -101,11 +103,18 @@ async def run_demo(
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
 
+    with tempfile.TemporaryDirectory(prefix="guardproxy-demo-") as folder:
+        return await _play(folder, rng, outcomes, say, pause_s, max_rounds)
+
+
+async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: Any, pause_s: float,
+                max_rounds: int) -> Counter[str]:
     async with _serve(create_fake_upstream()) as upstream_url:
-        config = demo_config(upstream_url)
+        config = demo_config(upstream_url, f"{folder}/spend.db")
         app = create_app(config)
         async with _serve(app) as proxy_url:
-            say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 (embedded store)")
+            say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 "
+                "(SQLite store in a temporary file)")
             for agent in AGENTS:
                 policy = config.policy_for(agent.tenant)
                 say(f"  tenant {agent.tenant:14} daily budget ${policy.daily_micros / 1e6:.2f}, downgrade at "
@@ -171,7 +180,7 @@ def _summary(states: list[TenantState], outcomes: Counter[str], say: Any) -> Non
 
 
 def main(short: bool = False) -> int:
-    # The embedded store's start-up warning is expected here; keep the output to the story.
+    # Keep the output to the story.
     logging.getLogger("guardproxy").setLevel(logging.ERROR)
     asyncio.run(run_demo(pause_s=0.0 if short else 0.15))
     return 0

@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from guardproxy.config.settings import StoreConfig
-from guardproxy.store.embedded import EmbeddedRedis
 from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sqlite import SqliteClient
 
 PREFIX = "gp"
 
@@ -29,9 +29,10 @@ class Backend:
     open: Callable[[pytest.FixtureRequest], BudgetStore]
 
 
-def embedded(request: pytest.FixtureRequest) -> BudgetStore:
-    """The in-process store guardproxy runs without ``store.redis_url`` (fakeredis, the scripts' Python twins)."""
-    return BudgetStore(EmbeddedRedis(), PREFIX, embedded=True)
+def sqlite(request: pytest.FixtureRequest) -> BudgetStore:
+    """The SQLite store guardproxy runs without a Redis URL, on a new file of the test's own."""
+    path = request.getfixturevalue("tmp_path") / "spend.db"
+    return BudgetStore(SqliteClient(path), PREFIX)
 
 
 def real_redis(request: pytest.FixtureRequest) -> BudgetStore:
@@ -59,6 +60,6 @@ def cluster(request: pytest.FixtureRequest) -> BudgetStore:
 
 
 BACKENDS: list[Backend] = [
-    Backend("embedded", embedded), Backend("redis", real_redis), Backend("sentinel", sentinel),
+    Backend("sqlite", sqlite), Backend("redis", real_redis), Backend("sentinel", sentinel),
     Backend("cluster", cluster),
 ]

@@ -34,10 +34,6 @@ def add_parser(
 
 
 def main(config: Config, args: argparse.Namespace) -> int:
-    if config.store.embedded:
-        print("guardproxy: keys live in the shared store: set store.redis_url (or REDIS_URL) in the config",
-              file=sys.stderr)
-        return 2
     if not TENANT_ID.fullmatch(args.tenant):
         print(f"guardproxy: {args.tenant!r} is not a tenant id (1-64 of letters, digits, '.', '_', '-')",
               file=sys.stderr)

@@ -74,9 +74,6 @@ async def _states(config: Config, tenant: str | None, jobs: int = 0) -> tuple[li
 
 def main(config: Config, tenant: str | None, out: TextIO = sys.stdout, *, jobs: int = 0) -> int:
     """Print the tenants' budget state; with ``jobs`` > 0, each tenant's latest ``jobs`` jobs too."""
-    if config.store.embedded:
-        print("note: store.redis_url is empty, so this reads a fresh embedded store (a running proxy's "
-              "embedded store lives only in its own process)", file=sys.stderr)
     try:
         states, listings = asyncio.run(_states(config, tenant, jobs))
     except StoreUnavailable as exc:

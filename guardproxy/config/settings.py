@@ -27,7 +27,7 @@ from guardproxy.config.models import ModelConfig as ModelConfig
 from guardproxy.config.models import UpstreamConfig as UpstreamConfig
 from guardproxy.config.models import parse_models, parse_upstreams
 from guardproxy.config.servicetitan import ServiceTitanConfig, parse_servicetitan
-from guardproxy.config.store_url import parse_store_url
+from guardproxy.config.store_url import parse_store_url, sqlite_path
 from guardproxy.config.validation import ConfigError, Fields, check_range, describe, expand_env, to_decimal
 from guardproxy.types import Micros
 
@@ -57,6 +57,11 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     redis_url: str = ""
+    #: The SQLite store's file when ``redis_url`` is empty; empty: ``sqlite_path()``'s default.
+    sqlite_file: str = ""
+    #: The SQLite store's ``PRAGMA synchronous``: ``normal`` (a power cut may lose the last commits) or
+    #: ``full`` (every commit synced to disk); docs/store.md.
+    synchronous: str = "normal"
     key_prefix: str = "gp"
     on_unavailable: str = "fail_closed"
     #: Settled calls kept per tenant for the admin API's audit log (0: none).
@@ -75,7 +80,21 @@ class StoreConfig:
 
     @property
     def embedded(self) -> bool:
+        """The SQLite store (no Redis URL)."""
         return not self.redis_url
+
+    @property
+    def url(self) -> str:
+        """The store as one URL: the Redis URL, else ``sqlite:///<file>``."""
+        return self.redis_url or f"sqlite://{self.sqlite_path()}"
+
+    def sqlite_path(self) -> Path:
+        """The SQLite store's file: ``sqlite_file``, else ``$XDG_STATE_HOME/guardproxy/spend.db``, else
+        ``~/.local/state/guardproxy/spend.db`` (read from the environment when called)."""
+        if self.sqlite_file:
+            return Path(self.sqlite_file)
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "guardproxy" / "spend.db"
 
     def journal_path(self) -> Path:
         """The journal directory: ``journal_dir``, else ``$XDG_STATE_HOME/guardproxy/journal``, else
@@ -325,12 +344,23 @@ def _server(f: Fields) -> ServerConfig:
 
 def _store(f: Fields) -> StoreConfig:
     url = f.text("redis_url", "")
+    field = "redis_url"
+    sqlite_file = ""
+    if f.has("url"):
+        if url:
+            raise ConfigError(f.at("url"), "set store.url or store.redis_url, not both")
+        url, field = f.text("url", ""), "url"
+        if url.startswith("sqlite:"):
+            try:
+                sqlite_file, url = str(sqlite_path(url)), ""
+            except ValueError as exc:
+                raise ConfigError(f.at("url"), str(exc)) from None
     kind = ""
     if url:
         try:
             kind = parse_store_url(url).kind
         except ValueError as exc:
-            raise ConfigError(f.at("redis_url"), str(exc)) from None
+            raise ConfigError(f.at(field), f"{exc} (or sqlite:///path for the SQLite store)") from None
     # Behind Sentinel a failover must not drop acknowledged charges: one replica confirms each by default.
     acks = f.integer("min_replica_acks", 1 if kind == "sentinel" else 0, min_value=0, max_value=16)
     if acks and kind in ("", "cluster"):
@@ -338,6 +368,8 @@ def _store(f: Fields) -> StoreConfig:
                           "Cluster set min-replicas-to-write on the shards instead (deploy/README.md)")
     out = StoreConfig(
         redis_url=url,
+        sqlite_file=sqlite_file,
+        synchronous=f.text("synchronous", StoreConfig.synchronous, choices=("normal", "full")),
         key_prefix=f.text("key_prefix", StoreConfig.key_prefix, allow_empty=False),
         on_unavailable=f.text("on_unavailable", StoreConfig.on_unavailable, choices=("fail_closed", "fail_open")),
         call_log_size=f.integer("call_log_size", StoreConfig.call_log_size, min_value=0, max_value=1_000_000),

@@ -7,6 +7,7 @@ client for the parsed URL.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -75,3 +76,11 @@ def _node(text: str, scheme: str) -> tuple[str, int]:
         default = 26379 if scheme in SENTINEL_SCHEMES else 6379
         raise ValueError(f"each node of a {scheme}:// URL is host:port (e.g. 10.0.0.1:{default}), got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///path`` URL (``sqlite:///var/lib/x.db`` is /var/lib/x.db)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != "sqlite" or not sep or not rest.strip("/"):
+        raise ValueError(f"a SQLite store URL is sqlite:///path/to/file.db, got {url!r}")
+    return Path(rest)

@@ -158,8 +158,9 @@ def _needs_restart(running: Config, loaded: Config) -> list[str]:
     return [name for name, changed in checks.items() if changed]
 
 
-def _connection(config: Config) -> tuple[str, str, int]:
-    return config.store.redis_url, config.store.key_prefix, config.store.call_log_size
+def _connection(config: Config) -> tuple[str, str, str, int]:
+    store = config.store
+    return store.url, store.synchronous, store.key_prefix, store.call_log_size
 
 
 def _file_sha256(path: Path) -> str:

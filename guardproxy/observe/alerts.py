@@ -31,7 +31,7 @@ from guardproxy.budget.records import QueuedAlert
 from guardproxy.config.settings import Config, WebhookConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.observe.state import all_tenants
-from guardproxy.store.redis import BudgetStore
+from guardproxy.store.protocol import Store
 
 log = logging.getLogger("guardproxy.alerts")
 
@@ -106,7 +106,7 @@ class AlertSender:
     being retried may send that event to a webhook twice or skip one."""
 
     def __init__(
-        self, store: BudgetStore, config: Callable[[], Config], on_result: Callable[[str, str], None]
+        self, store: Store, config: Callable[[], Config], on_result: Callable[[str, str], None]
     ) -> None:
         self.store = store
         #: The current config (it may be reloaded): nothing is claimed while it has no webhook.

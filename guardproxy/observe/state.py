@@ -22,7 +22,7 @@ from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import micros_to_usd
 from guardproxy.budget.records import Outcome, Snapshot
 from guardproxy.config.settings import Config
-from guardproxy.store.redis import BudgetStore
+from guardproxy.store.protocol import Store
 from guardproxy.types import Micros
 
 OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm", "job_usd")
@@ -124,13 +124,13 @@ def override_record(policy: BudgetPolicy) -> dict[str, str]:
     }
 
 
-async def all_tenants(store: BudgetStore, config: Config) -> list[str]:
+async def all_tenants(store: Store, config: Config) -> list[str]:
     """Configured tenants and every tenant the store has seen (service keys, job lookups, overrides)."""
     return sorted(set(config.tenants) | await store.known_tenants())
 
 
 async def read_states(
-    store: BudgetStore, config: Config, tenants: Sequence[str], now: datetime
+    store: Store, config: Config, tenants: Sequence[str], now: datetime
 ) -> list[TenantState]:
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -83,6 +84,7 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     redis_errors.AskError,  # MOVED / ASK still bouncing after the client's retries
     redis_errors.RedisClusterException,  # SlotNotCoveredError, no reachable startup node
     OSError,
+    sqlite3.OperationalError,  # the SQLite store: its file locked past the timeout, or the disk failing
 )
 #: Error replies (first word) meaning the same, also when a Lua script relays them.
 _UNAVAILABLE_REPLIES = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MOVED",

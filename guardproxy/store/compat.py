@@ -1,10 +1,9 @@
 """Where guardproxy builds on a library's internals, and the one error that says so when an upgrade breaks them.
 
-guardproxy uses the private API of two libraries, each from one module only (its seam):
+guardproxy uses the private API of one library, from one module only (its seam):
 
 - redis-py, in ``store_client.py``: the pool's lean checkout, the Sentinel pool's connection lists, the
-  cluster client's connection class (speed and failover correctness, see that module);
-- fakeredis, in ``embedded.py``: the embedded store's Python twins of the Lua scripts work on its data.
+  cluster client's connection class (speed and failover correctness, see that module).
 
 Each seam imports what it uses inside ``internals(...)`` and names the attributes it reaches for at run
 time with ``require(...)``. An upgrade that moves any of them then stops the import with

@@ -22,7 +22,7 @@ import orjson
 from guardproxy.budget.periods import iso_utc
 from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.store.redis import BudgetStore, text, translated
+from guardproxy.store.protocol import Store
 
 KEY_PREFIX = "gp-"
 KEY_BYTES = 32
@@ -101,7 +101,7 @@ class _Cached:
 class KeyRing:
     """Runtime tenant keys of one process: create, list, revoke, and find a presented key's tenant."""
 
-    def __init__(self, store: BudgetStore, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, store: Store, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.keys = KeyStore(store)
         self.clock = clock
         self._cache: dict[str, _Cached] = {}
@@ -194,51 +194,25 @@ def _from_ms(ms: int) -> datetime:
 
 
 class KeyStore:
-    """Tenant API keys created at runtime (``guardproxy.store.keys``), hashed, in the budget store's Redis.
+    """Tenant API keys created at runtime (``guardproxy.store.keys``), hashed, in the budget store (its
+    ``*_key`` methods say how they are kept)."""
 
-    ``{prefix}:keys`` maps a key's sha256 digest to its owner, so an unknown key costs one HGET on
-    any replica; ``{prefix}:{tenant}:keys`` holds each key's metadata by id and ``…:keys:used`` its
-    last use. Every operation touches one key, so no two keys of different slots ever meet in one
-    command (Redis Cluster).
-    """
-
-    def __init__(self, store: BudgetStore) -> None:
-        self.client = store.client
-        self.index = f"{store.prefix}:keys"
+    def __init__(self, store: Store) -> None:
         self.store = store
-
-    def _meta(self, tenant: str) -> str:
-        return f"{self.store.keys(tenant).base}:keys"
-
-    def _used(self, tenant: str) -> str:
-        return f"{self.store.keys(tenant).base}:keys:used"
 
     async def owner(self, digest: str) -> str | None:
         """The index entry (JSON) of the key with this sha256 hex digest, or ``None``."""
-        async with translated():
-            value = await self.client.hget(self.index, digest)
-        return None if value is None else text(value)
+        return await self.store.key_owner(digest)
 
     async def add(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
-        # Metadata first: a key is usable only once it is listed, never the other way round.
-        async with translated():
-            await self.client.hset(self._meta(tenant), key_id, meta)
-            await self.client.hset(self.index, digest, owner)
+        await self.store.add_key(tenant, key_id, digest, owner, meta)
 
     async def listed(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
         """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
-        async with translated():
-            meta = await self.client.hgetall(self._meta(tenant))
-            used = await self.client.hgetall(self._used(tenant))
-        return ({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
+        return await self.store.listed_keys(tenant)
 
     async def remove(self, tenant: str, key_id: str, digest: str) -> None:
-        # Index first: the key stops working before its listing goes.
-        async with translated():
-            await self.client.hdel(self.index, digest)
-            await self.client.hdel(self._meta(tenant), key_id)
-            await self.client.hdel(self._used(tenant), key_id)
+        await self.store.remove_key(tenant, key_id, digest)
 
     async def touch(self, tenant: str, key_id: str, at_ms: int) -> None:
-        async with translated():
-            await self.client.hset(self._used(tenant), key_id, str(at_ms))
+        await self.store.touch_key(tenant, key_id, at_ms)

@@ -29,7 +29,8 @@ from guardproxy.budget.records import Admission, AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.store.journal import Entry, Journal
-from guardproxy.store.redis import BudgetStore, reply_lost
+from guardproxy.store.protocol import Store
+from guardproxy.store.redis import reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.ledger")
@@ -52,7 +53,7 @@ class Ledger:
     """
 
     def __init__(
-        self, store: BudgetStore, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
+        self, store: Store, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
         on_duplicate: Callable[[], None] | None = None,
     ) -> None:
         self.store = store

@@ -4,9 +4,10 @@ Admission and settlement are each one Lua script, so any number of proxy process
 Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
-process died frees within a lease. Without ``store.redis_url`` the store is an in-process fakeredis
-on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a
-tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
+process died frees within a lease. Without a Redis URL the store is one SQLite file (``sqlite_store.py``:
+the same keys and commands, the scripts transcribed and checked against the Lua), shared by every
+process that opens it. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
+Redis Cluster. ``store_protocol.Store`` is what the rest of guardproxy may ask of a store. Redis errors become
 ``StoreUnavailable`` in exactly one place, ``translated`` (its table is ``store_client.unavailable``).
 ``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 
@@ -49,6 +50,8 @@ from guardproxy.config.settings import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
 from guardproxy.store.client import StoreClient, StoreConnection
+from guardproxy.store.sqlite import Script as SqliteScript
+from guardproxy.store.sqlite import SqliteClient
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.store")
@@ -152,6 +155,16 @@ class Keys:
         """The tenant's jobs by their last call (ms)."""
         return f"{self.base}:jobs"
 
+    @property
+    def api_keys(self) -> str:
+        """Runtime API keys' metadata by key id (``keys.py``)."""
+        return f"{self.base}:keys"
+
+    @property
+    def api_keys_used(self) -> str:
+        """Runtime API keys' last use (ms) by key id."""
+        return f"{self.base}:keys:used"
+
     def response(self, digest: str) -> str:
         """One cached upstream answer (``cache.py`` names it by the request's digest)."""
         return f"{self.base}:rc:{digest}"
@@ -175,7 +188,7 @@ class BudgetStore:
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     def __init__(
-        self, client: StoreClient, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000,
+        self, client: StoreClient | SqliteClient, prefix: str = "gp", *, calls_kept: int = 1000,
         connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
     ) -> None:
         self.client = client
@@ -183,7 +196,6 @@ class BudgetStore:
         self.min_replica_acks = min_replica_acks
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.prefix = prefix
-        self.embedded = embedded
         self.calls_kept = calls_kept
         self._admit = client.register_script(_script_source("admit.v4.lua"))
         self._settle = client.register_script(_script_source("settle.v4.lua"))
@@ -193,12 +205,16 @@ class BudgetStore:
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
         if config.embedded:
-            from guardproxy.store.embedded import EmbeddedRedis
-
-            return cls(EmbeddedRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
+            sqlite = SqliteClient(config.sqlite_path(), synchronous=config.synchronous)
+            return cls(sqlite, config.key_prefix, calls_kept=config.call_log_size)
         connection = store_client.connect(config.redis_url)
         return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
                    min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)
+
+    @property
+    def embedded(self) -> bool:
+        """The SQLite store (one file on this machine), not Redis."""
+        return isinstance(self.client, SqliteClient)
 
     def keys(self, tenant: str) -> Keys:
         return Keys(self.prefix, tenant)
@@ -508,6 +524,46 @@ class BudgetStore:
         out.sort(key=lambda a: tuple(int(p) for p in a.id.split("-")), reverse=True)
         return out[:limit]
 
+    # -- runtime API keys (``keys.py``) -------------------------------------------------------------
+    # ``{prefix}:keys`` maps a key's sha256 digest to its owner, so an unknown key costs one HGET on any
+    # replica; ``{prefix}:{tenant}:keys`` holds each key's metadata by id and ``…:keys:used`` its last
+    # use. Every command touches one key, so no two keys of different slots meet in one (Redis Cluster).
+
+    def _key_index(self) -> str:
+        return f"{self.prefix}:keys"
+
+    async def key_owner(self, digest: str) -> str | None:
+        """The index entry (JSON) of the key with this sha256 hex digest, or ``None``."""
+        async with translated():
+            value = await self.client.hget(self._key_index(), digest)
+        return None if value is None else text(value)
+
+    async def add_key(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
+        # Metadata first: a key is usable only once it is listed, never the other way round.
+        async with translated():
+            await self.client.hset(self.keys(tenant).api_keys, key_id, meta)
+            await self.client.hset(self._key_index(), digest, owner)
+
+    async def listed_keys(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
+        k = self.keys(tenant)
+        async with translated():
+            meta = await self.client.hgetall(k.api_keys)
+            used = await self.client.hgetall(k.api_keys_used)
+        return ({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
+
+    async def remove_key(self, tenant: str, key_id: str, digest: str) -> None:
+        # Index first: the key stops working before its listing goes.
+        k = self.keys(tenant)
+        async with translated():
+            await self.client.hdel(self._key_index(), digest)
+            await self.client.hdel(k.api_keys, key_id)
+            await self.client.hdel(k.api_keys_used, key_id)
+
+    async def touch_key(self, tenant: str, key_id: str, at_ms: int) -> None:
+        async with translated():
+            await self.client.hset(self.keys(tenant).api_keys_used, key_id, str(at_ms))
+
     # -- jobs (work orders) ------------------------------------------------------------------------
 
     async def job_usage(self, tenant: str, job: str) -> JobUsage | None:
@@ -553,7 +609,7 @@ class BudgetStore:
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
 
 
-    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | None = None) -> Any:
+    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | SqliteScript | None = None) -> Any:
         """Run ``write`` and, with ``min_replica_acks``, ``WAIT`` for replicas in the same round trip.
 
         Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary

@@ -48,7 +48,7 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
                    "hook-secret-13"):
         assert secret not in shown
     resolved = yaml.safe_load(done.stdout)
-    assert resolved["store"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert resolved["store"]["url"] == "redis://:***@127.0.0.1:6379/0"
     assert resolved["store"]["lease_s"] == 30.0 and resolved["store"]["journal_dir"].endswith("/guardproxy/journal")
     assert resolved["models"]["gpt-4o"]["output"] == 10.0
     assert resolved["alerts"]["webhooks"][0]["url"] == "https://hooks.slack.com/***"
@@ -75,14 +75,6 @@ def test_check_config_names_the_field_and_exits_non_zero(tmp_path: Path, patch: 
 def test_example_config_checks_out() -> None:
     done = guardproxy("check-config", "--config", str(REPO / "proxy.yaml"))
     assert done.returncode == 0, done.stderr
-
-
-def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config_dict("http://127.0.0.1:9")))
-    done = guardproxy("serve", "--config", str(path), "--workers", "2")
-    assert done.returncode == 2
-    assert "store.redis_url" in done.stderr
 
 
 @pytest.mark.anyio

@@ -2,7 +2,7 @@
 
 The arithmetic is checked against brute force on small numbers and by its defining property
 (the limit fits, one token more does not) over generated ones. ``choose`` is run twice on the same
-spend: once through admit.v2.lua on the embedded store (what a call does, reserving) and once
+spend: once through admit.v4 on the SQLite store (what a call does, reserving) and once
 through ``choice.reading`` (what a quote does): both must pick the same model and limit.
 """
 

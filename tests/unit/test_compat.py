@@ -10,12 +10,11 @@ import pytest
 from redis.asyncio.connection import ConnectionPool
 
 from guardproxy.store import client as store_client
-from guardproxy.store import compat, embedded
+from guardproxy.store import compat
 
 
 def test_the_installed_versions_have_every_internal_the_seams_use() -> None:
     store_client.check_internals()
-    embedded.check_internals()
 
 
 def test_a_missing_internal_names_the_library_its_version_and_the_tested_range(
@@ -31,21 +30,22 @@ def test_a_missing_internal_names_the_library_its_version_and_the_tested_range(
 
 
 def test_a_release_that_breaks_on_import_stops_guardproxy_with_the_library_named(tmp_path: Path) -> None:
-    """A stand-in fakeredis 2.39.9 that fails at import the way 2.40.0 did on redis 8.2.0 (an AttributeError
-    inside its own modules) is first on the path: importing the embedded store names it, not a traceback."""
-    package = tmp_path / "fakeredis"
+    """A stand-in redis 4.9.9 that fails at import with an AttributeError inside its own modules (as a
+    fakeredis release once did on a new redis) is first on the path: importing the store's client names
+    it, not a traceback."""
+    package = tmp_path / "redis"
     package.mkdir()
     (package / "__init__.py").write_text(
         "raise AttributeError(\"'method_descriptor' object has no attribute '__closure__'\")\n")
-    info = tmp_path / "fakeredis-2.39.9.dist-info"
+    info = tmp_path / "redis-4.9.9.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeredis\nVersion: 2.39.9\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: redis\nVersion: 4.9.9\n")
     run = subprocess.run(
-        [sys.executable, "-c", "import guardproxy.store.embedded"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", "import guardproxy.store.client"], capture_output=True, text=True, timeout=60,
         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("guardproxy.store.compat.IncompatibleLibrary: fakeredis 2.39.9 is not"), run.stderr
-    assert f"fakeredis{embedded.FAKEREDIS_TESTED}" in last
+    assert last.startswith("guardproxy.store.compat.IncompatibleLibrary: redis 4.9.9 is not compatible"), run.stderr
+    assert f"redis{store_client.REDIS_TESTED}" in last
     assert "__closure__" in last

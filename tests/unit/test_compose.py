@@ -29,7 +29,7 @@ def binds(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_stack_has_two_replicas_redis_with_aof_prometheus_and_grafana() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "guardproxy-1", "guardproxy-2", "prometheus", "grafana"}
+    assert set(services) == {"redis", "guardproxy-1", "guardproxy-2", "prometheus", "grafana", "guardproxy-solo"}
     redis = services["redis"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert "redis-data:/data" in redis["volumes"] and "healthcheck" in redis
@@ -42,6 +42,15 @@ def test_the_stack_has_two_replicas_redis_with_aof_prometheus_and_grafana() -> N
         assert replica["command"][:1] == ["serve"] and "0.0.0.0" in replica["command"]
         ports.add(replica["ports"][0].split(":")[0])
     assert len(ports) == 2
+
+
+def test_the_solo_service_keeps_its_sqlite_store_in_a_volume_and_needs_no_redis() -> None:
+    doc = compose()
+    solo = doc["services"]["guardproxy-solo"]
+    assert solo["profiles"] == ["solo"] and "REDIS_URL" not in solo["environment"] and "depends_on" not in solo
+    assert "guardproxy-state:/var/lib/guardproxy" in solo["volumes"] and "guardproxy-state" in doc["volumes"]
+    dockerfile = (DEPLOY / solo["build"]["context"] / solo["build"]["dockerfile"]).read_text()
+    assert "XDG_STATE_HOME=/var/lib/guardproxy" in dockerfile and "VOLUME /var/lib/guardproxy" in dockerfile
 
 
 def test_every_mounted_file_exists_and_every_named_volume_is_declared() -> None:

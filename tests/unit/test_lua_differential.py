@@ -1,7 +1,8 @@
-"""admit.v4.lua on the embedded store against budget.decide and budget.rate_verdict, over generated scenarios.
+"""admit.v4 on the SQLite store against budget.decide and budget.rate_verdict, over generated scenarios.
 
-The Lua script is what runs in production; ``budget.decide`` is its readable reference. The
-differential test sets spend and live reservations directly in a fake Redis under the key names
+The script is what runs in production (its Lua on Redis, its transcription on SQLite, which
+``test_sqlite_scripts.py`` holds to the Lua); ``budget.decide`` is its readable reference. The
+differential test sets spend and live reservations directly in the store under the key names
 of ``store.Keys`` and checks that both pick the same candidate and report the same figures. The
 scripts' whole contract (settlement, exactly-once, leases, overrides) runs on every backend in
 ``tests/contract/test_store.py``.
@@ -15,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +23,7 @@ from guardproxy.budget.decision import RateLimits, Thresholds, decide, rate_verd
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import JobArgs, Reservation
 from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.sqlite import SqliteClient
 
 T = TypeVar("T")
 TENANT = "acme"
@@ -32,7 +33,8 @@ DAY_S = 86_400
 
 
 def new_store() -> BudgetStore:
-    return BudgetStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "gp", embedded=True)
+    """A SQLite store in memory, of its own."""
+    return BudgetStore(SqliteClient(":memory:"), "gp")
 
 
 def run(scenario: Callable[[BudgetStore], Awaitable[T]]) -> T:

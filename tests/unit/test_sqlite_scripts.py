@@ -1,16 +1,19 @@
-"""The embedded store's Python twins (``guardproxy/store/embedded.py``) against the Lua scripts on a real redis-server.
+"""The SQLite store's scripts (``guardproxy/store/sqlite_scripts.py``) against the Lua scripts on a real redis-server.
 
 Hypothesis draws sequences of admissions, settlements (duplicates, releases, jobs, alert thresholds),
 lease renewals, alert claims, overrides and clock steps (leases expire, rate windows slide) on one
 tenant; each runs through ``BudgetStore`` on both stores. Every script reply and, at the end, every key
-(type, value, TTL) must be the same. Both sides read one test clock: the twins through ``EmbeddedRedis``'s
-``clock``, the Lua through its ``redis.call('TIME')`` rewritten to read a clock key (the only change to
-the scripts). Stream entry ids come from each server's own clock, so they are compared by position.
+(type, value, TTL) must be the same. Both sides read one test clock: the SQLite store through
+``SqliteClient``'s ``clock``, the Lua through its ``redis.call('TIME')`` rewritten to read a clock key (the
+only change to the scripts); TTLs run on real time on both. Stream entry ids come from each side's own
+clock, so they are compared by position.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +29,9 @@ from hypothesis import strategies as st
 from guardproxy.budget.decision import RateLimits, Thresholds
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
-from guardproxy.store.embedded import TWINS, EmbeddedRedis
 from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sqlite import SqliteClient
+from guardproxy.store.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
 
 TENANT = "acme"
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
@@ -39,11 +43,13 @@ def source(name: str) -> str:
     return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-def test_every_script_has_a_twin() -> None:
-    """An edited script must come with its edited twin (until then the embedded store runs the Lua)."""
-    store = BudgetStore(EmbeddedRedis(), "gp", embedded=True)
-    assert {s.sha for s in (store._admit, store._settle, store._renew, store._claim)} == set(TWINS)
+def test_every_script_has_a_transcription(tmp_path: Any) -> None:
+    """An edited script must come with its edited transcription (until then the SQLite store refuses it)."""
+    store = BudgetStore(SqliteClient(tmp_path / "spend.db"), "gp")
+    assert {s.sha for s in (store._admit, store._settle, store._renew, store._claim)} == set(TRANSCRIPTIONS)
     assert all("redis.call('TIME')" in source(name) for name in SCRIPTS)
+    with pytest.raises(RuntimeError, match="no transcription"):
+        SqliteClient(tmp_path / "other.db").register_script(source("admit.v4.lua") + "\n-- edited")
 
 
 # -- the two stores, recording every script reply ---------------------------------------------------------
@@ -79,9 +85,9 @@ class LuaOnRedis(aioredis.Redis):
         return reply
 
 
-class RecordingTwins(EmbeddedRedis):
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock=clock)
+class RecordingSqlite(SqliteClient):
+    def __init__(self, path: str, clock: Clock) -> None:
+        super().__init__(path, clock=clock, ttl_clock=time.time)
         self.replies: list[Any] = []
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
@@ -95,7 +101,7 @@ class RecordingTwins(EmbeddedRedis):
 
 
 for _name in SCRIPTS:
-    _sha = BudgetStore(EmbeddedRedis(), "gp").client.register_script(source(_name)).sha
+    _sha = hashlib.sha1(source(_name).encode()).hexdigest()
     LuaOnRedis.lua_by_sha[_sha] = source(_name).replace(
         "redis.call('TIME')", f"redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"
     )
@@ -281,14 +287,15 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(sequence=st.lists(ops, min_size=1, max_size=30))
-def test_twins_equal_the_lua_on_redis(redis_url_for_twins: str, sequence: list[Any]) -> None:
+def test_sqlite_equals_the_lua_on_redis(redis_url_for_twins: str, sequence: list[Any]) -> None:
     async def main() -> None:
         lua_clock, twin_clock = Clock(), Clock()
         twin_clock.now_s = lua_clock.now_s
         lua = LuaOnRedis(redis_url_for_twins, lua_clock)
         await lua.flushall()
-        twins = RecordingTwins(twin_clock)
-        on_redis, embedded = BudgetStore(lua, "gp"), BudgetStore(twins, "gp", embedded=True)
+        folder = tempfile.TemporaryDirectory(prefix="gp-sqlite-")
+        twins = RecordingSqlite(f"{folder.name}/spend.db", twin_clock)
+        on_redis, embedded = BudgetStore(lua, "gp"), BudgetStore(twins, "gp")
         try:
             for op in sequence:
                 outcomes = []
@@ -308,6 +315,7 @@ def test_twins_equal_the_lua_on_redis(redis_url_for_twins: str, sequence: list[A
         finally:
             await on_redis.aclose()
             await embedded.aclose()
+            folder.cleanup()
 
     asyncio.run(main())
 
