@@ -1,4 +1,5 @@
-"""The benchmark's own pure parts (bench/workload.py, servers.py, report.py, clients.py): what it serves, parses and concludes.
+"""The benchmark's own pure parts (bench/workload.py, servers.py, report.py, clients.py): what it serves,
+parses and concludes.
 
 The load itself is not run here (it takes minutes and measures nothing a test could assert).
 """
@@ -95,7 +96,8 @@ def test_proc_stat_of_this_process() -> None:
     assert stat.rss_bytes > 1 << 20
     # A command name with spaces and parentheses does not shift the fields.
     odd = "42 (a) b (c)) S 1 42 7 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 100 1000 3 " + " ".join(["0"] * 28)
-    assert servers.parse_proc_stat(odd) == servers.ProcStat(pid=42, session=7, cpu_ticks=11, rss_bytes=3 * servers.PAGE_SIZE)
+    expected = servers.ProcStat(pid=42, session=7, cpu_ticks=11, rss_bytes=3 * servers.PAGE_SIZE)
+    assert servers.parse_proc_stat(odd) == expected
 
 
 def test_a_response_is_complete_by_its_length_or_its_last_chunk() -> None:
