@@ -32,6 +32,9 @@ from guardproxy.pricing import format_usd, micros_to_usd
 from guardproxy.state import all_tenants
 from guardproxy.store import BudgetStore, QueuedAlert
 
+#: The stream of store-level events (``store_health``): a name no tenant can have.
+STORE_EVENTS_TENANT = "_store"
+
 log = logging.getLogger("guardproxy.alerts")
 
 #: How often a sender looks for due events.
@@ -53,6 +56,9 @@ def retry_delay_s(attempts: int) -> float:
 
 def event_json(fields: Mapping[str, str], zone: ZoneInfo) -> dict[str, Any]:
     """The JSON body of one event, from the fields the script queued and the tenant's timezone."""
+    if fields.get("event") == "store":  # about the store itself (``store_health``), no tenant
+        return {"event": "store", "tenant": None, "problem": fields.get("problem"), "message": fields.get("message"),
+                "at": iso_utc(datetime.fromtimestamp(int(fields.get("at_ms", 0)) / 1000, UTC))}
     spent, limit = int(fields.get("spent", 0)), int(fields.get("limit", 0))
     threshold = fields.get("threshold") or ""
     period, period_id = fields.get("period", "day"), fields.get("period_id", "")
@@ -81,6 +87,8 @@ def _resets_at(period: str, period_id: str, zone: ZoneInfo) -> str | None:
 
 def slack_text(event: Mapping[str, Any]) -> str:
     """One readable line with the event's facts, for Slack's incoming webhooks."""
+    if event["event"] == "store":
+        return f"guardproxy: budget store problem ({event['problem']}): {event['message']}"
     period = "daily" if event["period"] == "day" else "monthly"
     spent = f"${format_usd(round(event['spent_usd'] * 1_000_000))}"
     limit = f"${format_usd(round(event['limit_usd'] * 1_000_000))}"
@@ -142,9 +150,7 @@ class AlertSender:
         config = self.config()
         if not config.alerts.enabled:
             return 0
-        tenants = await all_tenants(self.store, config)
-        if not tenants:
-            return 0
+        tenants = [*await all_tenants(self.store, config), STORE_EVENTS_TENANT]
         claimed = await self.store.claim_alerts(tenants, CLAIM_LEASE_MS)
         if claimed:
             async with anyio.create_task_group() as group:

@@ -43,6 +43,8 @@ from guardproxy.runtime import Runtime
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
 from guardproxy.state import all_tenants, read_states
 from guardproxy.store import BudgetStore
+from guardproxy.store_admin import store_routes
+from guardproxy.store_health import PROBLEMS, StoreHealth
 
 log = logging.getLogger("guardproxy")
 
@@ -85,10 +87,16 @@ async def _journal_problem(services: Services) -> str | None:
     return None
 
 
+async def _safety_problem(services: Services) -> str | None:
+    health = services.ledger.health
+    return health.refusal() if health is not None else None
+
+
 #: What /readyz checks, each naming its problem or None: the store takes writes (a primary with its
-#: replicas, every cluster slot served) and the journal of unwritten charges is not growing.
+#: replicas, every cluster slot served), the journal of unwritten charges is not growing, and the
+#: store can be trusted with budgets (no evicting policy, no unacknowledged reset: ``store_health``).
 READINESS_CHECKS: dict[str, Callable[[Services], Awaitable[str | None]]] = {
-    "store": _store_problem, "journal": _journal_problem,
+    "store": _store_problem, "journal": _journal_problem, "store_safety": _safety_problem,
 }
 
 
@@ -147,6 +155,18 @@ def create_app(
             config, ledger=ledger, metrics=metrics, clock=clock,
             keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,
         )
+        for problem in PROBLEMS:
+            metrics.store_problem.labels(problem).set(0)
+        health: StoreHealth | contextlib.nullcontext[None] = contextlib.nullcontext()
+        if not budget_store.embedded:
+            ledger.health = health = StoreHealth(
+                budget_store, marker_file=config.store.journal_path() / "store-marker",
+                store_url=config.store.redis_url,
+                refuse_evicting=lambda: runtime.current.services.config.store.on_evicting_policy == "refuse",
+                on_problem=lambda problem, active: metrics.store_problem.labels(problem).set(int(active)),
+            )
+            with contextlib.suppress(StoreUnavailable):
+                await budget_store.migrate_tenant_set()
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
         counted = metrics.alerts
@@ -155,7 +175,8 @@ def create_app(
                              lambda event, result: counted.labels(event, result).inc())
         try:
             # journal replay, lease renewal and a last drain on the way out; alert delivery
-            async with ledger.running(), alerts.running():
+            async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
+                    alerts.running():
                 yield
         finally:
             reloads.close()
@@ -188,10 +209,13 @@ def create_app(
         return _json({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        problems = await readiness_problems(request.app.state.runtime.current.services)
+        services: Services = request.app.state.runtime.current.services
+        problems = await readiness_problems(services)
+        warnings = services.ledger.health.warnings() if services.ledger.health is not None else {}
+        extra = {"warnings": warnings} if warnings else {}
         if problems:
-            return _json({"status": "unavailable", **problems}, 503)
-        return _json({"status": "ready"})
+            return _json({"status": "unavailable", **problems, **extra}, 503)
+        return _json({"status": "ready", **extra})
 
     async def metrics(request: Request) -> Response:
         services: Services = request.app.state.runtime.current.services
@@ -255,6 +279,7 @@ def create_app(
             *admin_routes(),
             *agent_routes(),
             *external_routes(),
+            *store_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,

@@ -75,6 +75,13 @@ class Metrics:
             "guardproxy_journal_pending", "Settlements kept in the on-disk journal until the store takes them.",
             registry=r, multiprocess_mode="livesum",
         )
+        # 1 while the store has the problem (store_health.PROBLEMS); across workers, the worst of the live ones.
+        self.store_problem = Gauge(
+            "guardproxy_store_problem", "1 while the budget store has this problem: evicting_policy "
+            "(maxmemory-policy is not noeviction), reset (its data was lost; admissions refused until "
+            "acknowledged), no_persistence (neither AOF nor RDB).", ["problem"], registry=r,
+            multiprocess_mode="livemax",
+        )
         self.duplicate_settlements = Counter(
             "guardproxy_duplicate_settlements", "Settlements the store ignored: their reservation id had already "
             "settled (a retry after a lost reply, or a journal replay).", registry=r,

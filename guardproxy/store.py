@@ -350,15 +350,41 @@ class BudgetStore:
             value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
         return None if value is None else int(value)
 
-    async def register_tenant(self, tenant: str) -> None:
-        """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
-        async with translated():
-            await self.client.sadd(f"{self.prefix}:tenants", tenant)
+    @property
+    def tenant_index(self) -> str:
+        """Every tenant seen (service-key tenants too), by last activity (zset tenant -> ms)."""
+        return f"{self.prefix}:tenant-index"
 
-    async def known_tenants(self) -> set[str]:
+    async def register_tenant(self, tenant: str, retention_days: int = 62, max_tenants: int = 100_000) -> None:
+        """Note ``tenant``'s activity in the tenant index (metrics and the admin API list it), and forget
+        tenants idle more than ``retention_days`` and all but the ``max_tenants`` most recent."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.tenant_index, {tenant: now_ms})
+        pipe.zremrangebyscore(self.tenant_index, "-inf", now_ms - retention_days * 86_400_000)
+        pipe.zremrangebyrank(self.tenant_index, 0, -max_tenants - 1)
         async with translated():
-            members = await self.client.smembers(f"{self.prefix}:tenants")
+            await pipe.execute()
+
+    async def known_tenants(self, limit: int | None = None) -> set[str]:
+        """The tenants in the index, or only the ``limit`` most recently active ones."""
+        async with translated():
+            members: list[bytes] = await self.client.zrevrange(  # type: ignore[assignment]
+                self.tenant_index, 0, -1 if limit is None else limit - 1)
         return {text(m) for m in members}
+
+    async def migrate_tenant_set(self) -> int:
+        """Move the tenants of the unbounded set ``{prefix}:tenants`` (before the index) into the index."""
+        legacy = f"{self.prefix}:tenants"
+        async with translated():
+            if await self.client.type(legacy) not in (b"set", "set"):
+                return 0
+            members = await self.client.smembers(legacy)
+            if members:
+                now_ms = int(time.time() * 1000)
+                await self.client.zadd(self.tenant_index, {text(m): now_ms for m in members}, nx=True)
+            await self.client.delete(legacy)
+        return len(members)
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
         """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
@@ -425,7 +451,7 @@ class BudgetStore:
         k = self.keys(tenant)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(k.budget, mapping=fields)  # type: ignore[arg-type]
-        pipe.sadd(f"{self.prefix}:tenants", tenant)
+        pipe.zadd(self.tenant_index, {tenant: int(time.time() * 1000)})
         if periods is not None:
             pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
         async with translated():
