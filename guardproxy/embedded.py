@@ -477,10 +477,12 @@ def admit_v4(r: Commands, K: list[Any], A: list[Any]) -> list[int]:
             tokens = r('INCRBY', K[11], call_tokens)
             for k in (9, 10, 11):
                 r('PEXPIRE', K[k], WINDOW_MS * 2)
-        if chosen > 0:
+        by_day = used_day >= soft_day or used_day + num(A[first]) > hard_day
+        by_month = used_month >= soft_month or used_month + num(A[first]) > hard_month
+        if chosen > 0 and (by_day or by_month):
             flags, ttl, period, period_id, spent, limit = (K[12], A[16], 'day', A[12], used_day - reserved,
                                                            limit_day)
-            if used_day < soft_day and used_day + num(A[first]) <= hard_day:
+            if not by_day:
                 flags, ttl, period, period_id, spent, limit = (K[13], A[17], 'month', A[13],
                                                                used_month - reserved, limit_month)
             if r('HSETNX', flags, 'downgrading', now_ms) == 1:
@@ -613,7 +615,7 @@ def claim_v1(r: Commands, K: list[Any], A: list[Any]) -> list[list[bytes]]:
 #: embedded store runs the edited Lua (slowly, but right) until the twin and its SHA1 follow
 #: (``tests/unit/test_embedded_twins.py`` fails meanwhile).
 TWINS: dict[str, Twin] = {
-    "2ff74c0d2bf5efffe24dbcf9d586219c7a587492": admit_v4,  # admit.v4.lua
+    "af3a3380cceb131e3e2a58f5175cd0e9339dacc5": admit_v4,  # admit.v4.lua
     "34ce43d1a471f9dc9ecedf2b185792d3251be9db": settle_v4,  # settle.v4.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
