@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import redis
@@ -19,7 +20,8 @@ from tests.e2e.test_chat import HI, all_settled, wait_for
 def queued_events(redis_url: str, tenant: str = "acme") -> list[dict[str, str]]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return [fields for _, fields in client.xrange(f"gp:{{{tenant}}}:alerts")]  # type: ignore[union-attr]
+        entries: Any = client.xrange(f"gp:{{{tenant}}}:alerts")
+        return [fields for _, fields in entries]
     finally:
         client.close()
 

@@ -61,7 +61,8 @@ def problem(proxy: ProxyProcess, name: str) -> float:
 def store_events(proc: RedisProc) -> list[dict[bytes, bytes]]:
     client = proc.client()
     try:
-        return [fields for _, fields in client.xrange("gp:{_store}:alerts")]
+        entries: Any = client.xrange("gp:{_store}:alerts")
+        return [fields for _, fields in entries]
     finally:
         client.close()
 
