@@ -544,6 +544,16 @@ class BudgetStore:
             return None
         return JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
 
+    async def job_spent(self, tenant: str, job: str) -> Micros:
+        """What ``job`` has cost and its live reservations hold, as admission counts it against its cap."""
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(k.job(job), "cost_micros")
+        pipe.hget(k.job_held, job)
+        async with translated():
+            cost, held = await pipe.execute()
+        return int(cost or 0) + int(held or 0)
+
     async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
         """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
         k = self.keys(tenant)
