@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import tokens
+from guardproxy import tokens, workers
 from guardproxy.admin import admin_routes
 from guardproxy.agent_api import agent_routes
 from guardproxy.alerts import AlertSender
@@ -38,7 +38,7 @@ from guardproxy.metrics import Metrics
 from guardproxy.paths import EntryGuard
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import Services
-from guardproxy.reload import SighupReloader
+from guardproxy.reload import SighupReloader, catch_early_sighup
 from guardproxy.runtime import Runtime
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
 from guardproxy.state import all_tenants, read_states
@@ -180,6 +180,7 @@ def create_app(
                 yield
         finally:
             reloads.close()
+            workers.withdraw()
             await runtime.aclose()
             if tracing is not None:
                 await anyio.to_thread.run_sync(tracing.shutdown)
@@ -307,5 +308,6 @@ def _key_hashes(config: Config) -> frozenset[str]:
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` worker processes: the config path comes from the environment."""
+    catch_early_sighup()  # a worker: a SIGHUP before its app is serving must not end it
     path = os.environ.get(CONFIG_ENV, "proxy.yaml")
     return create_app(load_config(path), config_path=path)
