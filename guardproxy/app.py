@@ -41,7 +41,7 @@ from guardproxy.pipeline import Services
 from guardproxy.reload import SighupReloader, catch_early_sighup
 from guardproxy.runtime import Runtime
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
-from guardproxy.state import all_tenants, read_states
+from guardproxy.state import listed_tenants, read_states
 from guardproxy.store import BudgetStore
 from guardproxy.store_admin import store_routes
 from guardproxy.store_health import PROBLEMS, StoreHealth
@@ -49,6 +49,8 @@ from guardproxy.store_health import PROBLEMS, StoreHealth
 log = logging.getLogger("guardproxy")
 
 CONFIG_ENV = "GUARDPROXY_CONFIG"
+#: Calls per tenant a scrape's projections are taken from (the admin API takes forecast.SAMPLE_CALLS).
+METRICS_SAMPLE_CALLS = 20
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -222,7 +224,8 @@ def create_app(
         services: Services = request.app.state.runtime.current.services
         store = services.ledger.store
         try:
-            states = await read_states(store, services.config, await all_tenants(store, services.config), clock())
+            tenants = await listed_tenants(store, services.config, services.config.server.metrics_max_tenants)
+            states = await read_states(store, services.config, tenants, clock(), sample_calls=METRICS_SAMPLE_CALLS)
         except StoreUnavailable:
             log.warning("metrics: budget store unreachable; scrape has no budget gauges")
             states = []

@@ -52,7 +52,7 @@ class ServerConfig:
     cors_allow_origins: tuple[str, ...] = ()
     #: ``/metrics`` has budget gauges for the configured tenants and the most recently active others,
     #: at most this many tenants in all (a scrape reads each of them from the store).
-    metrics_max_tenants: int = 1000
+    metrics_max_tenants: int = 250
 
 
 @dataclass(frozen=True)

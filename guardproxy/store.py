@@ -373,6 +373,14 @@ class BudgetStore:
                 self.tenant_index, 0, -1 if limit is None else limit - 1)
         return {text(m) for m in members}
 
+    async def recent_tenants(self, limit: int) -> list[str]:
+        """The ``limit`` most recently active tenants of the index, most recent first."""
+        if limit <= 0:
+            return []
+        async with translated():
+            members: list[bytes] = await self.client.zrevrange(self.tenant_index, 0, limit - 1)  # type: ignore[assignment]
+        return [text(m) for m in members]
+
     async def migrate_tenant_set(self) -> int:
         """Move the tenants of the unbounded set ``{prefix}:tenants`` (before the index) into the index."""
         legacy = f"{self.prefix}:tenants"
