@@ -48,6 +48,8 @@ log = logging.getLogger("guardproxy.store_health")
 MARKER_CHECK_S = 1.0
 #: How often ``INFO`` is read for the eviction policy, persistence and run id.
 POLICY_CHECK_S = 5.0
+#: Above this share of Redis's ``maxmemory`` the response cache stores nothing more.
+CACHE_MEMORY_SHARE = 0.8
 #: A store-level alert event of one kind fires at most once per this long.
 STORE_ALERT_EVERY_S = 86400
 #: The problems ``guardproxy_store_problem`` reports, by label.
@@ -63,6 +65,8 @@ class ServerFacts:
     run_ids: Mapping[str, str]
     #: Servers with neither AOF nor RDB snapshots configured (``None``: could not be read).
     unpersisted: tuple[str, ...] | None
+    #: The largest share of ``maxmemory`` used on any server (0 without a maxmemory).
+    memory_share: float = 0.0
 
 
 class StoreHealth:
@@ -88,6 +92,7 @@ class StoreHealth:
         self.evicting: str | None = None
         self.unpersisted: str | None = None
         self.run_ids: dict[str, str] = {}
+        self.memory_share = 0.0
         self._next_info = 0.0
 
     # -- what the rest of the proxy reads ----------------------------------------------------------
@@ -176,9 +181,17 @@ class StoreHealth:
             policies={node: str(info.get("maxmemory_policy", "")) for node, info in infos.items()},
             run_ids={node: str(info.get("run_id", "")) for node, info in infos.items()},
             unpersisted=tuple(unpersisted) if known else None,
+            memory_share=max((int(info.get("used_memory", 0)) / int(info["maxmemory"])
+                              for info in infos.values() if int(info.get("maxmemory", 0) or 0) > 0), default=0.0),
         )
 
+    def cache_room(self) -> bool:
+        """Whether the response cache may store more: not while Redis is past ``CACHE_MEMORY_SHARE`` of
+        its ``maxmemory`` (as of the last ``INFO``), so that cached bytes never push the ledger out."""
+        return self.memory_share < CACHE_MEMORY_SHARE
+
     async def _judge(self, facts: ServerFacts) -> None:
+        self.memory_share = facts.memory_share
         for node, run_id in facts.run_ids.items():
             before = self.run_ids.get(node)
             if before and before != run_id:
