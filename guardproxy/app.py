@@ -45,6 +45,7 @@ from guardproxy.state import listed_tenants, read_states
 from guardproxy.store import BudgetStore
 from guardproxy.store_admin import store_routes
 from guardproxy.store_health import PROBLEMS, StoreHealth
+from guardproxy.sweeper import Sweeper
 
 log = logging.getLogger("guardproxy")
 
@@ -169,6 +170,9 @@ def create_app(
             )
             with contextlib.suppress(StoreUnavailable):
                 await budget_store.migrate_tenant_set()
+        sweeper: Sweeper | contextlib.nullcontext[None] = contextlib.nullcontext()
+        if not budget_store.embedded:
+            sweeper = Sweeper(budget_store, lambda: runtime.current.services.config)
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
         counted = metrics.alerts
@@ -178,7 +182,7 @@ def create_app(
         try:
             # journal replay, lease renewal and a last drain on the way out; alert delivery
             async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
-                    alerts.running():
+                    alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper):
                 yield
         finally:
             reloads.close()

@@ -57,6 +57,10 @@ DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
 #: How long /readyz's probe key lives (it is rewritten at every probe).
 READY_PROBE_TTL_MS = 60_000
+#: A worst case no budget fits (exact in Lua's numbers): ``sweep``'s admission never reserves.
+NEVER_FITS = 2**52
+#: An alert event still undelivered this long after the trim point is no longer due.
+GIVE_UP_MS = 2 * 86_400_000
 
 
 class Keys:
@@ -386,6 +390,48 @@ class BudgetStore:
             members: list[bytes] = await self.client.zrevrange(self.tenant_index, 0, limit - 1)  # type: ignore[assignment]
         return [text(m) for m in members]
 
+    async def idle_tenants(self, idle_ms: int, offset: int, count: int) -> list[str]:
+        """Tenants of the index with no activity noted for ``idle_ms``, oldest first, ``count`` from ``offset``."""
+        now_ms = int(time.time() * 1000)
+        async with translated():
+            members: list[bytes] = await self.client.zrangebyscore(  # type: ignore[assignment]
+                self.tenant_index, "-inf", now_ms - idle_ms, start=offset, num=count)
+        return [text(m) for m in members]
+
+    async def sweep(self, tenants: Sequence[tuple[str, Periods]], alerts_kept_ms: int) -> int:
+        """Free the expired reservations of ``tenants`` (idle ones: an active tenant's admissions do it) and
+        trim their alert records older than ``alerts_kept_ms``; returns how many tenants held reservations.
+
+        The release is admit.v4's own sweep, run by an admission that cannot fit (a worst case of
+        ``NEVER_FITS``) marked provisional, so it records nothing: no reservation, no blocked flag, no
+        alert; it also drops ``{t}:reserved`` once no reservation is left."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant, _ in tenants:
+            pipe.exists(self.keys(tenant).reservations)
+            pipe.exists(self.keys(tenant).alerts_delivery)
+        async with translated():
+            held = await pipe.execute()
+        swept = 0
+        now_ms = int(time.time() * 1000)
+        for i, (tenant, periods) in enumerate(tenants):
+            if held[2 * i]:
+                swept += 1
+                await self.admit(tenant, periods, Thresholds(0, 0, 0, 0), [NEVER_FITS], "sweep", 0, provisional=True)
+            if held[2 * i + 1]:
+                await self._trim_alerts(tenant, now_ms - alerts_kept_ms)
+        return swept
+
+    async def _trim_alerts(self, tenant: str, before_ms: int) -> None:
+        """Alert events (and their delivery records) older than ``before_ms`` go."""
+        k = self.keys(tenant)
+        async with translated():
+            await self.client.xtrim(k.alerts, minid=f"{before_ms}-0")
+            fields: list[bytes] = await self.client.hkeys(k.alerts_delivery)  # type: ignore[assignment]
+            old = [f for f in fields if int(text(f).split("-", 1)[0] or 0) < before_ms]
+            if old:
+                await self.client.hdel(k.alerts_delivery, *old)
+            await self.client.zremrangebyscore(k.alerts_due, "-inf", before_ms - GIVE_UP_MS)
+
     async def migrate_tenant_set(self) -> int:
         """Move the tenants of the unbounded set ``{prefix}:tenants`` (before the index) into the index."""
         legacy = f"{self.prefix}:tenants"
@@ -518,6 +564,7 @@ class BudgetStore:
             f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
         })
         pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
+        pipe.expire(k.alerts, MONTH_KEY_TTL_S)  # the stream too: a tenant gone quiet leaves no events behind
         async with translated():
             await pipe.execute()
 
