@@ -22,11 +22,13 @@ from starlette.types import Receive, Scope, Send
 
 from guardproxy.admin.api import admin_routes
 from guardproxy.admin.external import external_routes
-from guardproxy.admin.reload import SighupReloader
+from guardproxy.admin.reload import SighupReloader, catch_early_sighup
+from guardproxy.admin.store import store_routes
 from guardproxy.budget import tokens
 from guardproxy.budget.periods import utc_now
 from guardproxy.config.settings import Config, hash_key, load_config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body, new_request_id
+from guardproxy.http import workers
 from guardproxy.http.agent_api import agent_routes
 from guardproxy.http.auth import JobTenantResolver
 from guardproxy.http.cors import cors_middleware
@@ -38,16 +40,20 @@ from guardproxy.http.pipeline import Services
 from guardproxy.http.runtime import Runtime
 from guardproxy.observe.alerts import AlertSender
 from guardproxy.observe.metrics import Metrics
-from guardproxy.observe.state import all_tenants, read_states
+from guardproxy.observe.state import listed_tenants, read_states
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
+from guardproxy.store.health import PROBLEMS, StoreHealth
 from guardproxy.store.journal import Journal
 from guardproxy.store.keys import KeyRing
 from guardproxy.store.ledger import Ledger
 from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sweeper import Sweeper
 
 log = logging.getLogger("guardproxy")
 
 CONFIG_ENV = "GUARDPROXY_CONFIG"
+#: Calls per tenant a scrape's projections are taken from (the admin API takes forecast.SAMPLE_CALLS).
+METRICS_SAMPLE_CALLS = 20
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -86,10 +92,16 @@ async def _journal_problem(services: Services) -> str | None:
     return None
 
 
+async def _safety_problem(services: Services) -> str | None:
+    health = services.ledger.health
+    return health.refusal() if health is not None else None
+
+
 #: What /readyz checks, each naming its problem or None: the store takes writes (a primary with its
-#: replicas, every cluster slot served) and the journal of unwritten charges is not growing.
+#: replicas, every cluster slot served), the journal of unwritten charges is not growing, and the
+#: store can be trusted with budgets (no evicting policy, no unacknowledged reset: ``store_health``).
 READINESS_CHECKS: dict[str, Callable[[Services], Awaitable[str | None]]] = {
-    "store": _store_problem, "journal": _journal_problem,
+    "store": _store_problem, "journal": _journal_problem, "store_safety": _safety_problem,
 }
 
 
@@ -148,6 +160,21 @@ def create_app(
             config, ledger=ledger, metrics=metrics, clock=clock,
             keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,
         )
+        for problem in PROBLEMS:
+            metrics.store_problem.labels(problem).set(0)
+        health: StoreHealth | contextlib.nullcontext[None] = contextlib.nullcontext()
+        if not budget_store.embedded:
+            ledger.health = health = StoreHealth(
+                budget_store, marker_file=config.store.journal_path() / "store-marker",
+                store_url=config.store.redis_url,
+                refuse_evicting=lambda: runtime.current.services.config.store.on_evicting_policy == "refuse",
+                on_problem=lambda problem, active: metrics.store_problem.labels(problem).set(int(active)),
+            )
+            with contextlib.suppress(StoreUnavailable):
+                await budget_store.migrate_tenant_set()
+        sweeper: Sweeper | contextlib.nullcontext[None] = contextlib.nullcontext()
+        if not budget_store.embedded:
+            sweeper = Sweeper(budget_store, lambda: runtime.current.services.config)
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
         counted = metrics.alerts
@@ -156,10 +183,12 @@ def create_app(
                              lambda event, result: counted.labels(event, result).inc())
         try:
             # journal replay, lease renewal and a last drain on the way out; alert delivery
-            async with ledger.running(), alerts.running():
+            async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
+                    alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper):
                 yield
         finally:
             reloads.close()
+            workers.withdraw()
             await runtime.aclose()
             if tracing is not None:
                 await anyio.to_thread.run_sync(tracing.shutdown)
@@ -189,16 +218,20 @@ def create_app(
         return _json({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        problems = await readiness_problems(request.app.state.runtime.current.services)
+        services: Services = request.app.state.runtime.current.services
+        problems = await readiness_problems(services)
+        warnings = services.ledger.health.warnings() if services.ledger.health is not None else {}
+        extra = {"warnings": warnings} if warnings else {}
         if problems:
-            return _json({"status": "unavailable", **problems}, 503)
-        return _json({"status": "ready"})
+            return _json({"status": "unavailable", **problems, **extra}, 503)
+        return _json({"status": "ready", **extra})
 
     async def metrics(request: Request) -> Response:
         services: Services = request.app.state.runtime.current.services
         store = services.ledger.store
         try:
-            states = await read_states(store, services.config, await all_tenants(store, services.config), clock())
+            tenants = await listed_tenants(store, services.config, services.config.server.metrics_max_tenants)
+            states = await read_states(store, services.config, tenants, clock(), sample_calls=METRICS_SAMPLE_CALLS)
         except StoreUnavailable:
             log.warning("metrics: budget store unreachable; scrape has no budget gauges")
             states = []
@@ -256,6 +289,7 @@ def create_app(
             *admin_routes(),
             *agent_routes(),
             *external_routes(),
+            *store_routes(),
             Route("/v1/{path:path}", unbudgeted, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ],
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
@@ -283,5 +317,6 @@ def _key_hashes(config: Config) -> frozenset[str]:
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` worker processes: the config path comes from the environment."""
+    catch_early_sighup()  # a worker: a SIGHUP before its app is serving must not end it
     path = os.environ.get(CONFIG_ENV, "proxy.yaml")
     return create_app(load_config(path), config_path=path)

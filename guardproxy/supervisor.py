@@ -4,20 +4,24 @@ uvicorn's own supervisor answers SIGHUP by replacing every worker. guardproxy re
 instead (``guardproxy.admin.reload``): the supervisor forwards SIGHUP to each worker, which re-reads
 ``proxy.yaml``, keeps serving its in-flight calls and refuses a file that does not validate.
 A worker that reloads through ``POST /admin/reload`` signals the supervisor the same way, so
-every worker follows.
+every worker follows, and the workers' board (``guardproxy.http.workers``) tells it when they all have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from socket import socket
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from guardproxy.http.runtime import SUPERVISOR_ENV
+from guardproxy.http.workers import WORKERS_COUNT_ENV, WORKERS_DIR_ENV
 
 log = logging.getLogger("guardproxy.supervisor")
 
@@ -26,15 +30,21 @@ class ReloadingSupervisor(Multiprocess):
     """uvicorn's ``Multiprocess`` whose SIGHUP reaches every worker instead of restarting them."""
 
     def handle_hup(self) -> None:
+        """Signal every running worker. Not through uvicorn's ``is_alive``: that pings the worker over a
+        pipe with a timeout, and a worker busy for a second then missed the reload (issue 22.18)."""
         log.info("SIGHUP: asking %d workers to reload the config", len(self.processes))
         for process in self.processes:
-            if process.pid is not None and process.is_alive(timeout=1):
-                os.kill(process.pid, signal.SIGHUP)
+            if process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
 
 def run_workers(config: uvicorn.Config) -> None:
     """Bind once and run ``config.workers`` workers under the reloading supervisor."""
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    board = tempfile.mkdtemp(prefix="guardproxy-workers-")
+    os.environ[WORKERS_DIR_ENV] = board
+    os.environ[WORKERS_COUNT_ENV] = str(config.workers)
     sockets: list[socket] = [config.bind_socket()]
     try:
         ReloadingSupervisor(config, sockets=sockets).run()
@@ -43,3 +53,4 @@ def run_workers(config: uvicorn.Config) -> None:
     finally:
         for sock in sockets:
             sock.close()
+        shutil.rmtree(board, ignore_errors=True)

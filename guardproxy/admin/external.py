@@ -191,8 +191,9 @@ async def _book(services: Services, tenant: str, spend: ExternalSpend) -> tuple[
         "prompt_tokens": spend.prompt_tokens, "completion_tokens": spend.completion_tokens, "cached_tokens": 0,
         "cost_micros": spend.cost_micros, "outcome": Outcome.EXTERNAL.value, "description": spend.description,
     }
+    # Its threshold alerts fire like a call's: external spend counts towards the same budget.
     settlement = await store.settle(Reservation(rid, tenant, periods.day, periods.month, 0), spend.cost_micros,
-                                    record)
+                                    record, services.ledger.alert_args(tenant))
     if settlement.applied:
         return spend.cost_micros, False, periods.day
     return await store.settled_charge(tenant, periods.day, rid), True, periods.day

@@ -24,9 +24,20 @@ from starlette.routing import Route
 from guardproxy.admin.auth import check_admin
 from guardproxy.config.validation import ConfigError
 from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.http import workers
 from guardproxy.http.runtime import Runtime
 
 log = logging.getLogger("guardproxy.reload")
+
+#: A SIGHUP that reached a worker before its app could handle it (``catch_early_sighup``): the app
+#: reloads as soon as it can, instead of the signal's default action ending the worker.
+_EARLY_SIGHUP = threading.Event()
+
+
+def catch_early_sighup() -> None:
+    """In a worker, before the app exists: remember a SIGHUP instead of dying of it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda signum, frame: _EARLY_SIGHUP.set())
 
 
 class SighupReloader:
@@ -41,6 +52,9 @@ class SighupReloader:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
             self._loop = loop
+        if self._loop is not None and _EARLY_SIGHUP.is_set():
+            _EARLY_SIGHUP.clear()
+            self.on_sighup()
 
     def on_sighup(self) -> None:
         try:
@@ -71,9 +85,13 @@ async def post_reload(request: Request) -> Response:
         log.error("reload refused, the running config stays: %s", exc)
         raise GuardError(ErrorKind.INVALID_FIELD, f"Config not reloaded: {exc}", param=exc.path or None,
                          code="invalid_config") from None
+    signalled = runtime.signal_siblings()
+    # Under --workers: answer once every worker serves this file (or after workers.RELOAD_WAIT_S).
+    reloaded, running = await workers.wait_for_all(result.config_sha256) if signalled else (1, 1)
     return _json({
         "reloaded": result.changed, "generation": result.generation, "config_sha256": result.config_sha256,
-        "restart_required": list(result.restart_required), "workers_signalled": runtime.signal_siblings(),
+        "restart_required": list(result.restart_required), "workers_signalled": signalled,
+        "workers": running, "workers_reloaded": reloaded, "all_workers_reloaded": reloaded >= running,
     })
 
 

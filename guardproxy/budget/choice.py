@@ -117,10 +117,13 @@ def thresholds_in_force(base: Thresholds, override: Mapping[str, str]) -> Thresh
                       int(override["hard_month"]))
 
 
-def reading(used_day: Micros, used_month: Micros, limits: Thresholds) -> Admit:
-    """An ``Admit`` that decides with ``budget.decide`` on spend already read, and reserves nothing."""
+def reading(used_day: Micros, used_month: Micros, limits: Thresholds, job_room: Micros | None = None,
+            job_cap: Micros | None = None) -> Admit:
+    """An ``Admit`` that decides with ``budget.decide`` on spend already read (and the call's job's
+    room under its cap, ``None``: no cap), and reserves nothing."""
 
     async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
-        return Admission(budget.decide(used_day, used_month, limits, worst_cases), limits, None)
+        decision = budget.decide(used_day, used_month, limits, worst_cases, job_room)
+        return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap)
 
     return admit

@@ -52,6 +52,9 @@ class ServerConfig:
     log_calls: bool | None = None
     #: Browser origins allowed to call the proxy (CORS); empty: no CORS headers at all.
     cors_allow_origins: tuple[str, ...] = ()
+    #: ``/metrics`` has budget gauges for the configured tenants and the most recently active others,
+    #: at most this many tenants in all (a scrape reads each of them from the store).
+    metrics_max_tenants: int = 250
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,13 @@ class StoreConfig:
     replica_ack_timeout_ms: int = 500
     #: How long a job's (work order's) counters are kept after its last call.
     job_retention_days: int = 90
+    #: A Redis whose ``maxmemory-policy`` is not ``noeviction`` may evict spend counters: ``refuse``
+    #: admissions (503) until it is fixed, or only ``warn`` (log, ``/readyz``, metric, alert).
+    on_evicting_policy: str = "refuse"
+    #: Tenants seen only through a service key leave the tenant index after this many idle days.
+    tenant_retention_days: int = 62
+    #: The tenant index keeps at most this many tenants (the most recently active).
+    tenant_index_max: int = 100_000
 
     @property
     def embedded(self) -> bool:
@@ -123,7 +133,8 @@ class AuthConfig:
     job_header: str = "X-ServiceTitan-Job-Id"
 
 
-ALERT_EVENTS = ("threshold", "downgrading", "blocked")
+#: ``store``: the budget store cannot be trusted (``store_health``: evicting policy, a reset).
+ALERT_EVENTS = ("threshold", "downgrading", "blocked", "store")
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,10 @@ class CacheConfig:
     ttl_s: int = 3600
     #: Answers larger than this are not cached.
     max_entry_bytes: int = 1024 * 1024
+    #: Cached bytes one tenant may hold; past it, its oldest entries go first.
+    max_tenant_bytes: int = 16 * 1024 * 1024
+    #: Cached bytes of all tenants together; past it, new answers are not cached until entries expire.
+    max_total_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -292,6 +307,9 @@ def _cache(f: Fields) -> CacheConfig:
         ttl_s=f.integer("ttl_s", CacheConfig.ttl_s, min_value=1, max_value=365 * 86400),
         max_entry_bytes=f.integer("max_entry_bytes", CacheConfig.max_entry_bytes, min_value=1,
                                   max_value=512 * 1024 * 1024),
+        max_tenant_bytes=f.integer("max_tenant_bytes", CacheConfig.max_tenant_bytes, min_value=1,
+                                   max_value=1 << 40),
+        max_total_bytes=f.integer("max_total_bytes", CacheConfig.max_total_bytes, min_value=1, max_value=1 << 42),
     )
     f.done()
     return out
@@ -337,6 +355,8 @@ def _server(f: Fields) -> ServerConfig:
         log_format=f.text("log_format", ServerConfig.log_format, choices=("text", "json")),
         log_calls=f.boolean("log_calls", False) if f.has("log_calls") else None,
         cors_allow_origins=_cors_origins(f),
+        metrics_max_tenants=f.integer("metrics_max_tenants", ServerConfig.metrics_max_tenants, min_value=0,
+                                      max_value=1_000_000),
     )
     f.done()
     return out
@@ -381,6 +401,11 @@ def _store(f: Fields) -> StoreConfig:
                                          min_value=1, max_value=60_000),
         job_retention_days=f.integer("job_retention_days", StoreConfig.job_retention_days, min_value=1,
                                      max_value=3650),
+        on_evicting_policy=f.text("on_evicting_policy", StoreConfig.on_evicting_policy, choices=("refuse", "warn")),
+        tenant_retention_days=f.integer("tenant_retention_days", StoreConfig.tenant_retention_days, min_value=1,
+                                        max_value=3650),
+        tenant_index_max=f.integer("tenant_index_max", StoreConfig.tenant_index_max, min_value=1,
+                                   max_value=100_000_000),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")

@@ -4,7 +4,9 @@
 - ``POST /v1/guardproxy/quote``: what admission would decide now for a request body, with nothing
   reserved and no upstream call. It runs the budgeted endpoint's own steps (parse, price, estimate,
   ``choice.choose``) with ``budget.decide`` on a read of the store in place of the admission script,
-  so a quote and the admission that follows it agree unless other spend lands in between.
+  so a quote and the admission that follows it agree unless other spend lands in between: the same
+  job cap (the job named by the quote request's own job header), the same per-minute limits, and the
+  same ``state`` as the budget endpoint and the 429 (``blocked`` when the budget refuses the call).
 
 A tenant key only ever sees its own tenant: naming another one in the tenant header is a 403.
 """
@@ -24,12 +26,12 @@ from guardproxy.budget import decision as budget
 from guardproxy.budget.choice import Admit, reading, thresholds_in_force
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.pricing import micros_to_usd
-from guardproxy.budget.records import Admission
+from guardproxy.budget.records import Admission, Snapshot
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http.pipeline import BudgetedEndpoint, Quote, Services
 from guardproxy.http.requests import parse_json_object, read_body
 from guardproxy.http.runtime import Generation
-from guardproxy.observe.state import read_states
+from guardproxy.observe.state import effective_policy, read_states
 from guardproxy.types import Micros
 
 QUOTE_FIELDS = ("endpoint", "request")
@@ -72,9 +74,27 @@ async def quote(request: Request) -> Response:
     if not isinstance(call, dict):
         raise GuardError(ErrorKind.INVALID_FIELD if call is not None else ErrorKind.MISSING_FIELD,
                          "'request' must be the JSON object the endpoint would be sent.", param="request")
+    read = _Reading(services, services.tenants.job_of(request.headers))
     async with _store_errors():
-        quoted = await endpoint.quote(tenant, orjson.dumps(call), _Reading(services))
-    return _json(quote_json(tenant, quoted))
+        quoted = await endpoint.quote(tenant, orjson.dumps(call), read)
+    limited = None
+    if quoted.choice.index is not None and read.snapshot is not None:
+        # The admission script checks the per-minute windows of an admitted call: so does the quote.
+        call_tokens = quoted.prompt_tokens + max(endpoint.shape.worst_output_tokens(quoted.request, m)
+                                                 for m in quoted.chain)
+        limited = rate_limited(read.policy_rpm_tpm, read.snapshot, call_tokens)
+    return _json(quote_json(tenant, quoted, refused=read.snapshot.refused if read.snapshot else False,
+                            rate_limited=limited))
+
+
+def rate_limited(limits: tuple[int, int], snapshot: Snapshot, call_tokens: int) -> str | None:
+    """``requests`` or ``tokens`` when a call of ``call_tokens`` would pass a per-minute limit now."""
+    rpm, tpm = limits
+    if rpm > 0 and snapshot.window_requests + 1 > rpm:
+        return budget.REQUESTS
+    if tpm > 0 and (call_tokens > tpm or snapshot.window_tokens + call_tokens > tpm):
+        return budget.TOKENS
+    return None
 
 
 def _endpoint(endpoints: dict[str, BudgetedEndpoint], value: Any) -> BudgetedEndpoint:
@@ -93,26 +113,42 @@ class _Reading:
     """An ``Admit`` that reads the tenant's spend once, when first asked (so a bad body never waits on
     the store), and decides like admit.v2.lua without writing anything."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, job: str = "") -> None:
         self.services = services
+        self.job = job
         self.admit: Admit | None = None
+        self.snapshot: Snapshot | None = None
+        self.policy_rpm_tpm = (0, 0)
 
     async def __call__(self, tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
         if self.admit is None:
             ledger = self.services.ledger
             (snapshot,) = await ledger.store.snapshots([(tenant, ledger.periods(tenant))])
-            limits = thresholds_in_force(Thresholds.for_policy(self.services.config.policy_for(tenant)),
-                                         snapshot.override)
+            base = self.services.config.policy_for(tenant)
+            limits = thresholds_in_force(Thresholds.for_policy(base), snapshot.override)
+            policy = effective_policy(base, snapshot.override)  # an override's job cap and limits win
+            self.policy_rpm_tpm = (policy.rpm, policy.tpm)
+            job_room = None
+            if self.job and policy.job_micros is not None:
+                job_room = max(0, policy.job_micros - await ledger.store.job_spent(tenant, self.job))
+            self.snapshot = snapshot
             self.admit = reading(snapshot.day.spent + snapshot.day.reserved,
-                                 snapshot.month.spent + snapshot.month.reserved, limits)
+                                 snapshot.month.spent + snapshot.month.reserved, limits, job_room,
+                                 policy.job_micros if self.job else None)
         return await self.admit(tenant, worst_cases, provisional)
 
 
-def quote_json(tenant: str, quoted: Quote) -> dict[str, Any]:
-    """The quote's answer: the decision, the model, the worst case, and what is left before the call."""
+def quote_json(tenant: str, quoted: Quote, *, refused: bool = False, rate_limited: str | None = None
+               ) -> dict[str, Any]:
+    """The quote's answer: the decision, the model, the worst case, and what is left before the call.
+
+    ``refused``: the store's blocked flag (as the budget endpoint reads it); ``rate_limited``: the
+    per-minute limit (``requests`` or ``tokens``) the call would pass."""
     choice = quoted.choice
     decision, limits = choice.first.decision, choice.first.limits
-    sent = None if choice.index is None else quoted.chain[choice.index]
+    sent = None if choice.index is None or rate_limited else quoted.chain[choice.index]
+    budget_refused = choice.index is None and choice.deciding.decision.exhausted in ("day", "month")
+    reason = f"rate_limited_{rate_limited}" if rate_limited else choice.reason
     return {
         "object": "guardproxy.quote",
         "tenant": tenant,
@@ -127,8 +163,9 @@ def quote_json(tenant: str, quoted: Quote) -> dict[str, Any]:
             "day": micros_to_usd(max(0, limits.hard_day - decision.used_day)),
             "month": micros_to_usd(max(0, limits.hard_month - decision.used_month)),
         },
-        "state": budget.state_of(decision.used_day, decision.used_month, limits),
-        "reason": choice.reason,
+        # The budget refusing this call makes the tenant blocked, as the 429 says (budget.state_of).
+        "state": budget.state_of(decision.used_day, decision.used_month, limits, refused or budget_refused),
+        "reason": reason,
     }
 
 

@@ -382,9 +382,15 @@ class BudgetedEndpoint:
         value = cache.Entry(plan.sent.name, answer).to_bytes()
         if len(value) > self.s.config.cache.max_entry_bytes:
             return
+        health = self.s.ledger.health
+        if health is not None and not health.cache_room():
+            return  # the store's memory is for the ledger first
+        bounds = self.s.config.cache
         try:
             with anyio.CancelScope(shield=True):
-                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, self.s.config.cache.ttl_s)
+                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, bounds.ttl_s,
+                                                         max_tenant_bytes=bounds.max_tenant_bytes,
+                                                         max_total_bytes=bounds.max_total_bytes)
         except StoreUnavailable:
             log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from guardproxy.config.settings import Config, load_config
 from guardproxy.config.validation import ConfigError
+from guardproxy.http import workers
 from guardproxy.http.auth import JobTenantResolver, TenantResolver
 from guardproxy.http.endpoints import BUDGETED
 from guardproxy.http.passthrough import UnbudgetedPaths
@@ -84,6 +85,7 @@ class Runtime:
         self._retired: list[Upstream] = []
         digest = _file_sha256(self.config_path) if self.config_path else ""
         self.current = self._build(config, 1, {}, digest)
+        workers.publish(1, digest)
 
     def _build(self, config: Config, number: int, keep: dict[str, Upstream], digest: str) -> Generation:
         breaker_state = self.metrics.breaker_state
@@ -126,6 +128,7 @@ class Runtime:
         # The ledger admits with the current policy (budgets, fail_open): a fixed budget applies at once.
         self.ledger.config = config
         self.current = new
+        workers.publish(new.number, digest)
         for name in restart:
             log.warning("reload: %s changed in the file but needs a restart to take effect", name)
         log.info("reload: config generation %d is live (%d models, %d tenants)", new.number,

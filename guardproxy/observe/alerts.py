@@ -31,7 +31,10 @@ from guardproxy.budget.records import QueuedAlert
 from guardproxy.config.settings import Config, WebhookConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.observe.state import all_tenants
+from guardproxy.store.health import STORE_EVENTS_TENANT
 from guardproxy.store.protocol import Store
+
+#: The stream of store-level events (``store_health``): a name no tenant can have.
 
 log = logging.getLogger("guardproxy.alerts")
 
@@ -54,6 +57,9 @@ def retry_delay_s(attempts: int) -> float:
 
 def event_json(fields: Mapping[str, str], zone: ZoneInfo) -> dict[str, Any]:
     """The JSON body of one event, from the fields the script queued and the tenant's timezone."""
+    if fields.get("event") == "store":  # about the store itself (``store_health``), no tenant
+        return {"event": "store", "tenant": None, "problem": fields.get("problem"), "message": fields.get("message"),
+                "at": iso_utc(datetime.fromtimestamp(int(fields.get("at_ms", 0)) / 1000, UTC))}
     spent, limit = int(fields.get("spent", 0)), int(fields.get("limit", 0))
     threshold = fields.get("threshold") or ""
     period, period_id = fields.get("period", "day"), fields.get("period_id", "")
@@ -82,6 +88,8 @@ def _resets_at(period: str, period_id: str, zone: ZoneInfo) -> str | None:
 
 def slack_text(event: Mapping[str, Any]) -> str:
     """One readable line with the event's facts, for Slack's incoming webhooks."""
+    if event["event"] == "store":
+        return f"guardproxy: budget store problem ({event['problem']}): {event['message']}"
     period = "daily" if event["period"] == "day" else "monthly"
     spent = f"${format_usd(round(event['spent_usd'] * 1_000_000))}"
     limit = f"${format_usd(round(event['limit_usd'] * 1_000_000))}"
@@ -143,9 +151,7 @@ class AlertSender:
         config = self.config()
         if not config.alerts.enabled:
             return 0
-        tenants = await all_tenants(self.store, config)
-        if not tenants:
-            return 0
+        tenants = [*await all_tenants(self.store, config), STORE_EVENTS_TENANT]
         claimed = await self.store.claim_alerts(tenants, CLAIM_LEASE_MS)
         if claimed:
             async with anyio.create_task_group() as group:

@@ -129,9 +129,19 @@ async def all_tenants(store: Store, config: Config) -> list[str]:
     return sorted(set(config.tenants) | await store.known_tenants())
 
 
+async def listed_tenants(store: Store, config: Config, limit: int) -> list[str]:
+    """For ``/metrics``: the configured tenants and the most recently active others, at most ``limit``
+    (a scrape must not read every tenant the store has seen)."""
+    configured = sorted(config.tenants)[:limit]
+    known = set(configured)
+    recent = [t for t in await store.recent_tenants(limit) if t not in known]
+    return configured + recent[: limit - len(configured)]
+
+
 async def read_states(
-    store: Store, config: Config, tenants: Sequence[str], now: datetime
+    store: Store, config: Config, tenants: Sequence[str], now: datetime, *, sample_calls: int = SAMPLE_CALLS,
 ) -> list[TenantState]:
+    """The tenants' states; forecasts from each one's last ``sample_calls`` logged calls."""
     periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
     snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
     states = [
@@ -140,7 +150,7 @@ async def read_states(
     ]
     if not store.calls_kept or not tenants:
         return states
-    now_ms, logs = await store.call_costs(tenants, SAMPLE_CALLS)
+    now_ms, logs = await store.call_costs(tenants, sample_calls)
     return [dataclasses.replace(state, forecast=_forecast(state, log, now_ms, now))
             for state, log in zip(states, logs, strict=True)]
 

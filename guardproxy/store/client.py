@@ -79,6 +79,7 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,  # includes MasterNotFoundError, MaxConnectionsError, BusyLoadingError
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,  # a replica, e.g. a primary just demoted
+    redis_errors.OutOfMemoryError,  # OOM: maxmemory reached under noeviction; writes refused until freed
     redis_errors.ClusterError,  # ClusterDownError, MasterDownError
     redis_errors.TryAgainError,  # a slot migrating, retries exhausted
     redis_errors.AskError,  # MOVED / ASK still bouncing after the client's retries
@@ -87,8 +88,9 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     sqlite3.OperationalError,  # the SQLite store: its file locked past the timeout, or the disk failing
 )
 #: Error replies (first word) meaning the same, also when a Lua script relays them.
+#: ``OOM``: a full Redis (``maxmemory`` reached under ``noeviction``) refuses writes until memory is freed.
 _UNAVAILABLE_REPLIES = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MOVED",
-                        "ASK", "BUSY")
+                        "ASK", "BUSY", "OOM", "MISCONF")
 
 
 def unavailable(exc: BaseException) -> bool:

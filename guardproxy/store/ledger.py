@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
@@ -33,6 +33,9 @@ from guardproxy.store.protocol import Store
 from guardproxy.store.redis import reply_lost
 from guardproxy.types import Micros
 
+if TYPE_CHECKING:
+    from guardproxy.store.health import StoreHealth
+
 log = logging.getLogger("guardproxy.ledger")
 
 #: A settled call's entry in the tenant's audit log (field -> value).
@@ -43,6 +46,9 @@ DRAIN_INTERVAL_S = 0.5
 ADOPT_INTERVAL_S = 30.0
 #: How long shutdown waits for the store to take the journal.
 SHUTDOWN_DRAIN_S = 5.0
+#: How often a tenant's last activity is written to the tenant index (per process).
+REGISTER_EVERY_S = 3600.0
+REGISTERED_KEPT = 100_000
 
 
 class Ledger:
@@ -63,7 +69,10 @@ class Ledger:
         self.on_duplicate = on_duplicate
         self.lease_ms = int(config.store.lease_s * 1000)
         self._live: dict[str, Reservation] = {}
-        self._registered: set[str] = set()
+        #: When each tenant was last written to the tenant index by this process (monotonic s).
+        self._registered: dict[str, float] = {}
+        #: Watches the store's eviction policy and resets (``store_health``); ``None``: not watched.
+        self.health: StoreHealth | None = None
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -88,15 +97,24 @@ class Ledger:
         ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
         not recorded, as a clamped admission may follow); raises 503 while the store is down, unless
         configured to fail open."""
+        refusal = self.health.refusal() if self.health is not None else None
+        if refusal is not None:
+            # Checked before fail_open: the store answers, but its counters cannot be trusted.
+            raise GuardError(ErrorKind.STORE_UNAVAILABLE, refusal, headers={"retry-after": "30"})
         periods = self.periods(tenant)
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
         reservation_id = uuid.uuid4().hex
         try:
-            if tenant not in self._registered:
-                # Once per tenant and process: lets metrics and the admin API list service-key tenants.
-                await self.store.register_tenant(tenant)
-                self._registered.add(tenant)
+            now = time.monotonic()
+            if tenant not in self._registered or now >= self._registered[tenant]:
+                # At most hourly per tenant and process: the index keeps tenants by last activity, for
+                # metrics and the admin API (service-key tenants too), and forgets idle ones.
+                await self.store.register_tenant(tenant, self.config.store.tenant_retention_days,
+                                                 self.config.store.tenant_index_max)
+                if len(self._registered) >= REGISTERED_KEPT:
+                    self._registered.clear()  # arbitrary service-key tenant ids must not grow it either
+                self._registered[tenant] = now + REGISTER_EVERY_S
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),

@@ -60,6 +60,10 @@ DAY_KEY_TTL_S = 40 * 86400
 MONTH_KEY_TTL_S = 400 * 86400
 #: How long /readyz's probe key lives (it is rewritten at every probe).
 READY_PROBE_TTL_MS = 60_000
+#: A worst case no budget fits (exact in Lua's numbers): ``sweep``'s admission never reserves.
+NEVER_FITS = 2**52
+#: An alert event still undelivered this long after the trim point is no longer due.
+GIVE_UP_MS = 2 * 86_400_000
 
 
 class Keys:
@@ -168,6 +172,11 @@ class Keys:
     def response(self, digest: str) -> str:
         """One cached upstream answer (``cache.py`` names it by the request's digest)."""
         return f"{self.base}:rc:{digest}"
+
+    @property
+    def responses(self) -> str:
+        """The tenant's cached answers by when they were stored (zset digest -> ms), oldest out first."""
+        return f"{self.base}:rc-index"
 
 
 def _script_source(name: str) -> str:
@@ -366,15 +375,91 @@ class BudgetStore:
             value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
         return None if value is None else int(value)
 
-    async def register_tenant(self, tenant: str) -> None:
-        """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
-        async with translated():
-            await self.client.sadd(f"{self.prefix}:tenants", tenant)
+    @property
+    def tenant_index(self) -> str:
+        """Every tenant seen (service-key tenants too), by last activity (zset tenant -> ms)."""
+        return f"{self.prefix}:tenant-index"
 
-    async def known_tenants(self) -> set[str]:
+    async def register_tenant(self, tenant: str, retention_days: int = 62, max_tenants: int = 100_000) -> None:
+        """Note ``tenant``'s activity in the tenant index (metrics and the admin API list it), and forget
+        tenants idle more than ``retention_days`` and all but the ``max_tenants`` most recent."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.tenant_index, {tenant: now_ms})
+        pipe.zremrangebyscore(self.tenant_index, "-inf", now_ms - retention_days * 86_400_000)
+        pipe.zremrangebyrank(self.tenant_index, 0, -max_tenants - 1)
         async with translated():
-            members = await self.client.smembers(f"{self.prefix}:tenants")
+            await pipe.execute()
+
+    async def known_tenants(self, limit: int | None = None) -> set[str]:
+        """The tenants in the index, or only the ``limit`` most recently active ones."""
+        async with translated():
+            members: list[bytes] = await self.client.zrevrange(  # type: ignore[assignment]
+                self.tenant_index, 0, -1 if limit is None else limit - 1)
         return {text(m) for m in members}
+
+    async def recent_tenants(self, limit: int) -> list[str]:
+        """The ``limit`` most recently active tenants of the index, most recent first."""
+        if limit <= 0:
+            return []
+        async with translated():
+            members: list[bytes] = await self.client.zrevrange(self.tenant_index, 0, limit - 1)  # type: ignore[assignment]
+        return [text(m) for m in members]
+
+    async def idle_tenants(self, idle_ms: int, offset: int, count: int) -> list[str]:
+        """Tenants of the index with no activity noted for ``idle_ms``, oldest first, ``count`` from ``offset``."""
+        now_ms = int(time.time() * 1000)
+        async with translated():
+            members: list[bytes] = await self.client.zrangebyscore(  # type: ignore[assignment]
+                self.tenant_index, "-inf", now_ms - idle_ms, start=offset, num=count)
+        return [text(m) for m in members]
+
+    async def sweep(self, tenants: Sequence[tuple[str, Periods]], alerts_kept_ms: int) -> int:
+        """Free the expired reservations of ``tenants`` (idle ones: an active tenant's admissions do it) and
+        trim their alert records older than ``alerts_kept_ms``; returns how many tenants held reservations.
+
+        The release is admit.v4's own sweep, run by an admission that cannot fit (a worst case of
+        ``NEVER_FITS``) marked provisional, so it records nothing: no reservation, no blocked flag, no
+        alert; it also drops ``{t}:reserved`` once no reservation is left."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant, _ in tenants:
+            pipe.exists(self.keys(tenant).reservations)
+            pipe.exists(self.keys(tenant).alerts_delivery)
+        async with translated():
+            held = await pipe.execute()
+        swept = 0
+        now_ms = int(time.time() * 1000)
+        for i, (tenant, periods) in enumerate(tenants):
+            if held[2 * i]:
+                swept += 1
+                await self.admit(tenant, periods, Thresholds(0, 0, 0, 0), [NEVER_FITS], "sweep", 0, provisional=True)
+            if held[2 * i + 1]:
+                await self._trim_alerts(tenant, now_ms - alerts_kept_ms)
+        return swept
+
+    async def _trim_alerts(self, tenant: str, before_ms: int) -> None:
+        """Alert events (and their delivery records) older than ``before_ms`` go."""
+        k = self.keys(tenant)
+        async with translated():
+            await self.client.xtrim(k.alerts, minid=f"{before_ms}-0")
+            fields: list[bytes] = await self.client.hkeys(k.alerts_delivery)  # type: ignore[assignment]
+            old = [f for f in fields if int(text(f).split("-", 1)[0] or 0) < before_ms]
+            if old:
+                await self.client.hdel(k.alerts_delivery, *old)
+            await self.client.zremrangebyscore(k.alerts_due, "-inf", before_ms - GIVE_UP_MS)
+
+    async def migrate_tenant_set(self) -> int:
+        """Move the tenants of the unbounded set ``{prefix}:tenants`` (before the index) into the index."""
+        legacy = f"{self.prefix}:tenants"
+        async with translated():
+            if await self.client.type(legacy) not in (b"set", "set"):
+                return 0
+            members = await self.client.smembers(legacy)
+            if members:
+                now_ms = int(time.time() * 1000)
+                await self.client.zadd(self.tenant_index, {text(m): now_ms for m in members}, nx=True)
+            await self.client.delete(legacy)
+        return len(members)
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
         """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
@@ -441,7 +526,7 @@ class BudgetStore:
         k = self.keys(tenant)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(k.budget, mapping=fields)  # type: ignore[arg-type]
-        pipe.sadd(f"{self.prefix}:tenants", tenant)
+        pipe.zadd(self.tenant_index, {tenant: int(time.time() * 1000)})
         if periods is not None:
             pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
         async with translated():
@@ -495,6 +580,7 @@ class BudgetStore:
             f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
         })
         pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
+        pipe.expire(k.alerts, MONTH_KEY_TTL_S)  # the stream too: a tenant gone quiet leaves no events behind
         async with translated():
             await pipe.execute()
 
@@ -574,6 +660,16 @@ class BudgetStore:
             return None
         return JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
 
+    async def job_spent(self, tenant: str, job: str) -> Micros:
+        """What ``job`` has cost and its live reservations hold, as admission counts it against its cap."""
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(k.job(job), "cost_micros")
+        pipe.hget(k.job_held, job)
+        async with translated():
+            cost, held = await pipe.execute()
+        return int(cost or 0) + int(held or 0)
+
     async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
         """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
         k = self.keys(tenant)
@@ -594,9 +690,85 @@ class BudgetStore:
             value = await self.client.get(self.keys(tenant).response(digest))
         return None if value is None else (value if isinstance(value, bytes) else value.encode())
 
-    async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None:
+    @property
+    def cache_index(self) -> str:
+        """Every cached answer by when it was stored (zset ``<tenant>/<digest>`` -> ms), oldest out first."""
+        return f"{self.prefix}:rc:all"
+
+    @property
+    def cache_sizes(self) -> str:
+        """Bytes of each cached answer (hash ``<tenant>/<digest>`` -> bytes)."""
+        return f"{self.prefix}:rc:sizes"
+
+    @property
+    def cache_bytes(self) -> str:
+        """Cached bytes held (hash ``total`` and each tenant -> bytes)."""
+        return f"{self.prefix}:rc:bytes"
+
+    async def cache_response(
+        self, tenant: str, digest: str, value: bytes, ttl_s: int, *, max_tenant_bytes: int = 16 << 20,
+        max_total_bytes: int = 256 << 20,
+    ) -> bool:
+        """Cache ``value`` for ``ttl_s`` within the bounds: the tenant's oldest answers go first to keep its
+        cached bytes within ``max_tenant_bytes``, then everyone's oldest for ``max_total_bytes``. The
+        bookkeeping (``cache_index``, ``cache_sizes``, ``cache_bytes``, the tenant's ``responses``) is
+        not one transaction: concurrent stores may pass a bound by an entry or two for a moment.
+        Returns whether it was stored (an answer larger than a bound is not)."""
+        size = len(value)
+        if size > max_tenant_bytes or size > max_total_bytes:
+            return False
+        k = self.keys(tenant)
+        now_ms = int(time.time() * 1000)
         async with translated():
-            await self.client.set(self.keys(tenant).response(digest), value, ex=max(1, ttl_s))
+            expired: list[bytes] = await self.client.zrangebyscore(  # type: ignore[assignment]
+                self.cache_index, "-inf", now_ms - ttl_s * 1000, start=0, num=1000)
+            for member in expired:
+                await self._forget_cached(text(member))  # expired: their bytes are free again
+            await self._forget_cached(f"{tenant}/{digest}")  # stored again: counted once
+            held = await self.client.hmget(self.cache_bytes, ["total", tenant])
+            total, mine = int(held[0] or 0), int(held[1] or 0)
+            while mine + size > max_tenant_bytes:
+                oldest: list[bytes] = await self.client.zrange(k.responses, 0, 0)  # type: ignore[assignment]
+                if not oldest:
+                    break
+                freed = await self._forget_cached(f"{tenant}/{text(oldest[0])}")
+                mine, total = mine - freed, total - freed
+            while total + size > max_total_bytes:
+                oldest = await self.client.zrange(self.cache_index, 0, 0)  # type: ignore[assignment]
+                if not oldest:
+                    break
+                owner = text(oldest[0]).partition("/")[0]
+                freed = await self._forget_cached(text(oldest[0]))
+                total -= freed
+                mine -= freed if owner == tenant else 0
+            await self.client.set(k.response(digest), value, ex=max(1, ttl_s))
+            tenant_keys = self.client.pipeline(transaction=False)
+            tenant_keys.zadd(k.responses, {digest: now_ms})
+            tenant_keys.expire(k.responses, max(1, ttl_s))
+            await tenant_keys.execute()
+            shared = self.client.pipeline(transaction=False)
+            shared.zadd(self.cache_index, {f"{tenant}/{digest}": now_ms})
+            shared.hset(self.cache_sizes, f"{tenant}/{digest}", size)
+            shared.hincrby(self.cache_bytes, "total", size)
+            shared.hincrby(self.cache_bytes, tenant, size)
+            await shared.execute()
+        return True
+
+    async def _forget_cached(self, member: str) -> int:
+        """Drop one cached answer and its bookkeeping; returns the bytes it held (0: it was not counted)."""
+        tenant, _, digest = member.partition("/")
+        k = self.keys(tenant)
+        size = int(await self.client.hget(self.cache_sizes, member) or 0)
+        await self.client.delete(k.response(digest))
+        await self.client.zrem(k.responses, digest)
+        shared = self.client.pipeline(transaction=False)
+        shared.zrem(self.cache_index, member)
+        shared.hdel(self.cache_sizes, member)
+        if size:
+            shared.hincrby(self.cache_bytes, "total", -size)
+            shared.hincrby(self.cache_bytes, tenant, -size)
+        await shared.execute()
+        return size
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

@@ -195,10 +195,14 @@ def admit_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
             tokens = r.incrby(K[11], call_tokens)
             for k in (9, 10, 11):
                 r.pexpire(K[k], WINDOW_MS * 2)
-        if chosen > 0:
+        # the period's first call sent to a cheaper tier by the tenant's budget (one downgraded by a job's
+        # cap alone says nothing of the tenant's day or month)
+        by_day = used_day >= soft_day or used_day + num(A[first]) > hard_day
+        by_month = used_month >= soft_month or used_month + num(A[first]) > hard_month
+        if chosen > 0 and (by_day or by_month):
             flags, ttl, period, period_id, spent, limit = (K[12], A[16], 'day', A[12], used_day - reserved,
                                                            limit_day)
-            if used_day < soft_day and used_day + num(A[first]) <= hard_day:
+            if not by_day:
                 flags, ttl, period, period_id, spent, limit = (K[13], A[17], 'month', A[13],
                                                                used_month - reserved, limit_month)
             if r.hsetnx(flags, 'downgrading', now_ms) == 1:
@@ -330,7 +334,7 @@ def claim_v1(r: Tx, K: list[Any], A: list[Any]) -> list[list[bytes]]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "2ff74c0d2bf5efffe24dbcf9d586219c7a587492": admit_v4,  # admit.v4.lua
+    "af3a3380cceb131e3e2a58f5175cd0e9339dacc5": admit_v4,  # admit.v4.lua
     "34ce43d1a471f9dc9ecedf2b185792d3251be9db": settle_v4,  # settle.v4.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua

@@ -93,13 +93,16 @@ def _dechunk(data: bytes) -> bytes:
 
 #: The registry of tenants seen: admission adds a (valid, authenticated) tenant even when it answers
 #: 429; it holds no money, so it is left out of snapshots (``tenants_seen`` checks its members).
-REGISTRY = b"gp:tenants"
+REGISTRY = b"gp:tenant-index"
+#: The store's marker (``store_health``): written once, holds no money.
+STORE_MARKER = b"{gp-store}"
 
 
 def tenants_seen(redis_url: str) -> set[bytes]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return {m if isinstance(m, bytes) else m.encode() for m in client.smembers(REGISTRY)}
+        members: list[bytes] = client.zrange(REGISTRY, 0, -1)  # type: ignore[assignment]
+        return set(members)
     finally:
         client.close()
 
@@ -124,7 +127,7 @@ def store_snapshot(redis_url: str) -> dict[bytes, Any]:
     try:
         snapshot: dict[bytes, Any] = {}
         for key in client.scan_iter(count=1000):
-            if key == REGISTRY or key.endswith(READY_PROBE):
+            if key == REGISTRY or key.endswith(READY_PROBE) or STORE_MARKER in key:
                 continue  # /readyz writes its probe key on every call: that is how it knows writes work
             kind = client.type(key)
             if kind == b"string":

@@ -221,7 +221,8 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
 async def dump(client: Any) -> tuple[dict[str, Any], dict[bytes, str]]:
     """Every key's type, value and TTL (s); alert ids replaced by ``<stream>#<position>``, also where a
     zset or hash names them. Returns the dump and the id renaming (for the replies)."""
-    keys = sorted(k for k in await client.keys("*") if k != CLOCK_KEY.encode())
+    # The tenant index is scored by the client's own clock (not the scripts'): left out.
+    keys = sorted(k for k in await client.keys("*") if k not in (CLOCK_KEY.encode(), b"gp:tenant-index"))
     renamed: dict[bytes, str] = {}
     for key in keys:
         if key.endswith(b":alerts"):  # the one stream whose ids the scripts hand on

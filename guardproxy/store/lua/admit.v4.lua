@@ -243,11 +243,14 @@ elseif settled == 0 and limited == 0 then
     tokens = redis.call('INCRBY', KEYS[11], call_tokens)
     for k = 9, 11 do redis.call('PEXPIRE', KEYS[k], WINDOW_MS * 2) end
   end
-  if chosen > 0 then
-    -- the period's first call sent to a cheaper tier
+  -- the period's first call sent to a cheaper tier by the tenant's budget (one downgraded by a job's
+  -- cap alone says nothing of the tenant's day or month)
+  local by_day = used_day >= soft_day or used_day + tonumber(ARGV[first]) > hard_day
+  local by_month = used_month >= soft_month or used_month + tonumber(ARGV[first]) > hard_month
+  if chosen > 0 and (by_day or by_month) then
     local flags, ttl, period, period_id, spent, limit = KEYS[12], ARGV[16], 'day', ARGV[12], used_day - reserved,
       limit_day
-    if used_day < soft_day and used_day + tonumber(ARGV[first]) <= hard_day then
+    if not by_day then
       flags, ttl, period, period_id, spent, limit = KEYS[13], ARGV[17], 'month', ARGV[13],
         used_month - reserved, limit_month
     end

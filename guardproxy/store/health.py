@@ -1,0 +1,333 @@
+"""What guardproxy checks of its Redis beyond "it answers": eviction, persistence and silent resets.
+
+Spend lives in Redis, so two server settings decide whether a cap holds (docs/operations.md):
+
+- ``maxmemory-policy`` must be ``noeviction``: any other policy lets Redis evict spend counters when
+  memory runs short, and an evicted counter is a tenant whose spend restarted at zero. It is read at
+  start-up and every ``POLICY_CHECK_S``; on anything else admissions are refused (503, with the fix
+  in the message) or, with ``store.on_evicting_policy: warn``, only warned about.
+- a Redis restarted without persistence comes back empty: every tenant's spend is reset. guardproxy
+  writes a marker key once (``{prefix}:{gp-store}:marker``, no TTL) and looks for it every
+  ``MARKER_CHECK_S``; a marker it has seen that is gone means the data is gone. It then records the
+  reset in the store (``{prefix}:{gp-store}:reset``, so every replica and every process started later
+  refuses too) and refuses admissions until an operator acknowledges it (``POST
+  /admin/store/acknowledge-reset`` or ``guardproxy store acknowledge-reset``), which writes a new
+  marker. A restart with AOF or RDB brings the marker back with the data: nothing is refused (the
+  server's ``run_id`` changes, which is logged). The marker last seen is also kept in the journal
+  directory, so a process restarted together with Redis still knows there was one.
+
+Each problem shows in ``/readyz`` (503 while admissions are refused, a ``warnings`` entry otherwise),
+in the gauge ``guardproxy_store_problem{problem=...}`` and as a ``store`` alert event (once per problem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+
+from guardproxy.errors import StoreUnavailable
+from guardproxy.store.client import mask_password
+from guardproxy.store.redis import BudgetStore, text, translated
+
+#: The pseudo-tenant whose alert stream carries the store's own events (eviction, a reset), delivered by
+#: observe/alerts.py like any tenant's.
+STORE_EVENTS_TENANT = "_store"
+
+log = logging.getLogger("guardproxy.store_health")
+
+#: How often the marker is looked for (one GET pair per process).
+MARKER_CHECK_S = 1.0
+#: How often ``INFO`` is read for the eviction policy, persistence and run id.
+POLICY_CHECK_S = 5.0
+#: Above this share of Redis's ``maxmemory`` the response cache stores nothing more.
+CACHE_MEMORY_SHARE = 0.8
+#: A store-level alert event of one kind fires at most once per this long.
+STORE_ALERT_EVERY_S = 86400
+#: The problems ``guardproxy_store_problem`` reports, by label.
+PROBLEMS = ("evicting_policy", "reset", "no_persistence")
+FIX_POLICY = "CONFIG SET maxmemory-policy noeviction (and the same in redis.conf / your provider's settings)"
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What ``INFO`` says of each server (one for plain Redis and Sentinel, one per primary on Cluster)."""
+
+    policies: Mapping[str, str]
+    run_ids: Mapping[str, str]
+    #: Servers with neither AOF nor RDB snapshots configured (``None``: could not be read).
+    unpersisted: tuple[str, ...] | None
+    #: The largest share of ``maxmemory`` used on any server (0 without a maxmemory).
+    memory_share: float = 0.0
+
+
+class StoreHealth:
+    """Watches the store for settings and events that would let a budget be exceeded silently.
+
+    ``refusal()`` is what admissions check (``None``: admit); ``problems()`` and ``warnings()`` are
+    ``/readyz``'s; ``on_problem(name, active)`` hears each problem as it starts or ends (the gauge).
+    """
+
+    def __init__(
+        self, store: BudgetStore, *, refuse_evicting: Callable[[], bool], marker_file: Path | None = None,
+        store_url: str = "", on_problem: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.refuse_evicting = refuse_evicting
+        self.marker_file = marker_file
+        self.store_url = mask_password(store_url)
+        self.on_problem = on_problem
+        self.marker_key = f"{store.prefix}:{{gp-store}}:marker"
+        self.reset_key = f"{store.prefix}:{{gp-store}}:reset"
+        self.known_marker: str | None = self._remembered_marker()
+        self.reset: str | None = None
+        self.evicting: str | None = None
+        self.unpersisted: str | None = None
+        self.run_ids: dict[str, str] = {}
+        self.memory_share = 0.0
+        self._next_info = 0.0
+
+    # -- what the rest of the proxy reads ----------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why admissions are refused now, with the fix; ``None`` when they are not."""
+        if self.reset is not None:
+            return (f"The budget store lost its data ({self.reset}), so spend counters restarted at zero and "
+                    "budgets cannot be enforced. An operator must rebuild the spend and acknowledge the reset "
+                    "(POST /admin/store/acknowledge-reset or `guardproxy store acknowledge-reset`).")
+        if self.evicting is not None and self.refuse_evicting():
+            return (f"The budget store may evict spend counters ({self.evicting}), so budgets cannot be "
+                    f"enforced. Fix: {FIX_POLICY}.")
+        return None
+
+    def problems(self) -> dict[str, str]:
+        """``/readyz``'s failing checks (this replica refuses admissions)."""
+        refusal = self.refusal()
+        return {"store_safety": refusal} if refusal else {}
+
+    def warnings(self) -> dict[str, str]:
+        """What ``/readyz`` mentions while still ready."""
+        out = {}
+        if self.evicting is not None and not self.refuse_evicting():
+            out["evicting_policy"] = (f"{self.evicting}: spend counters may be evicted and budgets exceeded "
+                                      f"(store.on_evicting_policy: warn). Fix: {FIX_POLICY}")
+        if self.unpersisted is not None:
+            out["no_persistence"] = (f"{self.unpersisted}: a restart of Redis resets every tenant's spend "
+                                     "(admissions are then refused until acknowledged); enable appendonly yes")
+        return out
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Check at once, then in the background until the block ends."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.check()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._loop)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await anyio.sleep(MARKER_CHECK_S)
+            try:
+                await self.check()
+            except StoreUnavailable:
+                pass  # /readyz says so through its own check; tried again next tick
+            except Exception:  # the watcher must outlive any one failure; it is logged
+                log.exception("store health: unexpected error (continuing)")
+
+    async def check(self) -> None:
+        """One round: the marker every time, ``INFO`` every ``POLICY_CHECK_S``."""
+        if time.monotonic() >= self._next_info:
+            facts = await self.server_facts()
+            self._next_info = time.monotonic() + POLICY_CHECK_S
+            await self._judge(facts)
+        await self._check_marker()
+
+    async def server_facts(self) -> ServerFacts:
+        client = self.store.client
+        async with translated():
+            if isinstance(client, RedisCluster):
+                raw: Any = await client.info(target_nodes=RedisCluster.PRIMARIES)
+                infos = {"node": raw} if isinstance(raw, dict) and "run_id" in raw else {
+                    str(node): info for node, info in dict(raw).items()}
+            else:
+                infos = {"redis": await client.info()}
+            unpersisted: list[str] = []
+            known = True
+            for node, info in infos.items():
+                if int(info.get("aof_enabled", 0)):
+                    continue
+                try:
+                    saves = await client.config_get("save") if not isinstance(client, RedisCluster) else {"save": "?"}
+                except redis_errors.ResponseError:  # CONFIG disabled (managed Redis): not known
+                    known = False
+                    break
+                if not str(saves.get("save", "")).strip():
+                    unpersisted.append(node)
+        return ServerFacts(
+            policies={node: str(info.get("maxmemory_policy", "")) for node, info in infos.items()},
+            run_ids={node: str(info.get("run_id", "")) for node, info in infos.items()},
+            unpersisted=tuple(unpersisted) if known else None,
+            memory_share=max((int(info.get("used_memory", 0)) / int(info["maxmemory"])
+                              for info in infos.values() if int(info.get("maxmemory", 0) or 0) > 0), default=0.0),
+        )
+
+    def cache_room(self) -> bool:
+        """Whether the response cache may store more: not while Redis is past ``CACHE_MEMORY_SHARE`` of
+        its ``maxmemory`` (as of the last ``INFO``), so that cached bytes never push the ledger out."""
+        return self.memory_share < CACHE_MEMORY_SHARE
+
+    async def _judge(self, facts: ServerFacts) -> None:
+        self.memory_share = facts.memory_share
+        for node, run_id in facts.run_ids.items():
+            before = self.run_ids.get(node)
+            if before and before != run_id:
+                log.warning("store: Redis %s restarted (run_id %s -> %s); its data is checked against the marker",
+                            node, before[:8], run_id[:8])
+        self.run_ids = dict(facts.run_ids)
+        bad = {node: policy for node, policy in facts.policies.items() if policy and policy != "noeviction"}
+        evicting = ", ".join(f"maxmemory-policy is {p}" + ("" if node == "redis" else f" on {node}")
+                             for node, p in sorted(bad.items())) or None
+        if evicting != self.evicting:
+            self.evicting = evicting
+            self._tell("evicting_policy", evicting is not None)
+            if evicting is not None:
+                what = "refusing admissions" if self.refuse_evicting() else "only warning (on_evicting_policy: warn)"
+                log.error("store: %s: Redis may evict spend counters and budgets would be exceeded; %s. Fix: %s",
+                          evicting, what, FIX_POLICY)
+                await self._alert("evicting_policy", f"{evicting}: spend counters may be evicted; {what}. "
+                                  f"Fix: {FIX_POLICY}", key=evicting)
+            else:
+                log.warning("store: maxmemory-policy is noeviction again")
+        if facts.unpersisted is not None:
+            unpersisted = (f"Redis {', '.join(facts.unpersisted)} has neither AOF nor RDB snapshots"
+                           if facts.unpersisted else None)
+            if unpersisted != self.unpersisted:
+                self.unpersisted = unpersisted
+                self._tell("no_persistence", unpersisted is not None)
+                if unpersisted:
+                    log.warning("store: %s: a restart of Redis would reset every tenant's spend", unpersisted)
+
+    async def _check_marker(self) -> None:
+        client = self.store.client
+        async with translated():
+            marker, reset = await client.get(self.marker_key), await client.get(self.reset_key)
+        if reset is not None:
+            self._enter_reset(text(reset))
+            return
+        if marker is not None:
+            seen = text(marker)
+            if self.known_marker is not None and seen != self.known_marker:
+                log.warning("store: a new store marker (%s, was %s): a reset was acknowledged or this is another "
+                            "store", seen[:8], self.known_marker[:8])
+            self._remember(seen)
+            if self.reset is not None:
+                log.warning("store: the reset was acknowledged; admitting again")
+                self.reset = None
+                self._tell("reset", False)
+            return
+        if self.known_marker is None:
+            # Never seen one: a new store. NX: processes starting together agree on one marker.
+            fresh = f"{uuid.uuid4().hex}:{int(time.time())}"
+            async with translated():
+                await client.set(self.marker_key, fresh, nx=True)
+                seen_now = await client.get(self.marker_key)
+            if seen_now is not None:
+                self._remember(text(seen_now))
+            return
+        runs = ", ".join(f"run_id {r[:8]}" for r in self.run_ids.values())
+        what = (f"its marker {self.known_marker[:8]} is gone: Redis restarted without persistence, was flushed "
+                f"or evicted it; detected {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by "
+                f"{socket.gethostname()} pid {os.getpid()}{'; ' + runs if runs else ''}")
+        async with translated():
+            first = await client.set(self.reset_key, what, nx=True)
+        if first:
+            await self._alert("reset", f"The budget store lost its data ({what}); admissions are refused until "
+                              "an operator rebuilds the spend and acknowledges the reset.", key="reset")
+        async with translated():
+            recorded = await client.get(self.reset_key)
+        self._enter_reset(text(recorded) if recorded is not None else what)
+
+    def _enter_reset(self, what: str) -> None:
+        if self.reset is None:
+            log.error("store: the budget store lost its data (%s); refusing admissions until the reset is "
+                      "acknowledged (docs/operations.md)", what)
+            self._tell("reset", True)
+        self.reset = what
+
+    async def acknowledge_reset(self) -> str:
+        """End a reset for every replica: a new marker, the reset record gone; returns the marker."""
+        return await acknowledge_reset(self.store)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _tell(self, problem: str, active: bool) -> None:
+        if self.on_problem is not None:
+            self.on_problem(problem, active)
+
+    async def _alert(self, problem: str, message: str, *, key: str) -> None:
+        """Queue a ``store`` alert event, at most once per ``key`` and ``STORE_ALERT_EVERY_S`` for the store."""
+        client = self.store.client
+        k = self.store.keys(STORE_EVENTS_TENANT)
+        once = f"{k.base}:fired:{problem}:{key}"
+        with contextlib.suppress(StoreUnavailable):
+            async with translated():
+                if not await client.set(once, "1", nx=True, ex=STORE_ALERT_EVERY_S):
+                    return
+                now_ms = int(time.time() * 1000)
+                entry = await client.xadd(k.alerts, {"event": "store", "tenant": "", "problem": problem,
+                                                     "message": message[:500], "at_ms": now_ms},
+                                          maxlen=1000, approximate=True)
+                await client.zadd(k.alerts_due, {text(entry): now_ms})
+                await client.expire(k.alerts, 400 * 86400)
+
+    def _remembered_marker(self) -> str | None:
+        if self.marker_file is None:
+            return None
+        try:
+            url, _, marker = self.marker_file.read_text(encoding="utf-8").strip().partition("\n")
+        except OSError:
+            return None
+        return marker or None if url == f"{self.store_url} {self.store.prefix}" else None
+
+    def _remember(self, marker: str) -> None:
+        if marker == self.known_marker:
+            return
+        self.known_marker = marker
+        if self.marker_file is None:
+            return
+        try:
+            self.marker_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.marker_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(f"{self.store_url} {self.store.prefix}\n{marker}\n", encoding="utf-8")
+            tmp.replace(self.marker_file)
+        except OSError as exc:
+            log.warning("store: cannot keep the store marker in %s (%s); a Redis reset during a restart of "
+                        "this process would go unnoticed", self.marker_file, exc)
+
+
+async def acknowledge_reset(store: BudgetStore) -> str:
+    """Write a new store marker and drop the reset record (one transaction); returns the new marker."""
+    marker = f"{uuid.uuid4().hex}:{int(time.time())}"
+    base = f"{store.prefix}:{{gp-store}}"
+    async with translated():
+        # In this order: a failure in between leaves the reset recorded (still refusing), never lost.
+        await store.client.set(f"{base}:marker", marker)
+        await store.client.delete(f"{base}:reset")
+    return marker

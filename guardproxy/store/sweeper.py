@@ -1,0 +1,75 @@
+"""Background housekeeping of tenants that stopped calling (issue "unbounded keys").
+
+An active tenant's admissions free its expired reservations; a tenant that never calls again would
+keep them (and ``{t}:reserved``) for ever. Every ``SWEEP_INTERVAL_S`` each process takes the next
+``SWEEP_BATCH`` tenants of the index idle for more than ``idle_ms`` (their last noted activity), frees
+their expired reservations (``BudgetStore.sweep``) and trims their alert events and delivery records
+older than ``ALERTS_KEPT_DAYS``. Several processes sweeping the same tenant is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+
+from guardproxy.budget.periods import periods_at, utc_now
+from guardproxy.config.settings import Config
+from guardproxy.errors import StoreUnavailable
+from guardproxy.store.ledger import REGISTER_EVERY_S
+from guardproxy.store.redis import BudgetStore
+
+log = logging.getLogger("guardproxy.sweeper")
+
+SWEEP_INTERVAL_S = 60.0
+SWEEP_BATCH = 500
+ALERTS_KEPT_DAYS = 40
+
+
+class Sweeper:
+    """Sweeps idle tenants in the background (``running``), a batch per round, round-robin."""
+
+    def __init__(self, store: BudgetStore, config: Callable[[], Config], interval_s: float = SWEEP_INTERVAL_S) -> None:
+        self.store = store
+        self.config = config
+        self.interval_s = interval_s
+        self._offset = 0
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._loop)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        while True:  # a first round at start-up: a restart after a crash frees what the crash left
+            try:
+                await self.sweep_once()
+            except StoreUnavailable:
+                pass  # next round
+            except Exception:  # housekeeping must outlive any one failure; it is logged
+                log.exception("sweeper: unexpected error (continuing)")
+            await anyio.sleep(self.interval_s)
+
+    def idle_ms(self) -> int:
+        """Idle for longer than the index's note interval and a lease: no admission of it is running."""
+        return int((REGISTER_EVERY_S + 2 * self.config().store.lease_s) * 1000)
+
+    async def sweep_once(self) -> int:
+        """One batch; returns how many of its tenants held reservations."""
+        config = self.config()
+        tenants = await self.store.idle_tenants(self.idle_ms(), self._offset, SWEEP_BATCH)
+        self._offset = 0 if len(tenants) < SWEEP_BATCH else self._offset + SWEEP_BATCH
+        if not tenants:
+            return 0
+        now = utc_now()
+        batch = [(t, periods_at(now, config.policy_for(t).zone)) for t in tenants]
+        swept = await self.store.sweep(batch, ALERTS_KEPT_DAYS * 86_400_000)
+        if swept:
+            log.info("sweeper: freed expired reservations of %d idle tenants", swept)
+        return swept

@@ -1,0 +1,40 @@
+"""A tenant that never calls again does not keep a dead process's reservation (nor ``{t}:reserved``)
+for ever: the sweeper frees it, without any call of that tenant. Real processes, real kill -9."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.e2e.books import AUTH, ProxyProcess
+from tests.e2e.test_chat import reserved, wait_for
+from tests.e2e.test_leases import STREAM, leased
+
+
+@pytest.mark.slow
+def test_an_idle_tenants_dead_reservation_is_swept(
+    upstream_url: str, redis_url: str, proxies: Callable[[dict[str, Any]], ProxyProcess]
+) -> None:
+    doomed = proxies(leased(upstream_url, redis_url))
+    with httpx.stream("POST", doomed.url + "/v1/chat/completions", json=STREAM, timeout=30,
+                      headers={**AUTH, "x-fake-chunk-delay-ms": "200", "x-fake-completion-tokens": "50"}) as stream:
+        chunks = stream.iter_bytes()  # kept: a dropped iterator closes the response
+        next(chunks)  # admitted and streaming
+        assert reserved(redis_url) > 0
+        doomed.kill()
+    time.sleep(1.5)  # the lease (1 s) has run out; acme never calls again
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists("gp:{acme}:reserved") == 1 and client.zcard("gp:{acme}:resv") == 1
+    # acme's last activity two hours ago: idle, as the sweeper sees it
+    client.zadd("gp:tenant-index", {"acme": int(time.time() * 1000) - 2 * 3600 * 1000})
+    sweeper = proxies(leased(upstream_url, redis_url))  # sweeps once at start-up
+    sweeper.wait_until("/readyz")
+    wait_for(lambda: client.exists("gp:{acme}:reserved", "gp:{acme}:resv", "gp:{acme}:resv:amount") == 0,
+             timeout_s=10)
+    assert reserved(redis_url) == 0
+    client.close()
