@@ -144,6 +144,7 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "hmget": (False, lambda t, k, fs, *more: t.hmget(_text(k), *([fs] if isinstance(fs, str | bytes) else fs), *more)),
     "hexists": (False, lambda t, k, f: bool(t.hexists(_text(k), f))),
     "hlen": (False, lambda t, k: t.hlen(_text(k))),
+    "hkeys": (False, lambda t, k: [f.encode() for f in t.hkeys(_text(k))]),
     "zadd": (True, _zadd),
     "zrem": (True, lambda t, k, *ms: t.zrem(_text(k), *ms)),
     "zscore": (False, lambda t, k, m: t.zscore(_text(k), m)),
@@ -153,6 +154,7 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "zrangebyscore": (False, _zrangebyscore),
     "zremrangebyscore": (True, lambda t, k, lo, hi: t.zremrangebyscore(_text(k), lo, hi)),
     "zcount": (False, lambda t, k, lo, hi: t.zcount(_text(k), lo, hi)),
+    "zremrangebyrank": (True, lambda t, k, a, b: t.zremrangebyrank(_text(k), int(a), int(b))),
     "sadd": (True, lambda t, k, *ms: t.sadd(_text(k), *ms)),
     "smembers": (False, lambda t, k: {m.encode() for m in t.smembers(_text(k))}),
     "xadd": (True, _xadd),
@@ -161,6 +163,9 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "xrevrange": (False, lambda t, k, max="+", min="-", count=None: _entries(
         t.xrange(_text(k), _text(min), _text(max), -1 if count is None else count, reverse=True))),
     "xlen": (False, lambda t, k: t.xlen(_text(k))),
+    # MINID only; always exact (Redis's default "~" trims at least as much, by whole nodes)
+    "xtrim": (True, lambda t, k, minid, approximate=True: t.xtrim_minid(
+        _text(k), *map(int, _text(minid).partition("-")[::2]))),
     "flushall": (True, lambda t: t.delete(*t.keys()) >= 0),
 }
 

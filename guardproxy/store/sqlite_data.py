@@ -199,6 +199,9 @@ class Tx:
         rows = self.db.execute("SELECT field, value FROM hashes WHERE key = ? ORDER BY field", (key,))
         return {field: bytes(value) for field, value in rows}
 
+    def hkeys(self, key: str) -> list[str]:
+        return list(self.hgetall(key))
+
     def hlen(self, key: str) -> int:
         return len(self.hgetall(key))
 
@@ -298,6 +301,11 @@ class Tx:
             self._emptied("zsets", key)
         return int(deleted)
 
+    def zremrangebyrank(self, key: str, start: int, stop: int) -> int:
+        """Remove members ``start``..``stop`` by (score, member) rank (inclusive, negative from the end)."""
+        doomed = [member for member, _ in self.zrange(key, start, stop)]
+        return self.zrem(key, *doomed) if doomed else 0
+
     # -- sets -------------------------------------------------------------------------------------------
 
     def sadd(self, key: str, *members: Value) -> int:
@@ -346,6 +354,13 @@ class Tx:
             f"AND (ms < ? OR (ms = ? AND seq <= ?)) ORDER BY pos {order} LIMIT ?",
             (key, lo[0], lo[0], lo[1], hi[0], hi[0], hi[1], count))
         return [(f"{ms}-{seq}", json.loads(fields)) for ms, seq, fields in rows]
+
+    def xtrim_minid(self, key: str, min_ms: int, min_seq: int = 0) -> int:
+        """Delete the entries whose id is below ``min_ms-min_seq`` (``XTRIM key MINID``)."""
+        if not self.alive(key):
+            return 0
+        return int(self.db.execute("DELETE FROM streams WHERE key = ? AND (ms < ? OR (ms = ? AND seq < ?))",
+                                   (key, min_ms, min_ms, min_seq)).rowcount)
 
     def xlen(self, key: str) -> int:
         if not self.alive(key):
