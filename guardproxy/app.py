@@ -80,13 +80,16 @@ async def _store_problem(services: Services) -> str | None:
 
 async def _journal_problem(services: Services) -> str | None:
     ledger = services.ledger
+    problem = await ledger.journal_problem()
+    if problem is not None:
+        return problem
     if ledger.journal_growing():
         return f"{ledger.journal_pending()} settlements wait in the journal and the store refuses them"
     return None
 
 
 #: What /readyz checks, each naming its problem or None: the store takes writes (a primary with its
-#: replicas, every cluster slot served) and the journal of unwritten charges is not growing.
+#: replicas, every cluster slot served), the journal of unwritten charges can be written and is not growing.
 READINESS_CHECKS: dict[str, Callable[[Services], Awaitable[str | None]]] = {
     "store": _store_problem, "journal": _journal_problem,
 }

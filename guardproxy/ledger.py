@@ -7,6 +7,8 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
   and in the background within a second or so of the store answering again, exactly once (the
   settle script ignores an id it already settled);
 - an admit whose reply was lost is released through the same journal, so a late admit holds nothing;
+- a journal that cannot be written keeps its charges in memory until the store or the disk takes
+  them, and while neither can take a charge no call is admitted (503), not even with ``fail_open``;
 - every reservation of a running call has its lease renewed by one background task per process, so
   a long stream keeps its room and a crashed process's reservations free within one lease.
 """
@@ -90,6 +92,9 @@ class Ledger:
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
         reservation_id = uuid.uuid4().hex
+        if self.journal is not None and self.journal.unwritten:
+            # The store refused charges and the journal could not keep them: nothing could keep this one.
+            raise _nowhere_to_charge()
         try:
             if tenant not in self._registered:
                 # Once per tenant and process: lets metrics and the admin API list service-key tenants.
@@ -101,13 +106,17 @@ class Ledger:
                 job=self.job_args(tenant, job), provisional=provisional,
             )
         except StoreUnavailable as exc:
-            if not self.config.store.fail_open:
+            # fail_open serves unbudgeted only while the journal can keep the charge.
+            nowhere = self.journal is not None and not self.journal.writable
+            if not self.config.store.fail_open or nowhere:
                 if reply_lost(exc):
                     # The script may have run after all: release the id, so that a late admit holds nothing.
-                    # (fail_open needs no release: the call's own settlement of this id does it.)
+                    # (A call served with fail_open needs no release: its own settlement of this id does it.)
                     with anyio.CancelScope(shield=True):
                         lost = Reservation(reservation_id, tenant, periods.day, periods.month, 0, job)
                         await self._keep(Entry(lost, 0))
+                if nowhere:
+                    raise _nowhere_to_charge() from None
                 raise GuardError(
                     ErrorKind.STORE_UNAVAILABLE,
                     "The budget store is unavailable, so no spend can be admitted. Try again shortly.",
@@ -140,6 +149,15 @@ class Ledger:
         """Settlements waiting on disk for the store."""
         return len(self.journal) if self.journal is not None else 0
 
+    async def journal_problem(self) -> str | None:
+        """Why a charge the store cannot take would have nowhere to wait (for readiness), else ``None``."""
+        if self.journal is None:
+            return None
+        problem = await self.journal.check()
+        if problem is not None and self.journal.unwritten:
+            return f"{problem}; {self.journal.unwritten} charge(s) are kept in memory only"
+        return problem
+
     def journal_growing(self) -> bool:
         """Settlements wait and the store did not take them at the last try (for readiness)."""
         return self.journal is not None and len(self.journal) > 0 and self.journal.stalled
@@ -165,11 +183,10 @@ class Ledger:
             log.error("budget store unavailable: charge of %d micro-USD for tenant=%s lost (no journal)",
                       entry.charge, entry.reservation.tenant)
             return
-        try:
-            await self.journal.append(entry)
-        except OSError as exc:  # a full or read-only disk: nothing left to keep the charge in
-            log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) lost",
-                      exc, entry.charge, entry.reservation.tenant, entry.reservation.id)
+        if not await self.journal.append(entry):  # a full or read-only disk: kept in memory, retried
+            log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) kept in "
+                      "memory until the store or the journal takes it", self.journal.problem, entry.charge,
+                      entry.reservation.tenant, entry.reservation.id)
 
     # -- background work -------------------------------------------------------------------------
 
@@ -178,6 +195,9 @@ class Ledger:
         """Replay the journal (this process's and those of dead ones), then keep draining it and
         renewing leases until the block ends; a last drain is attempted on the way out."""
         if self.journal is not None:
+            if await self.journal.check() is not None:
+                log.error("journal: %s: a charge the store cannot take would have nowhere to wait; /readyz "
+                          "answers 503 until the journal can be written", self.journal.problem)
             await self.journal.adopt_orphans()
             await self.drain()
         try:
@@ -200,6 +220,8 @@ class Ledger:
             await anyio.sleep(min(DRAIN_INTERVAL_S, renew_every_s))
             now = time.monotonic()
             try:
+                if self.journal is not None:
+                    await self.journal.check()
                 if self.journal_pending():
                     await self.drain()
                 if now >= next_renewal:
@@ -223,3 +245,12 @@ class Ledger:
             if self._live.pop(reservation_id, None) is not None:
                 log.warning("reservation %s expired while its call was still running (lease %.1f s)",
                             reservation_id, self.config.store.lease_s)
+
+
+def _nowhere_to_charge() -> GuardError:
+    return GuardError(
+        ErrorKind.STORE_UNAVAILABLE,
+        "The budget store is unavailable and the proxy's journal cannot be written, so no spend can be "
+        "admitted. Try again shortly.",
+        headers={"retry-after": "1"},
+    )
