@@ -12,6 +12,12 @@ of a dead process (even one killed with -9) is released by the kernel: any proce
 that lock adopts the file's entries into its own journal, then deletes it. An entry already applied
 before a crash may be replayed again; the store's settled-marker makes that a no-op.
 
+Running streams are checkpointed beside the file: ``<name>.checkpoint`` holds, for each stream still
+relaying, the settlement of what it has relayed so far (rewritten about every second, atomically). A
+process killed mid-stream thus leaves its streams' charges to its adopter, which settles them after
+the dead process's own entries (a settled id is never charged twice, so a stream that did settle
+before the crash costs nothing more).
+
 A journal that cannot be written (a full disk, a read-only mount) never drops a charge: the entry is
 kept in memory, retried on disk and in the store until one of them takes it, and ``writable`` says so
 (the ledger then stops admitting calls the store could not charge either). A write that fails part
@@ -186,6 +192,16 @@ class Journal:
             self._recovered()
         return self.problem
 
+    async def checkpoint(self, entries: list[Entry]) -> None:
+        """Replace this process's checkpoint with ``entries`` (the running streams' charges so far),
+        durably; an empty list removes it. A failure is logged and marks the journal unwritable."""
+        lines = [e.to_line() for e in entries]
+        async with self._write_lock:
+            try:
+                await anyio.to_thread.run_sync(self._write_checkpoint, lines)
+            except OSError as exc:
+                self._failed(exc)
+
     async def adopt_orphans(self) -> int:
         """Take over the journals of dead processes in the directory; returns the entries adopted."""
         adopted: list[Entry] = []
@@ -235,7 +251,8 @@ class Journal:
                       self.directory, entry.to_line().decode().strip())
         if self._fd is None:
             return
-        if not self._pending and not self._queue and self.path is not None:
+        checkpointed = self.path is not None and _checkpoint_of(self.path).exists()
+        if not self._pending and not self._queue and not checkpointed and self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         elif len(self._pending) > len(self._unwritten):
@@ -292,6 +309,30 @@ class Journal:
         except OSError as exc:  # the torn line stays; adoption reads past it to the next entry
             log.error("journal: could not cut %s back after a failed write: %s", self.path, exc)
 
+    def _write_checkpoint(self, lines: list[bytes]) -> None:
+        if not lines:
+            if self.path is not None and _checkpoint_of(self.path).exists():
+                _checkpoint_of(self.path).unlink()
+                _fsync_directory(self.directory)
+            return
+        self._own_fd()  # the checkpoint is ours while our journal file is locked
+        assert self.path is not None
+        target = _checkpoint_of(self.path)
+        temporary = self.directory / f".{target.name}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = b"".join(lines)
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            temporary.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(temporary, target)
+        _fsync_directory(self.directory)
+
     def _truncate(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
@@ -310,6 +351,11 @@ class Journal:
                 continue
             try:
                 entries = _read_entries(fd, path)
+                checkpoint = _checkpoint_of(path)
+                settled = {e.reservation.id for e in entries}
+                # After the dead process's own entries: a stream that settled before the crash keeps
+                # its full charge (its checkpoint's replay is then ignored as already settled).
+                entries += [e for e in _read_checkpoint(checkpoint) if e.reservation.id not in settled]
                 if entries:
                     # Into our own file first, durably; only then is the dead one removed.
                     try:
@@ -318,6 +364,7 @@ class Journal:
                         log.error("journal: cannot adopt %s yet (%s); it stays for a later try", path, exc)
                         continue
                 # Removed while still locked, so no second adopter can read it.
+                checkpoint.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
                 _fsync_directory(self.directory)
             finally:
@@ -356,6 +403,19 @@ def _read_entries(fd: int, path: Path) -> list[Entry]:
         else:
             entries.append(entry)
     return entries
+
+
+def _checkpoint_of(path: Path) -> Path:
+    return path.with_suffix(".checkpoint")
+
+
+def _read_checkpoint(path: Path) -> list[Entry]:
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries = [_entry_in(line) for line in content.splitlines() if line.strip()]
+    return [e for e in entries if e is not None]
 
 
 def _entry_in(line: bytes) -> Entry | None:

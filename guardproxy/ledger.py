@@ -10,7 +10,10 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
 - a journal that cannot be written keeps its charges in memory until the store or the disk takes
   them, and while neither can take a charge no call is admitted (503), not even with ``fail_open``;
 - every reservation of a running call has its lease renewed by one background task per process, so
-  a long stream keeps its room and a crashed process's reservations free within one lease.
+  a long stream keeps its room and a crashed process's reservations free within one lease;
+- every running stream's charge so far is checkpointed beside the journal each
+  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges what it had relayed up to
+  its last checkpoint (its adopter settles them).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ CallRecord: TypeAlias = Mapping[str, str | int]
 DRAIN_INTERVAL_S = 0.5
 #: How often it looks for journals left by dead processes.
 ADOPT_INTERVAL_S = 30.0
+#: How often running streams' charges so far are checkpointed beside the journal.
+CHECKPOINT_INTERVAL_S = 1.0
 #: How long shutdown waits for the store to take the journal.
 SHUTDOWN_DRAIN_S = 5.0
 
@@ -64,6 +69,9 @@ class Ledger:
         self.lease_ms = int(config.store.lease_s * 1000)
         self._live: dict[str, Reservation] = {}
         self._registered: set[str] = set()
+        #: Running streams: reservation id -> the settlement of what the stream has relayed so far.
+        self._streams: dict[str, Callable[[], Entry]] = {}
+        self._checkpointed = False
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -143,6 +151,23 @@ class Ledger:
         except StoreUnavailable:
             await self._keep(entry)
 
+    def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
+        """Checkpoint a running stream: ``so_far`` gives the settlement of what it has relayed until now."""
+        if self.journal is not None:
+            self._streams[reservation_id] = so_far
+
+    def untrack(self, reservation_id: str) -> None:
+        """The stream ended (its settlement follows): no more checkpoints of it."""
+        self._streams.pop(reservation_id, None)
+
+    async def checkpoint(self) -> None:
+        """Write every running stream's charge so far beside the journal (nothing once none runs)."""
+        if self.journal is None or not (self._streams or self._checkpointed):
+            return
+        entries = [so_far() for so_far in list(self._streams.values())]
+        await self.journal.checkpoint(entries)
+        self._checkpointed = bool(entries)
+
     # -- the journal -----------------------------------------------------------------------------
 
     def journal_pending(self) -> int:
@@ -203,6 +228,7 @@ class Ledger:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._background)
+                group.start_soon(self._checkpoints)
                 try:
                     yield
                 finally:
@@ -211,6 +237,7 @@ class Ledger:
             if self.journal is not None:
                 with anyio.move_on_after(SHUTDOWN_DRAIN_S, shield=True):
                     await self.drain()
+                    await self.checkpoint()  # streams still running keep theirs for the next start
                 self.journal.close()
 
     async def _background(self) -> None:
@@ -234,6 +261,14 @@ class Ledger:
                 pass  # tried again next tick
             except Exception:  # the background task must outlive any one failure; it is logged
                 log.exception("ledger background task: unexpected error (continuing)")
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await anyio.sleep(CHECKPOINT_INTERVAL_S)
+            try:
+                await self.checkpoint()
+            except Exception:  # like _background: logged, never fatal
+                log.exception("ledger checkpoint task: unexpected error (continuing)")
 
     async def renew(self) -> None:
         """Extend the lease of every reservation of this process's running calls."""

@@ -36,11 +36,12 @@ from guardproxy.clamp import Tier
 from guardproxy.config import Config, ModelConfig
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.ledger import CallRecord, Ledger
+from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
 from guardproxy.plan import Plan
 from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
+from guardproxy.progress import StreamProgress, call_record
 from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
 from guardproxy.store import Admission
@@ -296,7 +297,11 @@ class BudgetedEndpoint:
                 capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
                 watcher = capture
 
+            # Checkpointed while it runs, so that a crash still charges what it relayed.
+            self.s.ledger.track(plan.reservation.id, StreamProgress(plan, watcher, request_id).entry)
+
             async def on_close(result: RelayResult) -> None:
+                self.s.ledger.untrack(plan.reservation.id)
                 watcher = result.watcher
                 self._observe(plan, result.duration_s, watcher.first_token_at, started)
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
@@ -404,13 +409,7 @@ class BudgetedEndpoint:
         if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
             outcome = Outcome.STORE_UNAVAILABLE
         counted_usage = usage or Usage(0, 0)
-        record: CallRecord = {
-            "request_id": request_id, "requested_model": plan.request.model,
-            "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
-            "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
-            "cost_micros": charge, "outcome": outcome.value,
-            **({"job": plan.reservation.job} if plan.reservation.job else {}),
-        }
+        record = call_record(plan, request_id, counted_usage, charge, outcome)
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
             label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"

@@ -250,3 +250,24 @@ async def test_a_charge_kept_in_memory_is_drained_to_the_store_and_logged_if_shu
     journal.close()
     lost = [r.message for r in caplog.records if "charge lost at shutdown" in r.message]
     assert len(lost) == 1 and '"id":"r3"' in lost[0]
+
+
+async def test_a_dead_process_checkpoint_is_adopted_after_its_own_entries(tmp_path: Path) -> None:
+    """A stream that settled into the journal keeps that settlement; the others settle their checkpoint."""
+    first = Journal(tmp_path)
+    await first.checkpoint([entry(1, charge=40), entry(2, charge=30)])
+    await first.append(entry(1, charge=100))  # stream 1 ended (the store was down): its full charge
+    first.close()  # as a crash would leave them: both files stay
+    assert first.path is not None and first.path.with_suffix(".checkpoint").exists()
+
+    second = Journal(tmp_path)
+    assert await second.adopt_orphans() == 2
+    store = Store()
+    await second.drain(store.apply)
+    assert store.written == [entry(1, charge=100), entry(2, charge=30)]
+    assert second.path is not None and os.listdir(tmp_path) == [second.path.name]
+    await second.checkpoint([entry(3)])
+    assert sorted(os.listdir(tmp_path)) == sorted([second.path.name, second.path.with_suffix(".checkpoint").name])
+    await second.checkpoint([])  # no stream runs any more: removed
+    assert os.listdir(tmp_path) == [second.path.name]
+    second.close()
