@@ -70,6 +70,10 @@ class StoreConfig:
     replica_ack_timeout_ms: int = 500
     #: How long a job's (work order's) counters are kept after its last call.
     job_retention_days: int = 90
+    #: Behind Sentinel, settlements the primary took are kept this long and written again to a new
+    #: primary after a failover (a former primary keeps acknowledging writes that the new one never
+    #: sees); the settled markers make the ones it has harmless. 0: never replayed.
+    replay_window_s: float = 30.0
 
     @property
     def embedded(self) -> bool:
@@ -374,6 +378,8 @@ def _store(f: Fields) -> StoreConfig:
                                          min_value=1, max_value=60_000),
         job_retention_days=f.integer("job_retention_days", StoreConfig.job_retention_days, min_value=1,
                                      max_value=3650),
+        replay_window_s=float(f.decimal("replay_window_s", Decimal(str(StoreConfig.replay_window_s)),
+                                        min_value=Decimal(0), max_value=Decimal(3600))),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")

@@ -13,11 +13,16 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
   a long stream keeps its room and a crashed process's reservations free within one lease;
 - every running stream's charge so far is checkpointed beside the journal each
   ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges what it had relayed up to
-  its last checkpoint (its adopter settles them).
+  its last checkpoint (its adopter settles them);
+- behind Sentinel, every settlement the primary took is kept ``store.replay_window_s`` and written
+  again when the primary changes (a former primary keeps acknowledging writes for seconds after a
+  failover, and they are lost when it becomes a replica); the settled markers make replays of the
+  ones the new primary has harmless.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -46,6 +51,9 @@ DRAIN_INTERVAL_S = 0.5
 ADOPT_INTERVAL_S = 30.0
 #: How often running streams' charges so far are checkpointed beside the journal.
 CHECKPOINT_INTERVAL_S = 1.0
+#: After a failover, settlements taken in this much time are replayed once more (those in flight
+#: on connections to the former primary when the change was seen).
+REPLAY_AGAIN_AFTER_S = 3.0
 #: How long shutdown waits for the store to take the journal.
 SHUTDOWN_DRAIN_S = 5.0
 
@@ -72,6 +80,12 @@ class Ledger:
         #: Running streams: reservation id -> the settlement of what the stream has relayed so far.
         self._streams: dict[str, Callable[[], Entry]] = {}
         self._checkpointed = False
+        #: Settlements the store took, with when (monotonic), kept for a replay after a failover.
+        self._recent: collections.deque[tuple[float, Entry]] = collections.deque()
+        self._keeps_recent = store.connection is not None and store.connection.kind == "sentinel" \
+            and config.store.replay_window_s > 0
+        self._primary: str | None = None
+        self._replay_again_at: float | None = None
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -197,6 +211,8 @@ class Ledger:
         settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
                                              self.alert_args(entry.reservation.tenant),
                                              self.config.store.job_retention_days * 86400)
+        if self._keeps_recent:
+            self._recent.append((time.monotonic(), entry))
         if not settlement.applied:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)
@@ -249,6 +265,7 @@ class Ledger:
             try:
                 if self.journal is not None:
                     await self.journal.check()
+                await self.follow_primary()
                 if self.journal_pending():
                     await self.drain()
                 if now >= next_renewal:
@@ -261,6 +278,37 @@ class Ledger:
                 pass  # tried again next tick
             except Exception:  # the background task must outlive any one failure; it is logged
                 log.exception("ledger background task: unexpected error (continuing)")
+
+    async def follow_primary(self) -> int:
+        """Behind Sentinel: when the primary changed since the last look, write every settlement of the
+        replay window again (now, and once more ``REPLAY_AGAIN_AFTER_S`` later); returns how many were
+        replayed. A replay the store cannot take waits in the journal like any settlement."""
+        if not self._keeps_recent:
+            return 0
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - self.config.store.replay_window_s:
+            self._recent.popleft()
+        primary = await self.store.primary()
+        changed = primary is not None and self._primary is not None and primary != self._primary
+        if primary is not None:
+            if changed:
+                log.warning("store: the primary moved from %s to %s; writing the %d settlement(s) of the last "
+                            "%.0f s again (those it already has are ignored)", self._primary, primary,
+                            len(self._recent), self.config.store.replay_window_s)
+                self._replay_again_at = now + REPLAY_AGAIN_AFTER_S
+            self._primary = primary
+        if not changed:
+            if self._replay_again_at is None or now < self._replay_again_at:
+                return 0
+            self._replay_again_at = None
+        replayed = list(self._recent)
+        self._recent.clear()  # each replay that the store takes comes back into the window
+        for _, entry in replayed:
+            try:
+                await self._apply(entry)
+            except StoreUnavailable:
+                await self._keep(entry)
+        return len(replayed)
 
     async def _checkpoints(self) -> None:
         while True:
