@@ -18,10 +18,11 @@ import aiohttp
 import httpx
 import pytest
 
-from guardproxy.config import parse_config
-from guardproxy.upstream import UpstreamResponse
-from tests.conftest import TENANT_KEY, RedisServer, config_dict
+from guardproxy.config.settings import parse_config
+from guardproxy.http.upstream import UpstreamResponse
+from tests.conftest import TENANT_KEY, config_dict
 from tests.e2e.books import ProxyProcess
+from tests.redis_procs import RedisServer
 
 STREAM = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
 SLOW_STREAM = {"authorization": f"Bearer {TENANT_KEY}", "x-fake-chunk-delay-ms": "5",

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstreamState
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.conftest import config_dict
 from tests.e2e.books import AUTH, CALL, billed_micros, pending
 from tests.e2e.test_chat import keys, wait_for

@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.journal import Entry
-from tests.conftest import RedisServer, config_dict
+from guardproxy.store.journal import Entry
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.conftest import config_dict
 from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, pending
 from tests.e2e.test_chat import all_settled, wait_for
 from tests.e2e.test_faults import paused
+from tests.redis_procs import RedisServer
 
 PAGE = 4096
 

@@ -17,12 +17,13 @@ import httpx
 import orjson
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.ledger import CHECKPOINT_INTERVAL_S
-from guardproxy.pricing import Usage, cost_micros
-from tests.conftest import RedisServer, config_dict, redis_int
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.store.ledger import CHECKPOINT_INTERVAL_S
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.conftest import config_dict, redis_int
 from tests.e2e.books import AUTH, PRICES, ProxyProcess, audit_log
 from tests.e2e.test_chat import HI, keys, reserved, wait_for
+from tests.redis_procs import RedisServer
 
 STREAMS = 50
 WORDS = 100
