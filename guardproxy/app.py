@@ -87,6 +87,9 @@ async def _store_problem(services: Services) -> str | None:
 
 async def _journal_problem(services: Services) -> str | None:
     ledger = services.ledger
+    problem = await ledger.journal_problem()
+    if problem is not None:
+        return problem
     if ledger.journal_growing():
         return f"{ledger.journal_pending()} settlements wait in the journal and the store refuses them"
     return None
@@ -98,8 +101,8 @@ async def _safety_problem(services: Services) -> str | None:
 
 
 #: What /readyz checks, each naming its problem or None: the store takes writes (a primary with its
-#: replicas, every cluster slot served), the journal of unwritten charges is not growing, and the
-#: store can be trusted with budgets (no evicting policy, no unacknowledged reset: ``store_health``).
+#: replicas, every cluster slot served), the journal of unwritten charges can be written and is not growing,
+#: and the store can be trusted with budgets (no evicting policy, no unacknowledged reset: ``store_health``).
 READINESS_CHECKS: dict[str, Callable[[Services], Awaitable[str | None]]] = {
     "store": _store_problem, "journal": _journal_problem, "store_safety": _safety_problem,
 }

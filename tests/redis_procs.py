@@ -108,11 +108,14 @@ class RedisProc:
 
 
 class SentinelSet:
-    """A primary, ``replicas`` replicas, three Sentinels watching them (quorum 2), fast failure detection."""
+    """A primary, ``replicas`` replicas, three Sentinels watching them (quorum 2), fast failure detection.
 
-    def __init__(self, replicas: int = 1) -> None:
-        self.primary = RedisProc("--appendonly", "no")
-        self.replicas = [RedisProc("--appendonly", "no", "--replicaof", "127.0.0.1", str(self.primary.port))
+    ``server_args``: options of every redis-server (e.g. ``--appendonly yes --min-replicas-to-write 1``).
+    """
+
+    def __init__(self, replicas: int = 1, server_args: tuple[str, ...] = ("--appendonly", "no")) -> None:
+        self.primary = RedisProc(*server_args)
+        self.replicas = [RedisProc(*server_args, "--replicaof", "127.0.0.1", str(self.primary.port))
                          for _ in range(replicas)]
         config = [
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary.port} 2",

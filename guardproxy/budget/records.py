@@ -179,6 +179,8 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     #: Served unbudgeted (``fail_open``) because the store could not be asked; otherwise complete.
     STORE_UNAVAILABLE = "store_unavailable"
+    #: The proxy stopped (killed, crashed) mid-stream: charged what its last checkpoint had relayed.
+    INTERRUPTED = "interrupted"
     #: Spend made outside the proxy, booked through ``POST /admin/tenants/{t}/spend``.
     EXTERNAL = "external"
 

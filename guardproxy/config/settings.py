@@ -87,6 +87,10 @@ class StoreConfig:
     tenant_retention_days: int = 62
     #: The tenant index keeps at most this many tenants (the most recently active).
     tenant_index_max: int = 100_000
+    #: Behind Sentinel, settlements the primary took are kept this long and written again to a new
+    #: primary after a failover (a former primary keeps acknowledging writes that the new one never
+    #: sees); the settled markers make the ones it has harmless. 0: never replayed.
+    replay_window_s: float = 30.0
 
     @property
     def embedded(self) -> bool:
@@ -406,6 +410,8 @@ def _store(f: Fields) -> StoreConfig:
                                         max_value=3650),
         tenant_index_max=f.integer("tenant_index_max", StoreConfig.tenant_index_max, min_value=1,
                                    max_value=100_000_000),
+        replay_window_s=float(f.decimal("replay_window_s", Decimal(str(StoreConfig.replay_window_s)),
+                                        min_value=Decimal(0), max_value=Decimal(3600))),
     )
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")

@@ -42,12 +42,13 @@ from guardproxy.http import cache
 from guardproxy.http.auth import TenantResolver
 from guardproxy.http.endpoints import ApiShape
 from guardproxy.http.plan import Plan
+from guardproxy.http.progress import StreamProgress, call_record
 from guardproxy.http.relay import RelayResult, StreamRelay
 from guardproxy.http.requests import ApiRequest, read_body
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.observe.calls import CallContext, SettledCall
 from guardproxy.observe.metrics import Metrics
-from guardproxy.store.ledger import CallRecord, Ledger
+from guardproxy.store.ledger import Ledger
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.pipeline")
@@ -298,7 +299,11 @@ class BudgetedEndpoint:
                 capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
                 watcher = capture
 
+            # Checkpointed while it runs, so that a crash still charges what it relayed.
+            self.s.ledger.track(plan.reservation.id, StreamProgress(plan, watcher, request_id).entry)
+
             async def on_close(result: RelayResult) -> None:
+                self.s.ledger.untrack(plan.reservation.id)
                 watcher = result.watcher
                 self._observe(plan, result.duration_s, watcher.first_token_at, started)
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
@@ -412,13 +417,7 @@ class BudgetedEndpoint:
         if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
             outcome = Outcome.STORE_UNAVAILABLE
         counted_usage = usage or Usage(0, 0)
-        record: CallRecord = {
-            "request_id": request_id, "requested_model": plan.request.model,
-            "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
-            "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
-            "cost_micros": charge, "outcome": outcome.value,
-            **({"job": plan.reservation.job} if plan.reservation.job else {}),
-        }
+        record = call_record(plan, request_id, counted_usage, charge, outcome)
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
             label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"

@@ -59,7 +59,15 @@ def _named_by_connection(incoming: Iterable[tuple[str, str]]) -> set[str]:
 
 
 def failure(upstream: str, exc: aiohttp.ClientError | TimeoutError) -> GuardError:
-    """A transport error as the proxy's own: a timeout is 504, anything else on the wire 502."""
+    """A transport error as the proxy's own: a timeout is 504, anything else on the wire 502.
+
+    ``exc``'s traceback is dropped: aiohttp raises one shared ``ClientConnectionError("Connection
+    closed")`` for every response released mid-body, and each raise prepends its frames to that
+    instance's traceback, so without this every stream a client left stayed alive through it (its
+    ``UpstreamResponse``, aiohttp response, connection and ``ServerDisconnectedError``, ~5 KB).
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
     if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors too
         return GuardError(ErrorKind.UPSTREAM_TIMEOUT, f"upstream {upstream!r} timed out")
     return GuardError(ErrorKind.UPSTREAM_UNAVAILABLE, f"upstream {upstream!r} is unreachable ({type(exc).__name__})")

@@ -281,17 +281,21 @@ class StoreConnection:
     def kind(self) -> Kind:
         return self.url.kind
 
-    async def rediscover(self) -> None:
-        """Behind Sentinel: ask which server is primary now; connections to a former one are dropped.
+    async def rediscover(self) -> str | None:
+        """Behind Sentinel: ask which server is primary now (``host:port``, ``None`` when no Sentinel
+        answers or the store is not behind Sentinel); connections to a former one are dropped.
 
         redis-py asks only when it opens a connection, and a demoted primary answers READONLY only once
         Sentinel reconfigures it (~10 s after a failover); until then pooled connections would keep
-        writing to it. Called when replicas fail to confirm a write, the first sign of a failover.
+        writing to it. Called when replicas fail to confirm a write, the first sign of a failover, and
+        by the ledger every half second to learn of failovers (``BudgetStore.primary``).
         """
         pool = getattr(self.client, "connection_pool", None)
         if isinstance(pool, SentinelConnectionPool):
             with contextlib.suppress(redis_errors.RedisError, OSError):
-                await pool.get_master_address()  # type: ignore[no-untyped-call]
+                host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+                return f"{host}:{port}"
+        return None
 
     async def aclose(self) -> None:
         if isinstance(self.client, RedisCluster):

@@ -11,6 +11,18 @@ processes (``--workers``, or several apps in one process) are never touched by a
 of a dead process (even one killed with -9) is released by the kernel: any process that can take
 that lock adopts the file's entries into its own journal, then deletes it. An entry already applied
 before a crash may be replayed again; the store's settled-marker makes that a no-op.
+
+Running streams are checkpointed beside the file: ``<name>.checkpoint`` holds, for each stream still
+relaying, the settlement of what it has relayed so far (rewritten about every second, atomically). A
+process killed mid-stream thus leaves its streams' charges to its adopter, which settles them after
+the dead process's own entries (a settled id is never charged twice, so a stream that did settle
+before the crash costs nothing more).
+
+A journal that cannot be written (a full disk, a read-only mount) never drops a charge: the entry is
+kept in memory, retried on disk and in the store until one of them takes it, and ``writable`` says so
+(the ledger then stops admitting calls the store could not charge either). A write that fails part
+way (ENOSPC after some bytes) is cut back to the last acknowledged entry, so the next append starts
+on a clean line; adoption also reads past a torn line to the entry joined to it.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +49,12 @@ from guardproxy.types import Micros
 log = logging.getLogger("guardproxy.journal")
 
 _PATTERN = "journal-*.jsonl"
+#: The start of every entry's line (``Entry.to_line``): adoption finds an entry joined to a torn line by it.
+_ENTRY_START = b'{"id":'
+#: Room a write check asks of the disk: a few entries' worth (an entry is ~300-600 bytes).
+PROBE_BYTES = 4096
+#: How long a write check's verdict stands (``/readyz`` asks often; the background task every tick).
+CHECK_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,31 +95,112 @@ class Journal:
         self.path: Path | None = None
         self._pending: dict[int, Entry] = {}
         self._queue: list[Entry] = []
+        #: Numbers of the waiting entries that are in memory only: the file could not take them.
+        self._unwritten: set[int] = set()
         self._numbers = itertools.count()
         self._write_lock = anyio.Lock()
         self._drain_lock = anyio.Lock()
+        #: Bytes of our file that hold acknowledged entries; anything past it is a failed write's.
+        self._good_bytes = 0
         #: The last drain stopped because the store was unreachable.
         self.stalled = False
+        #: Why the journal cannot be written (the last write or check failed), else ``None``.
+        self.problem: str | None = None
+        self._checked_at = -CHECK_EVERY_S
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def append(self, entry: Entry) -> None:
-        """Write ``entry`` durably (fsynced) before returning. Concurrent appends share one fsync."""
+    @property
+    def writable(self) -> bool:
+        """The last write (or write check) succeeded."""
+        return self.problem is None
+
+    @property
+    def unwritten(self) -> int:
+        """Waiting entries held in memory only (neither the store nor the file took them)."""
+        return len(self._unwritten)
+
+    async def append(self, entry: Entry) -> bool:
+        """Write ``entry`` durably (fsynced) before returning ``True``. Concurrent appends share one
+        fsync. ``False``: the file cannot take it (``problem`` says why); it is kept in memory and
+        retried (``check``, ``drain``) until the file or the store takes it."""
         self._queue.append(entry)
         async with self._write_lock:
             if not self._queue:
-                return  # an earlier holder of the lock wrote it
+                return entry not in self._unwritten_entries()  # an earlier holder of the lock wrote it
             batch, self._queue = self._queue, []
             was_empty = not self._pending
-            await anyio.to_thread.run_sync(self._write, [e.to_line() for e in batch])
-            for e in batch:
-                self._pending[next(self._numbers)] = e
+            numbers = [next(self._numbers) for _ in batch]
+            for number, e in zip(numbers, batch, strict=True):
+                self._pending[number] = e
+            written = await self._write_or_keep(numbers)
             self.stalled = True
         if was_empty:
             log.error("journal: the store is unavailable; charges are kept on disk in %s until it is back",
                       self.path)
         self._changed()
+        return written
+
+    def _unwritten_entries(self) -> list[Entry]:
+        return [self._pending[n] for n in self._unwritten if n in self._pending]
+
+    async def _write_or_keep(self, numbers: list[int]) -> bool:
+        """Write the waiting entries ``numbers`` (under the write lock); on failure keep them in memory."""
+        lines = [self._pending[n].to_line() for n in numbers if n in self._pending]
+        try:
+            await anyio.to_thread.run_sync(self._write, lines)
+        except OSError as exc:
+            self._unwritten.update(n for n in numbers if n in self._pending)
+            self._failed(exc)
+            return False
+        self._unwritten.difference_update(numbers)
+        self._recovered()
+        return True
+
+    def _failed(self, exc: OSError) -> None:
+        problem = f"cannot write to {self.directory}: {exc.strerror or exc}"
+        if self.problem is None:
+            log.error("journal: %s; %d charge(s) the store has not taken are kept in memory only, and calls "
+                      "are refused while the store cannot take a charge either", problem, len(self._unwritten))
+        self.problem = problem
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("journal: %s is writable again", self.directory)
+        self.problem = None
+
+    async def check(self, max_age_s: float = CHECK_EVERY_S) -> str | None:
+        """Whether the journal can take a charge now: writes ``PROBE_BYTES`` past its entries and cuts
+        them off again (at most once per ``max_age_s``); entries kept in memory are written once it
+        can. Returns ``problem``."""
+        now = time.monotonic()
+        if now - self._checked_at < max_age_s:
+            return self.problem
+        self._checked_at = now
+        async with self._write_lock:
+            try:
+                await anyio.to_thread.run_sync(self._probe)
+            except OSError as exc:
+                self._failed(exc)
+                return self.problem
+            if self._unwritten:
+                if not await self._write_or_keep(sorted(self._unwritten)):
+                    return self.problem
+                log.warning("journal: the charges kept in memory are now on disk in %s", self.path)
+                self._changed()
+            self._recovered()
+        return self.problem
+
+    async def checkpoint(self, entries: list[Entry]) -> None:
+        """Replace this process's checkpoint with ``entries`` (the running streams' charges so far),
+        durably; an empty list removes it. A failure is logged and marks the journal unwritable."""
+        lines = [e.to_line() for e in entries]
+        async with self._write_lock:
+            try:
+                await anyio.to_thread.run_sync(self._write_checkpoint, lines)
+            except OSError as exc:
+                self._failed(exc)
 
     async def adopt_orphans(self) -> int:
         """Take over the journals of dead processes in the directory; returns the entries adopted."""
@@ -128,6 +228,7 @@ class Journal:
                     self.stalled = True
                     break
                 del self._pending[number]
+                self._unwritten.discard(number)
                 written += 1
             else:
                 self.stalled = False
@@ -136,21 +237,27 @@ class Journal:
             if not self._pending:
                 async with self._write_lock:
                     if not self._pending and not self._queue:
-                        await anyio.to_thread.run_sync(self._truncate)
+                        with contextlib.suppress(OSError):  # then emptied at the next drain
+                            await anyio.to_thread.run_sync(self._truncate)
                 log.warning("journal: drained: every kept charge is now written to the store (%d in this pass)",
                             written)
         return written
 
     def close(self) -> None:
         """Release this process's file (kept on disk when it still holds entries, else removed)."""
+        for entry in self._unwritten_entries():
+            # Nowhere left to keep it: the log is the last place an operator can recover it from.
+            log.error("journal: charge lost at shutdown (neither the store nor %s took it): %s",
+                      self.directory, entry.to_line().decode().strip())
         if self._fd is None:
             return
-        if not self._pending and not self._queue and self.path is not None:
+        checkpointed = self.path is not None and _checkpoint_of(self.path).exists()
+        if not self._pending and not self._queue and not checkpointed and self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        else:
+        elif len(self._pending) > len(self._unwritten):
             log.error("journal: %d charge(s) still unwritten at shutdown; kept in %s for the next start",
-                      len(self._pending), self.path)
+                      len(self._pending) - len(self._unwritten), self.path)
         os.close(self._fd)
         self._fd = None
 
@@ -175,16 +282,62 @@ class Journal:
         return self._fd
 
     def _write(self, lines: list[bytes]) -> None:
+        """Append ``lines`` and fsync; on failure, cut the file back to its acknowledged entries (a
+        partial line left behind would join the next append's line) and raise."""
         fd = self._own_fd()
         data = b"".join(lines)
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            self._cut_back(fd)
+            raise
+        self._good_bytes = os.fstat(fd).st_size
+
+    def _probe(self) -> None:
+        fd = self._own_fd()
+        try:
+            # Spaces and a newline: a blank line, skipped by adoption should a crash leave it.
+            os.write(fd, b" " * (PROBE_BYTES - 1) + b"\n")
+        finally:
+            self._cut_back(fd)
+
+    def _cut_back(self, fd: int) -> None:
+        try:
+            os.ftruncate(fd, self._good_bytes)
+        except OSError as exc:  # the torn line stays; adoption reads past it to the next entry
+            log.error("journal: could not cut %s back after a failed write: %s", self.path, exc)
+
+    def _write_checkpoint(self, lines: list[bytes]) -> None:
+        if not lines:
+            if self.path is not None and _checkpoint_of(self.path).exists():
+                _checkpoint_of(self.path).unlink()
+                _fsync_directory(self.directory)
+            return
+        self._own_fd()  # the checkpoint is ours while our journal file is locked
+        assert self.path is not None
+        target = _checkpoint_of(self.path)
+        temporary = self.directory / f".{target.name}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = b"".join(lines)
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            temporary.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(temporary, target)
+        _fsync_directory(self.directory)
 
     def _truncate(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
+            self._good_bytes = 0
 
     def _adopt(self) -> list[Entry]:
         if not self.directory.is_dir():
@@ -198,10 +351,20 @@ class Journal:
                 continue
             try:
                 entries = _read_entries(fd, path)
+                checkpoint = _checkpoint_of(path)
+                settled = {e.reservation.id for e in entries}
+                # After the dead process's own entries: a stream that settled before the crash keeps
+                # its full charge (its checkpoint's replay is then ignored as already settled).
+                entries += [e for e in _read_checkpoint(checkpoint) if e.reservation.id not in settled]
                 if entries:
                     # Into our own file first, durably; only then is the dead one removed.
-                    self._write([e.to_line() for e in entries])
+                    try:
+                        self._write([e.to_line() for e in entries])
+                    except OSError as exc:
+                        log.error("journal: cannot adopt %s yet (%s); it stays for a later try", path, exc)
+                        continue
                 # Removed while still locked, so no second adopter can read it.
+                checkpoint.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
                 _fsync_directory(self.directory)
             finally:
@@ -233,12 +396,37 @@ def _read_entries(fd: int, path: Path) -> list[Entry]:
     for number, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            entries.append(Entry.from_line(line))
-        except (ValueError, KeyError, TypeError):
+        entry = _entry_in(line)
+        if entry is None:
             # Only a write cut by a crash leaves a partial line, and that append was never acknowledged.
             log.error("journal: %s line %d is not an entry; skipped", path, number)
+        else:
+            entries.append(entry)
     return entries
+
+
+def _checkpoint_of(path: Path) -> Path:
+    return path.with_suffix(".checkpoint")
+
+
+def _read_checkpoint(path: Path) -> list[Entry]:
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries = [_entry_in(line) for line in content.splitlines() if line.strip()]
+    return [e for e in entries if e is not None]
+
+
+def _entry_in(line: bytes) -> Entry | None:
+    """The entry on ``line``; for a torn write joined to the next entry's line, that entry."""
+    start = 0
+    while start >= 0:
+        try:
+            return Entry.from_line(line[start:])
+        except (ValueError, KeyError, TypeError):
+            start = line.find(_ENTRY_START, start + 1)
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

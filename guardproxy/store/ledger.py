@@ -7,12 +7,22 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
   and in the background within a second or so of the store answering again, exactly once (the
   settle script ignores an id it already settled);
 - an admit whose reply was lost is released through the same journal, so a late admit holds nothing;
+- a journal that cannot be written keeps its charges in memory until the store or the disk takes
+  them, and while neither can take a charge no call is admitted (503), not even with ``fail_open``;
 - every reservation of a running call has its lease renewed by one background task per process, so
-  a long stream keeps its room and a crashed process's reservations free within one lease.
+  a long stream keeps its room and a crashed process's reservations free within one lease;
+- every running stream's charge so far is checkpointed beside the journal each
+  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges what it had relayed up to
+  its last checkpoint (its adopter settles them);
+- behind Sentinel, every settlement the primary took is kept ``store.replay_window_s`` and written
+  again when the primary changes (a former primary keeps acknowledging writes for seconds after a
+  failover, and they are lost when it becomes a replica); the settled markers make replays of the
+  ones the new primary has harmless.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -44,6 +54,11 @@ CallRecord: TypeAlias = Mapping[str, str | int]
 DRAIN_INTERVAL_S = 0.5
 #: How often it looks for journals left by dead processes.
 ADOPT_INTERVAL_S = 30.0
+#: How often running streams' charges so far are checkpointed beside the journal.
+CHECKPOINT_INTERVAL_S = 1.0
+#: After a failover, settlements taken in this much time are replayed once more (those in flight
+#: on connections to the former primary when the change was seen).
+REPLAY_AGAIN_AFTER_S = 3.0
 #: How long shutdown waits for the store to take the journal.
 SHUTDOWN_DRAIN_S = 5.0
 #: How often a tenant's last activity is written to the tenant index (per process).
@@ -73,6 +88,14 @@ class Ledger:
         self._registered: dict[str, float] = {}
         #: Watches the store's eviction policy and resets (``store_health``); ``None``: not watched.
         self.health: StoreHealth | None = None
+        #: Running streams: reservation id -> the settlement of what the stream has relayed so far.
+        self._streams: dict[str, Callable[[], Entry]] = {}
+        self._checkpointed = False
+        #: Settlements the store took, with when (monotonic), kept for a replay after a failover.
+        self._recent: collections.deque[tuple[float, Entry]] = collections.deque()
+        self._keeps_recent = store.follows_failovers and config.store.replay_window_s > 0
+        self._primary: str | None = None
+        self._replay_again_at: float | None = None
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -105,6 +128,9 @@ class Ledger:
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
         reservation_id = uuid.uuid4().hex
+        if self.journal is not None and self.journal.unwritten:
+            # The store refused charges and the journal could not keep them: nothing could keep this one.
+            raise _nowhere_to_charge()
         try:
             now = time.monotonic()
             if tenant not in self._registered or now >= self._registered[tenant]:
@@ -121,13 +147,17 @@ class Ledger:
                 job=self.job_args(tenant, job), provisional=provisional,
             )
         except StoreUnavailable as exc:
-            if not self.config.store.fail_open:
+            # fail_open serves unbudgeted only while the journal can keep the charge.
+            nowhere = self.journal is not None and not self.journal.writable
+            if not self.config.store.fail_open or nowhere:
                 if reply_lost(exc):
                     # The script may have run after all: release the id, so that a late admit holds nothing.
-                    # (fail_open needs no release: the call's own settlement of this id does it.)
+                    # (A call served with fail_open needs no release: its own settlement of this id does it.)
                     with anyio.CancelScope(shield=True):
                         lost = Reservation(reservation_id, tenant, periods.day, periods.month, 0, job)
                         await self._keep(Entry(lost, 0))
+                if nowhere:
+                    raise _nowhere_to_charge() from None
                 raise GuardError(
                     ErrorKind.STORE_UNAVAILABLE,
                     "The budget store is unavailable, so no spend can be admitted. Try again shortly.",
@@ -154,11 +184,37 @@ class Ledger:
         except StoreUnavailable:
             await self._keep(entry)
 
+    def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
+        """Checkpoint a running stream: ``so_far`` gives the settlement of what it has relayed until now."""
+        if self.journal is not None:
+            self._streams[reservation_id] = so_far
+
+    def untrack(self, reservation_id: str) -> None:
+        """The stream ended (its settlement follows): no more checkpoints of it."""
+        self._streams.pop(reservation_id, None)
+
+    async def checkpoint(self) -> None:
+        """Write every running stream's charge so far beside the journal (nothing once none runs)."""
+        if self.journal is None or not (self._streams or self._checkpointed):
+            return
+        entries = [so_far() for so_far in list(self._streams.values())]
+        await self.journal.checkpoint(entries)
+        self._checkpointed = bool(entries)
+
     # -- the journal -----------------------------------------------------------------------------
 
     def journal_pending(self) -> int:
         """Settlements waiting on disk for the store."""
         return len(self.journal) if self.journal is not None else 0
+
+    async def journal_problem(self) -> str | None:
+        """Why a charge the store cannot take would have nowhere to wait (for readiness), else ``None``."""
+        if self.journal is None:
+            return None
+        problem = await self.journal.check()
+        if problem is not None and self.journal.unwritten:
+            return f"{problem}; {self.journal.unwritten} charge(s) are kept in memory only"
+        return problem
 
     def journal_growing(self) -> bool:
         """Settlements wait and the store did not take them at the last try (for readiness)."""
@@ -174,6 +230,8 @@ class Ledger:
         settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
                                              self.alert_args(entry.reservation.tenant),
                                              self.config.store.job_retention_days * 86400)
+        if self._keeps_recent:
+            self._recent.append((time.monotonic(), entry))
         if not settlement.applied:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)
@@ -185,11 +243,10 @@ class Ledger:
             log.error("budget store unavailable: charge of %d micro-USD for tenant=%s lost (no journal)",
                       entry.charge, entry.reservation.tenant)
             return
-        try:
-            await self.journal.append(entry)
-        except OSError as exc:  # a full or read-only disk: nothing left to keep the charge in
-            log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) lost",
-                      exc, entry.charge, entry.reservation.tenant, entry.reservation.id)
+        if not await self.journal.append(entry):  # a full or read-only disk: kept in memory, retried
+            log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) kept in "
+                      "memory until the store or the journal takes it", self.journal.problem, entry.charge,
+                      entry.reservation.tenant, entry.reservation.id)
 
     # -- background work -------------------------------------------------------------------------
 
@@ -198,11 +255,15 @@ class Ledger:
         """Replay the journal (this process's and those of dead ones), then keep draining it and
         renewing leases until the block ends; a last drain is attempted on the way out."""
         if self.journal is not None:
+            if await self.journal.check() is not None:
+                log.error("journal: %s: a charge the store cannot take would have nowhere to wait; /readyz "
+                          "answers 503 until the journal can be written", self.journal.problem)
             await self.journal.adopt_orphans()
             await self.drain()
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._background)
+                group.start_soon(self._checkpoints)
                 try:
                     yield
                 finally:
@@ -211,6 +272,7 @@ class Ledger:
             if self.journal is not None:
                 with anyio.move_on_after(SHUTDOWN_DRAIN_S, shield=True):
                     await self.drain()
+                    await self.checkpoint()  # streams still running keep theirs for the next start
                 self.journal.close()
 
     async def _background(self) -> None:
@@ -220,6 +282,9 @@ class Ledger:
             await anyio.sleep(min(DRAIN_INTERVAL_S, renew_every_s))
             now = time.monotonic()
             try:
+                if self.journal is not None:
+                    await self.journal.check()
+                await self.follow_primary()
                 if self.journal_pending():
                     await self.drain()
                 if now >= next_renewal:
@@ -233,6 +298,45 @@ class Ledger:
             except Exception:  # the background task must outlive any one failure; it is logged
                 log.exception("ledger background task: unexpected error (continuing)")
 
+    async def follow_primary(self) -> int:
+        """Behind Sentinel: when the primary changed since the last look, write every settlement of the
+        replay window again (now, and once more ``REPLAY_AGAIN_AFTER_S`` later); returns how many were
+        replayed. A replay the store cannot take waits in the journal like any settlement."""
+        if not self._keeps_recent:
+            return 0
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - self.config.store.replay_window_s:
+            self._recent.popleft()
+        primary = await self.store.primary()
+        changed = primary is not None and self._primary is not None and primary != self._primary
+        if primary is not None:
+            if changed:
+                log.warning("store: the primary moved from %s to %s; writing the %d settlement(s) of the last "
+                            "%.0f s again (those it already has are ignored)", self._primary, primary,
+                            len(self._recent), self.config.store.replay_window_s)
+                self._replay_again_at = now + REPLAY_AGAIN_AFTER_S
+            self._primary = primary
+        if not changed:
+            if self._replay_again_at is None or now < self._replay_again_at:
+                return 0
+            self._replay_again_at = None
+        replayed = list(self._recent)
+        self._recent.clear()  # each replay that the store takes comes back into the window
+        for _, entry in replayed:
+            try:
+                await self._apply(entry)
+            except StoreUnavailable:
+                await self._keep(entry)
+        return len(replayed)
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await anyio.sleep(CHECKPOINT_INTERVAL_S)
+            try:
+                await self.checkpoint()
+            except Exception:  # like _background: logged, never fatal
+                log.exception("ledger checkpoint task: unexpected error (continuing)")
+
     async def renew(self) -> None:
         """Extend the lease of every reservation of this process's running calls."""
         live = list(self._live.values())
@@ -243,3 +347,12 @@ class Ledger:
             if self._live.pop(reservation_id, None) is not None:
                 log.warning("reservation %s expired while its call was still running (lease %.1f s)",
                             reservation_id, self.config.store.lease_s)
+
+
+def _nowhere_to_charge() -> GuardError:
+    return GuardError(
+        ErrorKind.STORE_UNAVAILABLE,
+        "The budget store is unavailable and the proxy's journal cannot be written, so no spend can be "
+        "admitted. Try again shortly.",
+        headers={"retry-after": "1"},
+    )

@@ -240,6 +240,18 @@ class BudgetStore:
         async with translated():
             await self.client.ping()
 
+    @property
+    def follows_failovers(self) -> bool:
+        """Behind Sentinel: the primary may change, and ``primary`` says when it did."""
+        return self.connection is not None and self.connection.kind == "sentinel"
+
+    async def primary(self) -> str | None:
+        """Behind Sentinel, the primary's address now (a change is a failover); ``None`` elsewhere or
+        when no Sentinel answers."""
+        if self.connection is None or self.connection.kind != "sentinel":
+            return None
+        return await self.connection.rediscover()
+
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` (saying why) unless the store takes writes now, as settlements need.
 

@@ -126,9 +126,13 @@ def _sse(frames: AsyncIterator[bytes], endings: list[str], ident: str) -> Stream
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_headers(ident))
 
 
-def chat_endpoint(endings: list[str], billed: list[tuple[str, dict[str, Any]]] | None = None) -> Handler:
+def chat_endpoint(
+    endings: list[str], billed: list[tuple[str, dict[str, Any]]] | None = None,
+    unfinished: list[tuple[str, dict[str, Any]]] | None = None,
+) -> Handler:
     """``/v1/chat/completions``: one choice; streams with the ``include_usage`` chunk when asked.
-    The usage of each answer given in full is added to ``billed``."""
+    The usage of each answer given in full is added to ``billed``; that of each stream stopped before
+    its end (the caller hung up), counting the words generated so far, to ``unfinished``."""
 
     async def handle(body: dict[str, Any], steer: Steering) -> Response:
         model = body["model"]
@@ -157,9 +161,15 @@ def chat_endpoint(endings: list[str], billed: list[tuple[str, dict[str, Any]]] |
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
         async def frames() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
-            async for _ in steer.words(length, endings):
-                yield chunk({"content": WORD}, None)
+            generated = 0
+            try:
+                yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
+                async for _ in steer.words(length, endings):
+                    generated += 1
+                    yield chunk({"content": WORD}, None)
+            finally:
+                if generated < length and unfinished is not None and usage is not None:
+                    unfinished.append((model, chat_usage(prompt, generated, min(steer.cached_tokens, prompt))))
             bill()
             yield chunk({}, finish)
             if include_usage:

@@ -65,13 +65,15 @@ class FakeUpstreamState:
     fail_with: int | None = None
     #: ``(model, usage)`` of every chat completion answered in full: the usage object it reported.
     billed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: ``(model, usage)`` of every chat stream stopped before its end: the words generated until then.
+    unfinished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
     """The fake as a Starlette app; pass ``state`` to inspect what it received."""
     state = state or FakeUpstreamState()
     handlers = {
-        "chat/completions": chat_endpoint(state.stream_endings, state.billed),
+        "chat/completions": chat_endpoint(state.stream_endings, state.billed, state.unfinished),
         "completions": completions_endpoint(state.stream_endings),
         "embeddings": embeddings_endpoint(),
         "responses": responses_endpoint(state.stream_endings),

@@ -164,3 +164,110 @@ def test_an_entry_keeps_its_job_and_a_line_from_before_jobs_reads_as_none() -> N
     assert Entry.from_line(e.to_line()) == e
     line = b'{"id":"r1","tenant":"acme","day":"2026-11-22","month":"2026-11","amount":5,"charge":1,"record":null}'
     assert Entry.from_line(line).reservation.job == ""
+
+
+# --- a journal that cannot be written --------------------------------------------------------------
+
+# A child process whose file-size limit (RLIMIT_FSIZE) makes its journal "full" at ``limit`` bytes: a
+# write crossing it is cut short (fewer bytes written), the next one fails with EFBIG, as on a full disk.
+_FULL_DISK_CHILD = (
+    "import asyncio, resource, sys\n"
+    "from pathlib import Path\n"
+    "from guardproxy.store.journal import Journal\n"
+    "from tests.unit.test_journal import entry\n"
+    "async def main():\n"
+    "    j = Journal(Path(sys.argv[1]))\n"
+    "    assert await j.append(entry(0))\n"
+    "    limit = j.path.stat().st_size + len(entry(1).to_line()) // 2\n"
+    "    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)\n"
+    "    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))\n"
+    "    print('first', await j.append(entry(1)), j.writable, j.unwritten, j.path.stat().st_size, flush=True)\n"
+    "    print('check', await j.check(max_age_s=0) is None, flush=True)\n"
+    "    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))\n"
+    "    print('check', await j.check(max_age_s=0) is None, j.unwritten, flush=True)\n"
+    "    assert await j.append(entry(2))\n"
+    "    print('ready', flush=True)\n"
+    "    await asyncio.sleep(60)\n"
+    "asyncio.run(main())\n"
+)
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line_and_loses_no_entry(tmp_path: Path) -> None:
+    """ENOSPC (here EFBIG, the same partial write) after some bytes: the file is cut back to its
+    acknowledged entries, the entry waits in memory, and once the disk has room it is written with
+    the next ones; the dead process's file then adopts whole, every line an entry."""
+    child = subprocess.Popen([sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             cwd=Path(__file__).parents[2])
+    try:
+        assert child.stdout is not None
+        first = child.stdout.readline().split()
+        size_after_one = len(entry(0).to_line())
+        # not written, not writable, kept in memory; the file holds exactly the first entry, no partial line
+        assert first == [b"first", b"False", b"False", b"1", str(size_after_one).encode()]
+        assert child.stdout.readline().split() == [b"check", b"False"]  # still full
+        assert child.stdout.readline().split() == [b"check", b"True", b"0"]  # room again: written from memory
+        assert child.stdout.readline().strip() == b"ready"
+        child.kill()
+        child.wait(timeout=10)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    (left,) = tmp_path.glob("journal-*.jsonl")
+    assert lines(left) == [entry(0), entry(1), entry(2)]
+    adopter = Journal(tmp_path)
+    assert asyncio.run(adopter.adopt_orphans()) == 3
+    adopter.close()
+
+
+async def test_a_torn_line_joined_to_the_next_entry_still_adopts_that_entry(tmp_path: Path) -> None:
+    """A file written before writes were cut back (or one that could not be cut back): the torn
+    write's bytes and the next acknowledged entry share a line; the entry is recovered."""
+    orphan = tmp_path / "journal-1-dead.jsonl"
+    orphan.write_bytes(entry(1).to_line() + b'{"id":"torn","tenant":"ac' + entry(2).to_line()
+                       + b'{"id": "x"' + b"\n" + entry(3).to_line())
+    adopter = Journal(tmp_path)
+    assert await adopter.adopt_orphans() == 3
+    store = Store()
+    await adopter.drain(store.apply)
+    assert store.written == [entry(1), entry(2), entry(3)]
+    adopter.close()
+
+
+async def test_a_charge_kept_in_memory_is_drained_to_the_store_and_logged_if_shutdown_comes_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal(tmp_path / "not-a-dir")
+    (tmp_path / "not-a-dir").write_bytes(b"")  # a file where the directory should be: every write fails
+    assert await journal.check(max_age_s=0) is not None and not journal.writable
+    assert not await journal.append(entry(1))
+    assert not await journal.append(entry(2))
+    store = Store()
+    assert await journal.drain(store.apply) == 2
+    assert store.written == [entry(1), entry(2)] and journal.unwritten == 0 and len(journal) == 0
+    assert not await journal.append(entry(3))
+    journal.close()
+    lost = [r.message for r in caplog.records if "charge lost at shutdown" in r.message]
+    assert len(lost) == 1 and '"id":"r3"' in lost[0]
+
+
+async def test_a_dead_process_checkpoint_is_adopted_after_its_own_entries(tmp_path: Path) -> None:
+    """A stream that settled into the journal keeps that settlement; the others settle their checkpoint."""
+    first = Journal(tmp_path)
+    await first.checkpoint([entry(1, charge=40), entry(2, charge=30)])
+    await first.append(entry(1, charge=100))  # stream 1 ended (the store was down): its full charge
+    first.close()  # as a crash would leave them: both files stay
+    assert first.path is not None and first.path.with_suffix(".checkpoint").exists()
+
+    second = Journal(tmp_path)
+    assert await second.adopt_orphans() == 2
+    store = Store()
+    await second.drain(store.apply)
+    assert store.written == [entry(1, charge=100), entry(2, charge=30)]
+    assert second.path is not None and os.listdir(tmp_path) == [second.path.name]
+    await second.checkpoint([entry(3)])
+    assert sorted(os.listdir(tmp_path)) == sorted([second.path.name, second.path.with_suffix(".checkpoint").name])
+    await second.checkpoint([])  # no stream runs any more: removed
+    assert os.listdir(tmp_path) == [second.path.name]
+    second.close()

@@ -1,0 +1,51 @@
+"""What a call costs and how its audit entry reads, at its end or, for a running stream, so far.
+
+``call_record`` is the audit-log entry of a settled attempt. ``StreamProgress`` follows a running
+stream for the ledger's checkpoints (``Ledger.track``): the settlement of what it has relayed until
+now, its completion tokens counted incrementally (the count of a stream's texts is the sum of its
+pieces' counts, so each piece is counted once).
+"""
+
+from __future__ import annotations
+
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.budget.records import Outcome
+from guardproxy.budget.tokens import TokenCounter
+from guardproxy.http.plan import Plan
+from guardproxy.http.relay import StreamWatcher
+from guardproxy.store.journal import Entry
+from guardproxy.store.ledger import CallRecord
+from guardproxy.types import Micros
+
+
+def call_record(plan: Plan, request_id: str, usage: Usage, charge: Micros, outcome: Outcome) -> CallRecord:
+    """The audit-log entry of one settled attempt of ``plan``."""
+    return {
+        "request_id": request_id, "requested_model": plan.request.model,
+        "model": plan.sent.name, "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens, "cached_tokens": usage.cached_prompt_tokens,
+        "cost_micros": charge, "outcome": outcome.value,
+        **({"job": plan.reservation.job} if plan.reservation.job else {}),
+    }
+
+
+class StreamProgress:
+    """The charge of a running stream so far, as the settlement a crash would leave to the journal."""
+
+    def __init__(self, plan: Plan, watcher: StreamWatcher, request_id: str) -> None:
+        self.plan = plan
+        self.watcher = watcher
+        self.request_id = request_id
+        self._counter = TokenCounter(plan.sent.name)
+        self._counted = 0
+        self._tokens = 0
+
+    def entry(self) -> Entry:
+        texts = self.watcher.texts
+        if len(texts) > self._counted:
+            self._tokens += self._counter.texts(texts[self._counted:])
+            self._counted = len(texts)
+        usage = self.watcher.usage or Usage(self.plan.prompt_tokens, self._tokens)
+        charge = cost_micros(usage, self.plan.sent.price)
+        return Entry(self.plan.reservation, charge,
+                     call_record(self.plan, self.request_id, usage, charge, Outcome.INTERRUPTED))
