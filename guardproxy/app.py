@@ -245,6 +245,12 @@ def create_app(
             known[0] = (running, _key_hashes(running))
         return known[0][1]
 
+    def current_routing_headers() -> frozenset[str]:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        if runtime is None:
+            return frozenset()
+        return runtime.current.services.tenants.routing_headers
+
     app = Starlette(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
@@ -260,7 +266,8 @@ def create_app(
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
                             HTTPException: on_http_error, Exception: on_unexpected},
         # CORS outermost (preflights answered first), then the entry checks, before any routing.
-        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes)],
+        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes,
+                                                                  routing_headers=current_routing_headers)],
         lifespan=lifespan,
     )
     # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).

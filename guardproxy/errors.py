@@ -35,6 +35,7 @@ class ErrorKind(Enum):
     INVALID_TENANT = ErrorSpec(400, "invalid_request_error", "invalid_tenant", logging.INFO)
     INVALID_JOB_ID = ErrorSpec(400, "invalid_request_error", "invalid_job_id", logging.INFO)
     JOB_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "servicetitan_job_not_found", logging.INFO)
+    KEY_IN_ROUTING_HEADER = ErrorSpec(400, "invalid_request_error", "key_in_routing_header", logging.INFO)
     INVALID_API_KEY = ErrorSpec(401, "invalid_request_error", "invalid_api_key", logging.INFO)
     TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
