@@ -232,9 +232,18 @@ class Config:
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises ``ConfigError`` naming the field at fault."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_config_bytes(data, path, env)
+
+
+def parse_config_bytes(data: bytes, path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Validate the bytes of a config file (read once by the caller, who may hash them too)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text: {exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
