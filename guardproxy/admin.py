@@ -3,6 +3,8 @@
 Behind ``admin.api_key``, sent as ``Authorization: Bearer <key>``, as the password of HTTP Basic
 auth (any user name; what a browser sends for the page at ``/admin/``) or as the ``guardproxy_admin``
 cookie: every /admin path is 404 while no key is configured, and 401 with a wrong or missing key.
+The cookie and Basic auth, which a browser sends by itself, open the GET routes only; what changes
+state takes the key in a header and refuses what a browser can send cross-site (``guardproxy.csrf``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from guardproxy.admin_page import render_page
 from guardproxy.alerts import event_json
 from guardproxy.auth import presented_key, valid_tenant
 from guardproxy.config import TENANT_ID, merge_policy
+from guardproxy.csrf import check_admin_write
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.periods import iso_utc
 from guardproxy.pipeline import Services
@@ -40,15 +43,18 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 def check_admin(request: Request, services: Services) -> None:
-    """404 when the admin API is off, 401 unless the request carries the admin key."""
+    """404 when the admin API is off, 401 unless the request carries the admin key; a request that
+    changes state must also be one no other site can make a browser send (``guardproxy.csrf``)."""
     expected = services.config.admin_api_key
     if not expected:
         raise GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
-    given = presented_key(request.headers) or _basic_password(request) or request.cookies.get("guardproxy_admin", "")
+    header_key = presented_key(request.headers)
+    given = header_key or _basic_password(request) or request.cookies.get("guardproxy_admin", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
         # The challenge makes a browser ask for the key (as the password) instead of showing the JSON error.
         raise GuardError(ErrorKind.INVALID_API_KEY, "A valid admin key is required.",
                          headers={"www-authenticate": 'Basic realm="guardproxy"'})
+    check_admin_write(request.method, request.headers, ambient=header_key is None)
 
 
 def _basic_password(request: Request) -> str:
