@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import tokens
+from guardproxy import preflight, tokens
 from guardproxy.admin import admin_routes
 from guardproxy.agent_api import agent_routes
 from guardproxy.alerts import AlertSender
@@ -118,6 +118,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         budget_store = store or BudgetStore.from_config(config.store)
+        # An unwritable journal or a missing otel extra stops the start, saying how to fix it.
+        preflight.check_local(config, journal=not budget_store.embedded)
         if budget_store.embedded:
             log.warning("store: embedded in-process store; spend is neither persisted nor shared between "
                         "processes. Set store.redis_url for production.")

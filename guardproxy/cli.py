@@ -41,8 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-calls", action=argparse.BooleanOptionalAction, default=None,
                        help="one line per settled call (default: server.log_calls, else on with json, off with text)")
 
-    check = commands.add_parser("check-config", help="validate a config and print it with secrets masked")
+    check = commands.add_parser("check-config", help="validate a config and print it with secrets masked; also "
+                                "checks the journal directory, the otel extra and that the store answers")
     _config_option(check)
+    check.add_argument("--offline", action="store_true", help="do not try to reach the store")
 
     hashing = commands.add_parser("hash-key", help="print the sha256: form of an API key for api_keys")
     hashing.add_argument("key")
@@ -87,9 +89,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{args.config}: OK", file=sys.stderr)
-        return 0
+        return check_config_command(config, args.config, offline=args.offline)
     return serve_command(config, args)
+
+
+def check_config_command(config: Config, path: str, *, offline: bool) -> int:
+    """What would stop or hurt the proxy with this config, beyond the file itself: 1 when anything does."""
+    import anyio
+
+    from guardproxy import preflight
+
+    problems = preflight.local_problems(config)
+    if config.store.embedded:
+        print("store: embedded (no Redis to reach)", file=sys.stderr)
+    elif offline:
+        print("store: not checked (--offline)", file=sys.stderr)
+    else:
+        problem = anyio.run(preflight.store_problem, config)
+        if problem is None:
+            print(f"store: Redis at {_mask_url(config.store.redis_url)} answers", file=sys.stderr)
+        else:
+            problems.append(problem)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK", file=sys.stderr)
+    return 0
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +144,13 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)
         return 2
+    from guardproxy.preflight import local_problems
+
+    problems = local_problems(config)
+    if problems:
+        for problem in problems:
+            print(f"guardproxy: cannot start: {problem}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         if config.store.embedded:
             print(

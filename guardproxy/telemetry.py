@@ -41,9 +41,10 @@ class Tracing:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError:
-            raise RuntimeError(
-                "telemetry.otlp_endpoint is set but OpenTelemetry is not installed: pip install 'guardproxy[otel]'"
-            ) from None
+            from guardproxy.preflight import OTEL_HINT
+
+            raise RuntimeError(f"telemetry.otlp_endpoint is set but OpenTelemetry is not installed: {OTEL_HINT}") \
+                from None
         endpoint = settings.otlp_endpoint
         if not endpoint.endswith("/v1/traces"):
             endpoint += "/v1/traces"
