@@ -129,6 +129,7 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
 
     from guardproxy.app import CONFIG_ENV, create_app
     from guardproxy.metrics import MULTIPROC_ENV
+    from guardproxy.slow_clients import uvicorn_config
 
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
@@ -166,13 +167,16 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         try:
             from guardproxy.supervisor import run_workers
 
-            run_workers(uvicorn.Config("guardproxy.app:app_from_env", factory=True, host=host, port=port,
-                                       workers=args.workers, **uvicorn_options))
+            run_workers(uvicorn_config("guardproxy.app:app_from_env", config.server, factory=True, host=host,
+                                       port=port, workers=args.workers, **uvicorn_options))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    uvicorn.run(create_app(config, config_path=args.config), host=host, port=port, **uvicorn_options)
-    return 0
+    server = uvicorn.Server(uvicorn_config(create_app(config, config_path=args.config), config.server, host=host,
+                                           port=port, **uvicorn_options))
+    server.run()
+    # As uvicorn.run: a start-up that failed (the port taken, the lifespan refused) is exit status 3.
+    return 0 if server.started else 3
 
 
 def prices_command(model: str, provider: str | None) -> int:

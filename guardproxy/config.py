@@ -50,6 +50,16 @@ class ServerConfig:
     log_calls: bool | None = None
     #: Browser origins allowed to call the proxy (CORS); empty: no CORS headers at all.
     cors_allow_origins: tuple[str, ...] = ()
+    #: Slow clients (``guardproxy.slow_clients``), per worker process: open connections beyond
+    #: ``max_connections`` are answered 503 and closed; a request head must arrive whole within
+    #: ``header_timeout_s`` of the connection (or the previous answer), and be at most
+    #: ``max_header_bytes``; a body within ``body_timeout_s`` of its head; an idle keep-alive
+    #: connection is closed after ``keep_alive_timeout_s``.
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -352,9 +362,19 @@ def _server(f: Fields) -> ServerConfig:
         log_format=f.text("log_format", ServerConfig.log_format, choices=("text", "json")),
         log_calls=f.boolean("log_calls", False) if f.has("log_calls") else None,
         cors_allow_origins=_cors_origins(f),
+        max_connections=f.integer("max_connections", ServerConfig.max_connections, min_value=1, max_value=1_000_000),
+        header_timeout_s=_seconds(f, "header_timeout_s", ServerConfig.header_timeout_s),
+        body_timeout_s=_seconds(f, "body_timeout_s", ServerConfig.body_timeout_s),
+        keep_alive_timeout_s=_seconds(f, "keep_alive_timeout_s", ServerConfig.keep_alive_timeout_s),
+        max_header_bytes=f.integer("max_header_bytes", ServerConfig.max_header_bytes, min_value=1024,
+                                   max_value=16 * 1024 * 1024),
     )
     f.done()
     return out
+
+
+def _seconds(f: Fields, key: str, default: float) -> float:
+    return float(f.decimal(key, Decimal(str(default)), min_value=Decimal("0.1"), max_value=Decimal(3600)))
 
 
 def _store(f: Fields) -> StoreConfig:

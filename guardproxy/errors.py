@@ -42,6 +42,7 @@ class ErrorKind(Enum):
     CSRF_REFUSED = ErrorSpec(403, "permission_error", "csrf_refused", logging.WARNING)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
+    REQUEST_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_timeout", logging.INFO)
     IDEMPOTENCY_CONFLICT = ErrorSpec(409, "invalid_request_error", "idempotency_key_reused", logging.INFO)
     REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type", logging.INFO)
