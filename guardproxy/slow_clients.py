@@ -9,7 +9,8 @@ worker process (``server.*`` in proxy.yaml):
 - ``max_connections``: a connection beyond it is answered 503 (``connection: close``) and closed at
   once, before it can hold anything;
 - ``header_timeout_s``: a request head must arrive whole within this of the connection opening or
-  of the previous answer, else 408 and the connection closes (dribbling resets nothing);
+  of the previous answer, else 408 and the connection closes (dribbling resets nothing); a
+  connection that sent nothing in that time is closed without an answer;
 - ``max_header_bytes``: a longer head is answered 431 and the connection closes;
 - ``keep_alive_timeout_s`` is uvicorn's own ``timeout_keep_alive``.
 
@@ -141,8 +142,14 @@ class _Guarded:
 
     def _expired(self) -> None:
         self._deadline = None
-        if self._awaiting_head():
+        if not self._awaiting_head():
+            return
+        if self._head_bytes:
             self._close_with(_HEAD_TIMEOUT)
+        elif not self.transport.is_closing():
+            # Nothing of a next request sent: an idle connection closes quietly, so that a client's
+            # pool never reads an unsolicited 408 as the answer to a request it sends just then.
+            self.transport.close()
 
     def _close_with(self, answer: bytes) -> None:
         self._disarm()

@@ -190,3 +190,32 @@ def test_dribbling_heads_and_bodies_under_the_limit_are_cut_while_normal_clients
     assert figures.normal_ok >= 5 and figures.normal_other == 0, figures
     assert figures.normal_slowest_s < 2.0, figures
     assert figures.after_sockets <= figures.baseline_sockets + 5, figures
+
+
+@pytest.mark.slow
+def test_idle_connections_close_quietly_and_a_huge_head_gets_431(
+    upstream_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async def run(port: int) -> tuple[bytes, float, bytes, bytes]:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        silent = await asyncio.wait_for(reader.read(4096), HEADER_TIMEOUT_S + 3)  # sends nothing at all
+        silent_after = time.monotonic() - started
+        writer.close()
+        # one request, then idle on the kept-alive connection: closed after keep_alive_timeout_s (1 s)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        answered = await asyncio.wait_for(reader.read(4096), 5)
+        idle = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")
+        big = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        return silent, silent_after, answered + idle, big
+
+    with running_proxy(slow_config(upstream_url, redis_url, 100), tmp_path) as proxy:
+        silent, silent_after, kept_alive, big = asyncio.run(run(proxy.port))
+    assert silent == b"" and HEADER_TIMEOUT_S - 0.2 < silent_after < HEADER_TIMEOUT_S + 1.5
+    assert kept_alive.startswith(b"HTTP/1.1 200 ") and b"408" not in kept_alive
+    assert big.startswith(b"HTTP/1.1 431 ") and b"headers_too_large" in big
