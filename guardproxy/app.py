@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
+from guardproxy.admin import preflight
 from guardproxy.admin.api import admin_routes
 from guardproxy.admin.external import external_routes
 from guardproxy.admin.reload import SighupReloader, catch_early_sighup
@@ -134,6 +135,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         budget_store = store or BudgetStore.from_config(config.store)
+        # An unwritable journal or a missing otel extra stops the start, saying how to fix it.
+        preflight.check_local(config, journal=not budget_store.embedded)
         if budget_store.embedded:
             log.info("store: SQLite file %s (shared by the processes of this machine; docs/store.md says "
                      "when to move to Redis)", config.store.sqlite_path())
@@ -282,6 +285,12 @@ def create_app(
             known[0] = (running, _key_hashes(running))
         return known[0][1]
 
+    def current_routing_headers() -> frozenset[str]:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        if runtime is None:
+            return frozenset()
+        return runtime.current.services.tenants.routing_headers
+
     app = Starlette(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
@@ -298,7 +307,8 @@ def create_app(
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
                             HTTPException: on_http_error, Exception: on_unexpected},
         # CORS outermost (preflights answered first), then the entry checks, before any routing.
-        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes)],
+        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes,
+                                                                  routing_headers=current_routing_headers)],
         lifespan=lifespan,
     )
     # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).

@@ -44,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-calls", action=argparse.BooleanOptionalAction, default=None,
                        help="one line per settled call (default: server.log_calls, else on with json, off with text)")
 
-    check = commands.add_parser("check-config", help="validate a config and print it with secrets masked")
+    check = commands.add_parser("check-config", help="validate a config and print it with secrets masked; also "
+                                "checks the journal directory, the otel extra and that the store answers")
     _config_option(check)
+    check.add_argument("--offline", action="store_true", help="do not try to reach the store")
 
     hashing = commands.add_parser("hash-key", help="print the sha256: form of an API key for api_keys")
     hashing.add_argument("key")
@@ -93,9 +95,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{args.config}: OK", file=sys.stderr)
-        return 0
+        return check_config_command(config, args.config, offline=args.offline)
     return serve_command(config, args)
+
+
+def check_config_command(config: Config, path: str, *, offline: bool) -> int:
+    """What would stop or hurt the proxy with this config, beyond the file itself: 1 when anything does."""
+    import anyio
+
+    from guardproxy.admin import preflight
+
+    problems = preflight.local_problems(config)
+    if config.store.embedded:
+        print("store: embedded (no Redis to reach)", file=sys.stderr)
+    elif offline:
+        print("store: not checked (--offline)", file=sys.stderr)
+    else:
+        problem = anyio.run(preflight.store_problem, config)
+        if problem is None:
+            print(f"store: Redis at {_mask_url(config.store.redis_url)} answers", file=sys.stderr)
+        else:
+            problems.append(problem)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK", file=sys.stderr)
+    return 0
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +134,7 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardproxy.app import CONFIG_ENV, create_app
+    from guardproxy.http.slow_clients import uvicorn_config
     from guardproxy.observe.metrics import MULTIPROC_ENV
 
     host = args.host or config.server.host
@@ -123,6 +151,13 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("guardproxy: --workers must be at least 1", file=sys.stderr)
         return 2
+    from guardproxy.admin.preflight import local_problems
+
+    problems = local_problems(config)
+    if problems:
+        for problem in problems:
+            print(f"guardproxy: cannot start: {problem}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
         # Workers keep their counters in files here, summed at scrape time; removed when serve ends.
@@ -131,13 +166,16 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
         try:
             from guardproxy.supervisor import run_workers
 
-            run_workers(uvicorn.Config("guardproxy.app:app_from_env", factory=True, host=host, port=port,
-                                       workers=args.workers, **uvicorn_options))
+            run_workers(uvicorn_config("guardproxy.app:app_from_env", config.server, factory=True, host=host,
+                                       port=port, workers=args.workers, **uvicorn_options))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
-    uvicorn.run(create_app(config, config_path=args.config), host=host, port=port, **uvicorn_options)
-    return 0
+    server = uvicorn.Server(uvicorn_config(create_app(config, config_path=args.config), config.server, host=host,
+                                           port=port, **uvicorn_options))
+    server.run()
+    # As uvicorn.run: a start-up that failed (the port taken, the lifespan refused) is exit status 3.
+    return 0 if server.started else 3
 
 
 def prices_command(model: str, provider: str | None) -> int:

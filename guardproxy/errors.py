@@ -34,12 +34,17 @@ class ErrorKind(Enum):
     INVALID_TENANT = ErrorSpec(400, "invalid_request_error", "invalid_tenant", logging.INFO)
     INVALID_JOB_ID = ErrorSpec(400, "invalid_request_error", "invalid_job_id", logging.INFO)
     JOB_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "servicetitan_job_not_found", logging.INFO)
+    KEY_IN_ROUTING_HEADER = ErrorSpec(400, "invalid_request_error", "key_in_routing_header", logging.INFO)
     INVALID_API_KEY = ErrorSpec(401, "invalid_request_error", "invalid_api_key", logging.INFO)
     TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
+    # A state-changing admin request a browser could have been made to send by another site.
+    CSRF_REFUSED = ErrorSpec(403, "permission_error", "csrf_refused", logging.WARNING)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
+    REQUEST_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_timeout", logging.INFO)
     IDEMPOTENCY_CONFLICT = ErrorSpec(409, "invalid_request_error", "idempotency_key_reused", logging.INFO)
     REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)
+    UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type", logging.INFO)
     OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
     JOB_OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "job_budget_exceeded", logging.INFO)
     # OpenAI's own per-minute 429s carry the limit's kind as their type.

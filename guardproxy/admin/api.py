@@ -3,6 +3,8 @@
 Behind ``admin.api_key``, sent as ``Authorization: Bearer <key>``, as the password of HTTP Basic
 auth (any user name; what a browser sends for the page at ``/admin/``) or as the ``guardproxy_admin``
 cookie: every /admin path is 404 while no key is configured, and 401 with a wrong or missing key.
+The cookie and Basic auth, which a browser sends by itself, open the GET routes only; what changes
+state takes the key in a header and refuses what a browser can send cross-site (``guardproxy.admin.csrf``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from guardproxy.admin.auth import check_admin
 from guardproxy.config.validation import ConfigError
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import workers
-from guardproxy.http.runtime import Runtime
+from guardproxy.http.runtime import LockoutRefused, Runtime
 
 log = logging.getLogger("guardproxy.reload")
 
@@ -76,15 +76,21 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 async def post_reload(request: Request) -> Response:
-    """Re-read proxy.yaml: 200 with the new generation, 400 naming the field when the file is refused."""
+    """Re-read proxy.yaml: 200 with the new generation, 400 naming the field when the file is refused
+    (``reload_refused`` for a file that would switch the admin API off or drop every tenant, which
+    ``?force=true`` applies anyway)."""
     runtime: Runtime = request.app.state.runtime
     check_admin(request, runtime.current.services)
+    force = request.query_params.get("force", "false")
+    if force not in ("true", "false"):
+        raise GuardError(ErrorKind.INVALID_FIELD, "force must be true or false.", param="force")
     try:
-        result = runtime.reload()
+        result = runtime.reload(force=force == "true")
     except ConfigError as exc:
         log.error("reload refused, the running config stays: %s", exc)
+        code = "reload_refused" if isinstance(exc, LockoutRefused) else "invalid_config"
         raise GuardError(ErrorKind.INVALID_FIELD, f"Config not reloaded: {exc}", param=exc.path or None,
-                         code="invalid_config") from None
+                         code=code) from None
     signalled = runtime.signal_siblings()
     # Under --workers: answer once every worker serves this file (or after workers.RELOAD_WAIT_S).
     reloaded, running = await workers.wait_for_all(result.config_sha256) if signalled else (1, 1)

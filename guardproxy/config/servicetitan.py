@@ -34,6 +34,15 @@ JOB_ID_FIELDS = ("businessUnitId", "customerId", "locationId", "jobTypeId")
 NAMED_RULES = ("externalData", "customField")
 
 INT64_MAX = 2**63 - 1
+_JOB_DIGITS = re.compile(r"[0-9]+")
+
+
+def canonical_job_id(job: str) -> str:
+    """A ServiceTitan job id as one spelling: ``123``, ``0123`` and ``00123`` are job ``123`` (ids are
+    integers), so they share one job's counters and cap; anything else is returned as it is."""
+    if _JOB_DIGITS.fullmatch(job) and len(job) <= 64:
+        return str(int(job))
+    return job
 MASK = "***"
 
 

@@ -55,6 +55,16 @@ class ServerConfig:
     #: ``/metrics`` has budget gauges for the configured tenants and the most recently active others,
     #: at most this many tenants in all (a scrape reads each of them from the store).
     metrics_max_tenants: int = 250
+    #: Slow clients (``guardproxy.http.slow_clients``), per worker process: open connections beyond
+    #: ``max_connections`` are answered 503 and closed; a request head must arrive whole within
+    #: ``header_timeout_s`` of the connection (or the previous answer), and be at most
+    #: ``max_header_bytes``; a body within ``body_timeout_s`` of its head; an idle keep-alive
+    #: connection is closed after ``keep_alive_timeout_s``.
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -245,9 +255,18 @@ class Config:
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises ``ConfigError`` naming the field at fault."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_config_bytes(data, path, env)
+
+
+def parse_config_bytes(data: bytes, path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Validate the bytes of a config file (read once by the caller, who may hash them too)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text: {exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -361,9 +380,19 @@ def _server(f: Fields) -> ServerConfig:
         cors_allow_origins=_cors_origins(f),
         metrics_max_tenants=f.integer("metrics_max_tenants", ServerConfig.metrics_max_tenants, min_value=0,
                                       max_value=1_000_000),
+        max_connections=f.integer("max_connections", ServerConfig.max_connections, min_value=1, max_value=1_000_000),
+        header_timeout_s=_seconds(f, "header_timeout_s", ServerConfig.header_timeout_s),
+        body_timeout_s=_seconds(f, "body_timeout_s", ServerConfig.body_timeout_s),
+        keep_alive_timeout_s=_seconds(f, "keep_alive_timeout_s", ServerConfig.keep_alive_timeout_s),
+        max_header_bytes=f.integer("max_header_bytes", ServerConfig.max_header_bytes, min_value=1024,
+                                   max_value=16 * 1024 * 1024),
     )
     f.done()
     return out
+
+
+def _seconds(f: Fields, key: str, default: float) -> float:
+    return float(f.decimal(key, Decimal(str(default)), min_value=Decimal("0.1"), max_value=Decimal(3600)))
 
 
 def _store(f: Fields) -> StoreConfig:

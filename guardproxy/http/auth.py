@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from guardproxy.config.servicetitan import canonical_job_id
 from guardproxy.config.settings import TENANT_ID, Config, hash_key
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.store.keys import KeyRing, lookup_or_503
@@ -47,9 +48,11 @@ class TenantResolver:
         return frozenset({self.tenant_header, self.job_header, ST_TENANT_HEADER, JOB_HEADER, "x-guardproxy-cache"})
 
     def job_of(self, headers: Mapping[str, str]) -> str:
-        """The job a call belongs to: ``X-Guardproxy-Job``, else the ServiceTitan job header; ``""``
-        for none; 400 for an id that does not follow the tenant-id rule."""
-        job = (headers.get(JOB_HEADER) or headers.get(self.job_header) or "").strip()
+        """The job a call belongs to: ``X-Guardproxy-Job``, else the ServiceTitan job header (a
+        number in its canonical form: ``0123`` is job ``123``); ``""`` for none; 400 for an id that does
+        not follow the tenant-id rule."""
+        own = (headers.get(JOB_HEADER) or "").strip()
+        job = own or canonical_job_id((headers.get(self.job_header) or "").strip())
         if job and not TENANT_ID.fullmatch(job):
             raise GuardError(
                 ErrorKind.INVALID_JOB_ID,

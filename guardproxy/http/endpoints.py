@@ -6,6 +6,7 @@ a complete answer and follow its stream. The pipeline (``pipeline.py``) is the s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +52,29 @@ class ApiShape:
         """How long each output may be on ``model``: the request's limit, or the model's when it sets none."""
         return request.max_output_tokens or model.max_output_tokens
 
-    def lowered_limit(self, body: JSONObject, tokens: int) -> dict[str, int]:
+    def lowered_limit(self, body: JSONObject, tokens: int, models: tuple[str, ...] = ()) -> dict[str, int]:
         """The fields that lower the output limit to ``tokens``: each limit field the request set,
-        else the shape's usual one."""
+        else the shape's usual one. A reasoning model among ``models`` (the configured and the
+        upstream's name) takes ``max_completion_tokens`` whatever else is set: OpenAI refuses
+        ``max_tokens`` there."""
         used = [name for name in self.limit_fields if body.get(name) is not None]
-        return dict.fromkeys(used or self.limit_fields[-1:], tokens)
+        fields = dict.fromkeys(used or self.limit_fields[-1:], tokens)
+        if REASONING_LIMIT in self.limit_fields and any(is_reasoning_model(m) for m in models):
+            fields = {name: tokens for name in used if name != "max_tokens"} | {REASONING_LIMIT: tokens}
+            if "max_tokens" in used:
+                fields["max_tokens"] = tokens
+        return fields
+
+
+#: The output limit of chat completions that reasoning models (o-series, GPT-5) accept.
+REASONING_LIMIT = "max_completion_tokens"
+# o1, o3-mini, o4-mini, gpt-5, gpt-5-mini…, also behind a provider prefix ("openai/o3") or dated.
+_REASONING_MODEL = re.compile(r"(?:o[1-9][0-9]*|gpt-5)(?:[-.:_].*)?", re.IGNORECASE)
+
+
+def is_reasoning_model(name: str) -> bool:
+    """Whether ``name`` is an OpenAI reasoning model, which takes ``max_completion_tokens`` only."""
+    return _REASONING_MODEL.fullmatch(name.rsplit("/", 1)[-1]) is not None
 
 
 def _usage_and_texts(key: str) -> Callable[[Any], tuple[Usage | None, list[str]]]:

@@ -9,7 +9,6 @@ relays the answer as it arrives; nothing is reserved or charged, and they are on
 from __future__ import annotations
 
 import logging
-import re
 from urllib.parse import unquote
 
 import anyio
@@ -19,14 +18,12 @@ from starlette.types import Receive, Scope, Send
 
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http.endpoints import BUDGETED
+from guardproxy.http.openai_resources import resource_label
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
 from guardproxy.http.upstream import UpstreamResponse, response_headers
 
 log = logging.getLogger("guardproxy.passthrough")
-
-# The metric's endpoint label is the path's first segment when it looks like an API name.
-_ENDPOINT_LABEL = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 class UnbudgetedPaths:
@@ -56,9 +53,7 @@ class UnbudgetedPaths:
         body = await read_body(request, self.s.config.server.max_body_bytes)
         headers = upstream.request_headers(request.headers.items(), self.s.tenants.routing_headers, tenant)
         response = await upstream.send(target, body, headers, method=request.method)
-        endpoint = path.split("/", 1)[0]
-        label = endpoint if _ENDPOINT_LABEL.fullmatch(endpoint) else "other"
-        self.s.metrics.unbudgeted_requests.labels(tenant, label).inc()
+        self.s.metrics.unbudgeted_requests.labels(tenant, resource_label(path)).inc()
         log.info("unbudgeted passthrough tenant=%s %s /v1/%s -> %s %d", tenant, request.method, path, upstream.name,
                  response.status_code)
         headers_out = {**response_headers(response.headers), "x-guardproxy-tenant": tenant,

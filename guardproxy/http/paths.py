@@ -15,6 +15,8 @@ that it cannot be forwarded upstream with the caller's other headers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 from collections.abc import Callable, Collection
@@ -86,6 +88,10 @@ def header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
 _KEY_HEADERS = frozenset({b"authorization", b"api-key", b"cookie"})
 _TOKEN_SEPARATORS = re.compile(rb"[\s,;=:\"']+")
 _MIN_KEY_BYTES = 8
+# Taken off a word's ends: a key quoted in prose or markup (``KEY.``, ``<KEY>``, ``(KEY)``).
+_PUNCTUATION = b".,<>()[]{}!?*`|"
+# Long enough to hold a key once decoded (``user:`` plus 8 bytes).
+_BASE64_WORD = re.compile(rb"[A-Za-z0-9+/_-]{12,}={0,2}")
 
 
 #: The shape of a key created at runtime (``keys.new_key``: ``gp-`` + 43 base64url characters); such
@@ -95,25 +101,70 @@ _RUNTIME_KEY = re.compile(rb"gp-[A-Za-z0-9_-]{43}")
 
 def carries_key(value: bytes, key_hashes: Collection[str]) -> bool:
     """Whether a word of ``value`` is one of the keys whose ``sha256:`` forms are ``key_hashes``, or
-    has the shape of a runtime key."""
+    has the shape of a runtime key.
+
+    Words are what lies between separators, also with punctuation around them taken off (``KEY.``,
+    ``<KEY>``, ``(KEY)``), and the words of ``value`` percent-decoded (``key%3DKEY``) and of any
+    base64 word decoded (``Basic base64(user:KEY)``)."""
     if len(value) < _MIN_KEY_BYTES:  # most header values: no word of them can be a key
         return False
     return any(
-        len(word) >= _MIN_KEY_BYTES
-        and (_RUNTIME_KEY.fullmatch(word) is not None or "sha256:" + hashlib.sha256(word).hexdigest() in key_hashes)
-        for word in _TOKEN_SEPARATORS.split(value)
+        _RUNTIME_KEY.fullmatch(word) is not None or "sha256:" + hashlib.sha256(word).hexdigest() in key_hashes
+        for word in _words(value, decode=True)
     )
+
+
+def _words(value: bytes, *, decode: bool) -> set[bytes]:
+    """The candidate key words of ``value`` (``carries_key``); ``decode``: also of its decoded forms."""
+    words = set()
+    for word in _TOKEN_SEPARATORS.split(value):
+        for candidate in (word, word.strip(_PUNCTUATION)):
+            if len(candidate) >= _MIN_KEY_BYTES:
+                words.add(candidate)
+    if decode:
+        if b"%" in value:
+            words |= _words(unquote_to_bytes(value), decode=False)
+        for word in list(words):
+            decoded = _base64(word)
+            if decoded is not None:
+                words |= _words(decoded, decode=False)
+    return words
+
+
+def _base64(word: bytes) -> bytes | None:
+    """``word`` decoded as (standard or URL-safe) base64, padding optional; ``None`` when it is not."""
+    if not _BASE64_WORD.fullmatch(word):
+        return None
+    padded = word + b"=" * (-len(word) % 4)
+    try:
+        return base64.b64decode(padded, altchars=b"-_" if b"-" in word or b"_" in word else None, validate=True)
+    except binascii.Error:
+        return None
+
+
+def strip_keys_from_query(query: bytes, key_hashes: Collection[str]) -> bytes:
+    """``query`` without the parameters whose name or value carries a guardproxy key
+    (``?api_key=KEY``): a passthrough forwards the query string as it is."""
+    if len(query) < _MIN_KEY_BYTES:
+        return query
+    kept = [part for part in query.split(b"&") if not carries_key(part, key_hashes)]
+    return b"&".join(kept)
 
 
 class EntryGuard:
     """ASGI middleware: 400 ``invalid_path`` for every HTTP request whose path is not canonical,
-    400 ``invalid_field`` for a header value with a line break or another control character;
-    headers other than the key headers that carry a guardproxy key are removed."""
+    400 ``invalid_field`` for a header value with a line break or another control character,
+    400 ``key_in_routing_header`` for a routing header that carries a key; headers other than the key
+    headers, and query parameters, that carry a guardproxy key are removed."""
 
-    def __init__(self, app: ASGIApp, key_hashes: Callable[[], Collection[str]] = frozenset) -> None:
+    def __init__(self, app: ASGIApp, key_hashes: Callable[[], Collection[str]] = frozenset,
+                 routing_headers: Callable[[], Collection[str]] = frozenset) -> None:
         self.app = app
         #: The ``sha256:`` forms of the running config's keys (a reload changes them).
         self.key_hashes = key_hashes
+        #: The headers that steer the proxy (tenant, job): a key there is a mistake to report, not
+        #: a stray credential to drop (dropping it would silently lose the tenant or the job).
+        self.routing_headers = routing_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -129,6 +180,18 @@ class EntryGuard:
                 await error_response(error)(scope, receive, send)
                 return
             key_hashes = self.key_hashes()
+            routing = self.routing_headers()
+            for name, value in scope["headers"]:
+                header = name.decode("latin-1").lower()
+                if header in routing and carries_key(value, key_hashes):
+                    error = GuardError(ErrorKind.KEY_IN_ROUTING_HEADER, f"The {header} header looks like an API key "
+                                       "(a key's shape or one of this proxy's keys). It names a tenant or a job, "
+                                       "never a credential: send the key as 'Authorization: Bearer <key>' and put "
+                                       f"the tenant or job id in {header}.", param=header)
+                    await error_response(error)(scope, receive, send)
+                    return
+            if scope.get("query_string"):
+                scope["query_string"] = strip_keys_from_query(scope["query_string"], key_hashes)
             scope["headers"] = [
                 (name, value) for name, value in scope["headers"]
                 if name in _KEY_HEADERS or not carries_key(value, key_hashes)

@@ -249,7 +249,8 @@ class BudgetedEndpoint:
         if self.shape.asks_for_usage and call.stream and not call.wants_usage:
             changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         if plan.clamped_tokens is not None:
-            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens))
+            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens,
+                                                    (plan.sent.name, plan.upstream_model)))
         return orjson.dumps({**call.body, **changes}) if changes else call.raw
 
     async def _failed(self, plan: Plan, answer: UpstreamResponse | GuardError, started: float) -> Response | GuardError:
@@ -381,8 +382,11 @@ class BudgetedEndpoint:
 
     async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
-        what an identical request would get on its own); a store error only loses the entry."""
-        if plan.sent is not plan.requested or not cache.storable(self.shape.path, answer):
+        what an identical request would get on its own, nor is one whose output limit the budget
+        clamped: it may be cut short, and served again once the budget is raised); a store error
+        only loses the entry."""
+        if plan.sent is not plan.requested or plan.clamped_tokens is not None \
+                or not cache.storable(self.shape.path, answer):
             return
         value = cache.Entry(plan.sent.name, answer).to_bytes()
         if len(value) > self.s.config.cache.max_entry_bytes:

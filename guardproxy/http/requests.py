@@ -9,26 +9,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 
+from guardproxy.config.settings import ServerConfig
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.types import JSONObject
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to be larger than ``max_bytes``."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to be larger than ``max_bytes``, and
+    with 408 when it has not arrived within ``timeout_s`` (default: the app's ``server.body_timeout_s``):
+    a client that dribbles its body holds no connection and no handler for longer."""
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
+    if timeout_s is None:
+        timeout_s = body_timeout_s(request)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise GuardError(ErrorKind.REQUEST_TIMEOUT, f"The request body did not arrive within {timeout_s:g} s "
+                         "(server.body_timeout_s).", headers={"connection": "close"})
     return b"".join(chunks)
+
+
+def body_timeout_s(request: Request) -> float:
+    """``server.body_timeout_s`` of the app serving ``request`` (its default outside one)."""
+    app = request.scope.get("app")
+    config = getattr(getattr(app, "state", None), "config", None)
+    return float(getattr(getattr(config, "server", None), "body_timeout_s", ServerConfig.body_timeout_s))
 
 
 def _too_large(max_bytes: int) -> GuardError:

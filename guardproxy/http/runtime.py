@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from guardproxy.config.settings import Config, load_config
+from guardproxy.config.settings import Config, parse_config_bytes
 from guardproxy.config.validation import ConfigError
 from guardproxy.http import workers
 from guardproxy.http.auth import JobTenantResolver, TenantResolver
@@ -106,15 +106,25 @@ class Runtime:
             unbudgeted=UnbudgetedPaths(services), config_sha256=digest,
         )
 
-    def reload(self) -> ReloadResult:
-        """Re-read the config file; raises ``ConfigError`` (naming the field) and changes nothing if it is bad."""
+    def reload(self, *, force: bool = False) -> ReloadResult:
+        """Re-read the config file; raises ``ConfigError`` (naming the field) and changes nothing if it is bad.
+
+        The file is read once: the sha256 reported is that of the bytes validated and applied. A file
+        that would switch the admin API off or remove every tenant is refused (``LockoutRefused``)
+        unless ``force``: a truncated file is often still valid YAML."""
         if self.config_path is None:
             raise ConfigError("", "this proxy was not started from a config file, so there is nothing to reload")
-        digest = _file_sha256(self.config_path)
+        try:
+            data = self.config_path.read_bytes()
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {self.config_path}: {exc.strerror}") from None
+        digest = hashlib.sha256(data).hexdigest()
         old = self.current
-        if digest and digest == old.config_sha256:
+        if digest == old.config_sha256:
             return ReloadResult(old.number, False, digest)
-        config = load_config(self.config_path)
+        config = parse_config_bytes(data, self.config_path)
+        if not force:
+            refuse_lockout(old.services.config, config)
         return self.apply(config, digest)
 
     def apply(self, config: Config, digest: str = "") -> ReloadResult:
@@ -146,6 +156,22 @@ class Runtime:
     async def aclose(self) -> None:
         for upstream in {id(u): u for u in [*self.current.services.upstreams.values(), *self._retired]}.values():
             await upstream.aclose()
+
+
+class LockoutRefused(ConfigError):
+    """A valid file that would take away what the operator reloads and serves with."""
+
+
+def refuse_lockout(running: Config, loaded: Config) -> None:
+    """``LockoutRefused`` when ``loaded`` drops the admin key or every tenant that ``running`` has."""
+    if running.admin_api_key and not loaded.admin_api_key:
+        raise LockoutRefused("admin.api_key", "the new file has no admin key, so the admin API (and this reload "
+                             "over HTTP) would be switched off; is the file complete? To apply it anyway: "
+                             "POST /admin/reload?force=true")
+    if running.tenants and not loaded.tenants:
+        raise LockoutRefused("tenants", f"the new file has no tenants (the running config has {len(running.tenants)})"
+                             ", so every tenant key would stop working; is the file complete? To apply it anyway: "
+                             "POST /admin/reload?force=true")
 
 
 def _needs_restart(running: Config, loaded: Config) -> list[str]:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("guardproxy.telemetry")
 
+#: How to get the tracing SDK, for every message that says it is missing.
+OTEL_HINT = ("install the otel extra: pip install 'guardproxy[otel]' (from a checkout of guardproxy: "
+             "pip install -e '.[otel]'), or remove telemetry.otlp_endpoint")
+
 #: ``gen_ai.operation.name`` of each budgeted endpoint.
 OPERATIONS = {"chat/completions": "chat", "completions": "text_completion", "embeddings": "embeddings",
               "responses": "chat"}
@@ -41,9 +45,8 @@ class Tracing:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError:
-            raise RuntimeError(
-                "telemetry.otlp_endpoint is set but OpenTelemetry is not installed: pip install 'guardproxy[otel]'"
-            ) from None
+            raise RuntimeError(f"telemetry.otlp_endpoint is set but OpenTelemetry is not installed: {OTEL_HINT}") \
+                from None
         endpoint = settings.otlp_endpoint
         if not endpoint.endswith("/v1/traces"):
             endpoint += "/v1/traces"

@@ -40,7 +40,7 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
                                    "headers": {"authorization": "Bearer hook-secret-13"}}]}
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(raw))
-    done = guardproxy("check-config", "--config", str(path), env={"ADMIN_KEY": "admin-secret-55"})
+    done = guardproxy("check-config", "--offline", "--config", str(path), env={"ADMIN_KEY": "admin-secret-55"})
     assert done.returncode == 0, done.stderr
     shown = done.stdout + done.stderr
     for secret in ("sk-upstream-secret", "redis-pass-123", "helicone-secret-9", "plain-tenant-key-77",

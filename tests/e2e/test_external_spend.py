@@ -152,6 +152,7 @@ def test_booking_needs_the_admin_key_a_valid_tenant_and_json(
     assert httpx.post(url + "/admin/tenants/acme/spend", json=body, headers=tenant_key).status_code == 401
     assert book(url, body, tenant="bad tenant!").status_code in (400, 404)
     for raw in (b"{", b"[]", b'{"cost_usd": NaN, "description": "x", "idempotency_key": "k"}'):
-        answer = httpx.post(url + "/admin/tenants/acme/spend", headers=ADMIN, content=raw)
+        answer = httpx.post(url + "/admin/tenants/acme/spend", content=raw,
+                            headers={**ADMIN, "content-type": "application/json"})
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json", raw
     assert redis_int(redis_url, keys()[0]) == 0

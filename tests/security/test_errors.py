@@ -40,7 +40,9 @@ def store_down_url(upstream_url: str, serve_proxy: Callable[..., str]) -> str:
 def test_the_admin_api_answers_503_when_the_store_is_down(
     method: str, target: str, body: bytes, store_down_url: str,
 ) -> None:
-    answer = raw_request(store_down_url, method, target, [("Authorization", f"Bearer {ADMIN_KEY}")], body)
+    # Admin bodies are JSON, declared as such (guardproxy.csrf).
+    json_type = [("Content-Type", "application/json")] if body else []
+    answer = raw_request(store_down_url, method, target, [("Authorization", f"Bearer {ADMIN_KEY}"), *json_type], body)
     assert_openai_error(answer, 503, "budget_store_unavailable")
     assert answer.header("retry-after") == "1"
 

@@ -15,8 +15,13 @@ too, wherever it goes. Properties:
 - no request the upstream receives carries a guardproxy credential (tenant, service, admin key),
   and every one goes to the configured base URL: each request started is one the fake received.
 
+A second fuzzer sends browser-shaped requests to the admin routes that change state: form posts
+(``text/plain`` bodies shaped as JSON, urlencoded, multipart), the cookie and Basic credentials a
+browser adds by itself, cross-site ``Origin`` and ``Sec-Fetch-Site``. Whatever a cross-site page can
+make a browser send is refused (403/415) and changes nothing in the store.
+
 ``GP_FUZZ_EXAMPLES`` sets the number of examples (default 300); the figures of a run are written to
-``test-artifacts/fuzz-stats-<examples>.json``.
+``test-artifacts/fuzz-stats-<examples>.json`` (``fuzz-browser-stats-<examples>.json`` for the second).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ EXAMPLES = int(os.environ.get("GP_FUZZ_EXAMPLES", "300"))
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, SERVICE_KEY, ADMIN_KEY)
 UPSTREAM_KEY = "sk-upstream-secret"
 STATS_FILE = Path(__file__).resolve().parents[2] / "test-artifacts" / f"fuzz-stats-{EXAMPLES}.json"
+BROWSER_STATS_FILE = STATS_FILE.with_name(f"fuzz-browser-stats-{EXAMPLES}.json")
 
 
 # -- the system under test -------------------------------------------------------------------------
@@ -204,7 +210,7 @@ def fuzz_config(redis_url: str, upstream_url: str, **overrides: Any) -> Config:
 
 
 @pytest.fixture
-def target(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+def target(redis_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Target]:
     recorder = RecordingUpstream(create_fake_upstream())
     started = StartedRequests(monkeypatch)
     with contextlib.ExitStack() as stack:
@@ -227,8 +233,9 @@ def target(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
         for figure in ("guardproxy_5xx", "counter_changes_on_refused", "credentials_seen_upstream"):
             fuzz_target.stats[figure] = 0
         yield fuzz_target
-    STATS_FILE.parent.mkdir(exist_ok=True)
-    STATS_FILE.write_bytes(orjson.dumps(dict(sorted(fuzz_target.stats.items())), option=orjson.OPT_INDENT_2))
+    stats_file = STATS_FILE if request.node.name == "test_fuzz_every_route" else BROWSER_STATS_FILE
+    stats_file.parent.mkdir(exist_ok=True)
+    stats_file.write_bytes(orjson.dumps(dict(sorted(fuzz_target.stats.items())), option=orjson.OPT_INDENT_2))
 
 
 # -- what requests look like -----------------------------------------------------------------------
@@ -368,7 +375,8 @@ def cases(draw: st.DrawFn) -> tuple[str, bytes, str, bytes]:
 OWN_CODES = frozenset({"invalid_json", "invalid_path", "missing_field", "invalid_field", "model_not_priced",
                        "missing_tenant", "invalid_tenant", "invalid_job_id", "servicetitan_job_not_found",
                        "invalid_api_key", "tenant_mismatch", "unknown_url", "method_not_supported",
-                       "request_too_large", "insufficient_quota"})
+                       "request_too_large", "insufficient_quota", "csrf_refused", "unsupported_media_type",
+                       "key_in_routing_header"})
 
 
 def check_error_shape(answer: Answer, method: str) -> str:
@@ -454,3 +462,75 @@ def test_fuzz_every_route(target: Target, app: str, case: tuple[str, bytes, str,
         raise AssertionError(f"{method} {path!r} -> {answer.status} changed the store: {changed}")
     assert no_reservation_left(after), "a reservation was left behind"
     assert all(TENANT_ID.fullmatch(t.decode()) for t in tenants_seen(target.redis_url))
+
+
+# -- browser-shaped requests on the admin routes that change state -------------------------------------
+
+ADMIN_WRITES = [
+    ("POST", "/admin/tenants/{t}/spend"), ("PUT", "/admin/tenants/{t}/budget"), ("DELETE", "/admin/tenants/{t}/budget"),
+    ("POST", "/admin/tenants/{t}/keys"), ("DELETE", "/admin/tenants/{t}/keys/key_0123456789abcdef"),
+    ("POST", "/admin/reload"), ("PATCH", "/admin/tenants/{t}/budget"),
+]
+#: The admin credential as a browser adds it by itself (ambient) or as a script sets it (a header).
+ADMIN_CREDENTIALS = {"cookie": True, "basic": True, "cookie+basic": True, "bearer": False, "api-key": False}
+FORM_TYPES = ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+              "multipart/form-data; boundary=----x", "text/json", "application/jsonp", ""]
+JSON_TYPES = ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json"]
+CROSS_ORIGINS = ["https://evil.example", "null", "http://gp.test.evil.example", "http://gp.test:8443",
+                 "http://evil.example/gp.test", "https://gp.test@evil.example", "gp.test", "ftp://gp.test"]
+OWN_ORIGINS = ["http://gp.test", "https://gp.test"]
+FORGED_BODIES = st.sampled_from([
+    b'{"cost_usd": 1000000, "description": "x", "idempotency_key": "csrf", "x": "="}',
+    b'{"daily_usd": 1000000, "x": "="}', b'{"name": "attacker", "x": "="}', b"cost_usd=1000000&description=x",
+    b"------x\r\nContent-Disposition: form-data; name=\"daily_usd\"\r\n\r\n1000000\r\n------x--\r\n", b"",
+])
+
+
+def admin_credential(choice: str) -> list[tuple[str, str]]:
+    basic = base64.b64encode(f"admin:{ADMIN_KEY}".encode()).decode()
+    return {
+        "cookie": [("cookie", f"guardproxy_admin={ADMIN_KEY}")], "basic": [("authorization", f"Basic {basic}")],
+        "cookie+basic": [("cookie", f"other=1; guardproxy_admin={ADMIN_KEY}"), ("authorization", f"Basic {basic}")],
+        "bearer": [("authorization", f"Bearer {ADMIN_KEY}")], "api-key": [("api-key", ADMIN_KEY)],
+    }[choice]
+
+
+@settings(max_examples=min(EXAMPLES, 200), deadline=None, derandomize=EXAMPLES <= 300,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    route=st.sampled_from(ADMIN_WRITES),
+    tenant=st.sampled_from(["acme", "delta", "globex"]),
+    credential=st.sampled_from(list(ADMIN_CREDENTIALS)),
+    content_type=st.sampled_from(FORM_TYPES + JSON_TYPES + [None]),
+    origin=st.sampled_from([None, None, *CROSS_ORIGINS, *OWN_ORIGINS]),
+    fetch_site=st.sampled_from([None, None, "cross-site", "same-site", "same-origin", "none", "CROSS-SITE"]),
+    body=FORGED_BODIES,
+)
+def test_fuzz_browser_shaped_admin_writes(target: Target, route: tuple[str, str], tenant: str, credential: str,
+                                          content_type: str | None, origin: str | None, fetch_site: str | None,
+                                          body: bytes) -> None:
+    method, path = route
+    headers = admin_credential(credential)
+    for name, value in (("content-type", content_type), ("origin", origin), ("sec-fetch-site", fetch_site)):
+        if value is not None:
+            headers.append((name, value))
+    if fetch_site is not None:
+        headers.append(("sec-fetch-mode", "navigate" if content_type in FORM_TYPES else "cors"))
+    before = store_snapshot(target.redis_url)
+    answer = target.call("open", method, path.format(t=tenant).encode(),
+                         [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers], body)
+    after = store_snapshot(target.redis_url)
+    stats = target.stats
+    stats["browser_cases"] += 1
+    assert answer.status < 500, answer.body[:300]
+    cross_site = (origin in CROSS_ORIGINS) or (fetch_site is not None and fetch_site.lower() in ("cross-site",
+                                                                                                 "same-site"))
+    not_json = bool(body) and content_type not in JSON_TYPES
+    forgeable = ADMIN_CREDENTIALS[credential] or cross_site or not_json
+    if answer.status >= 400:
+        stats[f"browser_code_{check_error_shape(answer, method)}"] += 1
+    if forgeable:
+        stats["browser_forgeable"] += 1
+        assert answer.status in (403, 405, 415), (method, path, headers, answer.status, answer.body[:200])
+        assert after == before, f"a browser-shaped {method} {path} changed the store"
+        stats["browser_forgeable_refused"] += 1
