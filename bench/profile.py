@@ -25,7 +25,7 @@ import run
 COMPONENTS = [
     ("logging", ("(logging/",)),
     ("redis-py", ("(redis/",)),
-    ("fakeredis+lupa (embedded store)", ("(fakeredis/", "(lupa/")),
+    ("sqlite3 (embedded store)", ("(sqlite3/", "(guardproxy/sqlite_")),
     ("httpx API layer", ("(httpx/", "(httpx_aiohttp/", "(httpcore/")),
     ("aiohttp", ("(aiohttp/", "(yarl/", "(multidict/")),
     ("tiktoken", ("(tiktoken/", "(guardproxy/tokens.py")),
