@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 RECORD = {"request_id": "0" * 32, "requested_model": "gpt-4o-mini", "model": "gpt-4o-mini", "prompt_tokens": 12,
