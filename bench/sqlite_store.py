@@ -151,7 +151,8 @@ def main() -> int:
                 rs = [result(p) for p in procs]
                 print(f"{args.processes} processes on one file ({sync}): "
                       f"{sum(r['pairs_per_s'] for r in rs):.0f} pairs/s in all, "
-                      f"p99 {max(r['p99_ms'] for r in rs):.2f} ms, longest tx {max(r['longest_tx_ms'] for r in rs):.2f} ms")
+                      f"p99 {max(r['p99_ms'] for r in rs):.2f} ms, "
+                      f"longest tx {max(r['longest_tx_ms'] for r in rs):.2f} ms")
     finally:
         redis_proc.terminate()
         redis_proc.wait()
