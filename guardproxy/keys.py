@@ -22,6 +22,7 @@ import orjson
 from guardproxy.config import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.periods import iso_utc
+from guardproxy.records import KeyListing
 from guardproxy.store_protocol import Store
 
 KEY_PREFIX = "gp-"
@@ -207,7 +208,7 @@ class KeyStore:
     async def add(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
         await self.store.add_key(tenant, key_id, digest, owner, meta)
 
-    async def listed(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+    async def listed(self, tenant: str) -> KeyListing:
         """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
         return await self.store.listed_keys(tenant)
 

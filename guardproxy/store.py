@@ -39,8 +39,11 @@ from guardproxy.records import NO_RATE_LIMITS as NO_RATE_LIMITS
 from guardproxy.records import Admission as Admission
 from guardproxy.records import AlertArgs as AlertArgs
 from guardproxy.records import AlertRecord as AlertRecord
+from guardproxy.records import CallCosts as CallCosts
 from guardproxy.records import JobArgs as JobArgs
 from guardproxy.records import JobUsage as JobUsage
+from guardproxy.records import KeyListing as KeyListing
+from guardproxy.records import LoggedCost as LoggedCost
 from guardproxy.records import PeriodSpend as PeriodSpend
 from guardproxy.records import QueuedAlert as QueuedAlert
 from guardproxy.records import RateWindow as RateWindow
@@ -387,7 +390,7 @@ class BudgetStore:
             calls.append(call)
         return calls
 
-    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
+    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts:
         """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
         ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
         pipe = self.client.pipeline(transaction=False)
@@ -397,11 +400,11 @@ class BudgetStore:
             logs = await pipe.execute()
             # Not pipelined: Redis Cluster pipelines take only commands with keys.
             seconds, micros = await self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000, [
-            [(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
-              text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+        return CallCosts(int(seconds) * 1000 + int(micros) // 1000, [
+            [LoggedCost(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
+                        text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
             for log in logs
-        ]
+        ])
 
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""
@@ -544,13 +547,13 @@ class BudgetStore:
             await self.client.hset(self.keys(tenant).api_keys, key_id, meta)
             await self.client.hset(self._key_index(), digest, owner)
 
-    async def listed_keys(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+    async def listed_keys(self, tenant: str) -> KeyListing:
         """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
         k = self.keys(tenant)
         async with translated():
             meta = await self.client.hgetall(k.api_keys)
             used = await self.client.hgetall(k.api_keys_used)
-        return ({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
+        return KeyListing({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
 
     async def remove_key(self, tenant: str, key_id: str, digest: str) -> None:
         # Index first: the key stops working before its listing goes.

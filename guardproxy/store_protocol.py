@@ -22,8 +22,10 @@ from guardproxy.records import (
     Admission,
     AlertArgs,
     AlertRecord,
+    CallCosts,
     JobArgs,
     JobUsage,
+    KeyListing,
     QueuedAlert,
     Reservation,
     Settlement,
@@ -86,9 +88,7 @@ class Store(Protocol):
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]: ...
 
-    async def call_costs(
-        self, tenants: Sequence[str], count: int
-    ) -> tuple[int, list[list[tuple[int, Micros, str]]]]: ...
+    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts: ...
 
     # -- alert events ----------------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class Store(Protocol):
 
     async def add_key(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None: ...
 
-    async def listed_keys(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]: ...
+    async def listed_keys(self, tenant: str) -> KeyListing: ...
 
     async def remove_key(self, tenant: str, key_id: str, digest: str) -> None: ...
 
