@@ -340,8 +340,8 @@ class Target:
         return f"{self.base_url}/{route}/v1/chat/completions" if self.direct else f"{self.base_url}/v1/chat/completions"
 
 
-ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-redis-w2",
-               "guardproxy-redis-quiet", "litellm")
+ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-embedded-w2",
+               "guardproxy-redis-w2", "guardproxy-redis-quiet", "litellm")
 
 
 def missing_tools() -> list[str]:
@@ -400,6 +400,8 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         variants: list[tuple[str, str, list[str], Path]] = [
             (GUARD, "redis", [], REPO_DIR), ("guardproxy-embedded", "embedded", [], REPO_DIR),
             ("guardproxy-redis-w2", "redis", ["--workers", "2"], REPO_DIR),
+            # two workers on one SQLite file (each variant has a state folder, so a file, of its own)
+            ("guardproxy-embedded-w2", "embedded", ["--workers", "2"], REPO_DIR),
             ("guardproxy-redis-quiet", "redis", ["--log-level", "warning"], REPO_DIR),
         ]
         if compare:
@@ -730,6 +732,8 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
         ratios[f"workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-redis-w2", GUARD, "ratio")
         ratios[f"quiet_over_default_{mode}"] = paired(rounds, "guardproxy-redis-quiet", GUARD, "ratio")
         ratios[f"embedded_over_redis_{mode}"] = paired(rounds, "guardproxy-embedded", GUARD, "ratio")
+        ratios[f"embedded_workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-embedded-w2", "guardproxy-embedded",
+                                                             "ratio")
         for other in targets:
             if other.startswith(f"{GUARD}@"):
                 ratios[f"this_over_{other.partition('@')[2]}_{mode}"] = paired(rounds, GUARD, other, "ratio")
@@ -790,6 +794,8 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
         Goal("--workers 2 / --workers 1 req/s, plain", ratios.get("workers_2_over_1_plain"), 1.85, True),
         Goal("embedded / Redis req/s (the lower of plain and stream)",
              min((e for e in embedded if e is not None), default=None), 1.0, True),
+        Goal("embedded --workers 2 / --workers 1 req/s, plain", ratios.get("embedded_workers_2_over_1_plain"), 1.5,
+             True),
     ]
 
 
