@@ -29,12 +29,12 @@ RECORD = {"request_id": "0" * 32, "requested_model": "gpt-4o-mini", "model": "gp
 
 
 async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dict[str, float]:
-    from guardproxy.budget import Thresholds
-    from guardproxy.config import StoreConfig
-    from guardproxy.periods import periods_at
-    from guardproxy.records import AlertArgs
-    from guardproxy.sqlite_store import SqliteClient
-    from guardproxy.store import BudgetStore
+    from guardproxy.budget.decision import Thresholds
+    from guardproxy.budget.periods import periods_at
+    from guardproxy.budget.records import AlertArgs
+    from guardproxy.config.settings import StoreConfig
+    from guardproxy.store.redis import BudgetStore
+    from guardproxy.store.sqlite import SqliteClient
 
     if url.startswith("sqlite:"):
         store = BudgetStore(SqliteClient(url.removeprefix("sqlite://"), synchronous=synchronous), "bench")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from guardproxy.config import StoreConfig
-from guardproxy.sqlite_store import SqliteClient
-from guardproxy.store import BudgetStore
+from guardproxy.config.settings import StoreConfig
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sqlite import SqliteClient
 
 PREFIX = "gp"
 

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.sqlite_store import SqliteClient
-from guardproxy.store import BudgetStore, Keys
+from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.sqlite import SqliteClient
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.conftest import TENANT_KEY, config_dict
 from tests.e2e.books import billed_micros
 from tests.e2e.test_chat import keys, wait_for

@@ -16,12 +16,13 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from guardproxy.budget import Thresholds
-from guardproxy.config import StoreConfig
-from guardproxy.keys import KeyRing
-from guardproxy.periods import periods_at
-from guardproxy.store import AlertArgs, BudgetStore, JobArgs, text
-from guardproxy.store_copy import copy_store, open_store
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import AlertArgs, JobArgs
+from guardproxy.config.settings import StoreConfig
+from guardproxy.store.copy import copy_store, open_store
+from guardproxy.store.keys import KeyRing
+from guardproxy.store.redis import BudgetStore, text
 from tests.e2e.test_cli import guardproxy
 
 pytestmark = pytest.mark.anyio

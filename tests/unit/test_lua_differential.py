@@ -19,10 +19,11 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import RateLimits, Thresholds, decide, rate_verdict
-from guardproxy.periods import periods_at
-from guardproxy.sqlite_store import SqliteClient
-from guardproxy.store import BudgetStore, JobArgs, Keys, Reservation
+from guardproxy.budget.decision import RateLimits, Thresholds, decide, rate_verdict
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import JobArgs, Reservation
+from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.sqlite import SqliteClient
 
 T = TypeVar("T")
 TENANT = "acme"

@@ -1,4 +1,4 @@
-"""The SQLite store's scripts (``guardproxy/sqlite_scripts.py``) against the Lua scripts on a real redis-server.
+"""The SQLite store's scripts (``guardproxy/store/sqlite_scripts.py``) against the Lua scripts on a real redis-server.
 
 Hypothesis draws sequences of admissions, settlements (duplicates, releases, jobs, alert thresholds),
 lease renewals, alert claims, overrides and clock steps (leases expire, rate windows slide) on one
@@ -26,11 +26,12 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import RateLimits, Thresholds
-from guardproxy.periods import periods_at
-from guardproxy.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
-from guardproxy.sqlite_store import SqliteClient
-from guardproxy.store import AlertArgs, BudgetStore, JobArgs, Reservation
+from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sqlite import SqliteClient
+from guardproxy.store.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
 
 TENANT = "acme"
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
@@ -39,7 +40,7 @@ SCRIPTS = ("admit.v4.lua", "settle.v4.lua", "renew.v1.lua", "claim.v1.lua")
 
 
 def source(name: str) -> str:
-    return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 def test_every_script_has_a_transcription(tmp_path: Any) -> None:

@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardproxy.budget import Thresholds
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
 from guardproxy.errors import StoreUnavailable
-from guardproxy.periods import periods_at
-from guardproxy.sqlite_store import SqliteClient
-from guardproxy.store import BudgetStore
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.sqlite import SqliteClient
 
 pytestmark = pytest.mark.anyio
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from guardproxy.config import parse_config
-from guardproxy.validation import ConfigError
-from tests.unit.test_config import minimal
+from guardproxy.config.settings import parse_config
+from guardproxy.config.validation import ConfigError
+from tests.helpers import minimal
 
 
 def test_no_url_is_the_sqlite_file_under_the_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from guardproxy.config import StoreConfig
-from guardproxy.store import BudgetStore
-from guardproxy.store_protocol import Store
+from guardproxy.config.settings import StoreConfig
+from guardproxy.store.protocol import Store
+from guardproxy.store.redis import BudgetStore
 
 
 def typed(store: BudgetStore) -> Store:

@@ -1,0 +1,129 @@
+"""What guardproxy asks of a budget store, as one typed protocol (arguments by name, replies as records).
+
+``redis.BudgetStore`` implements it on both engines: on Redis (plain, Sentinel, Cluster) through the Lua
+scripts, on one SQLite file through their transcriptions (``sqlite.py``). The modules that keep the
+books (``ledger``, ``alerts``, ``state``, ``keys``, ``status``) take a ``Store``, never a client: nothing
+outside ``redis.py``, ``sqlite.py`` and ``copy.py`` speaks Redis commands. The replies are ``records``' values.
+
+A new store capability is a method here and on ``BudgetStore`` (keys named by ``store.Keys``, under the
+tenant's ``{tenant}`` hash tag), and a contract test in ``tests/contract`` runs it on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.periods import Periods
+from guardproxy.budget.records import (
+    NO_JOB,
+    NO_RATE_LIMITS,
+    Admission,
+    AlertArgs,
+    AlertRecord,
+    CallCosts,
+    JobArgs,
+    JobUsage,
+    KeyListing,
+    QueuedAlert,
+    Reservation,
+    Settlement,
+    Snapshot,
+)
+from guardproxy.types import Micros
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A budget store: spend, reservations, overrides, keys, logs and caches of every tenant."""
+
+    #: Settled calls kept per tenant in the call log.
+    calls_kept: int
+
+    #: The SQLite store (one file on this machine) rather than Redis.
+    @property
+    def embedded(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def check_writable(self) -> None: ...
+
+    # -- admission and settlement (each one atomic step: a script, or one transaction) ----------------
+
+    async def admit(
+        self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
+        reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
+        alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
+    ) -> Admission: ...
+
+    async def settle(
+        self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
+        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s,
+    ) -> Settlement: ...
+
+    async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]: ...
+
+    # -- external spend ------------------------------------------------------------------------------
+
+    async def booking_day(self, tenant: str, reservation_id: str, day: str) -> str: ...
+
+    async def move_booking_day(self, tenant: str, reservation_id: str, day: str) -> None: ...
+
+    async def settled_charge(self, tenant: str, day: str, reservation_id: str) -> Micros | None: ...
+
+    # -- tenants, overrides, snapshots, the call log ---------------------------------------------------
+
+    async def register_tenant(self, tenant: str) -> None: ...
+
+    async def known_tenants(self) -> set[str]: ...
+
+    async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]: ...
+
+    async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None: ...
+
+    async def clear_override(self, tenant: str, periods: Periods | None = None) -> None: ...
+
+    async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]: ...
+
+    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts: ...
+
+    # -- alert events ----------------------------------------------------------------------------------
+
+    async def claim_alerts(self, tenants: Sequence[str], lease_ms: int, limit: int = 20) -> list[QueuedAlert]: ...
+
+    async def record_delivery(
+        self, alert: QueuedAlert, hooks: set[int], state: str, next_at_ms: int = 0, error: str = ""
+    ) -> None: ...
+
+    async def recent_alerts(self, tenants: Sequence[str], limit: int) -> list[AlertRecord]: ...
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    async def job_usage(self, tenant: str, job: str) -> JobUsage | None: ...
+
+    async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]: ...
+
+    # -- runtime API keys --------------------------------------------------------------------------------
+
+    async def key_owner(self, digest: str) -> str | None: ...
+
+    async def add_key(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None: ...
+
+    async def listed_keys(self, tenant: str) -> KeyListing: ...
+
+    async def remove_key(self, tenant: str, key_id: str, digest: str) -> None: ...
+
+    async def touch_key(self, tenant: str, key_id: str, at_ms: int) -> None: ...
+
+    # -- caches (responses; shared lookups such as ServiceTitan's) -----------------------------------------
+
+    async def cached_response(self, tenant: str, digest: str) -> bytes | None: ...
+
+    async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None: ...
+
+    async def cache_get(self, key: str) -> str | None: ...
+
+    async def cache_set(self, key: str, value: str, ttl_s: int) -> None: ...

@@ -1,0 +1,336 @@
+"""The embedded store: one SQLite file, shared by every process that opens it (the default without Redis).
+
+``SqliteClient`` answers the part of redis-py's asyncio client that ``BudgetStore`` uses (the same
+commands, arguments and reply shapes) on ``sqlite_data``'s tables, so the budget store, its keys and its
+contract are the same on both engines; ``evalsha`` of the four budget scripts runs their transcription
+(``sqlite_scripts``). Every call is one transaction: a script, a pipeline or a single command. Writing
+ones start with ``BEGIN IMMEDIATE`` (the file's write lock, taken before the first read), so an admission
+or a settlement is atomic across threads and processes; nothing reads in one transaction and writes what
+it read in another.
+
+The file is in WAL mode: readers never wait for the writer, and a committed transaction survives the
+process being killed. ``synchronous`` decides what a power cut may take: ``full`` syncs the log at every
+commit (nothing committed is lost), ``normal`` syncs at checkpoints (the last commits before the cut may
+be lost, the file stays consistent). docs/store.md has the measured cost of each.
+
+Transactions run on one thread per client (its own connection), so the event loop never waits for the
+disk or for another process's lock: it waits only for the reply. A transaction that finds the write lock
+taken by another process retries after a short random pause (instead of SQLite's busy handler, which
+sleeps in steps of 1 to 100 ms) until ``busy_timeout_ms``, then fails as ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from guardproxy.store.sqlite_data import SCHEMA, Tx, Value, sweep
+from guardproxy.store.sqlite_scripts import SCRIPTS
+
+Clock = Callable[[], float]
+#: How often a writing transaction also deletes a batch of expired keys.
+SWEEP_EVERY_S = 10.0
+SYNCHRONOUS = ("normal", "full")
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class Script:
+    """What ``register_script`` returns: called like redis-py's, run as one transaction."""
+
+    def __init__(self, client: SqliteClient, source: str) -> None:
+        self.client = client
+        self.script = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        if self.sha not in SCRIPTS:
+            raise RuntimeError(f"the SQLite store has no transcription of the script with SHA1 {self.sha}: "
+                               "guardproxy/sqlite_scripts.py must follow an edited guardproxy/lua script")
+
+    async def __call__(self, keys: Sequence[Value] = (), args: Sequence[Value] = ()) -> Any:
+        return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def _text(value: Value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else value.encode()
+
+
+# redis-py's commands as the facade answers them: name -> (writes, fn(tx, *args, **kwargs)).
+def _set(t: Tx, name: Value, value: Value, ex: int | None = None, px: int | None = None,
+         nx: bool = False) -> bool | None:
+    ms = px if px is not None else None if ex is None else int(ex) * 1000
+    return True if t.set(_text(name), value, ex_ms=ms, nx=nx) else None
+
+
+def _hset(t: Tx, name: Value, key: Value | None = None, value: Value | None = None,
+          mapping: Mapping[Value, Value] | None = None) -> int:
+    items = dict(mapping or {})
+    if key is not None and value is not None:
+        items[key] = value
+    return sum(t.hset(_text(name), f, v) for f, v in items.items())
+
+
+def _zadd(t: Tx, name: Value, mapping: Mapping[Value, float], xx: bool = False) -> int:
+    return sum(t.zadd(_text(name), score, member, xx=xx) for member, score in mapping.items())
+
+
+def _zrange(t: Tx, name: Value, start: int, end: int, desc: bool = False, withscores: bool = False) -> list[Any]:
+    rows = t.zrange(_text(name), start, end, reverse=desc)
+    return [(m.encode(), s) for m, s in rows] if withscores else [m.encode() for m, _ in rows]
+
+
+def _zrangebyscore(t: Tx, name: Value, low: Value, high: Value, start: int | None = None,
+                   num: int | None = None) -> list[bytes]:
+    return [m.encode() for m in t.zrangebyscore(_text(name), low, high, start or 0, -1 if num is None else num)]
+
+
+def _entries(rows: list[tuple[str, list[str]]]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return [(i.encode(), {f.encode(): v.encode() for f, v in zip(fs[::2], fs[1::2], strict=True)}) for i, fs in rows]
+
+
+def _xadd(t: Tx, name: Value, fields: Mapping[Value, Value], id: Value = "*",
+          maxlen: int | None = None, approximate: bool = True) -> bytes:
+    flat: list[Value] = [v for pair in fields.items() for v in pair]
+    try:
+        return t.xadd(_text(name), flat, maxlen=maxlen, entry_id=_text(id)).encode()
+    except ValueError as exc:
+        raise redis_errors.ResponseError(str(exc)) from None
+
+
+def _keys(t: Tx, pattern: Value = "*") -> list[bytes]:
+    text = _text(pattern)
+    if "*" in text[:-1] or "?" in text or "[" in text:
+        raise redis_errors.ResponseError(f"the SQLite store's KEYS takes '*' or 'prefix*' only, got {text!r}")
+    return [k.encode() for k in t.keys(text.rstrip("*"))]
+
+
+_OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
+    "ping": (False, lambda t: True),
+    "time": (False, lambda t: (t.now_ms // 1000, t.now_ms % 1000 * 1000)),
+    "get": (False, lambda t, k: t.get(_text(k))),
+    "set": (True, _set),
+    "incrby": (True, lambda t, k, n=1: t.incrby(_text(k), n)),
+    "decrby": (True, lambda t, k, n=1: t.decrby(_text(k), n)),
+    "delete": (True, lambda t, *ks: t.delete(*map(_text, ks))),
+    "exists": (False, lambda t, *ks: t.exists(*map(_text, ks))),
+    "expire": (True, lambda t, k, s: bool(t.expire(_text(k), s))),
+    "pexpire": (True, lambda t, k, ms: bool(t.pexpire(_text(k), ms))),
+    "ttl": (False, lambda t, k: t.ttl(_text(k))),
+    "pttl": (False, lambda t, k: t.pttl(_text(k))),
+    "type": (False, lambda t, k: t.type(_text(k)).encode()),
+    "keys": (False, _keys),
+    "hget": (False, lambda t, k, f: t.hget(_text(k), f)),
+    "hset": (True, _hset),
+    "hsetnx": (True, lambda t, k, f, v: t.hsetnx(_text(k), f, v)),
+    "hdel": (True, lambda t, k, *fs: t.hdel(_text(k), *fs)),
+    "hincrby": (True, lambda t, k, f, n=1: t.hincrby(_text(k), f, n)),
+    "hgetall": (False, lambda t, k: {f.encode(): v for f, v in t.hgetall(_text(k)).items()}),
+    "hmget": (False, lambda t, k, fs, *more: t.hmget(_text(k), *([fs] if isinstance(fs, str | bytes) else fs), *more)),
+    "hexists": (False, lambda t, k, f: bool(t.hexists(_text(k), f))),
+    "hlen": (False, lambda t, k: t.hlen(_text(k))),
+    "zadd": (True, _zadd),
+    "zrem": (True, lambda t, k, *ms: t.zrem(_text(k), *ms)),
+    "zscore": (False, lambda t, k, m: t.zscore(_text(k), m)),
+    "zcard": (False, lambda t, k: t.zcard(_text(k))),
+    "zrange": (False, _zrange),
+    "zrevrange": (False, lambda t, k, a, b, withscores=False: _zrange(t, k, a, b, True, withscores)),
+    "zrangebyscore": (False, _zrangebyscore),
+    "zremrangebyscore": (True, lambda t, k, lo, hi: t.zremrangebyscore(_text(k), lo, hi)),
+    "zcount": (False, lambda t, k, lo, hi: t.zcount(_text(k), lo, hi)),
+    "sadd": (True, lambda t, k, *ms: t.sadd(_text(k), *ms)),
+    "smembers": (False, lambda t, k: {m.encode() for m in t.smembers(_text(k))}),
+    "xadd": (True, _xadd),
+    "xrange": (False, lambda t, k, min="-", max="+", count=None: _entries(
+        t.xrange(_text(k), _text(min), _text(max), -1 if count is None else count))),
+    "xrevrange": (False, lambda t, k, max="+", min="-", count=None: _entries(
+        t.xrange(_text(k), _text(min), _text(max), -1 if count is None else count, reverse=True))),
+    "xlen": (False, lambda t, k: t.xlen(_text(k))),
+    "flushall": (True, lambda t: t.delete(*t.keys()) >= 0),
+}
+
+
+class Pipeline:
+    """``pipeline(transaction=False)``: the queued commands run as one transaction at ``execute``."""
+
+    def __init__(self, client: SqliteClient) -> None:
+        self._client = client
+        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Pipeline]:
+        if name not in _OPS:
+            raise AttributeError(f"the SQLite store has no command {name!r}")
+
+        def queue(*args: Any, **kwargs: Any) -> Pipeline:
+            self._queued.append((name, args, kwargs))
+            return self
+
+        return queue
+
+    async def execute(self) -> list[Any]:
+        queued, self._queued = self._queued, []
+        writes = any(_OPS[name][0] for name, _, _ in queued)
+        replies: list[Any] = await self._client.transact(
+            lambda t: [_OPS[n][1](t, *a, **kw) for n, a, kw in queued], writes=writes)
+        return replies
+
+    async def __aenter__(self) -> Pipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._queued = []
+
+
+class SqliteClient:
+    """An asyncio client of one SQLite file with redis-py's command names and replies (see the module)."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "normal", busy_timeout_ms: int = 5000,
+                 clock: Clock = time.time, ttl_clock: Clock | None = None,
+                 sweep_every_s: float = SWEEP_EVERY_S) -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous is one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        #: The time the scripts read (``TIME``), and the one TTLs count in (the same unless a test splits them).
+        self.clock = clock
+        self.ttl_clock = ttl_clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardproxy-sqlite")
+        self._local = threading.local()
+        self._next_sweep = 0.0
+        self.sweep_every_s = sweep_every_s
+        #: The longest a transaction has held the file (ms), for the bench and docs/store.md.
+        self.longest_tx_ms = 0.0
+        if str(path) != ":memory:":  # ":memory:": a store of the client's own, gone when it closes (tests)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    # -- the thread's connection and transactions -------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
+            db.execute("PRAGMA busy_timeout=0")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            # both need the file to themselves for a moment (another process may be starting too)
+            self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
+            self.run_on(db, lambda: db.executescript(SCHEMA))
+            self._local.db = db
+        return db
+
+    def run_on(self, db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+        """``work`` on ``db``, tried again while another connection holds the lock (see ``run``)."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        pause = 0.0001
+        while True:
+            try:
+                return work()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 2, 0.005)
+
+    def _now_ms(self, clock: Clock) -> int:
+        return round(clock() * 1_000_000) // 1000
+
+    def run(self, work: Callable[[Tx], Any], *, writes: bool) -> Any:
+        """Run ``work`` as one transaction, on the calling thread (the client's own, see ``transact``).
+
+        A writing transaction takes the write lock first (``BEGIN IMMEDIATE``). While another connection
+        holds it, the transaction is tried again after a short random pause (0.05 ms growing to 5 ms),
+        up to ``busy_timeout_ms``; a transaction that met the lock mid-way was rolled back whole first.
+        """
+        db = self._connection()
+        return self.run_on(db, lambda: self._once(db, work, writes))
+
+    def _once(self, db: sqlite3.Connection, work: Callable[[Tx], Any], writes: bool) -> Any:
+        db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+        started = time.perf_counter()
+        try:
+            now_ms = self._now_ms(self.clock)
+            ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
+            result = work(Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms))
+            if writes and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self.sweep_every_s
+                sweep(db, ttl_now_ms)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
+        return result
+
+    async def transact(self, work: Callable[[Tx], Any], *, writes: bool) -> Any:
+        """``run`` on the client's thread; the event loop waits only for the reply."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: self.run(work, writes=writes))
+
+    # -- redis-py's interface ---------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name not in _OPS:
+            raise AttributeError(f"the SQLite store has no command {name!r}")
+        writes, op = _OPS[name]
+
+        async def command(*args: Any, **kwargs: Any) -> Any:
+            return await self.transact(lambda t: op(t, *args, **kwargs), writes=writes)
+
+        return command
+
+    async def scan_iter(self, match: str = "*") -> AsyncIterator[bytes]:
+        """The keys matching ``match`` (``*`` or ``prefix*``), as redis-py's ``scan_iter`` yields them."""
+        for key in await self.keys(match):
+            yield key
+
+    def pipeline(self, transaction: bool = False) -> Pipeline:
+        return Pipeline(self)
+
+    def register_script(self, source: str) -> Script:
+        return Script(self, source)
+
+    async def script_load(self, source: str | bytes | memoryview) -> str:
+        return Script(self, source if isinstance(source, str) else bytes(source).decode()).sha
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> Any:
+        script = SCRIPTS.get(sha)
+        if script is None:
+            raise redis_errors.NoScriptError("NOSCRIPT No matching script (the SQLite store runs the budget "
+                                             "scripts only)")
+        keys = [None, *map(_text, keys_and_args[:numkeys])]
+        args = [None, *map(_text, keys_and_args[numkeys:])]
+
+        def work(t: Tx) -> Any:
+            try:
+                return script(t, keys, args)
+            except (TypeError, ValueError, IndexError) as exc:  # what a Lua script's error would be
+                raise redis_errors.ResponseError(f"script {sha}: {type(exc).__name__}: {exc}") from exc
+
+        return await self.transact(work, writes=True)
+
+    async def aclose(self, close_connection_pool: bool = True) -> None:
+        def close() -> None:
+            db: sqlite3.Connection | None = getattr(self._local, "db", None)
+            if db is not None:
+                db.close()
+                self._local.db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
