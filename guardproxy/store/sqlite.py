@@ -56,7 +56,7 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         if self.sha not in SCRIPTS:
             raise RuntimeError(f"the SQLite store has no transcription of the script with SHA1 {self.sha}: "
-                               "guardproxy/sqlite_scripts.py must follow an edited guardproxy/lua script")
+                               "guardproxy/store/sqlite_scripts.py must follow an edited guardproxy/store/lua script")
 
     async def __call__(self, keys: Sequence[Value] = (), args: Sequence[Value] = ()) -> Any:
         return await self.client.evalsha(self.sha, len(keys), *keys, *args)
