@@ -27,7 +27,7 @@ import workload
 COMPONENTS = [
     ("logging", ("(logging/",)),
     ("redis-py", ("(redis/",)),
-    ("fakeredis+lupa (embedded store)", ("(fakeredis/", "(lupa/")),
+    ("sqlite3 (embedded store)", ("(sqlite3/", "(guardproxy/sqlite_")),
     ("httpx API layer", ("(httpx/", "(httpx_aiohttp/", "(httpcore/")),
     ("aiohttp", ("(aiohttp/", "(yarl/", "(multidict/")),
     ("tiktoken", ("(tiktoken/", "(guardproxy/budget/tokens.py")),

@@ -179,6 +179,8 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
         ratios[f"workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-redis-w2", GUARD, "ratio")
         ratios[f"quiet_over_default_{mode}"] = paired(rounds, "guardproxy-redis-quiet", GUARD, "ratio")
         ratios[f"embedded_over_redis_{mode}"] = paired(rounds, "guardproxy-embedded", GUARD, "ratio")
+        ratios[f"embedded_workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-embedded-w2", "guardproxy-embedded",
+                                                             "ratio")
         for other in targets:
             if other.startswith(f"{GUARD}@"):
                 ratios[f"this_over_{other.partition('@')[2]}_{mode}"] = paired(rounds, GUARD, other, "ratio")
@@ -239,6 +241,8 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
         Goal("--workers 2 / --workers 1 req/s, plain", ratios.get("workers_2_over_1_plain"), 1.85, True),
         Goal("embedded / Redis req/s (the lower of plain and stream)",
              min((e for e in embedded if e is not None), default=None), 1.0, True),
+        Goal("embedded --workers 2 / --workers 1 req/s, plain", ratios.get("embedded_workers_2_over_1_plain"), 1.5,
+             True),
     ]
 
 

@@ -5,7 +5,7 @@
 Starts on free loopback ports: a canned nginx upstream (chat answers and SSE streams with usage, written
 into a temporary nginx.conf), a redis-server, the bare pass-throughs of ``bench/bare_proxy.py``, guardproxy
 the way users start it (``guardproxy serve --config ...``, default settings; on Redis with one and two
-workers, on the embedded store, and once with ``--log-level warning`` for what logging costs) and LiteLLM
+workers, on the embedded (SQLite) store, and once with ``--log-level warning`` for what logging costs) and LiteLLM
 when it is installed. Then, in interleaved rounds: ``wrk -t2 -c32`` (req/s, p50/p99, CPU per request from
 /proc), ``wrk -t1 -c1`` (latency added over the direct upstream), the time to the first streamed frame;
 and once at the end, RSS idle and with 1,000 streams open. Prints the tables and the issue's goals, and

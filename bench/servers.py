@@ -240,8 +240,8 @@ class Target:
         return f"{self.base_url}/{route}/v1/chat/completions" if self.direct else f"{self.base_url}/v1/chat/completions"
 
 
-ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-redis-w2",
-               "guardproxy-redis-quiet", "litellm")
+ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-embedded-w2",
+               "guardproxy-redis-w2", "guardproxy-redis-quiet", "litellm")
 
 
 def missing_tools() -> list[str]:
@@ -300,6 +300,8 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         variants: list[tuple[str, str, list[str], Path]] = [
             (GUARD, "redis", [], REPO_DIR), ("guardproxy-embedded", "embedded", [], REPO_DIR),
             ("guardproxy-redis-w2", "redis", ["--workers", "2"], REPO_DIR),
+            # two workers on one SQLite file (each variant has a state folder, so a file, of its own)
+            ("guardproxy-embedded-w2", "embedded", ["--workers", "2"], REPO_DIR),
             ("guardproxy-redis-quiet", "redis", ["--log-level", "warning"], REPO_DIR),
         ]
         if compare:
@@ -313,8 +315,10 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         for name, store, extra, cwd in variants:
             if name in wanted:
                 port = free_port()
+                # the SQLite store's file (no redis_url) and the journal: in the bench's own folder
                 procs.start(name, [py, "-m", "guardproxy", "serve", "--config", str(tmp / f"guardproxy-{store}.yaml"),
-                                   "--port", str(port), *extra], port, cwd=cwd)
+                                   "--port", str(port), *extra], port, cwd=cwd,
+                            env={"XDG_STATE_HOME": str(tmp / "state" / name)})
                 targets.append(Target(name, f"http://127.0.0.1:{port}", uses_redis=store == "redis"))
 
         if "litellm" in wanted:

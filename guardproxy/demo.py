@@ -46,9 +46,10 @@ AGENTS = (
 )
 
 
-def demo_config(upstream_url: str, store_file: str) -> Config:
+def demo_config(upstream_url: str, folder: str) -> Config:
+    """The demo's config; its store (and journal) in ``folder``, a temporary one."""
     return parse_config({
-        "store": {"url": f"sqlite://{store_file}"},
+        "store": {"url": f"sqlite://{folder}/spend.db", "journal_dir": f"{folder}/journal"},
         "upstreams": {"fake-openai": {"base_url": f"{upstream_url}/v1", "api_key": "sk-demo-not-a-real-key"}},
         "models": {
             "gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00, "max_output_tokens": 4096,
@@ -110,7 +111,7 @@ async def run_demo(
 async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: Any, pause_s: float,
                 max_rounds: int) -> Counter[str]:
     async with _serve(create_fake_upstream()) as upstream_url:
-        config = demo_config(upstream_url, f"{folder}/spend.db")
+        config = demo_config(upstream_url, folder)
         app = create_app(config)
         async with _serve(app) as proxy_url:
             say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 "

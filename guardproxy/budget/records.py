@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from guardproxy.budget.decision import Decision, RateLimits, Thresholds
 from guardproxy.errors import ErrorKind, GuardError
@@ -99,6 +100,28 @@ class Snapshot:
     #: Requests and tokens in the last minute's window.
     window_requests: int = 0
     window_tokens: int = 0
+
+
+class LoggedCost(NamedTuple):
+    """One logged call, as forecasts read it."""
+
+    time_ms: int
+    cost_micros: Micros
+    outcome: str
+
+
+class CallCosts(NamedTuple):
+    """The store's time and each asked tenant's latest logged calls, newest first."""
+
+    now_ms: int
+    logs: list[list[LoggedCost]]
+
+
+class KeyListing(NamedTuple):
+    """A tenant's runtime API keys: metadata (JSON) and last use (epoch ms), each by key id."""
+
+    meta: dict[str, str]
+    used: dict[str, str]
 
 
 @dataclass(frozen=True)

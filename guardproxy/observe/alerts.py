@@ -34,8 +34,6 @@ from guardproxy.observe.state import all_tenants
 from guardproxy.store.health import STORE_EVENTS_TENANT
 from guardproxy.store.protocol import Store
 
-#: The stream of store-level events (``store_health``): a name no tenant can have.
-
 log = logging.getLogger("guardproxy.alerts")
 
 #: How often a sender looks for due events.

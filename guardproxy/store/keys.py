@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from guardproxy.budget.periods import iso_utc
+from guardproxy.budget.records import KeyListing
 from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.store.protocol import Store
@@ -207,7 +208,7 @@ class KeyStore:
     async def add(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None:
         await self.store.add_key(tenant, key_id, digest, owner, meta)
 
-    async def listed(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+    async def listed(self, tenant: str) -> KeyListing:
         """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
         return await self.store.listed_keys(tenant)
 

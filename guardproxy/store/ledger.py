@@ -69,7 +69,7 @@ REGISTERED_KEPT = 100_000
 class Ledger:
     """Admission and settlement of every call of this process, and the background work they need.
 
-    ``journal`` is ``None`` for the embedded store, which cannot become unreachable.
+    ``journal`` keeps the charges the store cannot take (``None``: none kept, for tests).
     ``on_duplicate`` hears each settlement the store ignored because its id had already settled.
     """
 

@@ -1,9 +1,9 @@
 """What guardproxy asks of a budget store, as one typed protocol (arguments by name, replies as records).
 
-``store.BudgetStore`` implements it on both engines: on Redis (plain, Sentinel, Cluster) through the Lua
-scripts, on one SQLite file through their transcriptions (``sqlite_store.py``). The modules that keep the
+``redis.BudgetStore`` implements it on both engines: on Redis (plain, Sentinel, Cluster) through the Lua
+scripts, on one SQLite file through their transcriptions (``sqlite.py``). The modules that keep the
 books (``ledger``, ``alerts``, ``state``, ``keys``, ``status``) take a ``Store``, never a client: nothing
-outside ``store.py`` and ``sqlite_store.py`` speaks Redis commands. The replies are ``records``' values.
+outside ``redis.py``, ``sqlite.py`` and ``copy.py`` speaks Redis commands. The replies are ``records``' values.
 
 A new store capability is a method here and on ``BudgetStore`` (keys named by ``store.Keys``, under the
 tenant's ``{tenant}`` hash tag), and a contract test in ``tests/contract`` runs it on every backend.
@@ -22,8 +22,10 @@ from guardproxy.budget.records import (
     Admission,
     AlertArgs,
     AlertRecord,
+    CallCosts,
     JobArgs,
     JobUsage,
+    KeyListing,
     QueuedAlert,
     Reservation,
     Settlement,
@@ -95,9 +97,7 @@ class Store(Protocol):
 
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]: ...
 
-    async def call_costs(
-        self, tenants: Sequence[str], count: int
-    ) -> tuple[int, list[list[tuple[int, Micros, str]]]]: ...
+    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts: ...
 
     # -- alert events ----------------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class Store(Protocol):
 
     async def add_key(self, tenant: str, key_id: str, digest: str, owner: str, meta: str) -> None: ...
 
-    async def listed_keys(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]: ...
+    async def listed_keys(self, tenant: str) -> KeyListing: ...
 
     async def remove_key(self, tenant: str, key_id: str, digest: str) -> None: ...
 

@@ -4,10 +4,10 @@ Admission and settlement are each one Lua script, so any number of proxy process
 Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
-process died frees within a lease. Without a Redis URL the store is one SQLite file (``sqlite_store.py``:
+process died frees within a lease. Without a Redis URL the store is one SQLite file (``sqlite.py``:
 the same keys and commands, the scripts transcribed and checked against the Lua), shared by every
 process that opens it. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
-Redis Cluster. ``store_protocol.Store`` is what the rest of guardproxy may ask of a store. Redis errors become
+Redis Cluster. ``protocol.Store`` is what the rest of guardproxy may ask of a store. Redis errors become
 ``StoreUnavailable`` in exactly one place, ``translated`` (its table is ``store_client.unavailable``).
 ``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 
@@ -37,8 +37,11 @@ from guardproxy.budget.records import (
     Admission,
     AlertArgs,
     AlertRecord,
+    CallCosts,
     JobArgs,
     JobUsage,
+    KeyListing,
+    LoggedCost,
     PeriodSpend,
     QueuedAlert,
     RateWindow,
@@ -484,7 +487,7 @@ class BudgetStore:
             calls.append(call)
         return calls
 
-    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
+    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts:
         """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
         ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
         pipe = self.client.pipeline(transaction=False)
@@ -494,11 +497,11 @@ class BudgetStore:
             logs = await pipe.execute()
             # Not pipelined: Redis Cluster pipelines take only commands with keys.
             seconds, micros = await self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000, [
-            [(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
-              text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+        return CallCosts(int(seconds) * 1000 + int(micros) // 1000, [
+            [LoggedCost(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
+                        text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
             for log in logs
-        ]
+        ])
 
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
         """Spend, reservations and overrides of many tenants in one pipelined round trip."""
@@ -642,13 +645,13 @@ class BudgetStore:
             await self.client.hset(self.keys(tenant).api_keys, key_id, meta)
             await self.client.hset(self._key_index(), digest, owner)
 
-    async def listed_keys(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+    async def listed_keys(self, tenant: str) -> KeyListing:
         """The tenant's keys' metadata (JSON by key id) and their last use (epoch ms by key id)."""
         k = self.keys(tenant)
         async with translated():
             meta = await self.client.hgetall(k.api_keys)
             used = await self.client.hgetall(k.api_keys_used)
-        return ({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
+        return KeyListing({text(a): text(b) for a, b in meta.items()}, {text(a): text(b) for a, b in used.items()})
 
     async def remove_key(self, tenant: str, key_id: str, digest: str) -> None:
         # Index first: the key stops working before its listing goes.

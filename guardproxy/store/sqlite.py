@@ -205,7 +205,8 @@ class SqliteClient:
     """An asyncio client of one SQLite file with redis-py's command names and replies (see the module)."""
 
     def __init__(self, path: Path | str, *, synchronous: str = "normal", busy_timeout_ms: int = 5000,
-                 clock: Clock = time.time, ttl_clock: Clock | None = None) -> None:
+                 clock: Clock = time.time, ttl_clock: Clock | None = None,
+                 sweep_every_s: float = SWEEP_EVERY_S) -> None:
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"synchronous is one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
         self.path = Path(path)
@@ -217,6 +218,7 @@ class SqliteClient:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardproxy-sqlite")
         self._local = threading.local()
         self._next_sweep = 0.0
+        self.sweep_every_s = sweep_every_s
         #: The longest a transaction has held the file (ms), for the bench and docs/store.md.
         self.longest_tx_ms = 0.0
         if str(path) != ":memory:":  # ":memory:": a store of the client's own, gone when it closes (tests)
@@ -228,10 +230,11 @@ class SqliteClient:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            # No busy handler: ``run`` waits for another process's lock itself, in short pauses.
+            # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
             db.execute("PRAGMA busy_timeout=0")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            # both need the file to themselves for a moment (another process may be starting too)
+            self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
             self.run_on(db, lambda: db.executescript(SCHEMA))
             self._local.db = db
         return db
@@ -270,7 +273,7 @@ class SqliteClient:
             ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
             result = work(Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms))
             if writes and time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+                self._next_sweep = time.monotonic() + self.sweep_every_s
                 sweep(db, ttl_now_ms)
             db.execute("COMMIT")
         except BaseException:

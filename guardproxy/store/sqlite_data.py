@@ -2,7 +2,7 @@
 
 The SQLite store keeps the same keys, in the same shapes, as the Redis store: the budget scripts
 (``sqlite_scripts.py``) are line-for-line transcriptions of the Lua, a store copies to Redis and back
-key by key (``store_copy.py``), and the contract tests read both the same way. ``Tx`` is one
+key by key (``copy.py``), and the contract tests read both the same way. ``Tx`` is one
 transaction: its commands are Redis's, with Redis's semantics where the scripts depend on them (a
 container left empty is deleted with its TTL; ``SET`` drops a TTL, a write to a hash or a counter keeps
 it; time stands still for the whole transaction, as it does for a script).

@@ -16,12 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from guardproxy.store.redis import BudgetStore, Keys
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import billed_micros
 from tests.e2e.test_chat import keys, wait_for
+from tests.e2e.test_cli import guardproxy
 from tests.e2e.test_concurrency import CALL, burst
 from tests.e2e.test_faults import load
 from tests.helpers import TENANT_KEY, config_dict
@@ -108,6 +110,20 @@ def test_spend_survives_a_restart(upstream_url: str, tmp_path: Path) -> None:
         assert answer.status_code == 200
         remaining = float(answer.headers["x-guardproxy-budget-remaining-usd"])
     assert remaining == pytest.approx((CAP_MICROS - costs[0]) / 1e6)
+
+
+def test_status_reads_what_a_running_proxy_spent(upstream_url: str, tmp_path: Path) -> None:
+    """``guardproxy status`` is another process on the same file: it sees the serving proxy's spend."""
+    path = tmp_path / "spend.db"
+    raw = sqlite_config(upstream_url, path)
+    config_path = tmp_path / "proxy.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    with running_proxy(config_path, tmp_path) as proxy:
+        costs, _ = asyncio.run(burst([proxy.url], 1))
+        wait_for(lambda: spent(path)[0] == costs[0])
+        shown = guardproxy("status", "acme", "--config", str(config_path))
+    assert shown.returncode == 0, shown.stderr
+    assert f"{costs[0] / CAP_MICROS * 100:5.1f}%" in shown.stdout, shown.stdout  # spent / the day's cap
 
 
 @pytest.fixture

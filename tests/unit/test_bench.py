@@ -128,12 +128,12 @@ def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
         "memory": [{"target": servers.GUARD, "idle_mb": 70.0, "after_load_mb": 85.0, "streams_open": 999,
                     "streams_mb": 100.0}],
         "ratios": {"workers_2_over_1_plain": 1.9, "embedded_over_redis_plain": 1.2,
-                   "embedded_over_redis_stream": 0.8},
+                   "embedded_over_redis_stream": 0.8, "embedded_workers_2_over_1_plain": 1.4},
     }
     verdicts = [(g.value, g.met) for g in report.goals(data)]
     assert verdicts == [
         (0.7, True), (0.5, False), (0.9, True), (1.2, False),
         (85.0, False),  # the larger of fresh and after load
         (None, None),  # fewer than 1,000 streams were open: no figure
-        (1.9, True), (0.8, False),
+        (1.9, True), (0.8, False), (1.4, False),
     ]
