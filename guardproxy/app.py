@@ -35,6 +35,9 @@ from guardproxy.journal import Journal
 from guardproxy.keys import KeyRing
 from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
+from guardproxy.models import model_object
+from guardproxy.models import retrieve as retrieve_model
+from guardproxy.objects import LISTED, STORED_ANSWERS
 from guardproxy.paths import EntryGuard
 from guardproxy.periods import utc_now
 from guardproxy.pipeline import Services
@@ -169,7 +172,9 @@ def create_app(
 
     def budgeted(path: str) -> Route:
         async def endpoint(request: Request) -> Response:
-            only(("POST",), request)
+            if request.method == "GET" and path in LISTED:  # the stored chat completions' list
+                return await stored(request)
+            only(("POST", "GET") if path in LISTED else ("POST",), request)
             response: Response = await request.app.state.runtime.current.endpoints[path](request)
             return response
 
@@ -180,9 +185,14 @@ def create_app(
         only(("GET", "HEAD"), request)
         services: Services = request.app.state.runtime.current.services
         await services.tenants.authenticate(request.headers)
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": m.upstream}
-                for name, m in services.config.models.items()]
+        data = [model_object(name, m) for name, m in services.config.models.items()]
         return _json({"object": "list", "data": data})
+
+    async def model(request: Request) -> Response:
+        only(("GET", "HEAD"), request)
+        services: Services = request.app.state.runtime.current.services
+        await services.tenants.authenticate(request.headers)
+        return _json(retrieve_model(request.path_params["model"], services.config.models))
 
     async def healthz(request: Request) -> Response:
         return _json({"status": "ok"})
@@ -202,6 +212,10 @@ def create_app(
             log.warning("metrics: budget store unreachable; scrape has no budget gauges")
             states = []
         return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def stored(request: Request) -> Response:
+        response: Response = await request.app.state.runtime.current.unbudgeted.stored_answers(request)
+        return response
 
     async def unbudgeted(request: Request) -> Response:
         response: Response = await request.app.state.runtime.current.unbudgeted(request)
@@ -249,6 +263,8 @@ def create_app(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
             Route("/v1/models", AnyMethod(models)),
+            Route("/v1/models/{model:path}", AnyMethod(model)),
+            *(Route(f"/v1/{path}/{{rest:path}}", AnyMethod(stored)) for path in sorted(STORED_ANSWERS)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

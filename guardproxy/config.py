@@ -31,6 +31,8 @@ from guardproxy.validation import ConfigError, Fields, check_range, describe, ex
 
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 _HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
+#: What ``unbudgeted_allow_paid`` may name (``objects.PAID``).
+PAID_PASSTHROUGH = ("batches", "fine_tuning/jobs")
 
 
 def hash_key(key: str) -> str:
@@ -50,6 +52,9 @@ class ServerConfig:
     log_calls: bool | None = None
     #: Browser origins allowed to call the proxy (CORS); empty: no CORS headers at all.
     cors_allow_origins: tuple[str, ...] = ()
+    #: ``usage.cost`` (USD) in answers and final stream chunks; off for clients that refuse unknown
+    #: fields (the ``x-guardproxy-cost-usd`` header is always sent).
+    usage_cost: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,9 @@ class Config:
     unbudgeted_paths: str = "reject"
     #: The upstream that passed-through paths go to.
     unbudgeted_upstream: str = ""
+    #: Money-bearing objects that passthrough may create without a budget (``batches``,
+    #: ``fine_tuning/jobs``); refused (403) unless named here.
+    unbudgeted_allow_paid: tuple[str, ...] = ()
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -271,13 +279,19 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     unbudgeted_upstream = top.text("unbudgeted_upstream", next(iter(upstreams)), allow_empty=False)
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
+    allow_paid = tuple(top.text_list("unbudgeted_allow_paid"))
+    for i, name in enumerate(allow_paid):
+        if name not in PAID_PASSTHROUGH:
+            raise ConfigError(f"unbudgeted_allow_paid[{i}]", f"must be one of {', '.join(PAID_PASSTHROUGH)}, "
+                              f"got {describe(name)}")
     alerts = _alerts(top.section("alerts"))
     cache = _cache(top.section("cache"))
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
-        unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
+        unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream,
+        unbudgeted_allow_paid=allow_paid, warnings=tuple(warnings),
         telemetry=telemetry,
         alerts=alerts, cache=cache,
     )
@@ -343,6 +357,7 @@ def _server(f: Fields) -> ServerConfig:
         log_format=f.text("log_format", ServerConfig.log_format, choices=("text", "json")),
         log_calls=f.boolean("log_calls", False) if f.has("log_calls") else None,
         cors_allow_origins=_cors_origins(f),
+        usage_cost=f.boolean("usage_cost", ServerConfig.usage_cost),
     )
     f.done()
     return out

@@ -30,14 +30,19 @@ class ErrorKind(Enum):
     INVALID_PATH = ErrorSpec(400, "invalid_request_error", "invalid_path", logging.INFO)
     MISSING_FIELD = ErrorSpec(400, "invalid_request_error", "missing_field", logging.INFO)
     INVALID_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field", logging.INFO)
-    MODEL_NOT_PRICED = ErrorSpec(400, "invalid_request_error", "model_not_priced", logging.INFO)
     MISSING_TENANT = ErrorSpec(400, "invalid_request_error", "missing_tenant", logging.INFO)
     INVALID_TENANT = ErrorSpec(400, "invalid_request_error", "invalid_tenant", logging.INFO)
     INVALID_JOB_ID = ErrorSpec(400, "invalid_request_error", "invalid_job_id", logging.INFO)
     JOB_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "servicetitan_job_not_found", logging.INFO)
     INVALID_API_KEY = ErrorSpec(401, "invalid_request_error", "invalid_api_key", logging.INFO)
     TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
+    #: Creating a batch or fine-tuning job through passthrough, which no budget would see.
+    PAID_PATH_REFUSED = ErrorSpec(403, "permission_error", "unbudgeted_spend_refused", logging.INFO)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
+    #: OpenAI's answer for a model that does not exist: SDKs and agent frameworks handle this one.
+    MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found", logging.INFO)
+    #: A stored object (file, batch, response…) the caller's tenant did not create through this proxy.
+    OBJECT_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "object_not_found", logging.INFO)
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
     IDEMPOTENCY_CONFLICT = ErrorSpec(409, "invalid_request_error", "idempotency_key_reused", logging.INFO)
     REQUEST_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large", logging.INFO)

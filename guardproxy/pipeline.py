@@ -28,21 +28,24 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import budget, cache, ratelimit
+from guardproxy import budget, cache, objects, ratelimit
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.choice import Admit, Choice, choose
 from guardproxy.clamp import Tier
 from guardproxy.config import Config, ModelConfig
+from guardproxy.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
+from guardproxy.models import model_not_found
 from guardproxy.periods import iso_utc
 from guardproxy.plan import Plan
 from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
-from guardproxy.relay import Outcome, RelayResult, StreamRelay
+from guardproxy.relay import ChatStreamWatcher, Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
+from guardproxy.responses_stream import ResponsesStreamWatcher
 from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
 from guardproxy.types import Micros
@@ -98,6 +101,8 @@ class BudgetedEndpoint:
         job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
         context = CallContext.of(request.headers, job)
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
+        await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
@@ -132,11 +137,7 @@ class BudgetedEndpoint:
     def _price(self, model: str) -> ModelConfig:
         entry = lookup_model(model, self.s.config.models)
         if entry is None:
-            raise GuardError(
-                ErrorKind.MODEL_NOT_PRICED,
-                f"The model {model[:100]!r} has no price configured on this proxy, so it cannot be budgeted.",
-                param="model",
-            )
+            raise model_not_found(model, self.s.config.models)
         return entry
 
     async def _estimate(self, call: ApiRequest) -> int:
@@ -291,6 +292,9 @@ class BudgetedEndpoint:
             headers[cache.CACHE_HEADER] = cached.result
         if plan.request.stream and response.status_code == 200:
             watcher = self.shape.watcher(plan.request)
+            if self.s.config.server.usage_cost and isinstance(watcher, ChatStreamWatcher | ResponsesStreamWatcher):
+                price = plan.sent.price
+                watcher.cost_of = lambda usage: cost_micros(usage, price)
             capture = None
             if cached is not None:
                 capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
@@ -304,7 +308,14 @@ class BudgetedEndpoint:
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
                     await self._cache_store(plan, cached, capture.answer())
 
-            return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
+            on_object = None
+            if objects.stores_answer(self.shape.path, plan.request.body):
+                async def on_object(object_id: str) -> None:
+                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [object_id],
+                                         plan.sent.upstream)
+
+            return StreamRelay(upstream.name, response, headers, watcher, on_close,  # type: ignore[return-value]
+                               on_object)
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
 
         async def settle(duration_s: float) -> None:
@@ -319,8 +330,17 @@ class BudgetedEndpoint:
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
                 if cached is not None and response.status_code == 200:
                     await self._cache_store(plan, cached, answer)
+                stored = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
+                if stored is not None:  # before the client has the id, so that it can be retrieved at once
+                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored],
+                                         plan.sent.upstream)
+                charge = self._charge(plan, ending)[1]
+                if self.s.config.server.usage_cost and add_usage_cost(answer, charge):
+                    content = orjson.dumps(answer)
             else:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
+                charge = 0
+            headers[COST_HEADER] = usd_text(charge)
         except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
             if isinstance(exc, GuardError):
                 exc.headers["x-request-id"] = request_id
@@ -365,12 +385,16 @@ class BudgetedEndpoint:
         if model is not None and usage is not None:
             self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
         headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
-                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}"}
-        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}", COST_HEADER: usd_text(0)}
+        log.info("cache hit tenant=%s model=%s endpoint=%s cost_usd=%s", tenant, entry.model, self.shape.path,
+                 usd_text(0))
+        answer = entry.answer
+        if self.s.config.server.usage_cost:
+            add_usage_cost(answer, 0)  # a hit is not charged
         if call.stream:
-            frames = cache.replay_stream(self.shape.path, entry.answer, call.wants_usage)
+            frames = cache.replay_stream(self.shape.path, answer, call.wants_usage)
             return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
-        return Response(orjson.dumps(entry.answer), media_type="application/json", headers=headers)
+        return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
 
     async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
@@ -391,15 +415,21 @@ class BudgetedEndpoint:
         if first_token_at is not None:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
 
+    @staticmethod
+    def _charge(plan: Plan, ending: Ending) -> tuple[Usage | None, Micros]:
+        """The usage an attempt is charged for (the upstream's, else the proxy's own count of what was
+        produced) and its charge: what ``_settle`` books and what ``x-guardproxy-cost-usd`` says."""
+        usage = ending.usage
+        if ending.produced and usage is None:
+            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
+        return usage, cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+
     async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
         """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
 
         ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
         """
-        usage = ending.usage
-        if ending.produced and usage is None:
-            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
-        charge = cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+        usage, charge = self._charge(plan, ending)
         outcome = ending.outcome
         if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
             outcome = Outcome.STORE_UNAVAILABLE

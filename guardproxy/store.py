@@ -156,6 +156,11 @@ class Keys:
         """One cached upstream answer (``cache.py`` names it by the request's digest)."""
         return f"{self.base}:rc:{digest}"
 
+    def stored_object(self, object_id: str) -> str:
+        """An object (file, batch, stored response…) the tenant created through the proxy: the
+        name of the upstream that holds it (``objects.py``)."""
+        return f"{self.base}:obj:{object_id}"
+
 
 def _script_source(name: str) -> str:
     return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
@@ -541,6 +546,32 @@ class BudgetStore:
     async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None:
         async with translated():
             await self.client.set(self.keys(tenant).response(digest), value, ex=max(1, ttl_s))
+
+    # -- objects created through the proxy, per tenant (``objects.py``) ----------------------------
+
+    async def record_objects(self, tenant: str, object_ids: Sequence[str], upstream: str, ttl_s: int | None) -> None:
+        """Note that ``tenant`` created ``object_ids`` on ``upstream`` (kept ``ttl_s``, or until forgotten)."""
+        if not object_ids:
+            return
+        keys = self.keys(tenant)
+        async with translated(), self.client.pipeline(transaction=False) as pipe:
+            for object_id in object_ids:
+                pipe.set(keys.stored_object(object_id), upstream, ex=ttl_s)
+            await pipe.execute()
+
+    async def object_upstreams(self, tenant: str, object_ids: Sequence[str]) -> list[str | None]:
+        """For each id, the upstream holding it if ``tenant`` created it through the proxy, else ``None``."""
+        if not object_ids:
+            return []
+        keys = self.keys(tenant)
+        async with translated():
+            values = await self.client.mget([keys.stored_object(object_id) for object_id in object_ids])
+        return [None if value is None else text(value) for value in values]
+
+    async def forget_object(self, tenant: str, object_id: str) -> None:
+        """The object was deleted: it is no longer the tenant's."""
+        async with translated():
+            await self.client.delete(self.keys(tenant).stored_object(object_id))
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

@@ -288,16 +288,16 @@ def test_unbudgeted_paths_pass_through_when_configured_and_charge_nothing(
     assert echoed == {"object": "fake.echo", "method": "POST", "path": "/v1/moderations", "query": "probe=1",
                       "body": {"input": "hi"}}
     assert fake_state.headers[-1]["authorization"] == "Bearer sk-upstream-secret"
-    listing = httpx.get(url + "/v1/files", params={"purpose": "batch"},
+    listing = httpx.get(url + "/v1/audio/voices", params={"language": "en"},
                         headers={"authorization": f"Bearer {TENANT_KEY}"})
     assert listing.status_code == 200 and listing.json()["method"] == "GET"
     assert listing.headers["x-guardproxy-unbudgeted"] == "true" and listing.headers["x-guardproxy-tenant"] == "acme"
-    assert fake_state.paths == ["/v1/moderations?probe=1", "/v1/files?purpose=batch"]
-    assert httpx.get(url + "/v1/files", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert fake_state.paths == ["/v1/moderations?probe=1", "/v1/audio/voices?language=en"]
+    assert httpx.get(url + "/v1/audio/voices", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert len(fake_state.requests) == 2
     assert spend_keys(redis_url) == []
     metrics = httpx.get(url + "/metrics").text
-    assert 'guardproxy_unbudgeted_requests_total{endpoint="files",tenant="acme"} 1.0' in metrics
+    assert 'guardproxy_unbudgeted_requests_total{endpoint="audio",tenant="acme"} 1.0' in metrics
 
 
 # -- LangChain -----------------------------------------------------------------------------------

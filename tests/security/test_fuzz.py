@@ -365,10 +365,10 @@ def cases(draw: st.DrawFn) -> tuple[str, bytes, str, bytes]:
 
 # -- the properties ----------------------------------------------------------------------------------
 
-OWN_CODES = frozenset({"invalid_json", "invalid_path", "missing_field", "invalid_field", "model_not_priced",
+OWN_CODES = frozenset({"invalid_json", "invalid_path", "missing_field", "invalid_field", "model_not_found",
                        "missing_tenant", "invalid_tenant", "invalid_job_id", "servicetitan_job_not_found",
                        "invalid_api_key", "tenant_mismatch", "unknown_url", "method_not_supported",
-                       "request_too_large", "insufficient_quota"})
+                       "request_too_large", "insufficient_quota", "object_not_found", "unbudgeted_spend_refused"})
 
 
 def check_error_shape(answer: Answer, method: str) -> str:

@@ -1,0 +1,31 @@
+"""The record of objects created through the proxy (``BudgetStore.record_objects`` and friends), on
+every backend of ``tests/stores.py``: per tenant, with the upstream that holds each, kept for a TTL
+or until forgotten."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardproxy.store import BudgetStore
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_objects_are_recorded_per_tenant_with_their_upstream(budget_store: BudgetStore) -> None:
+    await budget_store.record_objects("acme", ["file-a", "resp_b"], "openai", None)
+    await budget_store.record_objects("globex", ["file-c"], "azure", 3600)
+    assert await budget_store.object_upstreams("acme", ["file-a", "file-c", "resp_b", "nope"]) == [
+        "openai", None, "openai", None]
+    assert await budget_store.object_upstreams("globex", ["file-a", "file-c"]) == [None, "azure"]
+    assert await budget_store.object_upstreams("acme", []) == []
+    await budget_store.record_objects("acme", [], "openai", None)  # nothing to record: no call at all
+
+
+async def test_a_recorded_object_keeps_its_ttl_or_lives_until_forgotten(budget_store: BudgetStore) -> None:
+    await budget_store.record_objects("acme", ["resp_1"], "openai", 30 * 86400)
+    await budget_store.record_objects("acme", ["file-1"], "openai", None)
+    keys = budget_store.keys("acme")
+    assert 29 * 86400 < await budget_store.client.ttl(keys.stored_object("resp_1")) <= 30 * 86400
+    assert await budget_store.client.ttl(keys.stored_object("file-1")) == -1
+    await budget_store.forget_object("acme", "file-1")
+    assert await budget_store.object_upstreams("acme", ["file-1", "resp_1"]) == [None, "openai"]
