@@ -25,6 +25,7 @@ from guardproxy.admin import admin_routes
 from guardproxy.agent_api import agent_routes
 from guardproxy.alerts import AlertSender
 from guardproxy.auth import JobTenantResolver
+from guardproxy.batches import BatchPoller
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.cors import cors_middleware
 from guardproxy.endpoints import BUDGETED
@@ -152,13 +153,14 @@ def create_app(
         )
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
+        poller = BatchPoller(lambda: runtime.current.services)  # settles batches that ended
         counted = metrics.alerts
         # Follows the current config: webhooks and thresholds apply on reload, like budgets.
         alerts = AlertSender(budget_store, lambda: runtime.current.services.config,
                              lambda event, result: counted.labels(event, result).inc())
         try:
             # journal replay, lease renewal and a last drain on the way out; alert delivery
-            async with ledger.running(), alerts.running():
+            async with ledger.running(), alerts.running(), poller.running():
                 yield
         finally:
             reloads.close()

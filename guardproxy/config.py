@@ -32,7 +32,7 @@ from guardproxy.validation import ConfigError, Fields, check_range, describe, ex
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 _HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
 #: What ``unbudgeted_allow_paid`` may name (``objects.PAID``).
-PAID_PASSTHROUGH = ("batches", "fine_tuning/jobs")
+PAID_PASSTHROUGH = ("fine_tuning/jobs",)
 
 
 def hash_key(key: str) -> str:
@@ -198,6 +198,16 @@ def _telemetry(f: Fields) -> TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """The budgeted Batch API (``batches.py``)."""
+
+    #: How often open batches are asked upstream whether they ended (each one is settled then).
+    poll_s: float = 60.0
+    #: The largest batch input file read to price its worst case (OpenAI takes up to 200 MB).
+    max_input_bytes: int = 200 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     store: StoreConfig
@@ -212,14 +222,15 @@ class Config:
     unbudgeted_paths: str = "reject"
     #: The upstream that passed-through paths go to.
     unbudgeted_upstream: str = ""
-    #: Money-bearing objects that passthrough may create without a budget (``batches``,
-    #: ``fine_tuning/jobs``); refused (403) unless named here.
+    #: Money-bearing objects that passthrough may create without a budget (``fine_tuning/jobs``);
+    #: refused (403) unless named here. Batches always go through the budgeted path (``batches.py``).
     unbudgeted_allow_paid: tuple[str, ...] = ()
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    batches: BatchConfig = field(default_factory=BatchConfig)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -286,6 +297,13 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
                               f"got {describe(name)}")
     alerts = _alerts(top.section("alerts"))
     cache = _cache(top.section("cache"))
+    batch_fields = top.section("batches")
+    batches = BatchConfig(
+        poll_s=float(batch_fields.decimal("poll_s", Decimal(str(BatchConfig.poll_s)), min_value=Decimal("0.05"),
+                                          max_value=Decimal(86400))),
+        max_input_bytes=batch_fields.integer("max_input_bytes", BatchConfig.max_input_bytes, min_value=1),
+    )
+    batch_fields.done()
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
@@ -293,7 +311,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream,
         unbudgeted_allow_paid=allow_paid, warnings=tuple(warnings),
         telemetry=telemetry,
-        alerts=alerts, cache=cache,
+        alerts=alerts, cache=cache, batches=batches,
     )
 
 

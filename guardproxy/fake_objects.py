@@ -15,6 +15,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from guardproxy.tokens import TokenCounter
+
 #: Collection (path below ``/v1/``) -> (the objects' ``object``, their id prefix).
 KINDS: dict[str, tuple[str, str]] = {
     "files": ("file", "file-"),
@@ -69,6 +71,20 @@ class FakeObjects:
         self.contents[obj["id"]] = content
         return obj
 
+    def run_batch(self, batch_id: str, *, lines: int | None = None, status: str = "completed") -> dict[str, Any]:
+        """Run a chat-completions batch's first ``lines`` requests (all by default) and end it with
+        ``status``: its output file holds one answer per request that ran, with usage as OpenAI
+        reports it (answer lengths vary per ``custom_id``; every third prompt half cached)."""
+        batch = self.objects[batch_id]
+        requests = [orjson.loads(raw) for raw in self.contents[batch["input_file_id"]].splitlines() if raw.strip()]
+        ran = requests if lines is None else requests[:lines]
+        output = b"".join(orjson.dumps(_batch_answer(i, request)) + b"\n" for i, request in enumerate(ran))
+        batch["status"] = status
+        batch["request_counts"] = {"total": len(requests), "completed": len(ran), "failed": 0}
+        if ran:
+            batch["output_file_id"] = self.add_file("batch_output.jsonl", "batch_output", output)["id"]
+        return batch
+
     def owned_by(self, collection: str, ident: str) -> dict[str, Any] | None:
         return self.objects.get(ident) if self.collection_of.get(ident) == collection else None
 
@@ -79,6 +95,23 @@ class FakeObjects:
         page = [self.objects[i] for i in ids[:limit]]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
+
+def _batch_answer(index: int, request: dict[str, Any]) -> dict[str, Any]:
+    body = request["body"]
+    model = body["model"]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    length = 3 + sum(request["custom_id"].encode()) % 17
+    length = min(length, limit) if limit else length
+    prompt = TokenCounter(model).chat_prompt(body.get("messages", []))
+    usage = {"prompt_tokens": prompt, "completion_tokens": length, "total_tokens": prompt + length,
+             "prompt_tokens_details": {"cached_tokens": prompt // 2 if index % 3 == 0 else 0}}
+    answer = {"id": f"chatcmpl-batch{index}", "object": "chat.completion", "created": int(time.time()),
+              "model": model, "usage": usage,
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": " hello" * length},
+                           "finish_reason": "length" if limit == length else "stop"}]}
+    return {"id": f"batch_req_{index}", "custom_id": request["custom_id"], "error": None,
+            "response": {"status_code": 200, "request_id": f"req_batch{index}", "body": answer}}
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -146,7 +179,8 @@ async def serve_object(store: FakeObjects, request: Request, collection: str, re
     if action == ["content"] and collection == "files":
         return Response(store.contents.get(ident, b""), media_type="application/octet-stream")
     if action == ["cancel"] and collection in _CANCELLABLE:
-        obj["status"] = "cancelled"
+        # A batch goes on until the requests under way end (``run_batch`` ends it).
+        obj["status"] = "cancelling" if collection == "batches" else "cancelled"
         return _json(obj)
     if action == ["complete"] and collection == "uploads":
         part_ids = orjson.loads(await request.body()).get("part_ids", [])

@@ -1,11 +1,11 @@
 """Serving the scoped collections (``objects.py``): files, batches, vector stores, uploads,
 fine-tuning jobs, stored responses and chat completions…, each tenant seeing only its own.
 
-``ScopedObjects`` serves ``/v1/<collection>[/<id>[/…]]`` for passthrough, and the stored answers of
-the budgeted endpoints (``/v1/responses/{id}…``, ``/v1/chat/completions/{id}…`` and the stored chat
-completions' list) always. Nothing here is charged: the calls that cost money are the budgeted
-endpoints, and creating a batch or a fine-tuning job is refused unless the operator allows it
-(``unbudgeted_allow_paid``).
+``ScopedObjects`` serves ``/v1/<collection>[/<id>[/…]]`` for passthrough, and always the stored
+answers of the budgeted endpoints (``/v1/responses/{id}…``, ``/v1/chat/completions/{id}…`` and the
+stored chat completions' list) and the files and batches of the budgeted Batch API. Batches are
+reserved and charged (``batches.py``); creating a fine-tuning job, which no budget sees, is refused
+unless the operator allows it (``unbudgeted_allow_paid``); the rest costs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from guardproxy import objects
+from guardproxy.batches import Batches
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.objects import ObjectPath
 from guardproxy.pipeline import Services
@@ -38,6 +39,7 @@ class ScopedObjects:
         self.s = services
         #: How an answer that is not JSON (a file's content, an event stream) is relayed as it arrives.
         self.relay = relay
+        self.batches = Batches(services)
 
     async def __call__(self, request: Request, path: str, where: ObjectPath) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
@@ -71,6 +73,8 @@ class ScopedObjects:
         self.s.metrics.unbudgeted_requests.labels(tenant, where.collection.split("/", 1)[0]).inc()
         if where.object_id is None and method == "GET":
             return await self._list(upstream, path, query, headers, tenant, out)
+        if creating and where.collection in objects.BUDGETED_CREATION:
+            return await self.batches.submit(tenant, body, headers, out)
         response = await upstream.send(upstream.passthrough_path(path, query), body, headers, method=method)
         log.info("scoped object tenant=%s %s /v1/%s -> %s %d", tenant, method, path, upstream.name,
                  response.status_code)
@@ -84,6 +88,8 @@ class ScopedObjects:
                                  upstream.name)
             if method == "DELETE" and not where.rest and where.object_id is not None:
                 await store.forget_object(tenant, where.object_id)
+            if where.collection == "batches" and where.object_id is not None:
+                await self.batches.observe(tenant, answer)  # an ended batch is settled as it is seen
         return Response(content, response.status_code, headers={**response_headers(response.headers), **out})
 
     async def _list(

@@ -50,12 +50,17 @@ COLLECTIONS: dict[str, int | None] = {
 }
 #: The stored answers of the budgeted endpoints: served (scoped) even with ``unbudgeted_paths: reject``.
 STORED_ANSWERS = frozenset({"responses", "chat/completions"})
+#: Served (scoped) whatever ``unbudgeted_paths`` says: the stored answers, and the files and batches
+#: of the budgeted Batch API (``batches.py``).
+ALWAYS_SCOPED = STORED_ANSWERS | {"files", "batches"}
 #: Those of them that OpenAI lists (``GET /v1/chat/completions``; responses have no list).
 LISTED = frozenset({"chat/completions"})
 #: Segments below a collection that name an operation, not an object.
 _OPERATIONS = {"responses": frozenset({"input_tokens", "compact"})}
 #: Creating these spends money upstream that no budget sees (``unbudgeted_allow_paid`` allows it).
 PAID = PAID_PASSTHROUGH
+#: Created through the budgeted path (``batches.py``).
+BUDGETED_CREATION = frozenset({"batches"})
 #: Request fields that name another object; each must be the caller's.
 REFERENCES = frozenset({
     "file_id", "file_ids", "input_file_id", "training_file", "validation_file", "previous_response_id",

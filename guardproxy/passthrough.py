@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from guardproxy.endpoints import BUDGETED
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.object_routes import ScopedObjects
-from guardproxy.objects import STORED_ANSWERS, object_path
+from guardproxy.objects import ALWAYS_SCOPED, object_path
 from guardproxy.pipeline import Services
 from guardproxy.requests import read_body
 from guardproxy.upstream import UpstreamResponse, response_headers
@@ -43,14 +43,13 @@ class UnbudgetedPaths:
     async def stored_answers(self, request: Request) -> Response:
         """``/v1/responses/{id}…`` and ``/v1/chat/completions/{id}…`` (and the stored chat completions'
         list): the budgeted endpoints' stored answers, scoped, whatever ``unbudgeted_paths`` says."""
-        path = sent_path(request)
-        where = object_path(path)
-        if where is None or where.collection not in STORED_ANSWERS:
-            return await self(request)
-        return await self.objects(request, path, where)
+        return await self(request)
 
     async def __call__(self, request: Request) -> Response:
         path = sent_path(request)
+        where = object_path(path)
+        if where is not None and where.collection in ALWAYS_SCOPED:
+            return await self.objects(request, path, where)
         if self.s.config.unbudgeted_paths != "passthrough":
             budgeted = ", ".join(f"/v1/{shape.path}" for shape in BUDGETED)
             raise GuardError(
@@ -64,7 +63,6 @@ class UnbudgetedPaths:
             # servers do) would serve /v1/Chat/Completions. as the budgeted endpoint.
             raise GuardError(ErrorKind.INVALID_PATH, f"Invalid request path: {request.url.path} names a budgeted "
                              "endpoint in another spelling.")
-        where = object_path(path)
         if where is not None:
             return await self.objects(request, path, where)
         tenant = await self.s.tenants.resolve(request.headers)

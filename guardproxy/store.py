@@ -156,6 +156,16 @@ class Keys:
         """One cached upstream answer (``cache.py`` names it by the request's digest)."""
         return f"{self.base}:rc:{digest}"
 
+    def batch(self, batch_id: str) -> str:
+        """One batch submitted through the budgeted Batch API: its reservation and how it settled
+        (``batches.py``)."""
+        return f"{self.base}:batch:{batch_id}"
+
+    @property
+    def open_batches(self) -> str:
+        """Ids of the tenant's batches not settled yet (the poller's work list)."""
+        return f"{self.base}:batches:open"
+
     def stored_object(self, object_id: str) -> str:
         """An object (file, batch, stored response…) the tenant created through the proxy: the
         name of the upstream that holds it (``objects.py``)."""
@@ -572,6 +582,37 @@ class BudgetStore:
         """The object was deleted: it is no longer the tenant's."""
         async with translated():
             await self.client.delete(self.keys(tenant).stored_object(object_id))
+
+    # -- the budgeted Batch API (``batches.py``) --------------------------------------------------
+
+    async def open_batch(self, tenant: str, batch_id: str, fields: Mapping[str, str | int]) -> None:
+        """Keep a submitted batch's reservation and put it on the tenant's list of open batches (one
+        transaction)."""
+        keys = self.keys(tenant)
+        async with translated(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.batch(batch_id), mapping={name: str(value) for name, value in fields.items()})
+            pipe.sadd(keys.open_batches, batch_id)
+            await pipe.execute()
+
+    async def batch_record(self, tenant: str, batch_id: str) -> dict[str, str] | None:
+        """What ``open_batch`` and ``close_batch`` wrote for the batch, or ``None``."""
+        async with translated():
+            fields = await self.client.hgetall(self.keys(tenant).batch(batch_id))
+        return {text(k): text(v) for k, v in fields.items()} if fields else None
+
+    async def open_batch_ids(self, tenant: str) -> list[str]:
+        async with translated():
+            members = await self.client.smembers(self.keys(tenant).open_batches)
+        return sorted(text(m) for m in members)
+
+    async def close_batch(self, tenant: str, batch_id: str, fields: Mapping[str, str | int], keep_s: int) -> None:
+        """The batch has settled: note how, keep the note ``keep_s``, and take it off the open list."""
+        keys = self.keys(tenant)
+        async with translated(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.batch(batch_id), mapping={name: str(value) for name, value in fields.items()})
+            pipe.expire(keys.batch(batch_id), keep_s)
+            pipe.srem(keys.open_batches, batch_id)
+            await pipe.execute()
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

@@ -127,8 +127,10 @@ def test_stored_chat_completions_are_listed_and_read_by_their_tenant_only(
 def test_other_paths_stay_refused_without_passthrough(rejecting: Clients, fake_state: FakeUpstreamState) -> None:
     acme, _ = rejecting
     with pytest.raises(openai.NotFoundError) as caught:
-        acme.files.list()
+        acme.vector_stores.list()
     assert caught.value.code == "unknown_url" and fake_state.paths == []
+    # files and batches are the budgeted Batch API's (test_batches.py): served, scoped
+    assert acme.files.list().data == [] and acme.batches.list().data == []
 
 
 # -- passthrough: files, uploads, vector stores -----------------------------------------------------
@@ -208,33 +210,29 @@ def test_another_spelling_of_a_collection_is_refused(clients: Clients, fake_stat
 # -- money-bearing objects on passthrough ------------------------------------------------------------
 
 
-def test_batches_and_fine_tunes_are_refused_on_passthrough_unless_allowed(
+def test_fine_tunes_are_refused_on_passthrough_unless_allowed(
     clients: Clients, fake_state: FakeUpstreamState, upstream_url: str, redis_url: str,
     serve_proxy: Callable[..., str], tenants: Callable[[str], Clients],
 ) -> None:
     acme, _ = clients
-    data = acme.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+    data = acme.files.create(file=("train.jsonl", b"{}\n"), purpose="fine-tune")
     before = len(fake_state.paths)
-    for create in (lambda: acme.batches.create(input_file_id=data.id, endpoint="/v1/chat/completions",
-                                               completion_window="24h"),
-                   lambda: acme.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=data.id)):
-        with pytest.raises(openai.PermissionDeniedError) as caught:
-            create()
-        assert caught.value.code == "unbudgeted_spend_refused"
-        assert "unbudgeted_allow_paid" in caught.value.message
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        acme.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=data.id)
+    assert caught.value.code == "unbudgeted_spend_refused"
+    assert "unbudgeted_allow_paid" in caught.value.message
     assert len(fake_state.paths) == before
-    assert acme.batches.list().data == []  # reading is not spending
+    assert acme.fine_tuning.jobs.list().data == []  # reading is not spending
     allowed = make_config(upstream_url, store={"redis_url": redis_url}, unbudgeted_paths="passthrough",
-                          unbudgeted_allow_paid=["batches"])
+                          unbudgeted_allow_paid=["fine_tuning/jobs"])
     acme2, globex2 = tenants(serve_proxy(allowed))
-    batch = acme2.batches.create(input_file_id=data.id, endpoint="/v1/chat/completions", completion_window="24h")
-    assert acme2.batches.retrieve(batch.id).id == batch.id
-    refused(lambda: globex2.batches.retrieve(batch.id), fake_state)
-    refused(lambda: globex2.batches.cancel(batch.id), fake_state)
-    refused(lambda: globex2.batches.create(input_file_id=data.id, endpoint="/v1/chat/completions",
-                                           completion_window="24h"), fake_state)
-    with pytest.raises(openai.PermissionDeniedError):
-        acme2.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=data.id)
+    job = acme2.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=data.id)
+    assert acme2.fine_tuning.jobs.retrieve(job.id).id == job.id
+    assert [j.id for j in acme2.fine_tuning.jobs.list()] == [job.id]
+    refused(lambda: globex2.fine_tuning.jobs.retrieve(job.id), fake_state)
+    refused(lambda: globex2.fine_tuning.jobs.cancel(job.id), fake_state)
+    refused(lambda: globex2.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=data.id), fake_state)
+    assert globex2.fine_tuning.jobs.list().data == []
 
 
 def test_the_record_of_objects_lives_in_the_store_under_the_tenant(
