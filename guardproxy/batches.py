@@ -10,13 +10,16 @@ charged when it ends.
    batch may run: a batch that does not fit is 429 ``insufficient_quota`` before anything reaches
    the upstream;
 3. the batch is created upstream; its reservation and what is needed to settle it are kept in the
-   store (``BudgetStore.open_batch``), so a restart loses nothing.
+   store (``BudgetStore.open_deferred``), so a restart loses nothing.
 
 When the batch ends (``completed``, ``failed``, ``expired``, ``cancelled``), found by the poller
 (``BatchPoller``, every ``batches.poll_s``) or by any ``GET /v1/batches/{id}`` or cancel, its output
 file is read and each line charged exactly from its usage at the batch price; the reservation is
 released by the same settlement (exactly once per batch: the settle script's marker). A cancelled
 or expired batch's output holds only the lines that ran, so only they are charged.
+
+Background responses (``background.py``) keep their reservation in the same kind of record and are
+settled here too, by the same poller and on the same sightings.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import anyio
 import orjson
 from starlette.responses import Response
 
-from guardproxy import objects
+from guardproxy import background, objects
 from guardproxy.budget import Thresholds
 from guardproxy.catalog import ModelConfig
 from guardproxy.endpoints import BUDGETED, ApiShape
@@ -190,7 +193,7 @@ class Batches:
             await self.s.ledger.settle(reservation, 0)
             return Response(answer_bytes, response.status_code, headers={**response_headers(response.headers), **out})
         try:
-            await store.open_batch(tenant, batch_id, {
+            await store.open_deferred(tenant, batch_id, {
                 "reservation": reservation.id, "day": reservation.day, "month": reservation.month,
                 "reserved_micros": reservation.amount, "upstream": holder, "endpoint": endpoint,
                 "models": ",".join(plan.models), "lines": plan.lines, "state": "open",
@@ -240,16 +243,48 @@ class Batches:
             )
         return admission.reservation
 
-    async def observe(self, tenant: str, batch: Any) -> None:
-        """Settle ``batch`` (an upstream batch object) if it has ended and is not settled yet."""
-        if not isinstance(batch, dict) or batch.get("status") not in TERMINAL or not isinstance(batch.get("id"), str):
+    async def observe(self, tenant: str, seen: Any) -> None:
+        """Settle ``seen`` (an upstream batch or background response object) if it has ended and is
+        not settled yet."""
+        if not isinstance(seen, dict) or not isinstance(seen.get("id"), str) or \
+                seen.get("status") not in TERMINAL | background.TERMINAL:
             return
-        record = await self.s.ledger.store.batch_record(tenant, batch["id"])
-        if record is None or record.get("state") != "open":
+        record = await self.s.ledger.store.deferred_record(tenant, seen["id"])
+        if record is None or record.get("state") != "open" or seen.get("status") not in _terminal(record):
             return
-        await self._settle(tenant, batch, record)
+        await self._settle(tenant, seen, record)
 
-    async def _settle(self, tenant: str, batch: dict[str, Any], record: dict[str, str]) -> None:
+    async def _settle(self, tenant: str, seen: dict[str, Any], record: dict[str, str]) -> None:
+        if record.get("kind") == "response":
+            await self._settle_response(tenant, seen, record)
+        else:
+            await self._settle_batch(tenant, seen, record)
+
+    async def _settle_response(self, tenant: str, response: dict[str, Any], record: dict[str, str]) -> None:
+        """A background response that ended: its usage at the price of the model it was sent to."""
+        model = self.s.config.models.get(record["model"])
+        reservation = Reservation(record["reservation"], tenant, record["day"], record["month"],
+                                  int(record["reserved_micros"]), record.get("job", ""))
+        if model is None:  # the model left the config: the worst case reserved is what it may have cost
+            usage, charge = None, reservation.amount
+        else:
+            usage, charge = background.finished_charge(response, model, int(record.get("prompt_tokens", 0)))
+        counted = usage or Usage(0, 0)
+        status = str(response["status"])
+        await self.s.ledger.settle(reservation, charge, {
+            "request_id": record.get("request_id") or response["id"], "requested_model": record["requested_model"],
+            "model": record["model"], "prompt_tokens": counted.prompt_tokens,
+            "completion_tokens": counted.completion_tokens, "cached_tokens": counted.cached_prompt_tokens,
+            "cost_micros": charge, "outcome": f"background_{status}",
+            **({"job": reservation.job} if reservation.job else {}),
+        })
+        await self.s.ledger.store.close_deferred(tenant, response["id"], {
+            "state": "settled", "status": status, "charged_micros": charge,
+            "settled_ms": int(time.time() * 1000)}, SETTLED_KEPT_S)
+        log.info("background response settled tenant=%s response=%s status=%s charged_micros=%d reserved_micros=%d",
+                 tenant, response["id"], status, charge, reservation.amount)
+
+    async def _settle_batch(self, tenant: str, batch: dict[str, Any], record: dict[str, str]) -> None:
         batch_id = batch["id"]
         upstream = self.s.upstreams.get(record["upstream"])
         if upstream is None:
@@ -275,7 +310,7 @@ class Batches:
             "cached_tokens": charge.usage.cached_prompt_tokens, "cost_micros": charge.micros,
             "outcome": f"batch_{status}",
         })
-        await self.s.ledger.store.close_batch(tenant, batch_id, {
+        await self.s.ledger.store.close_deferred(tenant, batch_id, {
             "state": "settled", "status": status, "charged_micros": charge.micros, "charged_lines": charge.lines,
             "settled_ms": int(time.time() * 1000)}, SETTLED_KEPT_S)
         await objects.record(self.s.ledger.store, tenant, "files", objects.derived_ids(batch), upstream.name)
@@ -288,18 +323,20 @@ class Batches:
         store = self.s.ledger.store
         settled = 0
         for tenant in sorted(await store.known_tenants()):
-            for batch_id in await store.open_batch_ids(tenant):
-                record = await store.batch_record(tenant, batch_id)
+            for batch_id in await store.open_deferred_ids(tenant):
+                record = await store.deferred_record(tenant, batch_id)
                 upstream = self.s.upstreams.get(record["upstream"]) if record else None
                 if record is None or upstream is None:
                     continue
+                collection = "responses" if record.get("kind") == "response" else "batches"
                 try:
                     response = await upstream.send(
-                        upstream.passthrough_path(f"batches/{quote(batch_id, safe='')}", ""), b"",
+                        upstream.passthrough_path(f"{collection}/{quote(batch_id, safe='')}", ""), b"",
                         upstream.request_headers((), frozenset()), method="GET")
-                    batch = _json_or_none(await response.read())
-                    if response.status_code == 200 and isinstance(batch, dict) and batch.get("status") in TERMINAL:
-                        await self._settle(tenant, batch, record)
+                    seen = _json_or_none(await response.read())
+                    if response.status_code == 200 and isinstance(seen, dict) \
+                            and seen.get("status") in _terminal(record):
+                        await self._settle(tenant, seen, record)
                         settled += 1
                 except GuardError as exc:
                     log.warning("batches: could not ask about batch %s of tenant=%s: %s", batch_id, tenant,
@@ -353,6 +390,11 @@ class BatchPoller:
                 pass  # tried again next time
             except Exception:  # the poller must outlive any one failure; it is logged
                 log.exception("batch poller: unexpected error (continuing)")
+
+
+def _terminal(record: dict[str, str]) -> frozenset[str]:
+    """The states in which the deferred call of ``record`` has ended."""
+    return background.TERMINAL if record.get("kind") == "response" else TERMINAL
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -284,6 +284,11 @@ def responses_endpoint(endings: list[str], stored: FakeObjects | None = None) ->
                 stored.inputs[ident] = [{"id": f"msg_in{i}", **item} for i, item in enumerate(items or [])]
             return final
 
+        if body.get("background") and stored is not None:
+            # Queued: it "runs" until the test calls ``FakeObjects.finish`` (then retrieve shows it done).
+            keep(response(final_status, WORD * length))
+            stored.later[ident] = stored.objects[ident]
+            return _json(stored.keep("responses", {**response("queued", None), "background": True}), ident)
         if not body.get("stream"):
             return _json(keep(response(final_status, WORD * length)), ident)
 

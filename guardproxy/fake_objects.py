@@ -40,7 +40,15 @@ class FakeObjects:
     contents: dict[str, bytes] = field(default_factory=dict)
     #: A stored response's input items, by response id.
     inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Background responses as they will be once finished (``finish``), by id.
+    later: dict[str, dict[str, Any]] = field(default_factory=dict)
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
+
+    def finish(self, response_id: str) -> dict[str, Any]:
+        """A background response ends: retrieving it now shows it completed, with its usage."""
+        done = {**self.later.pop(response_id), "background": True}
+        self.objects[response_id] = done
+        return done
 
     def new_id(self, collection: str) -> str:
         return f"{KINDS[collection][1]}fake{next(self._numbers):06d}"
@@ -135,6 +143,8 @@ def collection_of_path(path: str) -> tuple[str, list[str]] | None:
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
     """A multipart/form-data body's parts by name: (filename, bytes). Enough for the openai SDK's uploads."""
+    if "boundary=" not in content_type:
+        return {}
     boundary = content_type.split("boundary=", 1)[1].strip('"').encode()
     parts: dict[str, tuple[str | None, bytes]] = {}
     for chunk in raw.split(b"--" + boundary)[1:]:
@@ -160,10 +170,20 @@ async def serve_object(store: FakeObjects, request: Request, collection: str, re
         if collection == "files":
             content_type = request.headers.get("content-type", "")
             parts = _multipart(content_type, await request.body())
+            if "file" not in parts:
+                return _json({"error": {"message": "'file' is a required property", "type": "invalid_request_error",
+                                        "param": "file", "code": None}}, 400)
             filename, content = parts.get("file", (None, b""))
             return _json(store.add_file(filename or "upload", parts.get("purpose", (None, b""))[1].decode(), content))
         raw = await request.body()
-        return _json(store.create(collection, orjson.loads(raw) if raw else {}))
+        try:
+            fields = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            fields = None
+        if not isinstance(fields, dict):
+            return _json({"error": {"message": "We could not parse the JSON body of your request.",
+                                    "type": "invalid_request_error", "param": None, "code": None}}, 400)
+        return _json(store.create(collection, fields))
     ident, action = rest[0], rest[1:]
     obj = store.owned_by(collection, ident)
     if obj is None:

@@ -88,8 +88,9 @@ class ScopedObjects:
                                  upstream.name)
             if method == "DELETE" and not where.rest and where.object_id is not None:
                 await store.forget_object(tenant, where.object_id)
-            if where.collection == "batches" and where.object_id is not None:
-                await self.batches.observe(tenant, answer)  # an ended batch is settled as it is seen
+            if where.collection in ("batches", "responses") and where.object_id is not None:
+                # an ended batch or background response is settled as it is seen
+                await self.batches.observe(tenant, answer)
         return Response(content, response.status_code, headers={**response_headers(response.headers), **out})
 
     async def _list(

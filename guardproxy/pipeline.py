@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import budget, cache, objects, ratelimit
+from guardproxy import background, budget, cache, objects, ratelimit
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.choice import Admit, Choice, choose
@@ -334,6 +334,11 @@ class BudgetedEndpoint:
                 if stored is not None:  # before the client has the id, so that it can be retrieved at once
                     await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored],
                                          plan.sent.upstream)
+                later = background.pending(self.shape.path, plan.request.body, answer)
+                if later is not None:  # runs on upstream: charged when it ends, its reservation kept till then
+                    self._observe(plan, time.monotonic() - started, None, started)
+                    await self._defer(plan, later, request_id)
+                    return Response(content, response.status_code, headers=headers)
                 charge = self._charge(plan, ending)[1]
                 if self.s.config.server.usage_cost and add_usage_cost(answer, charge):
                     content = orjson.dumps(answer)
@@ -414,6 +419,34 @@ class BudgetedEndpoint:
         self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
         if first_token_at is not None:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
+
+    async def _defer(self, plan: Plan, object_id: str, request_id: str) -> None:
+        """Keep a background response's reservation in the store, for whichever process sees the
+        response end to settle (``background``); a store that cannot keep it gets the worst case
+        charged now, so that nothing is lost."""
+        reservation = plan.reservation
+        fields: dict[str, str | int] = {
+            "kind": "response", "reservation": reservation.id, "day": reservation.day, "month": reservation.month,
+            "reserved_micros": reservation.amount, "job": reservation.job, "upstream": plan.sent.upstream,
+            "model": plan.sent.name, "requested_model": plan.request.model, "prompt_tokens": plan.prompt_tokens,
+            "request_id": request_id, "state": "open", "submitted_ms": int(time.time() * 1000),
+        }
+        self.s.metrics.requests.labels(plan.tenant, plan.requested.name,
+                                       "downgraded" if plan.downgraded else "allowed").inc()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.s.ledger.store.open_deferred(plan.tenant, object_id, fields)
+                await self.s.ledger.hold(reservation, background.BACKGROUND_LEASE_MS)
+            except StoreUnavailable:
+                log.error("background response %s of tenant=%s could not be kept for later; charging its worst "
+                          "case, %d micro-USD, now", object_id, plan.tenant, reservation.amount)
+                await self.s.ledger.settle(reservation, reservation.amount, {
+                    "request_id": request_id, "requested_model": plan.request.model, "model": plan.sent.name,
+                    "prompt_tokens": plan.prompt_tokens, "completion_tokens": 0, "cached_tokens": 0,
+                    "cost_micros": reservation.amount, "outcome": "background_worst_case"})
+                return
+        log.info("background response %s of tenant=%s: %d micro-USD held until it ends", object_id, plan.tenant,
+                 reservation.amount)
 
     @staticmethod
     def _charge(plan: Plan, ending: Ending) -> tuple[Usage | None, Micros]:

@@ -156,15 +156,15 @@ class Keys:
         """One cached upstream answer (``cache.py`` names it by the request's digest)."""
         return f"{self.base}:rc:{digest}"
 
-    def batch(self, batch_id: str) -> str:
-        """One batch submitted through the budgeted Batch API: its reservation and how it settled
-        (``batches.py``)."""
-        return f"{self.base}:batch:{batch_id}"
+    def deferred(self, object_id: str) -> str:
+        """A call settled when it ends, after its answer (a batch, a background response): its
+        reservation and how it settled (``batches.py``)."""
+        return f"{self.base}:deferred:{object_id}"
 
     @property
-    def open_batches(self) -> str:
-        """Ids of the tenant's batches not settled yet (the poller's work list)."""
-        return f"{self.base}:batches:open"
+    def deferred_open(self) -> str:
+        """Ids of the tenant's deferred calls not settled yet (the poller's work list)."""
+        return f"{self.base}:deferred-open"
 
     def stored_object(self, object_id: str) -> str:
         """An object (file, batch, stored response…) the tenant created through the proxy: the
@@ -583,35 +583,35 @@ class BudgetStore:
         async with translated():
             await self.client.delete(self.keys(tenant).stored_object(object_id))
 
-    # -- the budgeted Batch API (``batches.py``) --------------------------------------------------
+    # -- calls settled when they end: batches, background responses (``batches.py``) -------------
 
-    async def open_batch(self, tenant: str, batch_id: str, fields: Mapping[str, str | int]) -> None:
-        """Keep a submitted batch's reservation and put it on the tenant's list of open batches (one
-        transaction)."""
+    async def open_deferred(self, tenant: str, object_id: str, fields: Mapping[str, str | int]) -> None:
+        """Keep the reservation of a call that ends later (a batch, a background response) and put it
+        on the tenant's list of open ones (one transaction)."""
         keys = self.keys(tenant)
         async with translated(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.batch(batch_id), mapping={name: str(value) for name, value in fields.items()})
-            pipe.sadd(keys.open_batches, batch_id)
+            pipe.hset(keys.deferred(object_id), mapping={name: str(value) for name, value in fields.items()})
+            pipe.sadd(keys.deferred_open, object_id)
             await pipe.execute()
 
-    async def batch_record(self, tenant: str, batch_id: str) -> dict[str, str] | None:
-        """What ``open_batch`` and ``close_batch`` wrote for the batch, or ``None``."""
+    async def deferred_record(self, tenant: str, object_id: str) -> dict[str, str] | None:
+        """What ``open_deferred`` and ``close_deferred`` wrote for the call, or ``None``."""
         async with translated():
-            fields = await self.client.hgetall(self.keys(tenant).batch(batch_id))
+            fields = await self.client.hgetall(self.keys(tenant).deferred(object_id))
         return {text(k): text(v) for k, v in fields.items()} if fields else None
 
-    async def open_batch_ids(self, tenant: str) -> list[str]:
+    async def open_deferred_ids(self, tenant: str) -> list[str]:
         async with translated():
-            members = await self.client.smembers(self.keys(tenant).open_batches)
+            members = await self.client.smembers(self.keys(tenant).deferred_open)
         return sorted(text(m) for m in members)
 
-    async def close_batch(self, tenant: str, batch_id: str, fields: Mapping[str, str | int], keep_s: int) -> None:
-        """The batch has settled: note how, keep the note ``keep_s``, and take it off the open list."""
+    async def close_deferred(self, tenant: str, object_id: str, fields: Mapping[str, str | int], keep_s: int) -> None:
+        """The call has settled: note how, keep the note ``keep_s``, and take it off the open list."""
         keys = self.keys(tenant)
         async with translated(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.batch(batch_id), mapping={name: str(value) for name, value in fields.items()})
-            pipe.expire(keys.batch(batch_id), keep_s)
-            pipe.srem(keys.open_batches, batch_id)
+            pipe.hset(keys.deferred(object_id), mapping={name: str(value) for name, value in fields.items()})
+            pipe.expire(keys.deferred(object_id), keep_s)
+            pipe.srem(keys.deferred_open, object_id)
             await pipe.execute()
 
     async def cache_get(self, key: str) -> str | None:

@@ -18,7 +18,7 @@ from guardproxy.pricing import Usage, cost_micros
 from tests.conftest import TENANT_KEY, config_dict, make_config, redis_int
 from tests.e2e.books import audit_log
 from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, HI, all_settled, keys, settled
+from tests.e2e.test_chat import GPT4O, HI, all_settled, keys, settled, wait_for
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 
@@ -187,3 +187,52 @@ def test_an_upstream_error_costs_zero(url: str, redis_url: str) -> None:
     assert answer.status_code == 400 and answer.headers["x-guardproxy-cost-usd"] == "0.000000"
     all_settled(redis_url)
     assert charged(redis_url) == 0
+
+
+# -- background responses ------------------------------------------------------------------------
+
+
+def held(redis_url: str) -> int:
+    return redis_int(redis_url, "gp:{acme}:reserved")
+
+
+def test_a_background_response_holds_its_worst_case_until_it_ends_then_charges_its_usage(
+    url: str, sdk: Sdk, redis_url: str, fake_state: FakeUpstreamState
+) -> None:
+    client = sdk(url)
+    queued = client.responses.create(model="gpt-4o", input="Plan tomorrow's routes.", background=True,
+                                     max_output_tokens=300)
+    assert queued.status == "queued" and queued.usage is None
+    worst = cost_micros(Usage(queued_prompt(fake_state), 300), GPT4O)
+    wait_for(lambda: held(redis_url) == worst)  # the answer is sent; the reservation stays
+    assert charged(redis_url) == 0
+    assert client.responses.retrieve(queued.id).status == "queued"
+    assert held(redis_url) == worst and charged(redis_url) == 0
+    fake_state.objects.finish(queued.id)
+    done = client.responses.retrieve(queued.id)  # seeing it end settles it
+    assert done.status == "completed" and done.usage is not None
+    expected = cost_micros(Usage(done.usage.input_tokens, done.usage.output_tokens), GPT4O)
+    assert charged(redis_url) == expected > 0 and held(redis_url) == 0
+    client.responses.retrieve(queued.id)
+    [entry] = audit_log(redis_url)
+    assert entry["outcome"] == "background_completed" and int(entry["cost_micros"]) == expected
+
+
+def queued_prompt(fake_state: FakeUpstreamState) -> int:
+    from guardproxy.tokens import TokenCounter
+
+    body = fake_state.requests[-1]
+    return TokenCounter("gpt-4o").responses_prompt(body["input"], body.get("instructions"), body.get("tools"))
+
+
+def test_the_poller_settles_background_responses_and_a_cancelled_one_costs_what_it_reports(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], sdk: Sdk, fake_state: FakeUpstreamState
+) -> None:
+    client = sdk(serve_proxy(make_config(upstream_url, store={"redis_url": redis_url}, batches={"poll_s": 0.2})))
+    first = client.responses.create(model="gpt-4o", input="one", background=True)
+    second = client.responses.create(model="gpt-4o", input="two", background=True)
+    done = fake_state.objects.finish(first.id)
+    expected = cost_micros(Usage(done["usage"]["input_tokens"], done["usage"]["output_tokens"]), GPT4O)
+    assert client.responses.cancel(second.id).status == "cancelled"  # queued, never ran: costs nothing
+    wait_for(lambda: charged(redis_url) == expected and held(redis_url) == 0, timeout_s=10)
+    assert sorted(e["outcome"] for e in audit_log(redis_url)) == ["background_cancelled", "background_completed"]

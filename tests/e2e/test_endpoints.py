@@ -181,10 +181,12 @@ def test_responses_stream_cut_ends_with_an_error_event_and_charges_what_was_stre
     settled(redis_url, keys()[0], cost_micros(Usage(12, 3), GPT4O))
 
 
-def test_background_responses_are_refused(client: openai.OpenAI, fake_state: FakeUpstreamState) -> None:
+def test_background_streams_are_refused(client: openai.OpenAI, fake_state: FakeUpstreamState) -> None:
+    """A background stream outlives its connection; background responses are charged when they end
+    (tests/e2e/test_dropin.py)."""
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="gpt-4o", input="hi", background=True)
-    assert caught.value.param == "background"
+        client.responses.create(model="gpt-4o", input="hi", background=True, stream=True)
+    assert caught.value.param == "stream"
     assert fake_state.requests == []
 
 
@@ -262,8 +264,8 @@ def test_completions_non_streaming(client: openai.OpenAI, redis_url: str, fake_s
 # -- other /v1 paths -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/images/generations"), ("GET", "/v1/files"),
-                                              ("POST", "/v1/audio/speech"), ("DELETE", "/v1/files/file-1")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/images/generations"), ("GET", "/v1/vector_stores"),
+                                              ("POST", "/v1/audio/speech"), ("DELETE", "/v1/assistants/asst-1")])
 def test_unbudgeted_paths_are_refused_by_default(
     proxy_url: str, fake_state: FakeUpstreamState, redis_url: str, method: str, path: str
 ) -> None:
