@@ -260,7 +260,8 @@ class BudgetedEndpoint:
                 failure = answer
             else:
                 request_id = answer.headers.get("x-request-id") or request_id
-                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers()}
+                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers(),
+                           COST_HEADER: usd_text(0)}  # a failed attempt is charged nothing
                 failure = Response(await answer.read(), answer.status_code, headers=headers)
         except GuardError as exc:
             failure = exc

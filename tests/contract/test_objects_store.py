@@ -29,3 +29,19 @@ async def test_a_recorded_object_keeps_its_ttl_or_lives_until_forgotten(budget_s
     assert await budget_store.client.ttl(keys.stored_object("file-1")) == -1
     await budget_store.forget_object("acme", "file-1")
     assert await budget_store.object_upstreams("acme", ["file-1", "resp_1"]) == [None, "openai"]
+
+
+async def test_a_deferred_call_is_kept_open_until_closed(budget_store: BudgetStore) -> None:
+    await budget_store.open_deferred("acme", "batch_1", {"kind": "batch", "reserved_micros": 1234, "state": "open"})
+    await budget_store.open_deferred("acme", "resp_2", {"kind": "response", "state": "open"})
+    assert await budget_store.open_deferred_ids("acme") == ["batch_1", "resp_2"]
+    assert await budget_store.open_deferred_ids("globex") == []
+    assert await budget_store.deferred_record("acme", "batch_1") == {"kind": "batch", "reserved_micros": "1234",
+                                                                      "state": "open"}
+    await budget_store.close_deferred("acme", "batch_1", {"state": "settled", "charged_micros": 99}, 3600)
+    assert await budget_store.open_deferred_ids("acme") == ["resp_2"]
+    record = await budget_store.deferred_record("acme", "batch_1")
+    assert record is not None and record["state"] == "settled" and record["charged_micros"] == "99"
+    assert record["reserved_micros"] == "1234"
+    assert 0 < await budget_store.client.ttl(budget_store.keys("acme").deferred("batch_1")) <= 3600
+    assert await budget_store.deferred_record("acme", "nope") is None
