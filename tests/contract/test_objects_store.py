@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardproxy.store import BudgetStore
+from guardproxy.store.redis import BudgetStore
 
 pytestmark = pytest.mark.anyio
 

@@ -12,13 +12,13 @@ import httpx
 import openai
 import pytest
 
-from guardproxy.config import Config
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.pricing import Usage, cost_micros
-from tests.conftest import TENANT_KEY, config_dict, make_config, redis_int
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.config.settings import Config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import audit_log
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_chat import GPT4O, HI, all_settled, keys, settled, wait_for
+from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 
@@ -219,7 +219,7 @@ def test_a_background_response_holds_its_worst_case_until_it_ends_then_charges_i
 
 
 def queued_prompt(fake_state: FakeUpstreamState) -> int:
-    from guardproxy.tokens import TokenCounter
+    from guardproxy.budget.tokens import TokenCounter
 
     body = fake_state.requests[-1]
     return TokenCounter("gpt-4o").responses_prompt(body["input"], body.get("instructions"), body.get("tools"))

@@ -14,9 +14,9 @@ import openai
 import pytest
 import redis
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, make_config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_chat import HI, all_settled, wait_for
+from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, make_config
 
 Clients = tuple[openai.OpenAI, openai.OpenAI]
 

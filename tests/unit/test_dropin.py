@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.batches import charge_output, plan_batch
-from guardproxy.catalog import ModelConfig
-from guardproxy.cost import add_usage_cost, usd_number, usd_text
-from guardproxy.endpoints import CHAT
+from guardproxy.budget.cost import add_usage_cost, usd_number, usd_text
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.config.models import ModelConfig
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.objects import ObjectPath, derived_ids, object_path, referenced_ids, scoped_page
-from guardproxy.pricing import Price, Usage, cost_micros
+from guardproxy.http.batches import charge_output, plan_batch
+from guardproxy.http.endpoints import CHAT
+from guardproxy.http.objects import ObjectPath, derived_ids, object_path, referenced_ids, scoped_page
 
 MODELS = {
     "gpt-4o": ModelConfig("gpt-4o", "openai", Price(2_500_000, 1_250_000, 10_000_000), 1000),
@@ -88,7 +88,7 @@ def test_a_batch_is_priced_line_by_line_at_batch_prices() -> None:
     plan = plan_batch(content, "/v1/chat/completions", MODELS, "openai")
     half = Price(1_250_000, 625_000, 5_000_000)
     prompt = CHAT.prompt_tokens  # the same count a call gets
-    from guardproxy.tokens import TokenCounter
+    from guardproxy.budget.tokens import TokenCounter
 
     def worst(i: int, model: str, out: int, price: Price) -> int:
         tokens = prompt(TokenCounter(model), {"messages": [{"role": "user", "content": f"order {i}"}]})
