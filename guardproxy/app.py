@@ -32,10 +32,14 @@ from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_bod
 from guardproxy.http import workers
 from guardproxy.http.agent_api import agent_routes
 from guardproxy.http.auth import JobTenantResolver
+from guardproxy.http.batches import BatchPoller
 from guardproxy.http.cors import cors_middleware
 from guardproxy.http.endpoints import BUDGETED
 from guardproxy.http.errors import as_guard_error
 from guardproxy.http.errors import error_response as error_response
+from guardproxy.http.models import model_object
+from guardproxy.http.models import retrieve as retrieve_model
+from guardproxy.http.objects import LISTED, STORED_ANSWERS
 from guardproxy.http.paths import EntryGuard
 from guardproxy.http.pipeline import Services
 from guardproxy.http.runtime import Runtime
@@ -183,6 +187,7 @@ def create_app(
             sweeper = Sweeper(budget_store, lambda: runtime.current.services.config)
         app.state.runtime = runtime
         reloads = SighupReloader(runtime)
+        poller = BatchPoller(lambda: runtime.current.services)  # settles batches that ended
         counted = metrics.alerts
         # Follows the current config: webhooks and thresholds apply on reload, like budgets.
         alerts = AlertSender(budget_store, lambda: runtime.current.services.config,
@@ -190,7 +195,8 @@ def create_app(
         try:
             # journal replay, lease renewal and a last drain on the way out; alert delivery
             async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
-                    alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper):
+                    alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper), \
+                    poller.running():
                 yield
         finally:
             reloads.close()
@@ -205,7 +211,9 @@ def create_app(
 
     def budgeted(path: str) -> Route:
         async def endpoint(request: Request) -> Response:
-            only(("POST",), request)
+            if request.method == "GET" and path in LISTED:  # the stored chat completions' list
+                return await stored(request)
+            only(("POST", "GET") if path in LISTED else ("POST",), request)
             response: Response = await request.app.state.runtime.current.endpoints[path](request)
             return response
 
@@ -216,9 +224,14 @@ def create_app(
         only(("GET", "HEAD"), request)
         services: Services = request.app.state.runtime.current.services
         await services.tenants.authenticate(request.headers)
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": m.upstream}
-                for name, m in services.config.models.items()]
+        data = [model_object(name, m) for name, m in services.config.models.items()]
         return _json({"object": "list", "data": data})
+
+    async def model(request: Request) -> Response:
+        only(("GET", "HEAD"), request)
+        services: Services = request.app.state.runtime.current.services
+        await services.tenants.authenticate(request.headers)
+        return _json(retrieve_model(request.path_params["model"], services.config.models))
 
     async def healthz(request: Request) -> Response:
         return _json({"status": "ok"})
@@ -242,6 +255,10 @@ def create_app(
             log.warning("metrics: budget store unreachable; scrape has no budget gauges")
             states = []
         return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def stored(request: Request) -> Response:
+        response: Response = await request.app.state.runtime.current.unbudgeted.stored_answers(request)
+        return response
 
     async def unbudgeted(request: Request) -> Response:
         response: Response = await request.app.state.runtime.current.unbudgeted(request)
@@ -295,6 +312,8 @@ def create_app(
         routes=[
             *(budgeted(shape.path) for shape in BUDGETED),
             Route("/v1/models", AnyMethod(models)),
+            Route("/v1/models/{model:path}", AnyMethod(model)),
+            *(Route(f"/v1/{path}/{{rest:path}}", AnyMethod(stored)) for path in sorted(STORED_ANSWERS)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -29,7 +29,6 @@ class ErrorKind(Enum):
     INVALID_PATH = ErrorSpec(400, "invalid_request_error", "invalid_path", logging.INFO)
     MISSING_FIELD = ErrorSpec(400, "invalid_request_error", "missing_field", logging.INFO)
     INVALID_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field", logging.INFO)
-    MODEL_NOT_PRICED = ErrorSpec(400, "invalid_request_error", "model_not_priced", logging.INFO)
     MISSING_TENANT = ErrorSpec(400, "invalid_request_error", "missing_tenant", logging.INFO)
     INVALID_TENANT = ErrorSpec(400, "invalid_request_error", "invalid_tenant", logging.INFO)
     INVALID_JOB_ID = ErrorSpec(400, "invalid_request_error", "invalid_job_id", logging.INFO)
@@ -39,7 +38,13 @@ class ErrorKind(Enum):
     TENANT_MISMATCH = ErrorSpec(403, "permission_error", "tenant_mismatch", logging.WARNING)
     # A state-changing admin request a browser could have been made to send by another site.
     CSRF_REFUSED = ErrorSpec(403, "permission_error", "csrf_refused", logging.WARNING)
+    #: Creating a batch or fine-tuning job through passthrough, which no budget would see.
+    PAID_PATH_REFUSED = ErrorSpec(403, "permission_error", "unbudgeted_spend_refused", logging.INFO)
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "unknown_url", logging.INFO)
+    #: OpenAI's answer for a model that does not exist: SDKs and agent frameworks handle this one.
+    MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found", logging.INFO)
+    #: A stored object (file, batch, response…) the caller's tenant did not create through this proxy.
+    OBJECT_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "object_not_found", logging.INFO)
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_supported", logging.INFO)
     REQUEST_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_timeout", logging.INFO)
     IDEMPOTENCY_CONFLICT = ErrorSpec(409, "invalid_request_error", "idempotency_key_reused", logging.INFO)

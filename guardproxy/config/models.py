@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from guardproxy.budget.pricing import Price, price_to_micros
+from guardproxy.budget.pricing import Price, batch_discounted, price_to_micros
 from guardproxy.config.validation import ConfigError, Fields, describe
 
 
@@ -58,6 +58,14 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()
     #: Where ``price`` came from: ``proxy.yaml``, the catalog (package, version, provider/model) or both.
     price_source: str = "proxy.yaml"
+    #: The Batch API's price (``batch_input``/``batch_cached_input``/``batch_output``); ``None``: half
+    #: of ``price``, OpenAI's (and Azure's global) batch discount (``batch_price``).
+    batch: Price | None = None
+
+    @property
+    def batch_price(self) -> Price:
+        """What the model's tokens cost in a batch."""
+        return self.batch or batch_discounted(self.price)
 
 
 def parse_upstreams(f: Fields) -> dict[str, UpstreamConfig]:
@@ -133,6 +141,7 @@ def parse_models(
             downgrade_to=m.optional_str("downgrade_to"),
             deployment=m.optional_str("deployment"),
             fallbacks=tuple(m.text_list("fallbacks")),
+            batch=_batch_price(m),
         )
         m.done()
     f.done()
@@ -153,6 +162,21 @@ def parse_models(
             seen.append(target)
             target = out[target].downgrade_to
     return out
+
+
+def _batch_price(m: Fields) -> Price | None:
+    """``batch_input`` and ``batch_output`` (USD per 1M tokens; ``batch_cached_input`` defaults to
+    ``batch_input``), or ``None`` when neither is set."""
+    zero = Decimal(0)
+    if not m.has("batch_input") and not m.has("batch_output"):
+        return None
+    if not (m.has("batch_input") and m.has("batch_output")):
+        raise ConfigError(m.at("batch_input" if not m.has("batch_input") else "batch_output"),
+                          "set both batch_input and batch_output (or neither: half the price is used)")
+    batch_input = m.decimal("batch_input", zero, min_value=zero)
+    return Price(input=price_to_micros(batch_input),
+                 cached_input=price_to_micros(m.decimal("batch_cached_input", batch_input, min_value=zero)),
+                 output=price_to_micros(m.decimal("batch_output", zero, min_value=zero)))
 
 
 def _price(m: Fields, name: str, upstream: UpstreamConfig, warnings: list[str] | None) -> tuple[Price, str]:

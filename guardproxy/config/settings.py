@@ -33,6 +33,8 @@ from guardproxy.types import Micros
 
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 _HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
+#: What ``unbudgeted_allow_paid`` may name (``objects.PAID``).
+PAID_PASSTHROUGH = ("fine_tuning/jobs",)
 
 
 def hash_key(key: str) -> str:
@@ -65,6 +67,9 @@ class ServerConfig:
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = 5.0
     max_header_bytes: int = 64 * 1024
+    #: ``usage.cost`` (USD) in answers and final stream chunks; off for clients that refuse unknown
+    #: fields (the ``x-guardproxy-cost-usd`` header is always sent).
+    usage_cost: bool = True
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,16 @@ def _telemetry(f: Fields) -> TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """The budgeted Batch API (``batches.py``)."""
+
+    #: How often open batches are asked upstream whether they ended (each one is settled then).
+    poll_s: float = 60.0
+    #: The largest batch input file read to price its worst case (OpenAI takes up to 200 MB).
+    max_input_bytes: int = 200 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     store: StoreConfig
@@ -230,11 +245,15 @@ class Config:
     unbudgeted_paths: str = "reject"
     #: The upstream that passed-through paths go to.
     unbudgeted_upstream: str = ""
+    #: Money-bearing objects that passthrough may create without a budget (``fine_tuning/jobs``);
+    #: refused (403) unless named here. Batches always go through the budgeted path (``batches.py``).
+    unbudgeted_allow_paid: tuple[str, ...] = ()
     #: Things worth a start-up warning (plain API keys in the file); never contain a secret.
     warnings: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    batches: BatchConfig = field(default_factory=BatchConfig)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -303,15 +322,28 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     unbudgeted_upstream = top.text("unbudgeted_upstream", next(iter(upstreams)), allow_empty=False)
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
+    allow_paid = tuple(top.text_list("unbudgeted_allow_paid"))
+    for i, name in enumerate(allow_paid):
+        if name not in PAID_PASSTHROUGH:
+            raise ConfigError(f"unbudgeted_allow_paid[{i}]", f"must be one of {', '.join(PAID_PASSTHROUGH)}, "
+                              f"got {describe(name)}")
     alerts = _alerts(top.section("alerts"))
     cache = _cache(top.section("cache"))
+    batch_fields = top.section("batches")
+    batches = BatchConfig(
+        poll_s=float(batch_fields.decimal("poll_s", Decimal(str(BatchConfig.poll_s)), min_value=Decimal("0.05"),
+                                          max_value=Decimal(86400))),
+        max_input_bytes=batch_fields.integer("max_input_bytes", BatchConfig.max_input_bytes, min_value=1),
+    )
+    batch_fields.done()
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
         tenants=tenants, auth=auth, admin_api_key=admin_api_key, servicetitan=servicetitan,
-        unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream, warnings=tuple(warnings),
+        unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream,
+        unbudgeted_allow_paid=allow_paid, warnings=tuple(warnings),
         telemetry=telemetry,
-        alerts=alerts, cache=cache,
+        alerts=alerts, cache=cache, batches=batches,
     )
 
 
@@ -386,6 +418,7 @@ def _server(f: Fields) -> ServerConfig:
         keep_alive_timeout_s=_seconds(f, "keep_alive_timeout_s", ServerConfig.keep_alive_timeout_s),
         max_header_bytes=f.integer("max_header_bytes", ServerConfig.max_header_bytes, min_value=1024,
                                    max_value=16 * 1024 * 1024),
+        usage_cost=f.boolean("usage_cost", ServerConfig.usage_cost),
     )
     f.done()
     return out

@@ -245,6 +245,14 @@ class CapturingWatcher:
         self.inner.done = value
 
     @property
+    def object_id(self) -> str | None:
+        return self.inner.object_id
+
+    @object_id.setter
+    def object_id(self, value: str | None) -> None:
+        self.inner.object_id = value
+
+    @property
     def first_token_at(self) -> float | None:
         return self.inner.first_token_at
 

@@ -18,7 +18,7 @@ EXPOSED = (
     "x-request-id", "retry-after", "x-should-retry",
     "x-guardproxy-tenant", "x-guardproxy-model", "x-guardproxy-budget-state",
     "x-guardproxy-budget-remaining-usd", "x-guardproxy-downgraded-from", "x-guardproxy-fallback-from",
-    "x-guardproxy-unbudgeted",
+    "x-guardproxy-unbudgeted", "x-guardproxy-cost-usd", "x-guardproxy-reserved-usd",
     "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
     "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
 )

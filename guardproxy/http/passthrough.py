@@ -3,7 +3,8 @@
 ``unbudgeted_paths: reject`` (the default) answers 404 in OpenAI's shape, so nothing spends money
 unseen. ``passthrough`` forwards them, for an authenticated tenant, to ``unbudgeted_upstream`` and
 relays the answer as it arrives; nothing is reserved or charged, and they are only counted in
-``guardproxy_unbudgeted_requests_total``.
+``guardproxy_unbudgeted_requests_total``. Paths of stored objects (files, batches, vector stores…)
+are scoped to the tenant that created each object (``object_routes``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http.endpoints import BUDGETED
+from guardproxy.http.object_routes import ScopedObjects
+from guardproxy.http.objects import ALWAYS_SCOPED, object_path
 from guardproxy.http.openai_resources import resource_label
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
@@ -31,9 +34,19 @@ class UnbudgetedPaths:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        #: Files, batches, stored responses…: each tenant sees only the objects it created.
+        self.objects = ScopedObjects(services, PassthroughRelay)
+
+    async def stored_answers(self, request: Request) -> Response:
+        """``/v1/responses/{id}…`` and ``/v1/chat/completions/{id}…`` (and the stored chat completions'
+        list): the budgeted endpoints' stored answers, scoped, whatever ``unbudgeted_paths`` says."""
+        return await self(request)
 
     async def __call__(self, request: Request) -> Response:
         path = sent_path(request)
+        where = object_path(path)
+        if where is not None and where.collection in ALWAYS_SCOPED:
+            return await self.objects(request, path, where)
         if self.s.config.unbudgeted_paths != "passthrough":
             budgeted = ", ".join(f"/v1/{shape.path}" for shape in BUDGETED)
             raise GuardError(
@@ -47,6 +60,8 @@ class UnbudgetedPaths:
             # servers do) would serve /v1/Chat/Completions. as the budgeted endpoint.
             raise GuardError(ErrorKind.INVALID_PATH, f"Invalid request path: {request.url.path} names a budgeted "
                              "endpoint in another spelling.")
+        if where is not None:
+            return await self.objects(request, path, where)
         tenant = await self.s.tenants.resolve(request.headers)
         upstream = self.s.upstreams[self.s.config.unbudgeted_upstream]
         target = upstream.passthrough_path(path, request.scope.get("query_string", b"").decode("latin-1"))

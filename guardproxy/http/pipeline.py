@@ -32,19 +32,22 @@ from guardproxy.budget import decision as budget
 from guardproxy.budget import ratelimit
 from guardproxy.budget.choice import Admit, Choice, choose
 from guardproxy.budget.clamp import Tier
+from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import Config, ModelConfig
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import cache
+from guardproxy.http import background, cache, objects
 from guardproxy.http.auth import TenantResolver
 from guardproxy.http.endpoints import ApiShape
+from guardproxy.http.models import model_not_found
 from guardproxy.http.plan import Plan
 from guardproxy.http.progress import StreamProgress, call_record
-from guardproxy.http.relay import RelayResult, StreamRelay
+from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
 from guardproxy.http.requests import ApiRequest, read_body
+from guardproxy.http.responses_stream import ResponsesStreamWatcher
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.observe.calls import CallContext, SettledCall
 from guardproxy.observe.metrics import Metrics
@@ -101,6 +104,8 @@ class BudgetedEndpoint:
         job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
         context = CallContext.of(request.headers, job)
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
+        await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
@@ -135,11 +140,7 @@ class BudgetedEndpoint:
     def _price(self, model: str) -> ModelConfig:
         entry = lookup_model(model, self.s.config.models)
         if entry is None:
-            raise GuardError(
-                ErrorKind.MODEL_NOT_PRICED,
-                f"The model {model[:100]!r} has no price configured on this proxy, so it cannot be budgeted.",
-                param="model",
-            )
+            raise model_not_found(model, self.s.config.models)
         return entry
 
     async def _estimate(self, call: ApiRequest) -> int:
@@ -263,7 +264,8 @@ class BudgetedEndpoint:
                 failure = answer
             else:
                 request_id = answer.headers.get("x-request-id") or request_id
-                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers()}
+                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers(),
+                           COST_HEADER: usd_text(0)}  # a failed attempt is charged nothing
                 failure = Response(await answer.read(), answer.status_code, headers=headers)
         except GuardError as exc:
             failure = exc
@@ -295,6 +297,9 @@ class BudgetedEndpoint:
             headers[cache.CACHE_HEADER] = cached.result
         if plan.request.stream and response.status_code == 200:
             watcher = self.shape.watcher(plan.request)
+            if self.s.config.server.usage_cost and isinstance(watcher, ChatStreamWatcher | ResponsesStreamWatcher):
+                price = plan.sent.price
+                watcher.cost_of = lambda usage: cost_micros(usage, price)
             capture = None
             if cached is not None:
                 capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
@@ -312,7 +317,14 @@ class BudgetedEndpoint:
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
                     await self._cache_store(plan, cached, capture.answer())
 
-            return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
+            on_object = None
+            if objects.stores_answer(self.shape.path, plan.request.body):
+                async def on_object(object_id: str) -> None:
+                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [object_id],
+                                         plan.sent.upstream)
+
+            return StreamRelay(upstream.name, response, headers, watcher, on_close,  # type: ignore[return-value]
+                               on_object)
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
 
         async def settle(duration_s: float) -> None:
@@ -327,8 +339,22 @@ class BudgetedEndpoint:
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
                 if cached is not None and response.status_code == 200:
                     await self._cache_store(plan, cached, answer)
+                stored = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
+                if stored is not None:  # before the client has the id, so that it can be retrieved at once
+                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored],
+                                         plan.sent.upstream)
+                later = background.pending(self.shape.path, plan.request.body, answer)
+                if later is not None:  # runs on upstream: charged when it ends, its reservation kept till then
+                    self._observe(plan, time.monotonic() - started, None, started)
+                    await self._defer(plan, later, request_id)
+                    return Response(content, response.status_code, headers=headers)
+                charge = self._charge(plan, ending)[1]
+                if self.s.config.server.usage_cost and add_usage_cost(answer, charge):
+                    content = orjson.dumps(answer)
             else:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
+                charge = 0
+            headers[COST_HEADER] = usd_text(charge)
         except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
             if isinstance(exc, GuardError):
                 exc.headers["x-request-id"] = request_id
@@ -373,12 +399,16 @@ class BudgetedEndpoint:
         if model is not None and usage is not None:
             self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
         headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
-                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}"}
-        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}", COST_HEADER: usd_text(0)}
+        log.info("cache hit tenant=%s model=%s endpoint=%s cost_usd=%s", tenant, entry.model, self.shape.path,
+                 usd_text(0))
+        answer = entry.answer
+        if self.s.config.server.usage_cost:
+            add_usage_cost(answer, 0)  # a hit is not charged
         if call.stream:
-            frames = cache.replay_stream(self.shape.path, entry.answer, call.wants_usage)
+            frames = cache.replay_stream(self.shape.path, answer, call.wants_usage)
             return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
-        return Response(orjson.dumps(entry.answer), media_type="application/json", headers=headers)
+        return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
 
     async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
@@ -408,15 +438,49 @@ class BudgetedEndpoint:
         if first_token_at is not None:
             self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
 
+    async def _defer(self, plan: Plan, object_id: str, request_id: str) -> None:
+        """Keep a background response's reservation in the store, for whichever process sees the
+        response end to settle (``background``); a store that cannot keep it gets the worst case
+        charged now, so that nothing is lost."""
+        reservation = plan.reservation
+        fields: dict[str, str | int] = {
+            "kind": "response", "reservation": reservation.id, "day": reservation.day, "month": reservation.month,
+            "reserved_micros": reservation.amount, "job": reservation.job, "upstream": plan.sent.upstream,
+            "model": plan.sent.name, "requested_model": plan.request.model, "prompt_tokens": plan.prompt_tokens,
+            "request_id": request_id, "state": "open", "submitted_ms": int(time.time() * 1000),
+        }
+        self.s.metrics.requests.labels(plan.tenant, plan.requested.name,
+                                       "downgraded" if plan.downgraded else "allowed").inc()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.s.ledger.store.open_deferred(plan.tenant, object_id, fields)
+                await self.s.ledger.hold(reservation, background.BACKGROUND_LEASE_MS)
+            except StoreUnavailable:
+                log.error("background response %s of tenant=%s could not be kept for later; charging its worst "
+                          "case, %d micro-USD, now", object_id, plan.tenant, reservation.amount)
+                await self.s.ledger.settle(reservation, reservation.amount, {
+                    "request_id": request_id, "requested_model": plan.request.model, "model": plan.sent.name,
+                    "prompt_tokens": plan.prompt_tokens, "completion_tokens": 0, "cached_tokens": 0,
+                    "cost_micros": reservation.amount, "outcome": "background_worst_case"})
+                return
+        log.info("background response %s of tenant=%s: %d micro-USD held until it ends", object_id, plan.tenant,
+                 reservation.amount)
+
+    @staticmethod
+    def _charge(plan: Plan, ending: Ending) -> tuple[Usage | None, Micros]:
+        """The usage an attempt is charged for (the upstream's, else the proxy's own count of what was
+        produced) and its charge: what ``_settle`` books and what ``x-guardproxy-cost-usd`` says."""
+        usage = ending.usage
+        if ending.produced and usage is None:
+            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
+        return usage, cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+
     async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
         """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
 
         ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
         """
-        usage = ending.usage
-        if ending.produced and usage is None:
-            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
-        charge = cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+        usage, charge = self._charge(plan, ending)
         outcome = ending.outcome
         if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
             outcome = Outcome.STORE_UNAVAILABLE

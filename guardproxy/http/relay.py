@@ -22,11 +22,13 @@ import anyio
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from guardproxy.budget.cost import add_usage_cost
 from guardproxy.budget.pricing import Usage
 from guardproxy.budget.records import Outcome
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http.sse import Frame, SSEParser, json_object
 from guardproxy.http.upstream import UpstreamResponse
+from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.relay")
 
@@ -82,6 +84,8 @@ class StreamWatcher(Protocol):
     #: The stream's proper end was seen (``[DONE]``, ``response.completed``…).
     done: bool
     first_token_at: float | None
+    #: The id of the answer (a chat completion's, a response's), once a frame has shown it.
+    object_id: str | None
 
     def process(self, frame: Frame) -> bytes:
         """The bytes to send the client for ``frame`` (empty to drop it)."""
@@ -100,6 +104,9 @@ class ChatStreamWatcher:
         self.texts: list[str] = []
         self.done = False
         self.first_token_at: float | None = None
+        #: What a usage costs, when the usage chunk the client sees is to carry ``usage.cost``.
+        self.cost_of: Callable[[Usage], Micros] | None = None
+        self.object_id: str | None = None
 
     def process(self, frame: Frame) -> bytes:
         """The bytes to send the client for ``frame`` (empty to drop it)."""
@@ -109,6 +116,8 @@ class ChatStreamWatcher:
         chunk = json_object(frame)
         if chunk is None:
             return frame.raw
+        if self.object_id is None and isinstance(chunk.get("id"), str):
+            self.object_id = chunk["id"]
         texts = completion_texts(chunk.get("choices"), self.text_key)
         if any(texts) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
@@ -116,6 +125,9 @@ class ChatStreamWatcher:
         if "usage" not in chunk or self.client_wants_usage:
             if chunk.get("usage") is not None:
                 self.usage = usage_from(chunk["usage"]) or self.usage
+                if self.cost_of is not None and self.usage is not None:
+                    add_usage_cost(chunk, self.cost_of(self.usage))
+                    return b"data: " + orjson.dumps(chunk) + b"\n\n"
             return frame.raw
         usage = chunk.pop("usage")
         if usage is not None:
@@ -143,8 +155,12 @@ class StreamRelay:
     def __init__(
         self, upstream: str, response: UpstreamResponse, headers: dict[str, str], watcher: StreamWatcher,
         on_close: Callable[[RelayResult], Awaitable[None]],
+        on_object: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.upstream = upstream
+        #: Told the answer's id (``StreamWatcher.object_id``) before the frame showing it is relayed,
+        #: so that the id is usable (retrieved, continued) as soon as the client has seen it.
+        self.on_object = on_object
         self.response = response
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.watcher = watcher
@@ -182,6 +198,9 @@ class StreamRelay:
 
         async def forward(frames: list[Frame]) -> None:
             body = b"".join(self.watcher.process(frame) for frame in frames)
+            if self.on_object is not None and self.watcher.object_id is not None:
+                on_object, self.on_object = self.on_object, None
+                await on_object(self.watcher.object_id)
             if body:
                 message: Message = {"type": "http.response.body", "body": body, "more_body": True}
                 await send(message)

@@ -180,10 +180,10 @@ def parse_responses_request(raw: bytes) -> ApiRequest:
         raise _invalid("input", "Invalid type for 'input': every input item must be an object.")
     _objects(body, "tools")
     _optional(body, "instructions", str, "a string")
-    if body.get("background") is True:
-        # The answer would come later, by polling: its usage never passes the proxy to be charged.
-        raise _invalid("background", "Background responses cannot be budgeted by this proxy; send them "
-                                     "without 'background'.")
+    if body.get("background") is True and body.get("stream") is True:
+        # A background stream outlives its connection: what it costs would not pass the proxy.
+        raise _invalid("stream", "Background responses are charged when they finish; ask for them without "
+                                 "'stream' and retrieve them.")
     return ApiRequest(
         raw=raw, body=body, model=model, stream=_optional(body, "stream", bool, "a boolean") or False,
         wants_usage=True, max_output_tokens=_positive_int(body, "max_output_tokens"), choices=1,

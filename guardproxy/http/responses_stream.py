@@ -4,20 +4,23 @@ Its streams differ from chat's: every frame is a named event (``event: response.
 whose JSON repeats the name in ``type``; there is no ``[DONE]``; the usage always comes, inside
 ``response.usage`` of the final ``response.completed`` / ``response.incomplete`` /
 ``response.failed`` event, so the proxy neither asks for it nor hides it: every frame passes
-through byte for byte.
+through byte for byte, except that the terminal event's usage gains ``cost`` (``cost.py``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from guardproxy.budget.cost import add_usage_cost
 from guardproxy.budget.pricing import Usage
 from guardproxy.errors import GuardError
 from guardproxy.http.relay import usage_from
 from guardproxy.http.sse import Frame, json_object
+from guardproxy.types import Micros
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Delta events carry generated tokens as text (output, refusals, tool arguments, reasoning), except
@@ -62,6 +65,9 @@ class ResponsesStreamWatcher:
         self.texts: list[str] = []
         self.done = False
         self.first_token_at: float | None = None
+        #: What a usage costs, when the terminal event is to carry ``usage.cost``.
+        self.cost_of: Callable[[Usage], Micros] | None = None
+        self.object_id: str | None = None
         self._last_sequence_number = -1
 
     def process(self, frame: Frame) -> bytes:
@@ -71,6 +77,9 @@ class ResponsesStreamWatcher:
         kind = event.get("type") or frame.event
         if isinstance(event.get("sequence_number"), int):
             self._last_sequence_number = event["sequence_number"]
+        if self.object_id is None and isinstance(event.get("response"), dict) \
+                and isinstance(event["response"].get("id"), str):
+            self.object_id = event["response"]["id"]
         delta = event.get("delta")
         if isinstance(delta, str) and _is_text_delta(kind):
             if delta and self.first_token_at is None:
@@ -80,6 +89,10 @@ class ResponsesStreamWatcher:
             self.done = True
             response = event.get("response")
             self.usage = responses_usage(response.get("usage") if isinstance(response, dict) else None) or self.usage
+            cost_of, usage = self.cost_of, self.usage
+            if cost_of is not None and usage is not None and add_usage_cost(response, cost_of(usage)):
+                name = f"event: {frame.event}\n".encode() if frame.event else b""
+                return name + b"data: " + orjson.dumps(event) + b"\n\n"
         return frame.raw
 
     def error_frame(self, error: GuardError) -> bytes:

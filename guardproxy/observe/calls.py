@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from guardproxy.budget.cost import usd_text
 from guardproxy.types import Micros
 
 
@@ -70,7 +71,8 @@ class SettledCall:
             "event": "call_settled", "tenant": self.tenant, "requested_model": self.requested_model,
             "model": self.model, "upstream": self.upstream, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-            "cost_micros": self.cost_micros, "reserved_micros": self.reserved_micros, "outcome": self.outcome,
+            "cost_micros": self.cost_micros, "cost_usd": usd_text(self.cost_micros),
+            "reserved_micros": self.reserved_micros, "outcome": self.outcome,
             "request_id": self.request_id, "job_id": self.context.job_id or None,
             "duration_ms": self.duration_ms, "budget_state": self.budget_state,
             "downgraded_from": self.downgraded_from,
@@ -81,6 +83,7 @@ class SettledCall:
         return (
             f"settled tenant={self.tenant} requested={self.requested_model} sent={self.model} outcome={self.outcome} "
             f"tokens={self.prompt_tokens}/{self.completion_tokens}/{self.cached_tokens} "
-            f"cost_micros={self.cost_micros} reserved_micros={self.reserved_micros} request_id={self.request_id} "
+            f"cost_micros={self.cost_micros} cost_usd={usd_text(self.cost_micros)} "
+            f"reserved_micros={self.reserved_micros} request_id={self.request_id} "
             f"job_id={self.context.job_id or '-'} duration_ms={self.duration_ms}"
         )

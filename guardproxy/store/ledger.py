@@ -201,6 +201,12 @@ class Ledger:
         await self.journal.checkpoint(entries)
         self._checkpointed = bool(entries)
 
+    async def hold(self, reservation: Reservation, lease_ms: int) -> None:
+        """Keep ``reservation`` for ``lease_ms`` from now with no process renewing it: its call ends
+        after its answer (a background response) and is settled by whichever process sees it end."""
+        self._live.pop(reservation.id, None)
+        await self.store.renew([reservation], lease_ms)
+
     # -- the journal -----------------------------------------------------------------------------
 
     def journal_pending(self) -> int:

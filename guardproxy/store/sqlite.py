@@ -124,6 +124,8 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "ping": (False, lambda t: True),
     "time": (False, lambda t: (t.now_ms // 1000, t.now_ms % 1000 * 1000)),
     "get": (False, lambda t, k: t.get(_text(k))),
+    "mget": (False, lambda t, ks, *more: [t.get(_text(k)) for k in ([ks] if isinstance(ks, str | bytes) else ks)]
+             + [t.get(_text(k)) for k in more]),
     "set": (True, _set),
     "incrby": (True, lambda t, k, n=1: t.incrby(_text(k), n)),
     "decrby": (True, lambda t, k, n=1: t.decrby(_text(k), n)),
@@ -156,6 +158,7 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "zcount": (False, lambda t, k, lo, hi: t.zcount(_text(k), lo, hi)),
     "zremrangebyrank": (True, lambda t, k, a, b: t.zremrangebyrank(_text(k), int(a), int(b))),
     "sadd": (True, lambda t, k, *ms: t.sadd(_text(k), *ms)),
+    "srem": (True, lambda t, k, *ms: t.srem(_text(k), *ms)),
     "smembers": (False, lambda t, k: {m.encode() for m in t.smembers(_text(k))}),
     "xadd": (True, _xadd),
     "xrange": (False, lambda t, k, min="-", max="+", count=None: _entries(

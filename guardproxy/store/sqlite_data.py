@@ -318,6 +318,15 @@ class Tx:
             return set()
         return {row[0] for row in self.db.execute("SELECT member FROM sets WHERE key = ?", (key,))}
 
+    def srem(self, key: str, *members: Value) -> int:
+        if not self.alive(key):
+            return 0
+        removed = sum(self.db.execute("DELETE FROM sets WHERE key = ? AND member = ?", (key, as_text(m))).rowcount
+                      for m in members)
+        if removed:
+            self._emptied("sets", key)
+        return removed
+
     # -- streams (entry ids ``ms-seq`` from the transaction's clock, as Redis makes them) -------------------
 
     def xadd(self, key: str, fields: Sequence[Value], maxlen: int | None = None, entry_id: str = "*") -> str:

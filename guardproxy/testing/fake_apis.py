@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response, StreamingResponse
 
 from guardproxy.budget.tokens import TokenCounter
+from guardproxy.testing.fake_objects import FakeObjects
 
 WORD = " hello"  # one token in both o200k_base and cl100k_base
 DEFAULT_COMPLETION_TOKENS = 12
@@ -128,11 +129,12 @@ def _sse(frames: AsyncIterator[bytes], endings: list[str], ident: str) -> Stream
 
 def chat_endpoint(
     endings: list[str], billed: list[tuple[str, dict[str, Any]]] | None = None,
-    unfinished: list[tuple[str, dict[str, Any]]] | None = None,
+    unfinished: list[tuple[str, dict[str, Any]]] | None = None, stored: FakeObjects | None = None,
 ) -> Handler:
     """``/v1/chat/completions``: one choice; streams with the ``include_usage`` chunk when asked.
     The usage of each answer given in full is added to ``billed``; that of each stream stopped before
-    its end (the caller hung up), counting the words generated so far, to ``unfinished``."""
+    its end (the caller hung up), counting the words generated so far, to ``unfinished``; with
+    ``store: true`` the completion is kept in ``stored``."""
 
     async def handle(body: dict[str, Any], steer: Steering) -> Response:
         model = body["model"]
@@ -143,16 +145,20 @@ def chat_endpoint(
         ident = f"chatcmpl-fake{time.monotonic_ns()}"
         base = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "system_fingerprint": "fp_fake"}
+        message = {"role": "assistant", "content": WORD * length, "refusal": None}
+        whole = {**base, "object": "chat.completion",
+                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                 **({"usage": usage} if usage else {})}
+
         def bill() -> None:
             if billed is not None and usage is not None:
                 billed.append((model, usage))
+            if stored is not None and body.get("store") is True:
+                stored.keep("chat/completions", whole)
 
         if not body.get("stream"):
             bill()
-            message = {"role": "assistant", "content": WORD * length, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            return _json({**base, "object": "chat.completion", "choices": [choice],
-                          **({"usage": usage} if usage else {})}, ident)
+            return _json(whole, ident)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and usage is not None
 
         def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
@@ -241,8 +247,9 @@ def embeddings_endpoint() -> Handler:
     return handle
 
 
-def responses_endpoint(endings: list[str]) -> Handler:
-    """``/v1/responses``: one output message; streams as named events ending in ``response.completed``."""
+def responses_endpoint(endings: list[str], stored: FakeObjects | None = None) -> Handler:
+    """``/v1/responses``: one output message; streams as named events ending in ``response.completed``.
+    Unless ``store: false``, the final response and its input items are kept in ``stored``."""
 
     async def handle(body: dict[str, Any], steer: Steering) -> Response:
         model, limit = body["model"], body.get("max_output_tokens")
@@ -276,8 +283,22 @@ def responses_endpoint(endings: list[str]) -> Handler:
                 "metadata": {},
             }
 
+        def keep(final: dict[str, Any]) -> dict[str, Any]:
+            if stored is not None and body.get("store") is not False:
+                stored.keep("responses", final)
+                given = body.get("input")
+                items = ([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": given}]}]
+                         if isinstance(given, str) else given)
+                stored.inputs[ident] = [{"id": f"msg_in{i}", **item} for i, item in enumerate(items or [])]
+            return final
+
+        if body.get("background") and stored is not None:
+            # Queued: it "runs" until the test calls ``FakeObjects.finish`` (then retrieve shows it done).
+            keep(response(final_status, WORD * length))
+            stored.later[ident] = stored.objects[ident]
+            return _json(stored.keep("responses", {**response("queued", None), "background": True}), ident)
         if not body.get("stream"):
-            return _json(response(final_status, WORD * length), ident)
+            return _json(keep(response(final_status, WORD * length)), ident)
 
         async def frames() -> AsyncIterator[bytes]:
             sequence = iter(range(1_000_000))
@@ -301,7 +322,7 @@ def responses_endpoint(endings: list[str]) -> Handler:
             yield event("response.content_part.done", **where,
                         part={"type": "output_text", "text": text, "annotations": [], "logprobs": []})
             yield event("response.output_item.done", output_index=0, item=response(final_status, text)["output"][0])
-            yield event(f"response.{final_status}", response=response(final_status, text))
+            yield event(f"response.{final_status}", response=keep(response(final_status, text)))
 
         return _sse(frames(), endings, ident)
 

@@ -4,7 +4,9 @@ It speaks the wire shapes of openai-wire.md: chat completions, legacy completion
 the Responses API, streamed (with the ``include_usage`` chunk, or named events) and whole, with
 cached-token details and errors; the same endpoints under Azure OpenAI's paths
 (``/openai/deployments/{deployment}/…?api-version=…``, ``/openai/responses?api-version=…`` and
-``/openai/v1/…``), which require an ``api-key`` header; and any other ``/v1/*`` path, echoed back.
+``/openai/v1/…``), which require an ``api-key`` header; stored objects (files, uploads, batches,
+vector stores, fine-tuning jobs, stored responses and chat completions: ``fake_objects``); and any
+other ``/v1/*`` path, echoed back.
 Requests steer it with headers, which the proxy forwards like any other client header:
 
 - ``x-fake-completion-tokens: N`` — answer length (default 12; capped by the request's token limit)
@@ -47,6 +49,7 @@ from guardproxy.testing.fake_apis import (
     error_response,
     responses_endpoint,
 )
+from guardproxy.testing.fake_objects import FakeObjects, collection_of_path, serve_object
 
 _ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 
@@ -67,16 +70,18 @@ class FakeUpstreamState:
     billed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: ``(model, usage)`` of every chat stream stopped before its end: the words generated until then.
     unfinished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Files, batches, vector stores… and the responses and chat completions it stored.
+    objects: FakeObjects = field(default_factory=FakeObjects)
 
 
 def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
     """The fake as a Starlette app; pass ``state`` to inspect what it received."""
     state = state or FakeUpstreamState()
     handlers = {
-        "chat/completions": chat_endpoint(state.stream_endings, state.billed, state.unfinished),
+        "chat/completions": chat_endpoint(state.stream_endings, state.billed, state.unfinished, state.objects),
         "completions": completions_endpoint(state.stream_endings),
         "embeddings": embeddings_endpoint(),
-        "responses": responses_endpoint(state.stream_endings),
+        "responses": responses_endpoint(state.stream_endings, state.objects),
     }
 
     async def receive(request: Request) -> tuple[dict[str, Any], Response | None]:
@@ -120,7 +125,13 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> Starlette:
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def echo(request: Request) -> Response:
-        """Any other path: what arrived, so that pass-through can be checked."""
+        """Stored objects (``fake_objects``); any other path: what arrived, so that pass-through can
+        be checked."""
+        objects = collection_of_path(request.url.path)
+        if objects is not None:
+            state.paths.append(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+            state.headers.append(dict(request.headers))
+            return await serve_object(state.objects, request, *objects)
         body, failure = await receive(request)
         answer = {"object": "fake.echo", "method": request.method, "path": request.url.path,
                   "query": request.url.query, "body": body}

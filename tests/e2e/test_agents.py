@@ -167,7 +167,6 @@ def test_a_quote_reports_the_worst_case_reserved_and_takes_the_endpoints_own_val
 
     for body, param in [
         ({"endpoint": "/v1/chat/completions", "request": {"model": "gpt-4o"}}, "messages"),
-        ({"endpoint": "/v1/chat/completions", "request": {"model": "nope", "messages": HI}}, "model"),
         ({"endpoint": "/v1/chat/completions", "request": {"model": "gpt-4o", "messages": HI, "n": 0}}, "n"),
         ({"endpoint": "/v1/images", "request": {"model": "gpt-4o"}}, "endpoint"),
         ({"request": {"model": "gpt-4o", "messages": HI}}, "endpoint"),
@@ -177,6 +176,11 @@ def test_a_quote_reports_the_worst_case_reserved_and_takes_the_endpoints_own_val
         with pytest.raises(openai.BadRequestError) as bad:
             client.post("guardproxy/quote", body=body, cast_to=object)
         assert bad.value.param == param, body
+    # an unknown model is OpenAI's 404, as the call itself would get
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.post("guardproxy/quote", body={"endpoint": "/v1/chat/completions",
+                                              "request": {"model": "nope", "messages": HI}}, cast_to=object)
+    assert missing.value.param == "model" and missing.value.code == "model_not_found"
     assert httpx.post(url + "/v1/guardproxy/quote", content=b"{", headers={"authorization": f"Bearer {TENANT_KEY}"}
                       ).json()["error"]["code"] == "invalid_json"
     assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0

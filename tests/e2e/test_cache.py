@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import redis
+from pydantic import BaseModel
 
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
@@ -41,6 +42,18 @@ def proxy(upstream_url: str, redis_url: str, serve_proxy: Callable[..., str]) ->
     return serve_proxy(cache_config(upstream_url, redis_url))
 
 
+def uncosted(usage: BaseModel | None) -> dict[str, Any]:
+    """A usage object without its ``cost`` (the charge: a hit's is 0)."""
+    assert usage is not None
+    return usage.model_dump(exclude={"cost"})
+
+
+def cost_of(usage: BaseModel | None) -> float:
+    assert usage is not None and usage.model_extra is not None
+    cost: float = usage.model_extra["cost"]
+    return cost
+
+
 def test_a_repeated_temperature_0_chat_is_a_hit_that_reaches_no_upstream_and_charges_nothing(
     proxy: str, sdk: Sdk, redis_url: str, fake_state: FakeUpstreamState
 ) -> None:
@@ -55,14 +68,17 @@ def test_a_repeated_temperature_0_chat_is_a_hit_that_reaches_no_upstream_and_cha
                                                                 max_tokens=20)
     assert second.headers["x-guardproxy-cache"] == "hit"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
-    assert second.parse().usage == first.parse().usage
+    assert uncosted(second.parse().usage) == uncosted(first.parse().usage)
+    # a hit costs nothing, and says so (usage.cost, x-guardproxy-cost-usd)
+    assert cost_of(second.parse().usage) == 0 < cost_of(first.parse().usage)
+    assert second.headers["x-guardproxy-cost-usd"] == "0.000000"
     # the same request streamed (the key ignores stream and stream_options): replayed as SSE, usage included
     stream = client.chat.completions.create(model="gpt-4o", messages=HI, temperature=0, max_tokens=20,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == first.parse().choices[0].message.content
-    assert chunks[-1].usage == first.parse().usage
+    assert uncosted(chunks[-1].usage) == uncosted(first.parse().usage) and cost_of(chunks[-1].usage) == 0
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert len(fake_state.requests) == 1, "a hit must not reach the upstream"
     assert spent(redis_url) == charged and reserved(redis_url) == 0
@@ -128,11 +144,11 @@ def test_responses_and_embeddings_are_cached(
     whole = client.responses.with_raw_response.create(model="gpt-4o", input="Cache me.", temperature=0,
                                                       max_output_tokens=50)
     assert whole.headers["x-guardproxy-cache"] == "hit"
-    assert whole.parse().output_text == first.output_text and whole.parse().usage == first.usage
+    assert whole.parse().output_text == first.output_text and uncosted(whole.parse().usage) == uncosted(first.usage)
     events = list(client.responses.create(model="gpt-4o", input="Cache me.", temperature=0, max_output_tokens=50,
                                           stream=True))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
-    assert events[-1].type == "response.completed" and events[-1].response.usage == first.usage
+    assert events[-1].type == "response.completed" and uncosted(events[-1].response.usage) == uncosted(first.usage)
     assert [e.sequence_number for e in events] == list(range(len(events)))
     # a streamed Responses miss stores the response.completed event's response
     list(client.responses.create(model="gpt-4o", input="Streamed first.", temperature=0, max_output_tokens=50,

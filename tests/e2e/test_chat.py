@@ -174,7 +174,7 @@ def test_hard_cap_answers_429_that_the_sdk_does_not_retry(
         (b'{"messages": [{"role": "user", "content": "x"}]}', {}, 400, "missing_field"),
         (b'{"model": "gpt-4o", "messages": "hi"}', {}, 400, "invalid_field"),
         (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "max_tokens": -1}', {}, 400, "invalid_field"),
-        (b'{"model": "claude-9", "messages": [{"role": "user", "content": "x"}]}', {}, 400, "model_not_priced"),
+        (b'{"model": "claude-9", "messages": [{"role": "user", "content": "x"}]}', {}, 404, "model_not_found"),
         (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}', {"authorization": ""}, 401,
          "invalid_api_key"),
         (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}',

@@ -181,10 +181,12 @@ def test_responses_stream_cut_ends_with_an_error_event_and_charges_what_was_stre
     settled(redis_url, keys()[0], cost_micros(Usage(12, 3), GPT4O))
 
 
-def test_background_responses_are_refused(client: openai.OpenAI, fake_state: FakeUpstreamState) -> None:
+def test_background_streams_are_refused(client: openai.OpenAI, fake_state: FakeUpstreamState) -> None:
+    """A background stream outlives its connection; background responses are charged when they end
+    (tests/e2e/test_dropin.py)."""
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="gpt-4o", input="hi", background=True)
-    assert caught.value.param == "background"
+        client.responses.create(model="gpt-4o", input="hi", background=True, stream=True)
+    assert caught.value.param == "stream"
     assert fake_state.requests == []
 
 
@@ -262,8 +264,8 @@ def test_completions_non_streaming(client: openai.OpenAI, redis_url: str, fake_s
 # -- other /v1 paths -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/images/generations"), ("GET", "/v1/files"),
-                                              ("POST", "/v1/audio/speech"), ("DELETE", "/v1/files/file-1")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/images/generations"), ("GET", "/v1/vector_stores"),
+                                              ("POST", "/v1/audio/speech"), ("DELETE", "/v1/assistants/asst-1")])
 def test_unbudgeted_paths_are_refused_by_default(
     proxy_url: str, fake_state: FakeUpstreamState, redis_url: str, method: str, path: str
 ) -> None:
@@ -288,16 +290,16 @@ def test_unbudgeted_paths_pass_through_when_configured_and_charge_nothing(
     assert echoed == {"object": "fake.echo", "method": "POST", "path": "/v1/moderations", "query": "probe=1",
                       "body": {"input": "hi"}}
     assert fake_state.headers[-1]["authorization"] == "Bearer sk-upstream-secret"
-    listing = httpx.get(url + "/v1/files", params={"purpose": "batch"},
+    listing = httpx.get(url + "/v1/audio/voices", params={"language": "en"},
                         headers={"authorization": f"Bearer {TENANT_KEY}"})
     assert listing.status_code == 200 and listing.json()["method"] == "GET"
     assert listing.headers["x-guardproxy-unbudgeted"] == "true" and listing.headers["x-guardproxy-tenant"] == "acme"
-    assert fake_state.paths == ["/v1/moderations?probe=1", "/v1/files?purpose=batch"]
-    assert httpx.get(url + "/v1/files", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert fake_state.paths == ["/v1/moderations?probe=1", "/v1/audio/voices?language=en"]
+    assert httpx.get(url + "/v1/audio/voices", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert len(fake_state.requests) == 2
     assert spend_keys(redis_url) == []
     metrics = httpx.get(url + "/metrics").text
-    assert 'guardproxy_unbudgeted_requests_total{endpoint="files",tenant="acme"} 1.0' in metrics
+    assert 'guardproxy_unbudgeted_requests_total{endpoint="audio",tenant="acme"} 1.0' in metrics
 
 
 # -- LangChain -----------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_completions_without_max_tokens_reserve_the_model_maximum() -> None:
         (parse_responses_request, {"model": "m", "max_output_tokens": 0}, "max_output_tokens",
          ErrorKind.INVALID_FIELD),
         (parse_responses_request, {"model": "m", "stream": "yes"}, "stream", ErrorKind.INVALID_FIELD),
-        (parse_responses_request, {"model": "m", "input": "x", "background": True}, "background",
+        (parse_responses_request, {"model": "m", "input": "x", "background": True, "stream": True}, "stream",
          ErrorKind.INVALID_FIELD),
     ],
 )
