@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from guardproxy import __version__, keys_cli, logs
+from guardproxy import __version__, keys_cli, logs, store_cli
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
 from guardproxy.store_client import mask_password
@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
+    store_cli.add_parser(commands, _config_option)
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "keys":
         return keys_cli.main(config, args)
+    if args.command == "store":
+        return store_cli.main(config, args)
     if args.command == "status":
         from guardproxy.status import main as status_main
 
