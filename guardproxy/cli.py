@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from guardproxy import __version__
-from guardproxy.admin import keys_cli
+from guardproxy.admin import keys_cli, store_cli
 from guardproxy.budget.pricing import MICROS_PER_USD
 from guardproxy.config.settings import Config, hash_key, load_config
 from guardproxy.config.validation import ConfigError
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
-    store_copy.add_parser(commands)
+    store_copy.add_action(store_cli.add_parser(commands, _config_option))
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "prices":
         return prices_command(args.model, args.provider)
-    if args.command == "store":
+    if args.command == "store" and args.store_command == "copy":  # between two stores: no config
         return store_copy.main(args)
     if args.command == "demo":
         from guardproxy.demo import main as demo_main
@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "keys":
         return keys_cli.main(config, args)
+    if args.command == "store":
+        return store_cli.main(config, args)
     if args.command == "status":
         from guardproxy.admin.status import main as status_main
 

@@ -285,9 +285,11 @@ def tenants_on_every_shard(cluster: RedisCluster3, prefix: str = "tenant", count
 
 
 class RedisServer:
-    """A throwaway redis-server process on a free loopback port."""
+    """A throwaway redis-server process on a free loopback port; ``persistent``: with an AOF, so that a
+    restart keeps the data (without, a restarted Redis is empty and guardproxy refuses until told)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
+        self.persistent = persistent
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: `apt-get install -y redis-server` (.ci/run does it)")
@@ -302,8 +304,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "yes" if self.persistent else "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)

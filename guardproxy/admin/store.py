@@ -36,7 +36,7 @@ def _health(request: Request) -> tuple[Services, StoreHealth]:
 def health_json(health: StoreHealth) -> dict[str, Any]:
     return {
         "admitting": health.refusal() is None, "refusal": health.refusal(), "reset": health.reset,
-        "evicting_policy": health.evicting, "no_persistence": health.unpersisted, "warnings": health.warnings(),
+        "evicting_policy": health.evicting, "no_persistence": health.unpersisted, "warnings": health.notes(),
         "marker": health.known_marker, "run_ids": health.run_ids,
     }
 

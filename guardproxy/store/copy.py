@@ -22,9 +22,8 @@ from guardproxy.errors import StoreUnavailable
 from guardproxy.store.redis import BudgetStore, text, translated
 
 
-def add_parser(commands: Any) -> None:
-    store = commands.add_parser("store", help="the budget store: copy it to another one")
-    actions = store.add_subparsers(dest="store_command", required=True)
+def add_action(actions: Any) -> None:
+    """``guardproxy store copy``, beside the store command's other actions."""
     copy = actions.add_parser("copy", help="copy every tenant's spend, overrides, keys, jobs and logs")
     copy.add_argument("--from", dest="source", required=True, metavar="URL",
                       help="sqlite:///path/spend.db, redis://…, redis+sentinel://… or redis+cluster://…")

@@ -16,8 +16,10 @@ Spend lives in Redis, so two server settings decide whether a cap holds (docs/op
   server's ``run_id`` changes, which is logged). The marker last seen is also kept in the journal
   directory, so a process restarted together with Redis still knows there was one.
 
-Each problem shows in ``/readyz`` (503 while admissions are refused, a ``warnings`` entry otherwise),
-in the gauge ``guardproxy_store_problem{problem=...}`` and as a ``store`` alert event (once per problem).
+Each problem shows in ``/readyz`` (503 while admissions are refused; an evicting policy only warned
+about is a ``warnings`` entry), in the gauge ``guardproxy_store_problem{problem=...}``, in ``GET
+/admin/store`` and as a ``store`` alert event (once per problem); a Redis without persistence is logged,
+in the gauge and in ``GET /admin/store``.
 """
 
 from __future__ import annotations
@@ -122,6 +124,11 @@ class StoreHealth:
         if self.evicting is not None and not self.refuse_evicting():
             out["evicting_policy"] = (f"{self.evicting}: spend counters may be evicted and budgets exceeded "
                                       f"(store.on_evicting_policy: warn). Fix: {FIX_POLICY}")
+        return out
+
+    def notes(self) -> dict[str, str]:
+        """``warnings`` and what else an operator should know (``GET /admin/store``), not in ``/readyz``."""
+        out = self.warnings()
         if self.unpersisted is not None:
             out["no_persistence"] = (f"{self.unpersisted}: a restart of Redis resets every tenant's spend "
                                      "(admissions are then refused until acknowledged); enable appendonly yes")

@@ -436,17 +436,18 @@ class BudgetStore:
             members: list[bytes] = await self.client.zrevrange(self.tenant_index, 0, limit - 1)  # type: ignore[assignment]
         return [text(m) for m in members]
 
-    async def idle_tenants(self, idle_ms: int, offset: int, count: int) -> list[str]:
-        """Tenants of the index with no activity noted for ``idle_ms``, oldest first, ``count`` from ``offset``."""
-        now_ms = int(time.time() * 1000)
+    async def tenants_page(self, offset: int, count: int) -> list[tuple[str, int]]:
+        """``count`` tenants of the index from ``offset`` (least recently active first), with the time of
+        their last noted activity (ms)."""
         async with translated():
-            members: list[bytes] = await self.client.zrangebyscore(  # type: ignore[assignment]
-                self.tenant_index, "-inf", now_ms - idle_ms, start=offset, num=count)
-        return [text(m) for m in members]
+            members: list[tuple[bytes, float]] = await self.client.zrange(  # type: ignore[assignment]
+                self.tenant_index, offset, offset + count - 1, withscores=True)
+        return [(text(m), int(score)) for m, score in members]
 
-    async def sweep(self, tenants: Sequence[tuple[str, Periods]], alerts_kept_ms: int) -> int:
-        """Free the expired reservations of ``tenants`` (idle ones: an active tenant's admissions do it) and
-        trim their alert records older than ``alerts_kept_ms``; returns how many tenants held reservations.
+    async def sweep(self, tenants: Sequence[tuple[str, Periods]], idle: set[str], alerts_kept_ms: int) -> int:
+        """Free the expired reservations of the ``idle`` ones of ``tenants`` (an active tenant's admissions
+        do it) and trim every one's alert records older than ``alerts_kept_ms``; returns how many idle
+        tenants held reservations.
 
         The release is admit.v4's own sweep, run by an admission that cannot fit (a worst case of
         ``NEVER_FITS``) marked provisional, so it records nothing: no reservation, no blocked flag, no
@@ -460,7 +461,7 @@ class BudgetStore:
         swept = 0
         now_ms = int(time.time() * 1000)
         for i, (tenant, periods) in enumerate(tenants):
-            if held[2 * i]:
+            if held[2 * i] and tenant in idle:
                 swept += 1
                 await self.admit(tenant, periods, Thresholds(0, 0, 0, 0), [NEVER_FITS], "sweep", 0, provisional=True)
             if held[2 * i + 1]:
@@ -471,7 +472,7 @@ class BudgetStore:
         """Alert events (and their delivery records) older than ``before_ms`` go."""
         k = self.keys(tenant)
         async with translated():
-            await self.client.xtrim(k.alerts, minid=f"{before_ms}-0")
+            await self.client.xtrim(k.alerts, minid=f"{before_ms}-0", approximate=False)
             fields: list[bytes] = await self.client.hkeys(k.alerts_delivery)  # type: ignore[assignment]
             old = [f for f in fields if int(text(f).split("-", 1)[0] or 0) < before_ms]
             if old:

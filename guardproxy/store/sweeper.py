@@ -1,10 +1,11 @@
 """Background housekeeping of tenants that stopped calling (issue "unbounded keys").
 
 An active tenant's admissions free its expired reservations; a tenant that never calls again would
-keep them (and ``{t}:reserved``) for ever. Every ``SWEEP_INTERVAL_S`` each process takes the next
-``SWEEP_BATCH`` tenants of the index idle for more than ``idle_ms`` (their last noted activity), frees
-their expired reservations (``BudgetStore.sweep``) and trims their alert events and delivery records
-older than ``ALERTS_KEPT_DAYS``. Several processes sweeping the same tenant is harmless.
+keep them (and ``{t}:reserved``) for ever. At start-up and every ``SWEEP_INTERVAL_S`` each process
+takes the next ``SWEEP_BATCH`` tenants of the index (round-robin), frees the expired reservations of
+those idle for more than ``idle_ms`` (their last noted activity; ``BudgetStore.sweep``) and trims every
+one's alert events and delivery records older than ``ALERTS_KEPT_DAYS``. Several processes sweeping
+the same tenant is harmless.
 """
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ class Sweeper:
     async def sweep_once(self) -> int:
         """One batch; returns how many of its tenants held reservations."""
         config = self.config()
-        tenants = await self.store.idle_tenants(self.idle_ms(), self._offset, SWEEP_BATCH)
-        self._offset = 0 if len(tenants) < SWEEP_BATCH else self._offset + SWEEP_BATCH
-        if not tenants:
+        page = await self.store.tenants_page(self._offset, SWEEP_BATCH)
+        self._offset = 0 if len(page) < SWEEP_BATCH else self._offset + SWEEP_BATCH
+        if not page:
             return 0
         now = utc_now()
-        batch = [(t, periods_at(now, config.policy_for(t).zone)) for t in tenants]
-        swept = await self.store.sweep(batch, ALERTS_KEPT_DAYS * 86_400_000)
+        idle_before_ms = int(now.timestamp() * 1000) - self.idle_ms()
+        batch = [(t, periods_at(now, config.policy_for(t).zone)) for t, _ in page]
+        idle = {t for t, last_ms in page if last_ms < idle_before_ms}
+        swept = await self.store.sweep(batch, idle, ALERTS_KEPT_DAYS * 86_400_000)
         if swept:
             log.info("sweeper: freed expired reservations of %d idle tenants", swept)
         return swept

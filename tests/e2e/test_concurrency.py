@@ -110,7 +110,7 @@ def test_spend_survives_a_restart(upstream_url: str, redis_url: str, tmp_path: P
 def test_store_down_fail_closed_is_503_and_fail_open_serves_then_charges(
     upstream_url: str, serve_proxy: Callable[..., str]
 ) -> None:
-    server = RedisServer()
+    server = RedisServer(persistent=True)  # restarted below: with its data, as in production
     server.start()
     try:
         closed = serve_proxy(make_config(upstream_url, store={"redis_url": server.url}))

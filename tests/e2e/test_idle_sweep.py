@@ -1,5 +1,6 @@
 """A tenant that never calls again does not keep a dead process's reservation (nor ``{t}:reserved``)
-for ever: the sweeper frees it, without any call of that tenant. Real processes, real kill -9."""
+for ever: the sweeper frees it, without any call of that tenant; alert records older than 40 days go.
+Real processes, real kill -9."""
 
 from __future__ import annotations
 
@@ -31,10 +32,18 @@ def test_an_idle_tenants_dead_reservation_is_swept(
     client = redis.Redis.from_url(redis_url)
     assert client.exists("gp:{acme}:reserved") == 1 and client.zcard("gp:{acme}:resv") == 1
     # acme's last activity two hours ago: idle, as the sweeper sees it
-    client.zadd("gp:tenant-index", {"acme": int(time.time() * 1000) - 2 * 3600 * 1000})
+    now_ms = int(time.time() * 1000)
+    client.zadd("gp:tenant-index", {"acme": now_ms - 2 * 3600 * 1000, "globex": now_ms})
+    # globex (active) has an alert event 41 days old and one of today, each with its delivery record
+    old_id, new_id = f"{now_ms - 41 * 86_400_000}-0", f"{now_ms - 1000}-0"
+    for entry in (old_id, new_id):
+        client.xadd("gp:{globex}:alerts", {"event": "threshold"}, id=entry)
+        client.hset("gp:{globex}:alerts:delivery", f"{entry}:state", "delivered")
     sweeper = proxies(leased(upstream_url, redis_url))  # sweeps once at start-up
     sweeper.wait_until("/readyz")
     wait_for(lambda: client.exists("gp:{acme}:reserved", "gp:{acme}:resv", "gp:{acme}:resv:amount") == 0,
              timeout_s=10)
     assert reserved(redis_url) == 0
+    wait_for(lambda: client.hkeys("gp:{globex}:alerts:delivery") == [f"{new_id}:state".encode()], timeout_s=10)
+    assert [entry for entry, _ in client.xrange("gp:{globex}:alerts")] == [new_id.encode()]  # type: ignore[union-attr]
     client.close()
