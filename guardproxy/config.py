@@ -105,6 +105,8 @@ class BudgetPolicy:
     job_micros: Micros | None = None
     #: Serve repeated deterministic requests from the response cache.
     cache: bool = False
+    #: ``cache: semantic``: the exact cache, and near-duplicate chat questions too (``semantic.py``).
+    semantic_cache: bool = False
     #: When no tier's worst case fits, send the call with a lowered output limit that fits instead
     #: of refusing it, if each output can still have ``min_completion_tokens``.
     clamp_max_tokens: bool = False
@@ -133,12 +135,31 @@ ALERT_EVENTS = ("threshold", "downgrading", "blocked")
 
 
 @dataclass(frozen=True)
+class SemanticCacheConfig:
+    """The semantic cache (``semantic.py``); tenants switch it on with ``cache: semantic``."""
+
+    #: A configured embeddings model: each question embedded is an embeddings call charged to the tenant.
+    embeddings_model: str = "text-embedding-3-small"
+    #: Sent as the embeddings request's ``dimensions`` (text-embedding-3-* shorten their vectors to it);
+    #: an answer of another length is not used.
+    dimensions: int = 256
+    #: The least similarity (dot product of normalised embeddings) of a hit; docs/semantic-cache.md
+    #: says how to calibrate it for a model.
+    threshold: float = 0.92
+    #: Entries kept per tenant (the oldest dropped first); each replica holds their vectors in memory.
+    max_entries: int = 2000
+    #: The longest conversation considered, in messages.
+    max_messages: int = 4
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The response cache (``cache.py``); tenants switch it on with ``cache: true``."""
 
     ttl_s: int = 3600
     #: Answers larger than this are not cached.
     max_entry_bytes: int = 1024 * 1024
+    semantic: SemanticCacheConfig = field(default_factory=SemanticCacheConfig)
 
 
 @dataclass(frozen=True)
@@ -272,7 +293,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     if unbudgeted_upstream not in upstreams:
         raise ConfigError("unbudgeted_upstream", f"names no configured upstream (have: {', '.join(upstreams)})")
     alerts = _alerts(top.section("alerts"))
-    cache = _cache(top.section("cache"))
+    cache = _cache(top.section("cache"), models, [defaults, *(t.policy for t in tenants.values())])
     top.done()
     return Config(
         server=server, store=store, upstreams=upstreams, models=models, defaults=defaults,
@@ -293,12 +314,31 @@ def _cors_origins(f: Fields) -> tuple[str, ...]:
     return tuple(origins)
 
 
-def _cache(f: Fields) -> CacheConfig:
+def _cache(f: Fields, models: Mapping[str, ModelConfig], policies: list[BudgetPolicy]) -> CacheConfig:
     out = CacheConfig(
         ttl_s=f.integer("ttl_s", CacheConfig.ttl_s, min_value=1, max_value=365 * 86400),
         max_entry_bytes=f.integer("max_entry_bytes", CacheConfig.max_entry_bytes, min_value=1,
                                   max_value=512 * 1024 * 1024),
+        semantic=_semantic_cache(f.section("semantic"), models, any(p.semantic_cache for p in policies)),
     )
+    f.done()
+    return out
+
+
+def _semantic_cache(f: Fields, models: Mapping[str, ModelConfig], used: bool) -> SemanticCacheConfig:
+    d = SemanticCacheConfig
+    out = SemanticCacheConfig(
+        embeddings_model=f.text("embeddings_model", d.embeddings_model, allow_empty=False),
+        dimensions=f.integer("dimensions", d.dimensions, min_value=1, max_value=8192),
+        threshold=float(f.decimal("threshold", Decimal(str(d.threshold)), min_value=Decimal("0.5"),
+                                  max_value=Decimal(1))),
+        max_entries=f.integer("max_entries", d.max_entries, min_value=1, max_value=1_000_000),
+        max_messages=f.integer("max_messages", d.max_messages, min_value=1, max_value=1000),
+    )
+    if used and out.embeddings_model not in models:
+        raise ConfigError(f.at("embeddings_model"), f"names no configured model ({out.embeddings_model!r}); a tenant "
+                          "has cache: semantic, whose embeddings are priced and charged like any call: add the "
+                          "model under models")
     f.done()
     return out
 
@@ -399,6 +439,7 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
     if soft > hard:
         raise ConfigError(f.at("soft_cap"), f"must not exceed hard_cap ({hard}), got {soft}")
     tz = f.text("timezone", base.timezone, allow_empty=False)
+    cache = _cache_mode(f, "semantic" if base.semantic_cache else "exact" if base.cache else "off")
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -410,10 +451,23 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         rpm=f.integer("rpm", base.rpm, min_value=0, max_value=10_000_000),
         tpm=f.integer("tpm", base.tpm, min_value=0, max_value=10**12),
         job_micros=_job_cap(f, base.job_micros),
-        cache=f.boolean("cache", base.cache),
+        cache=cache != "off",
+        semantic_cache=cache == "semantic",
         clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
         min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
     )
+
+
+def _cache_mode(f: Fields, base: str) -> str:
+    """``cache``: false (``off``), true (``exact``: the response cache) or ``semantic`` (both caches)."""
+    value = f.get("cache")
+    if value is None and not f.has("cache"):
+        return base
+    if value is True or value is False:
+        return "exact" if value else "off"
+    if value == "semantic":
+        return "semantic"
+    raise ConfigError(f.at("cache"), f"must be true, false or semantic, got {describe(value)}")
 
 
 def _job_cap(f: Fields, base: Micros | None) -> Micros | None:

@@ -13,6 +13,8 @@ so no path leaves money reserved.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -28,13 +30,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import budget, cache, ratelimit
+from guardproxy import budget, cache, ratelimit, semantic
 from guardproxy.auth import TenantResolver
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.choice import Admit, Choice, choose
 from guardproxy.clamp import Tier
 from guardproxy.config import Config, ModelConfig
-from guardproxy.endpoints import ApiShape
+from guardproxy.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
@@ -43,6 +45,7 @@ from guardproxy.plan import Plan
 from guardproxy.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.relay import Outcome, RelayResult, StreamRelay
 from guardproxy.requests import ApiRequest, read_body
+from guardproxy.semantic_cache import SemanticCache
 from guardproxy.store import Admission
 from guardproxy.tokens import TokenCounter
 from guardproxy.types import Micros
@@ -51,6 +54,9 @@ from guardproxy.upstream import Upstream, UpstreamResponse, response_headers
 log = logging.getLogger("guardproxy.pipeline")
 #: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
 calls_log = logging.getLogger("guardproxy.calls")
+
+#: Response header of a semantic hit: the similarity of the cached question to the one asked.
+SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
 
 # Counting a large prompt takes milliseconds: off the event loop above this size.
 _COUNT_IN_THREAD_BYTES = 32 * 1024
@@ -73,6 +79,8 @@ class Services:
     clock: Callable[[], datetime]
     #: Told of every settled attempt (``guardproxy.telemetry``'s spans).
     observers: tuple[Callable[[SettledCall], None], ...] = ()
+    #: The semantic cache (``semantic_cache.py``), for tenants with ``cache: semantic``.
+    semantic: SemanticCache | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class Ending:
     produced: bool = False
     usage: Usage | None = None
     texts: Sequence[str] = ()
+    #: Fields added to the call's log entry (a semantic-cache hit, on the embedding that found it).
+    note: tuple[tuple[str, str | int], ...] = ()
 
 
 class BudgetedEndpoint:
@@ -102,6 +112,12 @@ class BudgetedEndpoint:
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
             return cached
+        if cached is not None and cached.result == "miss":
+            # The semantic cache: an embedding charged like any call, then a hit answers here.
+            semantic_answer = await self._semantic_lookup(cached, call, request.headers, context, job)
+            if isinstance(semantic_answer, Response):
+                return semantic_answer
+            cached = semantic_answer
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
@@ -360,17 +376,131 @@ class BudgetedEndpoint:
             self.s.metrics.cache_requests.labels(tenant, "miss").inc()
             return CacheMiss(tenant, key, "miss")
         self.s.metrics.cache_requests.labels(tenant, "hit").inc()
+        self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(self._saved_micros(entry)))
+        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "hit"})
+
+    def _saved_micros(self, entry: cache.Entry) -> Micros:
+        """What a cached answer would have cost upstream (0 when its model or usage is not known)."""
         model = lookup_model(entry.model, self.s.config.models)
         usage, _ = self.shape.answer_usage(entry.answer)
-        if model is not None and usage is not None:
-            self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
-        headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
+        return cost_micros(usage, model.price) if model is not None and usage is not None else 0
+
+    def _replay(self, tenant: str, call: ApiRequest, entry: cache.Entry, extra: dict[str, str]) -> Response:
+        """A cached answer in the shape the client asked for: the object itself, or SSE."""
+        headers = {**extra, "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
                    "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}"}
-        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
         if call.stream:
             frames = cache.replay_stream(self.shape.path, entry.answer, call.wants_usage)
             return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
         return Response(orjson.dumps(entry.answer), media_type="application/json", headers=headers)
+
+    # -- the semantic cache (``semantic.py``, ``semantic_cache.py``) --------------------------------
+
+    async def _semantic_lookup(
+        self, miss: CacheMiss, call: ApiRequest, incoming: Headers, context: CallContext, job: str
+    ) -> Response | CacheMiss:
+        """A semantic hit's response, or the exact miss (with the question and its embedding, to be
+        stored with the answer). The embedding is an embeddings call through the same admission and
+        settlement as any (``BudgetedEndpoint.call_within``); when it is refused (budget, rate limit) or
+        fails, the call goes on without the semantic cache and meets the same admission itself."""
+        tenant, store = miss.tenant, self.s.semantic
+        if store is None or not self.s.config.policy_for(tenant).semantic_cache:
+            return miss
+        settings = store.config
+        question = semantic.question(
+            self.shape.path, call.body, incoming, max_messages=settings.max_messages,
+            embeddings_model=settings.embeddings_model, dimensions=settings.dimensions,
+        )
+        embedder = self.s.config.models.get(settings.embeddings_model)
+        model = lookup_model(call.model, self.s.config.models)
+        if question is None or embedder is None or model is None:
+            return miss
+        counted = self.s.metrics.semantic_requests
+        text_tokens = TokenCounter(settings.embeddings_model).prompts(question.text)
+        if not semantic.pays_off(text_tokens, embedder.price, await self._estimate(call), model.price):
+            counted.labels(tenant, "skipped").inc()
+            return miss
+        body = {"model": settings.embeddings_model, "input": question.text, "encoding_format": "base64",
+                "dimensions": settings.dimensions}
+        found: list[tuple[semantic.Found, cache.Entry]] = []
+        vectors: list[Any] = []
+
+        async def search(answer: Any) -> dict[str, str | int]:
+            vector = semantic.embedding_of(answer, settings.dimensions)
+            if vector is None:
+                return {}
+            vectors.append(vector)
+            try:
+                hit = await store.search(tenant, question, vector)
+                entry = await store.answer(tenant, hit) if hit is not None else None
+            except StoreUnavailable:
+                return {}
+            if hit is None or entry is None:
+                return {}
+            found.append((hit, entry))
+            return {"cache": "semantic-hit", "similarity": f"{hit.similarity:.4f}",
+                    "saved_micros": self._saved_micros(entry)}
+
+        try:
+            await BudgetedEndpoint(self.s, EMBEDDINGS).call_within(
+                tenant, orjson.dumps(body), context, job, incoming, search)
+        except GuardError as exc:
+            log.info("semantic cache: no embedding for tenant=%s: %s", tenant, exc.message)
+        if not vectors:
+            counted.labels(tenant, "error").inc()
+            return miss
+        if not found:
+            counted.labels(tenant, "miss").inc()
+            return dataclasses.replace(miss, semantic=semantic.Embedded(question, vectors[0]))
+        hit, entry = found[0]
+        saved = self._saved_micros(entry)
+        counted.labels(tenant, "hit").inc()
+        self.s.metrics.semantic_saved.labels(tenant).inc(micros_to_usd(saved))
+        # A store error loses only `guardproxy status`'s tally; /metrics and the call log have the hit.
+        with contextlib.suppress(StoreUnavailable):
+            await self.s.ledger.store.count_semantic_hit(tenant, saved)
+        log.info("semantic cache hit tenant=%s model=%s similarity=%.4f", tenant, entry.model, hit.similarity)
+        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "semantic-hit",
+                                                  SIMILARITY_HEADER: f"{hit.similarity:.4f}"})
+
+    async def call_within(
+        self, tenant: str, raw: bytes, context: CallContext, job: str, incoming: Headers,
+        use: Callable[[Any], Awaitable[dict[str, str | int]]],
+    ) -> None:
+        """Make a call of this endpoint on the proxy's own behalf, charged to ``tenant`` like a client's
+        (admitted, reserved, settled once): the requested model only, no fallback. ``use`` sees the
+        complete answer before it is settled; what it returns is added to the call's log entry.
+        Admission's refusals raise ``GuardError``; an upstream failure is settled and ends the call."""
+        call = self.shape.parse(raw)
+        requested = self._price(call.model)
+        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job)
+        assert plan is not None  # the requested model is refused by raising, never skipped
+        started = time.monotonic()
+        ending = Ending(Outcome.CLIENT_DISCONNECTED)
+        request_id = plan.own_request_id
+        try:
+            answer = await self._forward(plan, incoming)
+            if isinstance(answer, GuardError):
+                ending = Ending(Outcome.of_failure(answer))
+                return
+            request_id = answer.headers.get("x-request-id") or request_id
+            content = await answer.read()
+            if answer.status_code != 200:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
+                return
+            body = _json_or_none(content)
+            usage, texts = self.shape.answer_usage(body)
+            ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
+            note = await use(body)
+            ending = dataclasses.replace(ending, note=tuple(note.items()))
+        except GuardError as exc:
+            if not ending.produced:
+                ending = Ending(Outcome.of_failure(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._observe(plan, time.monotonic() - started, None, started)
+                await self._settle(plan, ending, request_id)
 
     async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
@@ -383,6 +513,9 @@ class BudgetedEndpoint:
         try:
             with anyio.CancelScope(shield=True):
                 await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, self.s.config.cache.ttl_s)
+                if miss.semantic is not None and self.s.semantic is not None:
+                    await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector,
+                                              cache.Entry(plan.sent.name, answer))
         except StoreUnavailable:
             log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
 
@@ -410,6 +543,7 @@ class BudgetedEndpoint:
             "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
             "cost_micros": charge, "outcome": outcome.value,
             **({"job": plan.reservation.job} if plan.reservation.job else {}),
+            **dict(ending.note),
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
@@ -461,6 +595,8 @@ class CacheMiss:
     tenant: str
     key: str
     result: str
+    #: The question and its embedding, when the semantic cache missed too (stored with the answer).
+    semantic: semantic.Embedded | None = None
 
 
 async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:

@@ -31,6 +31,7 @@ from guardproxy.ledger import Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.passthrough import UnbudgetedPaths
 from guardproxy.pipeline import BudgetedEndpoint, Services
+from guardproxy.semantic_cache import SemanticCache
 from guardproxy.upstream import Upstream, build_upstreams
 from guardproxy.validation import ConfigError
 
@@ -97,6 +98,7 @@ class Runtime:
             config=config, ledger=self.ledger, upstreams=upstreams,
             tenants=TenantResolver(config, self.jobs, self.keyring), metrics=self.metrics, clock=self.clock,
             observers=(self.tracing.observer(config),) if self.tracing else (),
+            semantic=SemanticCache(config.cache.semantic, config.cache.ttl_s, self.ledger.store, self.metrics),
         )
         return Generation(
             number=number, services=services,
