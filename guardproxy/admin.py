@@ -214,6 +214,9 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
         "job": call.get("job"),
         # Spend booked from elsewhere (``outcome: external``) says what it was.
         **({"description": call["description"]} if "description" in call else {}),
+        # The embedding that found a semantic-cache hit says so, and what the hit saved.
+        **({"cache": call["cache"], "similarity": float(call.get("similarity", 0)),
+            "saved_usd": micros_to_usd(int(call.get("saved_micros", 0)))} if "cache" in call else {}),
     }
 
 

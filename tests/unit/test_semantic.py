@@ -3,6 +3,8 @@ the index, and the committed evaluation set at the default threshold."""
 
 from __future__ import annotations
 
+import base64
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -194,15 +196,13 @@ def test_entries_round_trip_through_bytes_and_bad_ones_are_none() -> None:
 
 def test_embeddings_are_read_from_floats_or_base64_and_checked() -> None:
     vector = embed_text("hello there", 8)
-    import base64
-    import struct
-
     packed = base64.b64encode(struct.pack("<8f", *vector)).decode()
     for wire in (vector, packed):
         got = semantic.embedding_of({"data": [{"embedding": wire}]}, 8)
         assert got is not None and np.allclose(got, vector, atol=1e-6)
-    for bad in ({"data": [{"embedding": vector}]}, {"data": []}, {"data": [{"embedding": "%%"}]}, None,
-                {"data": [{"embedding": [float("nan")] * 4}]}):
+    bad_answers: list[Any] = [{"data": [{"embedding": vector}]}, {"data": []}, {"data": [{"embedding": "%%"}]}, None,
+                              {"data": [{"embedding": [float("nan")] * 4}]}]
+    for bad in bad_answers:
         assert semantic.embedding_of(bad, 4) is None
 
 
