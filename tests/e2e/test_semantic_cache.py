@@ -5,6 +5,7 @@ is not, and entries written through one replica are found through another."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 import redis
 
@@ -19,13 +21,15 @@ from guardproxy import status
 from guardproxy.config import Config, parse_config
 from guardproxy.fake_upstream import FakeUpstreamState
 from guardproxy.pricing import format_usd
-from tests.conftest import config_dict
+from tests.conftest import TENANT_KEY, config_dict
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY
 from tests.e2e.test_admin import metric as admin_metric
 from tests.e2e.test_cache import spent
 from tests.e2e.test_chat import all_settled, reserved
 
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+PAIRS = Path(__file__).resolve().parents[1] / "data" / "semantic_pairs.jsonl"
 SYSTEM: Any = {"role": "system", "content": "You are Acme's support agent."}
 EMBEDDINGS_MODEL = "text-embedding-3-small"
 
@@ -95,6 +99,7 @@ def test_a_paraphrase_hits_for_one_embedding_and_a_near_miss_goes_upstream(
 
     # the same paraphrase streamed: replayed as SSE like an exact hit, usage included when asked
     paraphrase: Any = [SYSTEM, {"role": "user", "content": "where is order 10452"}]
+    seen = len(fake_state.paths)
     stream = client.chat.completions.create(
         model="gpt-4o", messages=paraphrase,
         temperature=0, max_tokens=20, stream=True, stream_options={"include_usage": True})
@@ -102,6 +107,7 @@ def test_a_paraphrase_hits_for_one_embedding_and_a_near_miss_goes_upstream(
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         first.parse().choices[0].message.content
     assert chunks[-1].usage == first.parse().usage
+    assert endpoints(fake_state, seen) == ["embeddings"]
 
     # a near-miss: another order id is never the same question, however close the words
     seen = len(fake_state.paths)
@@ -177,3 +183,21 @@ def test_the_admin_api_and_status_show_the_hits(
     out = io.StringIO()
     assert status.main(config, "acme", out) == 0
     assert f"semantic cache: 1 hit, ${format_usd(round(hit['saved_usd'] * 1e6))} saved" in out.getvalue()
+
+
+def test_the_calibration_tool_embeds_the_set_through_the_proxy(
+    proxy: str, redis_url: str, fake_state: FakeUpstreamState, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_semantic_calibrate", BENCH / "semantic_calibrate.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    pairs = [orjson.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()]
+    with httpx.Client(base_url=proxy + "/v1/", headers={"authorization": f"Bearer {TENANT_KEY}"}) as client:
+        scored = tool.embed_pairs(client, EMBEDDINGS_MODEL, 256, pairs)
+    assert len(scored) == len(pairs) == len([p for p in fake_state.paths if p == "/v1/embeddings"])
+    all_settled(redis_url)
+    assert spent(redis_url) > 0  # charged to the tenant like any embeddings call
+    tool.report(pairs, scored, 0.92)
+    out = capsys.readouterr().out
+    assert "threshold alone: lowest safe threshold 0.8974" in out and "at 0.92: 0 false hits" in out
