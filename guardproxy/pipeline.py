@@ -318,13 +318,20 @@ class BudgetedEndpoint:
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
                 await self._settle(plan, ending, request_id)
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
-                    await self._cache_store(plan, cached, capture.answer())
+                    entry = await self._cache_store(plan, cached, capture.answer())
+                    if entry is not None:
+                        await self._semantic_store(cached, entry)
 
             return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
+        # The semantic entry is written once the answer is on its way (off the latency path), before
+        # the settlement, so that a caller who waits for the settlement finds the entry.
+        stored: cache.Entry | None = None
 
         async def settle(duration_s: float) -> None:
             self._observe(plan, duration_s, None, started)
+            if stored is not None and cached is not None:
+                await self._semantic_store(cached, stored)
             await self._settle(plan, ending, request_id)
 
         try:
@@ -334,7 +341,7 @@ class BudgetedEndpoint:
                 usage, texts = self.shape.answer_usage(answer)
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
                 if cached is not None and response.status_code == 200:
-                    await self._cache_store(plan, cached, answer)
+                    stored = await self._cache_store(plan, cached, answer)
             else:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
         except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
@@ -502,22 +509,32 @@ class BudgetedEndpoint:
                 self._observe(plan, time.monotonic() - started, None, started)
                 await self._settle(plan, ending, request_id)
 
-    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
+    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> cache.Entry | None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
-        what an identical request would get on its own); a store error only loses the entry."""
+        what an identical request would get on its own); a store error only loses the entry. The
+        entry, when it is worth keeping (for the semantic cache too)."""
         if plan.sent is not plan.requested or not cache.storable(self.shape.path, answer):
-            return
-        value = cache.Entry(plan.sent.name, answer).to_bytes()
+            return None
+        entry = cache.Entry(plan.sent.name, answer)
+        value = entry.to_bytes()
         if len(value) > self.s.config.cache.max_entry_bytes:
-            return
+            return None
         try:
             with anyio.CancelScope(shield=True):
                 await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, self.s.config.cache.ttl_s)
-                if miss.semantic is not None and self.s.semantic is not None:
-                    await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector,
-                                              cache.Entry(plan.sent.name, answer))
         except StoreUnavailable:
             log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
+        return entry
+
+    async def _semantic_store(self, miss: CacheMiss, entry: cache.Entry) -> None:
+        """Keep the answer for the question the semantic cache missed; a store error only loses it."""
+        if miss.semantic is None or self.s.semantic is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector, entry)
+        except StoreUnavailable:
+            log.warning("semantic cache: entry for tenant=%s not stored (store unavailable)", miss.tenant)
 
     def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
         self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)

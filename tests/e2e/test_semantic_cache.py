@@ -157,10 +157,12 @@ def test_entries_written_through_one_replica_are_found_through_another(
     assert ask(b, "How do I reset my password?").headers["x-guardproxy-cache"] == "miss"
     stored = ask(a, "Where is my order?")
     assert stored.headers["x-guardproxy-cache"] == "miss"
+    all_settled(redis_url)  # a whole answer's entry is written after it is sent, before it settles
     found = ask(b, "where's my order please")
     assert found.headers["x-guardproxy-cache"] == "semantic-hit"
     assert found.parse().choices[0].message.content == stored.parse().choices[0].message.content
     # and the other way round, into an index that already holds entries
+    all_settled(redis_url)
     assert ask(a, "how can I reset my password").headers["x-guardproxy-cache"] == "semantic-hit"
     assert [p for p in endpoints(fake_state) if p == "chat/completions"] == ["chat/completions"] * 2
     all_settled(redis_url)
@@ -173,6 +175,7 @@ def test_the_admin_api_and_status_show_the_hits(
     url = serve_proxy(dataclasses.replace(config, admin_api_key=ADMIN_KEY))
     client = sdk(url)
     ask(client, "What are your opening hours?")
+    all_settled(redis_url)
     ask(client, "what are your opening hours please")
     all_settled(redis_url)
     logged = httpx.get(url + "/admin/tenants/acme/calls?limit=5", headers=ADMIN).json()["data"]
