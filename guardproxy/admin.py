@@ -88,7 +88,8 @@ async def status_page(request: Request) -> Response:
     tenants = await all_tenants(services.ledger.store, services.config)
     now = services.clock()
     states = await read_states(services.ledger.store, services.config, tenants, now)
-    return HTMLResponse(render_page(states, now), headers={"cache-control": "no-store"})
+    semantic = await services.ledger.store.semantic_stats([s.tenant for s in states])
+    return HTMLResponse(render_page(states, now, semantic), headers={"cache-control": "no-store"})
 
 
 async def get_tenant(request: Request) -> Response:

@@ -183,6 +183,8 @@ def test_the_admin_api_and_status_show_the_hits(
     hit = logged[0]
     assert hit["cache"] == "semantic-hit" and hit["similarity"] >= 0.92 and hit["saved_usd"] > hit["cost_usd"]
     assert all("cache" not in c for c in logged[1:])
+    page = httpx.get(url + "/admin", headers=ADMIN).text
+    assert f"<li>acme: 1 hit, ${format_usd(round(hit['saved_usd'] * 1e6))} saved</li>" in page
     out = io.StringIO()
     assert status.main(config, "acme", out) == 0
     assert f"semantic cache: 1 hit, ${format_usd(round(hit['saved_usd'] * 1e6))} saved" in out.getvalue()
