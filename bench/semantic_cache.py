@@ -7,7 +7,10 @@ semantic cache with ``--entries`` entries through ``SemanticCache.add`` (as miss
 second, fresh ``SemanticCache`` (another replica) up to date once, then times on it:
 
 - ``lookup``: a miss's search (``SemanticCache.search``): the store's version counter (one ``GET``)
-  and the exact dot product over every entry, with a question whose marks match none;
+  and the exact dot product over every entry, with a question whose marks match none; and the
+  process CPU it takes (mean), which a busy host's scheduling does not inflate as it does wall time;
+- ``lookup after a write``: the same just after another replica added an entry (the index fetches it;
+  entries are written one a second, so the ids of the last ``SYNC_MARGIN_MS`` are read again);
 - ``store``: a miss's write of its entry (``SemanticCache.add``: one ``MULTI``, plus one when it drops
   the oldest), which happens after the answer has been read;
 - ``sync``: the first search of a replica that has never seen the tenant (``--entries`` fetched);
@@ -72,7 +75,14 @@ async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[s
 
     store = BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix="bench"))
     config = SemanticCacheConfig(dimensions=dimensions, max_entries=entries)
-    writer = SemanticCache(config, 3600, store, Metrics())
+    # The writer's entries are one a second, as a busy tenant's: the first ``entries`` before now.
+    written_at = [int(time.time() * 1000) - entries * 1000]
+
+    def writer_clock() -> int:
+        written_at[0] += 1000
+        return written_at[0]
+
+    writer = SemanticCache(config, 3600, store, Metrics(), clock_ms=writer_clock)
     rng = np.random.default_rng(7)
     answer = cache.Entry("gpt-4o", {"object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "x" * 400}, "finish_reason": "stop"}]})
@@ -95,17 +105,25 @@ async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[s
 
     lookup: list[float] = []
     miss = semantic.Question(prefix, "no such question", ("none",))
+    cpu = 0.0
     for _ in range(lookups):
         probe = vector()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         found = await replica.search("acme", miss, probe)
         lookup.append(time.perf_counter() - started)
+        cpu += time.process_time() - cpu_started
         assert found is None
     write: list[float] = []
     for i in range(min(lookups, 500)):
         started = time.perf_counter()
         await replica.add("acme", question(entries + i), vector(), answer)
         write.append(time.perf_counter() - started)
+    after_write: list[float] = []
+    for i in range(min(lookups, 500)):
+        await writer.add("acme", question(2 * entries + i), vector(), answer)
+        started = time.perf_counter()
+        await replica.search("acme", miss, vector())
+        after_write.append(time.perf_counter() - started)
 
     rows = [[float(x) for x in vector()] for _ in range(entries)]
     plain: list[float] = []
@@ -115,7 +133,9 @@ async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[s
         max(sum(a * b for a, b in zip(row, probe, strict=True)) for row in rows)
         plain.append(time.perf_counter() - started)
     await store.aclose()
-    return {"lookup": ms(lookup), "store": ms(write), "sync": ms(sync), "plain-python search": ms(plain)}
+    return {"lookup": ms(lookup), "lookup, process CPU": (cpu / lookups * 1000,) * 2,
+            "lookup after a write": ms(after_write), "store": ms(write), "sync": ms(sync),
+            "plain-python search": ms(plain)}
 
 
 def main() -> int:
@@ -139,7 +159,7 @@ def main() -> int:
     print(f"semantic cache, {args.entries} entries x {args.dimensions} dimensions, one tenant "
           "(milliseconds; the embedding call excluded)")
     for name, (median, p99) in results.items():
-        print(f"  {name:20} median {median:8.3f}  p99 {p99:8.3f}")
+        print(f"  {name:22} median {median:8.3f}  p99 {p99:8.3f}")
     lookup = results["lookup"][0]
     verdict = "met" if lookup <= GOAL_MS else "NOT met"
     print(f"goal: a miss's lookup <= {GOAL_MS} ms at {args.entries} entries: {verdict} ({lookup:.3f} ms)")

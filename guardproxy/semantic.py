@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,13 +287,16 @@ class TenantIndex:
         self._slot: dict[str, int] = {}
         self._codes: dict[str, int] = {}
         self._next_code = 0
+        #: The creation time of the newest entry ever added (ms).
+        self.newest_ms = 0
 
     def __len__(self) -> int:
         return len(self._slot)
 
     @property
-    def ids(self) -> set[str]:
-        return set(self._slot)
+    def ids(self) -> KeysView[str]:
+        """The ids of the entries held (a view: no copy)."""
+        return self._slot.keys()
 
     @property
     def nbytes(self) -> int:
@@ -322,6 +325,7 @@ class TenantIndex:
         self._group[row] = code
         self._entries[row] = (entry.id, entry.prefix, entry.marks)
         self._slot[entry.id] = row
+        self.newest_ms = max(self.newest_ms, entry.created_ms)
 
     def _recode(self) -> None:
         """Forget the codes of prefixes no entry has any more (they would grow without bound)."""
@@ -329,12 +333,6 @@ class TenantIndex:
         self._codes = {prefix: code for prefix, code in self._codes.items() if prefix in live}
         # Codes of live prefixes stay as they are; new ones take numbers above every kept one.
         self._next_code = max(self._codes.values(), default=-1) + 1
-
-    def discard(self, ids: Iterable[str]) -> None:
-        for entry_id in ids:
-            row = self._slot.get(entry_id)
-            if row is not None:
-                self._drop(row)
 
     def _drop(self, row: int) -> None:
         entry = self._entries[row]

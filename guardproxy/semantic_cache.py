@@ -26,6 +26,10 @@ from guardproxy.store import BudgetStore
 
 log = logging.getLogger("guardproxy.semantic")
 
+#: How far before its newest entry a replica looks again for entries it has not seen: a writer whose
+#: clock is behind, or whose write was in flight when the index was last brought up to date.
+SYNC_MARGIN_MS = 10_000
+
 
 class SemanticCache:
     """Search and add one tenant's semantic entries; ``StoreUnavailable`` passes through to the caller."""
@@ -58,13 +62,17 @@ class SemanticCache:
         return found
 
     async def refresh(self, tenant: str) -> TenantIndex:
-        """The tenant's index, brought up to date with the store when its version moved."""
+        """The tenant's index, brought up to date with the store when its version moved: the entries
+        created since the newest it holds (less ``SYNC_MARGIN_MS``, for writers' clocks and writes in
+        flight), so the cost follows what is new, not what is kept. Entries the store dropped stay
+        until this index drops them itself (expired: never found; beyond ``max_entries``: the oldest
+        replaced): a hit on one finds no answer in the store and is a miss."""
         index = self.index(tenant)
         version = await self.store.semantic_version(tenant)
         if version == index.version:
             return index
-        version, added, gone = await self.store.semantic_entries(tenant, index.ids)
-        index.discard(gone)
+        since_ms = index.newest_ms - SYNC_MARGIN_MS if index.version is not None else 0
+        version, added = await self.store.semantic_entries(tenant, since_ms, index.ids)
         for entry_id, raw in added.items():
             entry = IndexEntry.from_bytes(entry_id, raw) if raw is not None else None
             if entry is not None:

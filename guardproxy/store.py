@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -576,20 +576,21 @@ class BudgetStore:
             value = await self.client.get(self.keys(tenant).semantic_version)
         return int(value or 0)
 
-    async def semantic_entries(self, tenant: str, known: set[str]) -> tuple[int, dict[str, bytes | None], set[str]]:
-        """The version, the index values of the entries not in ``known`` (``None``: gone meanwhile), and
-        the ids in ``known`` the store no longer has: one round trip, plus one when there are new ones."""
+    async def semantic_entries(
+        self, tenant: str, since_ms: int, known: Container[str]
+    ) -> tuple[int, dict[str, bytes | None]]:
+        """The version, and the index values of the entries created at or after ``since_ms`` that are
+        not in ``known`` (``None``: dropped meanwhile): one round trip, plus one when there are new ones."""
         k = self.keys(tenant)
         async with translated():
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.get(k.semantic_version)
-                pipe.zrange(k.semantic_ids, 0, -1)
+                pipe.zrangebyscore(k.semantic_ids, since_ms, "+inf")
                 version, ids = await pipe.execute()
-            present = {text(i) for i in ids}
-            new = sorted(present - known)
+            new = sorted({text(i) for i in ids if text(i) not in known})
             values = await self.client.hmget(k.semantic_index, new) if new else []
         raw = [None if v is None else v if isinstance(v, bytes) else v.encode() for v in values]
-        return int(version or 0), dict(zip(new, raw, strict=True)), known - present
+        return int(version or 0), dict(zip(new, raw, strict=True))
 
     async def add_semantic_entry(
         self, tenant: str, entry_id: str, index_value: bytes, answer: bytes, *, created_ms: int, ttl_s: int,

@@ -10,7 +10,7 @@ from guardproxy import cache, semantic
 from guardproxy.config import SemanticCacheConfig
 from guardproxy.fake_embedding import embed_text
 from guardproxy.metrics import Metrics
-from guardproxy.semantic_cache import SemanticCache
+from guardproxy.semantic_cache import SYNC_MARGIN_MS, SemanticCache
 from guardproxy.store import BudgetStore
 
 pytestmark = pytest.mark.anyio
@@ -30,12 +30,15 @@ async def add(store: BudgetStore, entry_id: str, created_ms: int, *, max_entries
 
 async def test_entries_are_added_listed_and_versioned(budget_store: BudgetStore) -> None:
     assert await budget_store.semantic_version("acme") == 0
-    assert await budget_store.semantic_entries("acme", set()) == (0, {}, set())
+    assert await budget_store.semantic_entries("acme", 0, set()) == (0, {})
     assert await add(budget_store, "a", 1_000) == 1
     assert await add(budget_store, "b", 2_000) == 2
-    version, new, gone = await budget_store.semantic_entries("acme", {"a", "x"})
-    assert version == 2 and list(new) == ["b"] and gone == {"x"}
+    assert await add(budget_store, "c", 3_000) == 3
+    version, new = await budget_store.semantic_entries("acme", 0, {"a"})
+    assert version == 3 and list(new) == ["b", "c"]
     assert new["b"] == value("b", 2_000)
+    # only the entries created since a time, less the ones known
+    assert await budget_store.semantic_entries("acme", 2_000, {"c"}) == (3, {"b": value("b", 2_000)})
     assert await budget_store.semantic_answer("acme", "a") == ANSWER.to_bytes()
     assert await budget_store.semantic_answer("acme", "nope") is None
     # another tenant sees none of it
@@ -45,12 +48,12 @@ async def test_entries_are_added_listed_and_versioned(budget_store: BudgetStore)
 async def test_the_oldest_beyond_max_entries_and_the_expired_are_dropped(budget_store: BudgetStore) -> None:
     for i, entry_id in enumerate(("a", "b", "c")):
         await add(budget_store, entry_id, 1_000 + i, max_entries=2)
-    version, new, _ = await budget_store.semantic_entries("acme", set())
+    version, new = await budget_store.semantic_entries("acme", 0, set())
     assert set(new) == {"b", "c"} and version == 4  # three additions, one drop
     assert await budget_store.semantic_answer("acme", "a") is None
     # an entry older than the ttl is dropped by the next addition
     await add(budget_store, "d", 1_000 + 61_000, max_entries=5)
-    _, new, _ = await budget_store.semantic_entries("acme", set())
+    _, new = await budget_store.semantic_entries("acme", 0, set())
     assert set(new) == {"d"}
 
 
@@ -85,6 +88,16 @@ async def test_two_replicas_indexes_follow_the_store(budget_store: BudgetStore) 
         await two.add("acme", *ask(text), ANSWER)
     assert await one.search("acme", *ask("where's my order")) is None
     assert len(await one.refresh("acme")) == 3 and len(await two.refresh("acme")) == 3
+    # a writer whose clock is behind (within SYNC_MARGIN_MS) is still seen by an index already past it
+    assert await one.search("globex", *ask("Where is my order?")) is None
+    await one.add("globex", *ask("Where is my order?"), ANSWER)
+    late = SemanticCache(config, 3600, budget_store, Metrics(), clock_ms=lambda: now[0] - SYNC_MARGIN_MS // 2)
+    await late.add("globex", *ask("Is there a student discount?"), ANSWER)
+    found = await one.search("globex", *ask("is there any student discount"))
+    assert found is not None
+    # an entry the store no longer has is found in an index but has no answer: a miss, never an error
+    await budget_store.client.delete(budget_store.keys("globex").semantic_answer(found.id))
+    assert await one.answer("globex", found) is None
     # the index of an idle tenant is dropped past MAX_TENANT_INDEXES, and its gauge with it
     for i in range(semantic.MAX_TENANT_INDEXES):
         one.index(f"t{i}")

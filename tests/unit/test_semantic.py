@@ -168,11 +168,10 @@ def test_the_index_is_bounded_and_replaces_its_oldest_entry() -> None:
     assert index.ids == {"mid", "new"} and len(index) == 2
     assert find(index, "where's my order") is None
     assert index.nbytes == 2 * (DIMENSIONS * 4 + 24) + 2 * semantic.ENTRY_OVERHEAD_BYTES
-    index.discard(["mid", "unknown"])
-    assert index.ids == {"new"}
-    index.add(entry("wrong", "x"))  # re-adding keeps one copy; a vector of another length is refused
-    index.add(IndexEntry("short", "p", (), np.ones(3, dtype=np.float32), 5))
-    assert index.ids == {"new", "wrong"}
+    assert index.newest_ms == 3
+    index.add(entry("new", "What are your opening hours?", created_ms=3))  # re-adding keeps one copy
+    index.add(IndexEntry("short", "p", (), np.ones(3, dtype=np.float32), 5))  # another length is refused
+    assert index.ids == {"mid", "new"} and index.newest_ms == 3
 
 
 def test_prefix_codes_do_not_grow_without_bound() -> None:
