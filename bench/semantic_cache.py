@@ -67,11 +67,11 @@ def ms(samples: list[float]) -> tuple[float, float]:
 async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[str, tuple[float, float]]:
     import numpy as np
 
-    from guardproxy import cache, semantic
-    from guardproxy.config import SemanticCacheConfig, StoreConfig
-    from guardproxy.metrics import Metrics
-    from guardproxy.semantic_cache import SemanticCache
-    from guardproxy.store import BudgetStore
+    from guardproxy.config.settings import SemanticCacheConfig, StoreConfig
+    from guardproxy.http import cache, semantic
+    from guardproxy.http.semantic_cache import SemanticCache
+    from guardproxy.observe.metrics import Metrics
+    from guardproxy.store.redis import BudgetStore
 
     store = BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix="bench"))
     config = SemanticCacheConfig(dimensions=dimensions, max_entries=entries)

@@ -29,7 +29,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from guardproxy import semantic  # noqa: E402
+from guardproxy.http import semantic  # noqa: E402
 
 
 def embed_pairs(client: httpx.Client, model: str, dimensions: int, pairs: list[dict[str, object]]

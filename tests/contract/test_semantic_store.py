@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guardproxy import cache, semantic
-from guardproxy.config import SemanticCacheConfig
-from guardproxy.fake_embedding import embed_text
-from guardproxy.metrics import Metrics
-from guardproxy.semantic_cache import SYNC_MARGIN_MS, SemanticCache
-from guardproxy.store import BudgetStore
+from guardproxy.config.settings import SemanticCacheConfig
+from guardproxy.http import cache, semantic
+from guardproxy.http.semantic_cache import SYNC_MARGIN_MS, SemanticCache
+from guardproxy.observe.metrics import Metrics
+from guardproxy.store.redis import BudgetStore
+from guardproxy.testing.fake_embedding import embed_text
 
 pytestmark = pytest.mark.anyio
 

@@ -17,16 +17,16 @@ import orjson
 import pytest
 import redis
 
-from guardproxy import status
-from guardproxy.config import Config, parse_config
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.pricing import format_usd
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.admin import status
+from guardproxy.budget.pricing import format_usd
+from guardproxy.config.settings import Config, parse_config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY
 from tests.e2e.test_admin import metric as admin_metric
 from tests.e2e.test_cache import spent
 from tests.e2e.test_chat import all_settled, reserved
+from tests.helpers import TENANT_KEY, config_dict
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 PAIRS = Path(__file__).resolve().parents[1] / "data" / "semantic_pairs.jsonl"

@@ -12,11 +12,11 @@ import numpy as np
 import orjson
 import pytest
 
-from guardproxy import semantic
-from guardproxy.config import SemanticCacheConfig
-from guardproxy.fake_embedding import embed_text
-from guardproxy.pricing import Price
-from guardproxy.semantic import IndexEntry, Scored, TenantIndex
+from guardproxy.budget.pricing import Price
+from guardproxy.config.settings import SemanticCacheConfig
+from guardproxy.http import semantic
+from guardproxy.http.semantic import IndexEntry, Scored, TenantIndex
+from guardproxy.testing.fake_embedding import embed_text
 
 PAIRS = Path(__file__).parent.parent / "data" / "semantic_pairs.jsonl"
 DIMENSIONS = SemanticCacheConfig.dimensions

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from guardproxy.cli import masked
-from guardproxy.config import SemanticCacheConfig, parse_config
-from guardproxy.validation import ConfigError
+from guardproxy.config.settings import SemanticCacheConfig, parse_config
+from guardproxy.config.validation import ConfigError
 
 
 def raw(**extra: Any) -> dict[str, Any]:
