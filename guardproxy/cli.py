@@ -208,7 +208,8 @@ def masked(config: Config) -> dict[str, Any]:
         return {"daily_usd": p.daily_micros / usd, "monthly_usd": p.monthly_micros / usd,
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
                 "rpm": p.rpm, "tpm": p.tpm,
-                "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache,
+                "job_usd": None if p.job_micros is None else p.job_micros / usd,
+                "cache": "semantic" if p.semantic_cache else p.cache,
                 "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens}
 
     return {
@@ -220,7 +221,7 @@ def masked(config: Config) -> dict[str, Any]:
                   "min_replica_acks": config.store.min_replica_acks,
                   "replica_ack_timeout_ms": config.store.replica_ack_timeout_ms,
                   "job_retention_days": config.store.job_retention_days},
-        "cache": vars(config.cache).copy(),
+        "cache": {**vars(config.cache), "semantic": vars(config.cache.semantic).copy()},
         "upstreams": {
             name: {"kind": u.kind, "base_url": u.base_url, "api_key": MASK if u.api_key else "",
                    "api_version": u.api_version, "headers": {k: MASK for k in u.headers},

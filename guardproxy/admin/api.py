@@ -66,7 +66,8 @@ async def status_page(request: Request) -> Response:
     tenants = await all_tenants(services.ledger.store, services.config)
     now = services.clock()
     states = await read_states(services.ledger.store, services.config, tenants, now)
-    return HTMLResponse(render_page(states, now), headers={"cache-control": "no-store"})
+    semantic = await services.ledger.store.semantic_stats([s.tenant for s in states])
+    return HTMLResponse(render_page(states, now, semantic), headers={"cache-control": "no-store"})
 
 
 async def get_tenant(request: Request) -> Response:
@@ -192,6 +193,9 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
         "job": call.get("job"),
         # Spend booked from elsewhere (``outcome: external``) says what it was.
         **({"description": call["description"]} if "description" in call else {}),
+        # The embedding that found a semantic-cache hit says so, and what the hit saved.
+        **({"cache": call["cache"], "similarity": float(call.get("similarity", 0)),
+            "saved_usd": micros_to_usd(int(call.get("saved_micros", 0)))} if "cache" in call else {}),
     }
 
 

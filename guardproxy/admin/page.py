@@ -7,7 +7,7 @@ value that reaches the markup goes through ``html.escape``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from html import escape
@@ -51,8 +51,10 @@ footer { margin-top: 12px; color: var(--muted); font-size: 12px; }
 """
 
 
-def render_page(states: Sequence[TenantState], now: datetime) -> str:
-    """The whole HTML document for ``states``, as read at ``now``."""
+def render_page(states: Sequence[TenantState], now: datetime,
+                semantic: Mapping[str, tuple[int, Micros]] | None = None) -> str:
+    """The whole HTML document for ``states``, as read at ``now``; ``semantic``: each tenant's
+    semantic-cache hits and the micro-USD they saved (tenants without hits are left out)."""
     counts = {s: sum(1 for t in states if t.state == s) for s in (ACTIVE, DOWNGRADING, BLOCKED)}
     summary = f"{len(states)} tenant{'' if len(states) == 1 else 's'}: " + ", ".join(
         f"{n} {name}" for name, n in counts.items()
@@ -78,12 +80,21 @@ def render_page(states: Sequence[TenantState], now: datetime) -> str:
 {rows}
 </tbody>
 </table>
+{_semantic_section(semantic or {})}
 <footer>Read from the budget store at <time datetime="{iso_utc(now)}">{escape(iso_utc(now))}</time>;
 refreshes every {REFRESH_S} s. Bars show settled spend against the limit; the ticks mark the soft and hard caps.
 The same figures as JSON: <a href="/admin/tenants">/admin/tenants</a>.</footer>
 </body>
 </html>
 """
+
+
+def _semantic_section(semantic: Mapping[str, tuple[int, Micros]]) -> str:
+    lines = [f"<li>{escape(tenant)}: {hits} hit{'' if hits == 1 else 's'}, ${escape(format_usd(saved))} saved</li>"
+             for tenant, (hits, saved) in sorted(semantic.items()) if hits]
+    if not lines:
+        return ""
+    return '<section class="semantic"><h2>Semantic cache</h2><ul>' + "".join(lines) + "</ul></section>"
 
 
 def _tenant_row(state: TenantState, now: datetime) -> str:

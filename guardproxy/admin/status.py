@@ -61,12 +61,19 @@ def render_jobs(tenant: str, jobs: list[JobUsage]) -> str:
     return "\n".join(lines)
 
 
+def render_semantic(tenant: str, hits: int, saved_micros: int) -> str:
+    """What the semantic cache saved a tenant (its embeddings are in the spend above)."""
+    return f"{tenant}: semantic cache: {hits} hit{'' if hits == 1 else 's'}, ${format_usd(saved_micros)} saved"
+
+
 async def _states(config: Config, tenant: str | None, jobs: int = 0) -> tuple[list[TenantState], list[str]]:
     store = BudgetStore.from_config(config.store)
     try:
         tenants = [tenant] if tenant else await all_tenants(store, config)
         states = await read_states(store, config, tenants, utc_now())
         listings = [render_jobs(t, await store.recent_jobs(t, jobs)) for t in tenants] if jobs > 0 else []
+        stats = await store.semantic_stats(tenants)
+        listings += [render_semantic(t, *stats[t]) for t in tenants if stats[t][0]]
         return states, listings
     finally:
         await store.aclose()

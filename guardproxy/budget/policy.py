@@ -27,6 +27,8 @@ class BudgetPolicy:
     job_micros: Micros | None = None
     #: Serve repeated deterministic requests from the response cache.
     cache: bool = False
+    #: ``cache: semantic``: the exact cache, and near-duplicate chat questions too (``http/semantic.py``).
+    semantic_cache: bool = False
     #: When no tier's worst case fits, send the call with a lowered output limit that fits instead
     #: of refusing it, if each output can still have ``min_completion_tokens``.
     clamp_max_tokens: bool = False

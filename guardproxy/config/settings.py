@@ -157,6 +157,24 @@ ALERT_EVENTS = ("threshold", "downgrading", "blocked", "store")
 
 
 @dataclass(frozen=True)
+class SemanticCacheConfig:
+    """The semantic cache (``http/semantic.py``); tenants switch it on with ``cache: semantic``."""
+
+    #: A configured embeddings model: each question embedded is an embeddings call charged to the tenant.
+    embeddings_model: str = "text-embedding-3-small"
+    #: Sent as the embeddings request's ``dimensions`` (text-embedding-3-* shorten their vectors to it);
+    #: an answer of another length is not used.
+    dimensions: int = 256
+    #: The least similarity (dot product of normalised embeddings) of a hit; docs/semantic-cache.md
+    #: says how to calibrate it for a model.
+    threshold: float = 0.92
+    #: Entries kept per tenant (the oldest dropped first); each replica holds their vectors in memory.
+    max_entries: int = 2000
+    #: The longest conversation considered, in messages.
+    max_messages: int = 4
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The response cache (``cache.py``); tenants switch it on with ``cache: true``."""
 
@@ -167,6 +185,7 @@ class CacheConfig:
     max_tenant_bytes: int = 16 * 1024 * 1024
     #: Cached bytes of all tenants together; past it, new answers are not cached until entries expire.
     max_total_bytes: int = 256 * 1024 * 1024
+    semantic: SemanticCacheConfig = field(default_factory=SemanticCacheConfig)
 
 
 @dataclass(frozen=True)
@@ -328,7 +347,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
             raise ConfigError(f"unbudgeted_allow_paid[{i}]", f"must be one of {', '.join(PAID_PASSTHROUGH)}, "
                               f"got {describe(name)}")
     alerts = _alerts(top.section("alerts"))
-    cache = _cache(top.section("cache"))
+    cache = _cache(top.section("cache"), models, [defaults, *(t.policy for t in tenants.values())])
     batch_fields = top.section("batches")
     batches = BatchConfig(
         poll_s=float(batch_fields.decimal("poll_s", Decimal(str(BatchConfig.poll_s)), min_value=Decimal("0.05"),
@@ -357,7 +376,7 @@ def _cors_origins(f: Fields) -> tuple[str, ...]:
     return tuple(origins)
 
 
-def _cache(f: Fields) -> CacheConfig:
+def _cache(f: Fields, models: Mapping[str, ModelConfig], policies: list[BudgetPolicy]) -> CacheConfig:
     out = CacheConfig(
         ttl_s=f.integer("ttl_s", CacheConfig.ttl_s, min_value=1, max_value=365 * 86400),
         max_entry_bytes=f.integer("max_entry_bytes", CacheConfig.max_entry_bytes, min_value=1,
@@ -365,7 +384,26 @@ def _cache(f: Fields) -> CacheConfig:
         max_tenant_bytes=f.integer("max_tenant_bytes", CacheConfig.max_tenant_bytes, min_value=1,
                                    max_value=1 << 40),
         max_total_bytes=f.integer("max_total_bytes", CacheConfig.max_total_bytes, min_value=1, max_value=1 << 42),
+        semantic=_semantic_cache(f.section("semantic"), models, any(p.semantic_cache for p in policies)),
     )
+    f.done()
+    return out
+
+
+def _semantic_cache(f: Fields, models: Mapping[str, ModelConfig], used: bool) -> SemanticCacheConfig:
+    d = SemanticCacheConfig
+    out = SemanticCacheConfig(
+        embeddings_model=f.text("embeddings_model", d.embeddings_model, allow_empty=False),
+        dimensions=f.integer("dimensions", d.dimensions, min_value=1, max_value=8192),
+        threshold=float(f.decimal("threshold", Decimal(str(d.threshold)), min_value=Decimal("0.5"),
+                                  max_value=Decimal(1))),
+        max_entries=f.integer("max_entries", d.max_entries, min_value=1, max_value=1_000_000),
+        max_messages=f.integer("max_messages", d.max_messages, min_value=1, max_value=1000),
+    )
+    if used and out.embeddings_model not in models:
+        raise ConfigError(f.at("embeddings_model"), f"names no configured model ({out.embeddings_model!r}); a tenant "
+                          "has cache: semantic, whose embeddings are priced and charged like any call: add the "
+                          "model under models")
     f.done()
     return out
 
@@ -499,6 +537,7 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
     if soft > hard:
         raise ConfigError(f.at("soft_cap"), f"must not exceed hard_cap ({hard}), got {soft}")
     tz = f.text("timezone", base.timezone, allow_empty=False)
+    cache = _cache_mode(f, "semantic" if base.semantic_cache else "exact" if base.cache else "off")
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -510,10 +549,23 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         rpm=f.integer("rpm", base.rpm, min_value=0, max_value=10_000_000),
         tpm=f.integer("tpm", base.tpm, min_value=0, max_value=10**12),
         job_micros=_job_cap(f, base.job_micros),
-        cache=f.boolean("cache", base.cache),
+        cache=cache != "off",
+        semantic_cache=cache == "semantic",
         clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
         min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
     )
+
+
+def _cache_mode(f: Fields, base: str) -> str:
+    """``cache``: false (``off``), true (``exact``: the response cache) or ``semantic`` (both caches)."""
+    value = f.get("cache")
+    if value is None and not f.has("cache"):
+        return base
+    if value is True or value is False:
+        return "exact" if value else "off"
+    if value == "semantic":
+        return "semantic"
+    raise ConfigError(f.at("cache"), f"must be true, false or semantic, got {describe(value)}")
 
 
 def _job_cap(f: Fields, base: Micros | None) -> Micros | None:

@@ -13,6 +13,8 @@ so no path leaves money reserved.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -39,24 +41,28 @@ from guardproxy.budget.records import Admission, Outcome
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import Config, ModelConfig
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import background, cache, objects
+from guardproxy.http import background, cache, objects, semantic
 from guardproxy.http.auth import TenantResolver
-from guardproxy.http.endpoints import ApiShape
+from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.http.models import model_not_found
 from guardproxy.http.plan import Plan
 from guardproxy.http.progress import StreamProgress, call_record
 from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
 from guardproxy.http.requests import ApiRequest, read_body
 from guardproxy.http.responses_stream import ResponsesStreamWatcher
+from guardproxy.http.semantic_cache import SemanticCache
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.observe.calls import CallContext, SettledCall
 from guardproxy.observe.metrics import Metrics
-from guardproxy.store.ledger import Ledger
+from guardproxy.store.ledger import CallRecord, Ledger
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.pipeline")
 #: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
 calls_log = logging.getLogger("guardproxy.calls")
+
+#: Response header of a semantic hit: the similarity of the cached question to the one asked.
+SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
 
 # Counting a large prompt takes milliseconds: off the event loop above this size.
 _COUNT_IN_THREAD_BYTES = 32 * 1024
@@ -79,6 +85,8 @@ class Services:
     clock: Callable[[], datetime]
     #: Told of every settled attempt (``guardproxy.observe.telemetry``'s spans).
     observers: tuple[Callable[[SettledCall], None], ...] = ()
+    #: The semantic cache (``semantic_cache.py``), for tenants with ``cache: semantic``.
+    semantic: SemanticCache | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class Ending:
     produced: bool = False
     usage: Usage | None = None
     texts: Sequence[str] = ()
+    #: Fields added to the call's log entry (a semantic-cache hit, on the embedding that found it).
+    note: tuple[tuple[str, str | int], ...] = ()
 
 
 class BudgetedEndpoint:
@@ -110,6 +120,12 @@ class BudgetedEndpoint:
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
             return cached
+        if cached is not None and cached.result == "miss":
+            # The semantic cache: an embedding charged like any call, then a hit answers here.
+            semantic_answer = await self._semantic_lookup(cached, call, request.headers, context, job)
+            if isinstance(semantic_answer, Response):
+                return semantic_answer
+            cached = semantic_answer
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
@@ -315,7 +331,9 @@ class BudgetedEndpoint:
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
                 await self._settle(plan, ending, request_id)
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
-                    await self._cache_store(plan, cached, capture.answer())
+                    entry = await self._cache_store(plan, cached, capture.answer())
+                    if entry is not None:
+                        await self._semantic_store(cached, entry)
 
             on_object = None
             if objects.stores_answer(self.shape.path, plan.request.body):
@@ -326,9 +344,14 @@ class BudgetedEndpoint:
             return StreamRelay(upstream.name, response, headers, watcher, on_close,  # type: ignore[return-value]
                                on_object)
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
+        # The semantic entry is written once the answer is on its way (off the latency path), before
+        # the settlement, so that a caller who waits for the settlement finds the entry.
+        stored: cache.Entry | None = None
 
         async def settle(duration_s: float) -> None:
             self._observe(plan, duration_s, None, started)
+            if stored is not None and cached is not None:
+                await self._semantic_store(cached, stored)
             await self._settle(plan, ending, request_id)
 
         try:
@@ -338,10 +361,10 @@ class BudgetedEndpoint:
                 usage, texts = self.shape.answer_usage(answer)
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
                 if cached is not None and response.status_code == 200:
-                    await self._cache_store(plan, cached, answer)
-                stored = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
-                if stored is not None:  # before the client has the id, so that it can be retrieved at once
-                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored],
+                    stored = await self._cache_store(plan, cached, answer)
+                stored_id = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
+                if stored_id is not None:  # before the client has the id, so that it can be retrieved at once
+                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored_id],
                                          plan.sent.upstream)
                 later = background.pending(self.shape.path, plan.request.body, answer)
                 if later is not None:  # runs on upstream: charged when it ends, its reservation kept till then
@@ -394,36 +417,151 @@ class BudgetedEndpoint:
             self.s.metrics.cache_requests.labels(tenant, "miss").inc()
             return CacheMiss(tenant, key, "miss")
         self.s.metrics.cache_requests.labels(tenant, "hit").inc()
+        self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(self._saved_micros(entry)))
+        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "hit"})
+
+    def _saved_micros(self, entry: cache.Entry) -> Micros:
+        """What a cached answer would have cost upstream (0 when its model or usage is not known)."""
         model = lookup_model(entry.model, self.s.config.models)
         usage, _ = self.shape.answer_usage(entry.answer)
-        if model is not None and usage is not None:
-            self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
-        headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
+        return cost_micros(usage, model.price) if model is not None and usage is not None else 0
+
+    def _replay(self, tenant: str, call: ApiRequest, entry: cache.Entry, extra: dict[str, str]) -> Response:
+        """A cached answer in the shape the client asked for: the object itself, or SSE. Its completion
+        is not charged (``usage.cost`` 0)."""
+        headers = {**extra, "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
                    "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}", COST_HEADER: usd_text(0)}
-        log.info("cache hit tenant=%s model=%s endpoint=%s cost_usd=%s", tenant, entry.model, self.shape.path,
-                 usd_text(0))
         answer = entry.answer
         if self.s.config.server.usage_cost:
-            add_usage_cost(answer, 0)  # a hit is not charged
+            add_usage_cost(answer, 0)
         if call.stream:
             frames = cache.replay_stream(self.shape.path, answer, call.wants_usage)
             return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
         return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
 
-    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
+    # -- the semantic cache (``semantic.py``, ``semantic_cache.py``) --------------------------------
+
+    async def _semantic_lookup(
+        self, miss: CacheMiss, call: ApiRequest, incoming: Headers, context: CallContext, job: str
+    ) -> Response | CacheMiss:
+        """A semantic hit's response, or the exact miss (with the question and its embedding, to be
+        stored with the answer). The embedding is an embeddings call through the same admission and
+        settlement as any (``BudgetedEndpoint.call_within``); when it is refused (budget, rate limit) or
+        fails, the call goes on without the semantic cache and meets the same admission itself."""
+        tenant, store = miss.tenant, self.s.semantic
+        if store is None or not self.s.config.policy_for(tenant).semantic_cache:
+            return miss
+        settings = store.config
+        question = semantic.question(
+            self.shape.path, call.body, incoming, max_messages=settings.max_messages,
+            embeddings_model=settings.embeddings_model, dimensions=settings.dimensions,
+        )
+        embedder = self.s.config.models.get(settings.embeddings_model)
+        model = lookup_model(call.model, self.s.config.models)
+        if question is None or embedder is None or model is None:
+            return miss
+        counted = self.s.metrics.semantic_requests
+        text_tokens = TokenCounter(settings.embeddings_model).prompts(question.text)
+        if not semantic.pays_off(text_tokens, embedder.price, await self._estimate(call), model.price):
+            counted.labels(tenant, "skipped").inc()
+            return miss
+        body = {"model": settings.embeddings_model, "input": question.text, "encoding_format": "base64",
+                "dimensions": settings.dimensions}
+        found: list[tuple[semantic.Found, cache.Entry]] = []
+        vectors: list[Any] = []
+
+        async def search(answer: Any) -> dict[str, str | int]:
+            vector = semantic.embedding_of(answer, settings.dimensions)
+            if vector is None:
+                return {}
+            vectors.append(vector)
+            try:
+                hit = await store.search(tenant, question, vector)
+                entry = await store.answer(tenant, hit) if hit is not None else None
+            except StoreUnavailable:
+                return {}
+            if hit is None or entry is None:
+                return {}
+            found.append((hit, entry))
+            return {"cache": "semantic-hit", "similarity": f"{hit.similarity:.4f}",
+                    "saved_micros": self._saved_micros(entry)}
+
+        try:
+            await BudgetedEndpoint(self.s, EMBEDDINGS).call_within(
+                tenant, orjson.dumps(body), context, job, incoming, search)
+        except GuardError as exc:
+            log.info("semantic cache: no embedding for tenant=%s: %s", tenant, exc.message)
+        if not vectors:
+            counted.labels(tenant, "error").inc()
+            return miss
+        if not found:
+            counted.labels(tenant, "miss").inc()
+            return dataclasses.replace(miss, semantic=semantic.Embedded(question, vectors[0]))
+        hit, entry = found[0]
+        saved = self._saved_micros(entry)
+        counted.labels(tenant, "hit").inc()
+        self.s.metrics.semantic_saved.labels(tenant).inc(micros_to_usd(saved))
+        # A store error loses only `guardproxy status`'s tally; /metrics and the call log have the hit.
+        with contextlib.suppress(StoreUnavailable):
+            await self.s.ledger.store.count_semantic_hit(tenant, saved)
+        log.info("semantic cache hit tenant=%s model=%s similarity=%.4f", tenant, entry.model, hit.similarity)
+        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "semantic-hit",
+                                                  SIMILARITY_HEADER: f"{hit.similarity:.4f}"})
+
+    async def call_within(
+        self, tenant: str, raw: bytes, context: CallContext, job: str, incoming: Headers,
+        use: Callable[[Any], Awaitable[dict[str, str | int]]],
+    ) -> None:
+        """Make a call of this endpoint on the proxy's own behalf, charged to ``tenant`` like a client's
+        (admitted, reserved, settled once): the requested model only, no fallback. ``use`` sees the
+        complete answer before it is settled; what it returns is added to the call's log entry.
+        Admission's refusals raise ``GuardError``; an upstream failure is settled and ends the call."""
+        call = self.shape.parse(raw)
+        requested = self._price(call.model)
+        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job)
+        assert plan is not None  # the requested model is refused by raising, never skipped
+        started = time.monotonic()
+        ending = Ending(Outcome.CLIENT_DISCONNECTED)
+        request_id = plan.own_request_id
+        try:
+            answer = await self._forward(plan, incoming)
+            if isinstance(answer, GuardError):
+                ending = Ending(Outcome.of_failure(answer))
+                return
+            request_id = answer.headers.get("x-request-id") or request_id
+            content = await answer.read()
+            if answer.status_code != 200:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
+                return
+            body = _json_or_none(content)
+            usage, texts = self.shape.answer_usage(body)
+            ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
+            note = await use(body)
+            ending = dataclasses.replace(ending, note=tuple(note.items()))
+        except GuardError as exc:
+            if not ending.produced:
+                ending = Ending(Outcome.of_failure(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._observe(plan, time.monotonic() - started, None, started)
+                await self._settle(plan, ending, request_id)
+
+    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> cache.Entry | None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
         what an identical request would get on its own, nor is one whose output limit the budget
         clamped: it may be cut short, and served again once the budget is raised); a store error
-        only loses the entry."""
+        only loses the entry. The entry, when it is worth keeping (for the semantic cache too)."""
         if plan.sent is not plan.requested or plan.clamped_tokens is not None \
                 or not cache.storable(self.shape.path, answer):
-            return
-        value = cache.Entry(plan.sent.name, answer).to_bytes()
+            return None
+        entry = cache.Entry(plan.sent.name, answer)
+        value = entry.to_bytes()
         if len(value) > self.s.config.cache.max_entry_bytes:
-            return
+            return None
         health = self.s.ledger.health
         if health is not None and not health.cache_room():
-            return  # the store's memory is for the ledger first
+            return None  # the store's memory is for the ledger first
         bounds = self.s.config.cache
         try:
             with anyio.CancelScope(shield=True):
@@ -432,6 +570,17 @@ class BudgetedEndpoint:
                                                          max_total_bytes=bounds.max_total_bytes)
         except StoreUnavailable:
             log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
+        return entry
+
+    async def _semantic_store(self, miss: CacheMiss, entry: cache.Entry) -> None:
+        """Keep the answer for the question the semantic cache missed; a store error only loses it."""
+        if miss.semantic is None or self.s.semantic is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector, entry)
+        except StoreUnavailable:
+            log.warning("semantic cache: entry for tenant=%s not stored (store unavailable)", miss.tenant)
 
     def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
         self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
@@ -485,7 +634,7 @@ class BudgetedEndpoint:
         if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
             outcome = Outcome.STORE_UNAVAILABLE
         counted_usage = usage or Usage(0, 0)
-        record = call_record(plan, request_id, counted_usage, charge, outcome)
+        record: CallRecord = {**call_record(plan, request_id, counted_usage, charge, outcome), **dict(ending.note)}
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
             label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"
@@ -536,6 +685,8 @@ class CacheMiss:
     tenant: str
     key: str
     result: str
+    #: The question and its embedding, when the semantic cache missed too (stored with the answer).
+    semantic: semantic.Embedded | None = None
 
 
 async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:

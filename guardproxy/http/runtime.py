@@ -30,6 +30,7 @@ from guardproxy.http.auth import JobTenantResolver, TenantResolver
 from guardproxy.http.endpoints import BUDGETED
 from guardproxy.http.passthrough import UnbudgetedPaths
 from guardproxy.http.pipeline import BudgetedEndpoint, Services
+from guardproxy.http.semantic_cache import SemanticCache
 from guardproxy.http.upstream import Upstream, build_upstreams
 from guardproxy.observe.metrics import Metrics
 from guardproxy.store.keys import KeyRing
@@ -99,6 +100,7 @@ class Runtime:
             config=config, ledger=self.ledger, upstreams=upstreams,
             tenants=TenantResolver(config, self.jobs, self.keyring), metrics=self.metrics, clock=self.clock,
             observers=(self.tracing.observer(config),) if self.tracing else (),
+            semantic=SemanticCache(config.cache.semantic, config.cache.ttl_s, self.ledger.store, self.metrics),
         )
         return Generation(
             number=number, services=services,

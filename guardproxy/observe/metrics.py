@@ -101,6 +101,25 @@ class Metrics:
             "guardproxy_cache_saved_usd", "What the answers served from the cache would have cost upstream.",
             ["tenant"], registry=r,
         )
+        # -- semantic cache --
+        self.semantic_requests = Counter(
+            "guardproxy_semantic_cache_requests", "Chat questions the semantic cache was asked, by result (hit, "
+            "miss, skipped: the embedding would not pay for itself, error: no embedding).", ["tenant", "result"],
+            registry=r,
+        )
+        self.semantic_saved = Counter(
+            "guardproxy_semantic_cache_saved_usd", "What the answers served by the semantic cache would have cost "
+            "upstream (their embeddings are charged, and counted in guardproxy_spend_usd).", ["tenant"], registry=r,
+        )
+        self.semantic_entries = Gauge(
+            "guardproxy_semantic_cache_entries", "Entries in this process's index of a tenant's semantic cache.",
+            ["tenant"], registry=r, multiprocess_mode="livemax",
+        )
+        self.semantic_index_bytes = Gauge(
+            "guardproxy_semantic_cache_index_bytes", "Memory held by this process's semantic cache indexes "
+            "(bounded: per active tenant, max_entries * (dimensions * 4 + 24) bytes plus ~400 bytes an entry).",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,

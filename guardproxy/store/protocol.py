@@ -11,7 +11,7 @@ tenant's ``{tenant}`` hash tag), and a contract test in ``tests/contract`` runs 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from guardproxy.budget.decision import RateLimits, Thresholds
@@ -157,6 +157,25 @@ class Store(Protocol):
     async def close_deferred(
         self, tenant: str, object_id: str, fields: Mapping[str, str | int], keep_s: int
     ) -> None: ...
+
+    # -- the semantic cache ----------------------------------------------------------------------
+
+    async def semantic_version(self, tenant: str) -> int: ...
+
+    async def semantic_entries(
+        self, tenant: str, since_ms: int, known: Container[str]
+    ) -> tuple[int, dict[str, bytes | None]]: ...
+
+    async def add_semantic_entry(
+        self, tenant: str, entry_id: str, index_value: bytes, answer: bytes, *, created_ms: int, ttl_s: int,
+        max_entries: int,
+    ) -> int: ...
+
+    async def semantic_answer(self, tenant: str, entry_id: str) -> bytes | None: ...
+
+    async def count_semantic_hit(self, tenant: str, saved_micros: Micros) -> None: ...
+
+    async def semantic_stats(self, tenants: Sequence[str]) -> dict[str, tuple[int, Micros]]: ...
 
     async def cache_get(self, key: str) -> str | None: ...
 

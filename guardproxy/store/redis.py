@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -195,6 +195,32 @@ class Keys:
         """An object (file, batch, stored response…) the tenant created through the proxy: the
         name of the upstream that holds it (``objects.py``)."""
         return f"{self.base}:obj:{object_id}"
+
+    # -- the semantic cache (``http/semantic.py``) --
+
+    @property
+    def semantic_version(self) -> str:
+        """A counter raised by every change to the tenant's semantic entries (replicas compare it)."""
+        return f"{self.base}:sc:ver"
+
+    @property
+    def semantic_ids(self) -> str:
+        """Entry id -> its creation time (ms)."""
+        return f"{self.base}:sc:ids"
+
+    @property
+    def semantic_index(self) -> str:
+        """Entry id -> what a replica's index keeps of it (vector, prefix, marks)."""
+        return f"{self.base}:sc:index"
+
+    def semantic_answer(self, entry_id: str) -> str:
+        """One entry's answer (a ``cache.Entry``), expiring by itself."""
+        return f"{self.base}:sc:answer:{entry_id}"
+
+    @property
+    def semantic_stats(self) -> str:
+        """hits, saved_micros: what the semantic cache saved the tenant (``guardproxy status``)."""
+        return f"{self.base}:sc:stats"
 
 
 def _script_source(name: str) -> str:
@@ -857,6 +883,82 @@ class BudgetStore:
             pipe.expire(keys.deferred(object_id), keep_s)
             pipe.srem(keys.deferred_open, object_id)
             await pipe.execute()
+
+    # -- the semantic cache (values from ``http/semantic.py``; one MULTI per write, no script) --------
+
+    async def semantic_version(self, tenant: str) -> int:
+        """The counter of changes to ``tenant``'s semantic entries (0: none yet)."""
+        async with translated():
+            value = await self.client.get(self.keys(tenant).semantic_version)
+        return int(value or 0)
+
+    async def semantic_entries(
+        self, tenant: str, since_ms: int, known: Container[str]
+    ) -> tuple[int, dict[str, bytes | None]]:
+        """The version, and the index values of the entries created at or after ``since_ms`` that are
+        not in ``known`` (``None``: dropped meanwhile): one round trip, plus one when there are new ones."""
+        k = self.keys(tenant)
+        async with translated():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(k.semantic_version)
+                pipe.zrangebyscore(k.semantic_ids, since_ms, "+inf")
+                version, ids = await pipe.execute()
+            new = sorted({text(i) for i in ids if text(i) not in known})
+            values = await self.client.hmget(k.semantic_index, new) if new else []
+        raw = [None if v is None else v if isinstance(v, bytes) else v.encode() for v in values]
+        return int(version or 0), dict(zip(new, raw, strict=True))
+
+    async def add_semantic_entry(
+        self, tenant: str, entry_id: str, index_value: bytes, answer: bytes, *, created_ms: int, ttl_s: int,
+        max_entries: int,
+    ) -> int:
+        """Add one entry and drop the expired ones and the oldest beyond ``max_entries``; the version
+        after the addition (the drop raises it once more when it drops anything)."""
+        k = self.keys(tenant)
+        ttl_ms = ttl_s * 1000
+        async with translated():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(k.semantic_index, entry_id, index_value)
+                pipe.set(k.semantic_answer(entry_id), answer, px=ttl_ms)
+                pipe.zadd(k.semantic_ids, {entry_id: created_ms})
+                pipe.incr(k.semantic_version)
+                for key in (k.semantic_index, k.semantic_ids, k.semantic_version):
+                    pipe.pexpire(key, ttl_ms)
+                pipe.zrangebyscore(k.semantic_ids, "-inf", f"({created_ms - ttl_ms}")
+                pipe.zrange(k.semantic_ids, 0, -(max_entries + 1))
+                replies = await pipe.execute()
+            version = int(replies[3])
+            stale = {text(i) for i in (*replies[-2], *replies[-1])}
+            if stale:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.hdel(k.semantic_index, *stale)
+                    pipe.zrem(k.semantic_ids, *stale)
+                    pipe.delete(*(k.semantic_answer(i) for i in stale))
+                    pipe.incr(k.semantic_version)
+                    await pipe.execute()
+        return version
+
+    async def semantic_answer(self, tenant: str, entry_id: str) -> bytes | None:
+        """One entry's answer, if it has not expired."""
+        async with translated():
+            value = await self.client.get(self.keys(tenant).semantic_answer(entry_id))
+        return None if value is None else (value if isinstance(value, bytes) else value.encode())
+
+    async def count_semantic_hit(self, tenant: str, saved_micros: Micros) -> None:
+        k = self.keys(tenant)
+        async with translated(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(k.semantic_stats, "hits", 1)
+            pipe.hincrby(k.semantic_stats, "saved_micros", saved_micros)
+            await pipe.execute()
+
+    async def semantic_stats(self, tenants: Sequence[str]) -> dict[str, tuple[int, Micros]]:
+        """Each tenant's semantic hits and the micro-USD they saved, since the store began (one round trip)."""
+        async with translated():
+            pipe = self.client.pipeline(transaction=False)
+            for tenant in tenants:
+                pipe.hmget(self.keys(tenant).semantic_stats, ["hits", "saved_micros"])
+            replies = await pipe.execute() if tenants else []
+        return {t: (int(hits or 0), int(saved or 0)) for t, (hits, saved) in zip(tenants, replies, strict=True)}
 
     async def cache_get(self, key: str) -> str | None:
         """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""

@@ -127,6 +127,7 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
     "mget": (False, lambda t, ks, *more: [t.get(_text(k)) for k in ([ks] if isinstance(ks, str | bytes) else ks)]
              + [t.get(_text(k)) for k in more]),
     "set": (True, _set),
+    "incr": (True, lambda t, k: t.incrby(_text(k), 1)),
     "incrby": (True, lambda t, k, n=1: t.incrby(_text(k), n)),
     "decrby": (True, lambda t, k, n=1: t.decrby(_text(k), n)),
     "delete": (True, lambda t, *ks: t.delete(*map(_text, ks))),

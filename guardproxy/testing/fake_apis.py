@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response, StreamingResponse
 
 from guardproxy.budget.tokens import TokenCounter
+from guardproxy.testing.fake_embedding import embed_text
 from guardproxy.testing.fake_objects import FakeObjects
 
 WORD = " hello"  # one token in both o200k_base and cl100k_base
@@ -228,17 +229,23 @@ def completions_endpoint(endings: list[str]) -> Handler:
 
 
 def embeddings_endpoint() -> Handler:
-    """``/v1/embeddings``: a small vector per input, as floats or base64 (the openai SDK's default)."""
+    """``/v1/embeddings``: a deterministic vector per input (``fake_embedding``; ``dimensions`` long, default 8),
+    as floats or base64 (the openai SDK's default)."""
 
     async def handle(body: dict[str, Any], steer: Steering) -> Response:
         model, value = body["model"], body["input"]
         inputs = value if isinstance(value, list) and value and not isinstance(value[0], int) else [value]
         prompt_tokens = steer.prompt(TokenCounter(model).prompts(value))
-        vector = [round(0.1 * (i + 1), 1) for i in range(EMBEDDING_DIMENSIONS)]
-        encoded: Any = vector
-        if body.get("encoding_format") == "base64":
-            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-        data = [{"object": "embedding", "index": i, "embedding": encoded} for i in range(len(inputs))]
+        dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+
+        def encoded(text: Any) -> Any:
+            # Text embeds deterministically (``fake_embedding``); token ids embed as their digits.
+            vector = embed_text(text if isinstance(text, str) else str(text), dimensions)
+            if body.get("encoding_format") == "base64":
+                return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            return vector
+
+        data = [{"object": "embedding", "index": i, "embedding": encoded(text)} for i, text in enumerate(inputs)]
         answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
         if not steer.no_usage:
             answer["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
