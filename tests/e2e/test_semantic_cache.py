@@ -106,7 +106,11 @@ def test_a_paraphrase_hits_for_one_embedding_and_a_near_miss_goes_upstream(
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         first.parse().choices[0].message.content
-    assert chunks[-1].usage == first.parse().usage
+    replayed, original = chunks[-1].usage, first.parse().usage
+    assert replayed is not None and original is not None
+    # the same tokens; the completion costs nothing on a hit (usage.cost 0), the miss cost what it was charged
+    assert replayed.model_dump(exclude={"cost"}) == original.model_dump(exclude={"cost"})
+    assert replayed.model_extra == {"cost": 0.0} and original.model_extra and original.model_extra["cost"] > 0
     assert endpoints(fake_state, seen) == ["embeddings"]
 
     # a near-miss: another order id is never the same question, however close the words
