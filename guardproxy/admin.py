@@ -220,10 +220,12 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
 def admin_routes() -> list[Route]:
     # Imported here: both modules build on this one's check_admin.
     from guardproxy.admin_keys import key_routes
+    from guardproxy.export_api import export_routes
     from guardproxy.reload import reload_routes
 
     return [
         *key_routes(),
+        *export_routes(),
         *reload_routes(),
         *(
             Route(path, endpoint, methods=[method])

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from guardproxy import __version__, keys_cli, logs
+from guardproxy import __version__, export_api, keys_cli, logs
 from guardproxy.config import Config, hash_key, load_config
 from guardproxy.pricing import MICROS_PER_USD
 from guardproxy.store_client import mask_password
@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
 
     keys_cli.add_parser(commands, _config_option)
+    export_api.add_parser(commands, _config_option)
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "keys":
         return keys_cli.main(config, args)
+    if args.command == "export":
+        return export_api.main(config, args)
     if args.command == "status":
         from guardproxy.status import main as status_main
 
@@ -170,7 +173,11 @@ def masked(config: Config) -> dict[str, Any]:
                 "soft_cap": float(p.soft_cap), "hard_cap": float(p.hard_cap), "timezone": p.timezone,
                 "rpm": p.rpm, "tpm": p.tpm,
                 "job_usd": None if p.job_micros is None else p.job_micros / usd, "cache": p.cache,
-                "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens}
+                "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens,
+                "loop": None if p.loop is None else vars(p.loop).copy(),
+                "velocity": None if p.velocity is None else {
+                    "factor": float(p.velocity.factor), "baseline_hours": p.velocity.baseline_hours,
+                    "min_usd": p.velocity.min_micros / usd}}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},

@@ -23,6 +23,7 @@ from guardproxy.catalog import BreakerConfig as BreakerConfig
 from guardproxy.catalog import ModelConfig as ModelConfig
 from guardproxy.catalog import UpstreamConfig as UpstreamConfig
 from guardproxy.catalog import parse_models, parse_upstreams
+from guardproxy.fleet import LoopPolicy, VelocityPolicy, parse_loop, parse_velocity
 from guardproxy.pricing import usd_to_micros
 from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
 from guardproxy.store_client import parse_store_url
@@ -109,6 +110,10 @@ class BudgetPolicy:
     #: of refusing it, if each output can still have ``min_completion_tokens``.
     clamp_max_tokens: bool = False
     min_completion_tokens: int = 256
+    #: The runaway-agent brake (``fleet.py``); ``None``: off.
+    loop: LoopPolicy | None = None
+    #: The spend-velocity alert (``fleet.py``); ``None``: off.
+    velocity: VelocityPolicy | None = None
 
     @property
     def zone(self) -> ZoneInfo:
@@ -129,7 +134,7 @@ class AuthConfig:
     job_header: str = "X-ServiceTitan-Job-Id"
 
 
-ALERT_EVENTS = ("threshold", "downgrading", "blocked")
+ALERT_EVENTS = ("threshold", "downgrading", "blocked", "loop", "velocity")
 
 
 @dataclass(frozen=True)
@@ -413,6 +418,8 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         cache=f.boolean("cache", base.cache),
         clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
         min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
+        loop=parse_loop(f, "loop", base.loop),
+        velocity=parse_velocity(f, "velocity", base.velocity),
     )
 
 

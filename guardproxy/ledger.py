@@ -23,6 +23,7 @@ from typing import TypeAlias
 
 import anyio
 
+from guardproxy.brakes import count_velocity
 from guardproxy.budget import Decision, RateLimits, Thresholds
 from guardproxy.config import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
@@ -47,18 +48,20 @@ class Ledger:
     """Admission and settlement of every call of this process, and the background work they need.
 
     ``journal`` is ``None`` for the embedded store, which cannot become unreachable.
-    ``on_duplicate`` hears each settlement the store ignored because its id had already settled.
+    ``on_duplicate`` hears each settlement the store ignored because its id had already settled;
+    ``on_velocity`` hears the tenant of each spend-velocity alert fired (``brakes.count_velocity``).
     """
 
     def __init__(
         self, store: BudgetStore, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
-        on_duplicate: Callable[[], None] | None = None,
+        on_duplicate: Callable[[], None] | None = None, on_velocity: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
         self.journal = journal
         self.on_duplicate = on_duplicate
+        self.on_velocity = on_velocity
         self.lease_ms = int(config.store.lease_s * 1000)
         self._live: dict[str, Reservation] = {}
         self._registered: set[str] = set()
@@ -154,7 +157,10 @@ class Ledger:
         settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
                                              self.alert_args(entry.reservation.tenant),
                                              self.config.store.job_retention_days * 86400)
-        if not settlement.applied:
+        if settlement.applied:
+            # Once per charge: a replayed settlement is not applied again, so it is not counted again.
+            await count_velocity(self.store, self.config, entry.reservation.tenant, entry.charge, self.on_velocity)
+        else:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)
             if self.on_duplicate is not None:

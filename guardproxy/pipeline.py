@@ -28,14 +28,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import budget, cache, ratelimit
-from guardproxy.auth import TenantResolver
+from guardproxy import brakes, budget, cache, ratelimit
+from guardproxy.auth import TenantResolver, presented_key
 from guardproxy.calls import CallContext, SettledCall
 from guardproxy.choice import Admit, Choice, choose
 from guardproxy.clamp import Tier
-from guardproxy.config import Config, ModelConfig
+from guardproxy.config import Config, ModelConfig, hash_key
 from guardproxy.endpoints import ApiShape
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.fleet import key_fingerprint
 from guardproxy.ledger import CallRecord, Ledger
 from guardproxy.metrics import Metrics
 from guardproxy.periods import iso_utc
@@ -96,8 +97,12 @@ class BudgetedEndpoint:
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
         job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
-        context = CallContext.of(request.headers, job)
+        key = presented_key(request.headers)
+        context = CallContext.of(request.headers, job, key_fingerprint(hash_key(key) if key else None))
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        # The runaway-agent brake, before anything is reserved: a looping agent's refusals cost nothing.
+        await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
+                                self.shape.path, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
@@ -410,6 +415,11 @@ class BudgetedEndpoint:
             "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
             "cost_micros": charge, "outcome": outcome.value,
             **({"job": plan.reservation.job} if plan.reservation.job else {}),
+            # for the chargeback export (``export.py``): the token classes, the prices they were charged
+            # at (micro-USD per 1M tokens), the provider, the caller's key and the budget day charged
+            "reasoning_tokens": counted_usage.reasoning_tokens, "upstream": plan.sent.upstream,
+            "price_input": plan.sent.price.input, "price_cached_input": plan.sent.price.cached_input,
+            "price_output": plan.sent.price.output, "key": plan.context.key_id, "day": plan.reservation.day,
         }
         await self.s.ledger.settle(plan.reservation, charge, record)
         if counted:
