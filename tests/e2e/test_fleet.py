@@ -18,6 +18,7 @@ import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
+import redis
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -221,3 +222,29 @@ def test_export_needs_the_admin_key_and_a_valid_period(upstream_url: str, redis_
         assert response.json()["error"]["param"] == param
     empty = httpx.get(url + "/admin/export", headers=ADMIN, params={"from": "2026-12-01", "to": "2026-12-02"})
     assert empty.status_code == 200 and _rows(empty.text) == []
+
+
+def test_a_spending_spike_fires_one_velocity_alert(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str],
+) -> None:
+    url = start(fleet_config(upstream_url, redis_url, velocity={"factor": 2, "baseline_hours": 3, "min_usd": 0}),
+                serve_proxy)
+    into_hour_s = time.time() % 3600
+    if into_hour_s > 3590:  # stay within one UTC hour
+        time.sleep(3600 - into_hour_s + 0.5)
+    hour = int(time.time() // 3600)
+    # a quiet baseline: 10 micro-USD in each of the 3 hours before the previous one
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset("gp:{acme}:spend:hours", mapping={str(h): 10 for h in range(hour - 4, hour - 1)})
+    agent = sdk(url)
+    for i in range(3):
+        agent.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"Spike {i}"}],
+                                      max_tokens=20)
+    all_settled(redis_url)
+    scrape = httpx.get(url + "/metrics").text
+    assert metric(scrape, "guardproxy_velocity_alerts_total", tenant="acme") == 1
+    listed = httpx.get(url + "/admin/alerts", headers=ADMIN).json()["data"]
+    (event,) = [a for a in listed if a["event"] == "velocity"]
+    assert event["tenant"] == "acme" and event["factor"] == 2 and event["hourly_average_usd"] == 0.00001
+    # the first call took the hour over 2 x 10 micro-USD: the event tells the spend as it was then, once
+    assert round(event["last_hour_usd"] * 1_000_000) == int(audit_log(redis_url)[0]["cost_micros"]) > 20
