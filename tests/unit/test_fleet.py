@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from guardproxy.alerts import event_json, slack_text
 from guardproxy.config import parse_config
-from guardproxy.export import COLUMNS, Line, allocate, call_lines, csv_bytes, focus_rows, parse_time
+from guardproxy.embedded import EmbeddedRedis
+from guardproxy.export import COLUMNS, Line, allocate, call_lines, collect, csv_bytes, focus_rows, parse_time
 from guardproxy.fleet import LoopPolicy, VelocityPolicy, key_fingerprint, request_digest
 from guardproxy.pricing import Price, Usage, cost_micros
 from guardproxy.records import LoggedCall
+from guardproxy.store import BudgetStore, Reservation
 from guardproxy.validation import ConfigError
 from tests.conftest import config_dict
 
@@ -204,3 +206,21 @@ def test_loop_and_velocity_events_read_well() -> None:
                            "at_ms": "1765000000000"}, None)  # type: ignore[arg-type]
     assert velocity["hour_start"] == "2025-12-06T05:00:00Z" and velocity["factor"] == 3
     assert "over 3x its hourly average" in slack_text(velocity)
+
+
+@pytest.mark.anyio
+async def test_an_export_reaching_past_a_full_call_log_says_it_is_incomplete() -> None:
+    raw = config_dict("http://127.0.0.1:9", store={"call_log_size": 3})
+    cfg = parse_config(raw, {})
+    store = BudgetStore(EmbeddedRedis(), "gp", embedded=True, calls_kept=3)
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    for i in range(3):
+        await store.settle(Reservation(f"r{i}", "acme", "2026-12-06", "2026-12", 0), 5,
+                           {"request_id": f"q{i}", "model": "gpt-4o", "prompt_tokens": 2, "cost_micros": 5})
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    full = await collect(store, cfg, ["acme", "globex"], start, end)
+    assert full.incomplete == ["acme"] and full.billed_micros == 15 and len(full.rows) == 3
+    _, oldest_ms = await store.call_log_extent("acme")
+    assert oldest_ms is not None
+    since_oldest = await collect(store, cfg, ["acme"], datetime.fromtimestamp(oldest_ms / 1000, UTC), end)
+    assert since_oldest.incomplete == [] and since_oldest.billed_micros == 15
