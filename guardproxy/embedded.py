@@ -1,13 +1,13 @@
-"""The embedded store: fakeredis, with the four budget scripts run as Python twins of their Lua.
+"""The embedded store: fakeredis, with the budget scripts run as Python twins of their Lua.
 
 Without ``store.redis_url`` the data lives in an in-process fakeredis. fakeredis runs a script through
 lupa and every call through RESP on both sides, which cost ~1 ms of CPU per request (issue 10). Here
-``evalsha`` of admit.v4, settle.v4, renew.v1 and claim.v1 runs a Python transcription of the script
-instead: line for line the same commands, on fakeredis's own data (the dozen most frequent done directly
-on its hashes, sorted sets and strings, the others by its own command implementations), with no ``await``
-between the first and the last, so a twin is as atomic in the event loop as a script is in Redis. Every
-other caller (snapshots, admin, keys, jobs, alerts, cache) goes through fakeredis unchanged and sees the
-same keys, TTLs included.
+``evalsha`` of admit.v4, settle.v4, renew.v1, claim.v1, loop.v1 and velocity.v1 runs a Python
+transcription of the script instead: line for line the same commands, on fakeredis's own data (the dozen
+most frequent done directly on its hashes, sorted sets and strings, the others by its own command
+implementations), with no ``await`` between the first and the last, so a twin is as atomic in the event
+loop as a script is in Redis. Every other caller (snapshots, admin, keys, jobs, alerts, cache) goes
+through fakeredis unchanged and sees the same keys, TTLs included.
 
 The Lua files stay the source of truth (they run on Redis); ``TWINS`` maps each file's SHA1 to its twin,
 so an edited script with no edited twin falls back to fakeredis's Lua (correct, just slow) and
@@ -18,6 +18,7 @@ every resulting key.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -608,6 +609,56 @@ def claim_v1(r: Commands, K: list[Any], A: list[Any]) -> list[list[bytes]]:
     return out
 
 
+def loop_v1(r: Commands, K: list[Any], A: list[Any]) -> list[int]:
+    max_repeats, window_ms = num(A[2]), num(A[3])
+    now_ms = r.now_ms()
+    r('ZREMRANGEBYSCORE', K[1], '-inf', now_ms - window_ms)
+    seen = r('ZCARD', K[1])
+    if seen < max_repeats:
+        r('ZADD', K[1], now_ms, A[1])
+        r('PEXPIRE', K[1], window_ms)
+        return [0, seen + 1, 0]
+    oldest = r('ZRANGE', K[1], 0, 0, 'WITHSCORES')
+    retry_ms = max(1, score(oldest[1]) + window_ms - now_ms)
+    if A[5] == '1' and r('SET', K[2], now_ms, 'NX', 'PX', window_ms) is not None:
+        entry = r('XADD', K[3], 'MAXLEN', '~', 10000, '*', 'event', 'loop', 'tenant', A[6], 'key', A[7], 'job', A[8],
+                  'digest', A[9], 'repeats', seen + 1, 'max_repeats', max_repeats, 'window_ms', window_ms,
+                  'action', A[4], 'at_ms', now_ms)
+        r('ZADD', K[4], now_ms, entry)
+    return [1, seen + 1, retry_ms]
+
+
+def velocity_v1(r: Commands, K: list[Any], A: list[Any]) -> list[int]:
+    # Lua's numbers are doubles: the products and quotients below are done in floats as the script does
+    charge, factor_ppm, baseline_hours, min_micros = num(A[1]), num(A[2]), num(A[3]), num(A[4])
+    now_ms = r.now_ms()
+    hour = now_ms // 3600000
+    current = r('HINCRBY', K[1], hour, charge)
+    r('EXPIRE', K[1], (baseline_hours + 3) * 3600)
+    if r('HLEN', K[1]) > baseline_hours + 2:
+        for name in r('HKEYS', K[1]):
+            if int(name) < hour - baseline_hours - 1:
+                r('HDEL', K[1], name)
+    previous = num_or_0(r('HGET', K[1], hour - 1))
+    into_hour_ms = now_ms - hour * 3600000
+    last_hour = current + math.floor(float(previous) * (3600000 - into_hour_ms) / 3600000)
+    baseline = sum(num_or_0(r('HGET', K[1], h)) for h in range(hour - 1 - baseline_hours, hour - 1))
+    average = math.floor(baseline / baseline_hours)
+    queued = 0
+    if (baseline > 0 and last_hour >= min_micros
+            and float(last_hour) * baseline_hours * 1000000 > float(factor_ppm) * baseline
+            and r('GET', K[2]) != str(hour).encode()):
+        r('SET', K[2], hour, 'EX', 7200)
+        if A[5] == '1':
+            entry = r('XADD', K[3], 'MAXLEN', '~', 10000, '*', 'event', 'velocity', 'tenant', A[6], 'period', 'hour',
+                      'hour', hour, 'spent', last_hour, 'baseline', average,
+                      'limit', math.floor(float(factor_ppm) * baseline / baseline_hours / 1000000),
+                      'factor_ppm', factor_ppm, 'at_ms', now_ms)
+            r('ZADD', K[4], now_ms, entry)
+        queued = 1
+    return [last_hour, average, queued]
+
+
 #: The SHA1 of the script each twin transcribes (as ``register_script`` computes it) -> the twin. Written
 #: out, not computed from the files: a script edited without its twin then has no twin, and the
 #: embedded store runs the edited Lua (slowly, but right) until the twin and its SHA1 follow
@@ -617,6 +668,8 @@ TWINS: dict[str, Twin] = {
     "34ce43d1a471f9dc9ecedf2b185792d3251be9db": settle_v4,  # settle.v4.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
+    "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua
+    "daa2702f77aea023bb135d283b04c7b62f4a798e": velocity_v1,  # velocity.v1.lua
 }
 
 
