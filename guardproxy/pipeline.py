@@ -100,14 +100,15 @@ class BudgetedEndpoint:
         key = presented_key(request.headers)
         context = CallContext.of(request.headers, job, key_fingerprint(hash_key(key) if key else None))
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
-        # The runaway-agent brake, before anything is reserved: a looping agent's refusals cost nothing.
+        requested = self._price(call.model)
+        # The runaway-agent brake, once the request is known to be valid and before anything is reserved
+        # or answered (from the cache too): a looping agent's refusals cost nothing.
         await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
                                 self.shape.path, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
             return cached
-        requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None

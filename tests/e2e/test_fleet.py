@@ -107,6 +107,18 @@ def test_a_refused_loop_may_send_again_after_retry_after(
     assert agent.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20).choices
 
 
+def test_bad_input_repeated_is_a_400_each_time_and_not_counted(
+    upstream_url: str, redis_url: str, serve_proxy: Callable[..., str],
+) -> None:
+    url = start(fleet_config(upstream_url, redis_url, loop={"max_repeats": 1, "window_s": 60}), serve_proxy)
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError) as bad:
+            sdk(url).chat.completions.create(model="gpt-unpriced", messages=HI)
+        assert bad.value.code == "model_not_priced"
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.keys("gp:{acme}:loop:*") == []
+
+
 def test_alert_action_lets_the_loop_through_and_queues_one_alert(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str], fake_state: FakeUpstreamState,
 ) -> None:
@@ -174,7 +186,7 @@ def test_the_export_of_a_day_sums_to_the_days_counter_to_the_micro_usd(
     assert response.headers["content-type"].startswith("text/csv")
     assert "x-guardproxy-export-incomplete" not in response.headers
     rows = _rows(response.text)
-    of_day = [r for r in rows if r["x_BudgetDay"] == day or r["x_Outcome"] == "external"]
+    of_day = [r for r in rows if r["x_BudgetDay"] == day]
     assert sum(Decimal(r["BilledCost"]) for r in of_day) * 1_000_000 == counter
     assert int(response.headers["x-guardproxy-export-billed-micros"]) == counter
 
