@@ -5,6 +5,7 @@ counter to the micro-USD, over the admin API (CSV and Parquet) and the ``guardpr
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -30,6 +31,7 @@ from tests.conftest import TENANT_KEY, config_dict, redis_int
 from tests.e2e.books import audit_log
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI, all_settled, keys
+from tests.e2e.test_concurrency import proxy_process
 
 SECOND_KEY = "tk-acme-second-agent"
 OTHER_QUESTION: list[ChatCompletionMessageParam] = [
@@ -260,3 +262,31 @@ def test_a_spending_spike_fires_one_velocity_alert(
     assert event["tenant"] == "acme" and event["factor"] == 2 and event["hourly_average_usd"] == 0.00001
     # the first call took the hour over 2 x 10 micro-USD: the event tells the spend as it was then, once
     assert round(event["last_hour_usd"] * 1_000_000) == int(audit_log(redis_url)[0]["cost_micros"]) > 20
+
+
+@pytest.mark.slow
+def test_concurrent_repeats_over_two_replicas_pass_exactly_max_repeats(
+    upstream_url: str, redis_url: str, tmp_path: Path, fake_state: FakeUpstreamState,
+) -> None:
+    raw = fleet_config(upstream_url, redis_url, loop={"max_repeats": 5, "window_s": 120})
+
+    async def burst(urls: list[str], count: int) -> list[int | str]:
+        clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
+
+        async def one(i: int) -> int | str:
+            try:
+                await clients[i % 2].chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
+            except openai.RateLimitError as exc:
+                return str(exc.code)
+            return 200
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(count))))
+        finally:
+            for client in clients:
+                await client.close()
+
+    with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
+        results = asyncio.run(burst([first, second], 40))
+    assert results.count(200) == 5 and results.count("loop_detected") == 35
+    assert len(fake_state.requests) == 5
