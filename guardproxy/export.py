@@ -127,6 +127,8 @@ def call_lines(fields: Mapping[str, str], fallback: Price | None) -> list[Line]:
     ]
     lines = [line for line in candidates if line.quantity > 0]
     charge = _int(fields, "cost_micros")
+    if not lines and charge > 0:
+        lines = candidates[:1]  # a charge logged without tokens still has a row, so totals stay exact
     shares = allocate(charge, [line.quantity * line.price for line in lines])
     out = []
     for line, share in zip(lines, shares, strict=True):

@@ -148,6 +148,12 @@ def test_lines_split_classes_and_show_the_cache_discount() -> None:
     ]
 
 
+def test_a_charge_logged_without_tokens_still_has_its_row() -> None:
+    (line,) = call_lines({"cost_micros": "42"}, GPT4O)
+    assert (line.token_class, line.quantity, line.effective_micros) == ("input", 0, 42)
+    assert call_lines({"cost_micros": "0"}, GPT4O) == []
+
+
 def test_focus_rows_of_a_call_and_of_external_spend() -> None:
     cfg = config()
     at_ms = int(datetime(2026, 12, 6, 14, 25, tzinfo=UTC).timestamp() * 1000)
