@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from guardproxy.alerts import event_json, slack_text
+from guardproxy.cli import main as cli_main
+from guardproxy.cli import masked
 from guardproxy.config import parse_config
 from guardproxy.embedded import EmbeddedRedis
 from guardproxy.export import COLUMNS, Line, allocate, call_lines, collect, csv_bytes, focus_rows, parse_time
@@ -230,3 +234,27 @@ async def test_an_export_reaching_past_a_full_call_log_says_it_is_incomplete() -
     assert oldest_ms is not None
     since_oldest = await collect(store, cfg, ["acme"], datetime.fromtimestamp(oldest_ms / 1000, UTC), end)
     assert since_oldest.incomplete == [] and since_oldest.billed_micros == 15
+
+
+def test_the_export_command_refuses_a_bad_period_or_parquet_without_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config_dict("http://127.0.0.1:9")))
+    base = ["export", "--config", str(path)]
+    assert cli_main([*base, "--from", "2026-12-02", "--to", "2026-12-01"]) == 2
+    assert "to must be later than from" in capsys.readouterr().err
+    assert cli_main([*base, "--from", "2026-12-01", "--to", "2026-12-02", "--tenant", "bad tenant"]) == 2
+    assert cli_main([*base, "--from", "2026-12-01", "--to", "2026-12-02", "--format", "parquet"]) == 2
+    assert "needs --output" in capsys.readouterr().err
+    # an empty embedded store: a header and nothing else, complete
+    assert cli_main([*base, "--from", "2026-12-01", "--to", "2026-12-02"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [",".join(COLUMNS)] and "0 rows" in out.err
+
+
+def test_check_config_shows_the_brakes() -> None:
+    shown = masked(config(defaults={"loop": {"max_repeats": 4}, "velocity": {"factor": 2.5, "min_usd": 0}}))
+    assert shown["budgets"]["defaults"]["loop"] == {"max_repeats": 4, "window_s": 60, "action": "refuse"}
+    assert shown["budgets"]["defaults"]["velocity"] == {"factor": 2.5, "baseline_hours": 24, "min_usd": 0.0}
+    assert shown["tenants"]["acme"]["loop"] == {"max_repeats": 4, "window_s": 60, "action": "refuse"}
