@@ -45,8 +45,10 @@ demo: venv
 lint: venv-test
 	$(BIN)/ruff check guardproxy tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mkdocs build --strict --quiet
 
-# Lint, type-check, then the whole suite (it starts its own redis-server and fake upstreams).
+# Lint, type-check, check the layers (.importlinter), build the manual (strict: no broken links), then the whole suite (it starts its own redis-server and fake upstreams).
 test: lint
 	$(BIN)/pytest
 

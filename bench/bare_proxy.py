@@ -1,7 +1,7 @@
 """The baselines of the benchmark: bare Starlette pass-throughs, with no auth, no budget and no logging.
 
 They do what any proxy in front of an OpenAI upstream must do, and nothing else: read the body, POST it
-upstream over one pooled client (the pool limits of ``guardproxy/upstream.py``) and stream the answer back
+upstream over one pooled client (the pool limits of ``guardproxy/http/upstream.py``) and stream the answer back
 with the upstream's status and content type. guardproxy's overhead is measured against them.
 
 ``BENCH_CLIENT`` picks the upstream client:

@@ -19,7 +19,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-import run
+import measure
+import servers
+import workload
 
 # The first match, from the innermost frame outwards, names a sample's component.
 COMPONENTS = [
@@ -28,7 +30,7 @@ COMPONENTS = [
     ("fakeredis+lupa (embedded store)", ("(fakeredis/", "(lupa/")),
     ("httpx API layer", ("(httpx/", "(httpx_aiohttp/", "(httpcore/")),
     ("aiohttp", ("(aiohttp/", "(yarl/", "(multidict/")),
-    ("tiktoken", ("(tiktoken/", "(guardproxy/tokens.py")),
+    ("tiktoken", ("(tiktoken/", "(guardproxy/budget/tokens.py")),
     ("prometheus", ("(prometheus_client/",)),
     ("uvicorn+httptools", ("(uvicorn/", "(httptools/")),
     ("starlette", ("(starlette/",)),
@@ -39,14 +41,14 @@ COMPONENTS = [
 ]
 # Inclusive shares: samples with any frame matching.
 STEPS = [
-    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/pipeline.py"),
-    ("admit (store round trip)", "._admit (guardproxy/pipeline.py"),
-    ("store client calls (admit + settle + other)", "(guardproxy/store.py"),
-    ("forward to upstream (send)", "Upstream.send (guardproxy/upstream.py"),
-    ("read a whole answer (read)", "Upstream.read (guardproxy/upstream.py"),
-    ("relay of a stream", "(guardproxy/relay.py"),
-    ("token estimate", "._estimate (guardproxy/pipeline.py"),
-    ("auth (tenant resolve)", "(guardproxy/auth.py"),
+    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/http/pipeline.py"),
+    ("admit (store round trip)", "._admit (guardproxy/http/pipeline.py"),
+    ("store client calls (admit + settle + other)", "(guardproxy/store/redis.py"),
+    ("forward to upstream (send)", "Upstream.send (guardproxy/http/upstream.py"),
+    ("read a whole answer (read)", "Upstream.read (guardproxy/http/upstream.py"),
+    ("relay of a stream", "(guardproxy/http/relay.py"),
+    ("token estimate", "._estimate (guardproxy/http/pipeline.py"),
+    ("auth (tenant resolve)", "(guardproxy/http/auth.py"),
     ("logging", "(logging/"),
     ("metrics", "(prometheus_client/"),
 ]
@@ -85,8 +87,8 @@ def summarize(collapsed: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--target", default=run.GUARD, choices=[t for t in run.ALL_TARGETS if t != "upstream"])
-    parser.add_argument("--mode", default="plain", choices=run.MODES)
+    parser.add_argument("--target", default=servers.GUARD, choices=[t for t in servers.ALL_TARGETS if t != "upstream"])
+    parser.add_argument("--mode", default="plain", choices=workload.MODES)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--flame", help="also write a flame graph (SVG) here")
     parser.add_argument("--raw", help="keep the collapsed stacks here")
@@ -98,17 +100,17 @@ def main() -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("py-spy not found: pip install py-spy (into this venv; not a project dependency)")
-    sys.path.insert(0, str(run.REPO_DIR))
+    sys.path.insert(0, str(servers.REPO_DIR))
     with tempfile.TemporaryDirectory(prefix="guardproxy-profile-") as tmp_dir:
         tmp = Path(tmp_dir)
-        (tmp / "load.lua").write_text(run.wrk_script(args.mode))
-        with run.servers(tmp, ["upstream", args.target]) as (targets, procs):
+        (tmp / "load.lua").write_text(measure.wrk_script(args.mode))
+        with servers.servers(tmp, ["upstream", args.target]) as (targets, procs):
             target = next(t for t in targets if t.name == args.target)
-            run.smoke(target, args.mode)
-            run.wrk(target.url(args.mode), tmp / "load.lua", 2, 32, 2)
-            pid = max(procs.started[args.target].pid, *[s.pid for s in run.session_stats(
+            servers.smoke(target, args.mode)
+            measure.wrk(target.url(args.mode), tmp / "load.lua", 2, 32, 2)
+            pid = max(procs.started[args.target].pid, *[s.pid for s in servers.session_stats(
                 procs.started[args.target].pid)])  # the (last started) worker
-            load = threading.Thread(target=run.wrk, args=(target.url(args.mode), tmp / "load.lua", 2, 32,
+            load = threading.Thread(target=measure.wrk, args=(target.url(args.mode), tmp / "load.lua", 2, 32,
                                                           args.seconds + 3))
             load.start()
             raw = tmp / "stacks.txt"

@@ -16,9 +16,10 @@ import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, Reservation
-from guardproxy.store_client import connect
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import Reservation
+from guardproxy.store.client import connect
+from guardproxy.store.redis import BudgetStore
 from tests.redis_procs import SentinelSet
 
 

@@ -32,12 +32,11 @@ RECORD = {"request_id": "0" * 32, "requested_model": "gpt-4o-mini", "model": "gp
 
 
 async def pairs(url: str, count: int, concurrency: int, warmup: int) -> dict[str, float]:
-    from guardproxy.budget import RateLimits, Thresholds
-    from guardproxy.config import StoreConfig
-    from guardproxy.periods import periods_at
-    from guardproxy.records import AlertArgs
-    from guardproxy.store import BudgetStore
-
+    from guardproxy.budget.decision import RateLimits, Thresholds
+    from guardproxy.budget.periods import periods_at
+    from guardproxy.budget.records import AlertArgs
+    from guardproxy.config.settings import StoreConfig
+    from guardproxy.store.redis import BudgetStore
     # As `guardproxy serve` runs behind Sentinel by default: each settlement waits for one replica.
     acks = 1 if url.startswith(("redis+sentinel", "rediss+sentinel")) else 0
     store = BudgetStore.from_config(StoreConfig(redis_url=url, key_prefix="bench", min_replica_acks=acks))

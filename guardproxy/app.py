@@ -20,29 +20,30 @@ from starlette.responses import Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from guardproxy import tokens
-from guardproxy.admin import admin_routes
-from guardproxy.agent_api import agent_routes
-from guardproxy.alerts import AlertSender
-from guardproxy.auth import JobTenantResolver
-from guardproxy.config import Config, hash_key, load_config
-from guardproxy.cors import cors_middleware
-from guardproxy.endpoints import BUDGETED
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, as_guard_error, error_body, new_request_id
-from guardproxy.errors import error_response as error_response
-from guardproxy.external import external_routes
-from guardproxy.journal import Journal
-from guardproxy.keys import KeyRing
-from guardproxy.ledger import Ledger
-from guardproxy.metrics import Metrics
-from guardproxy.paths import EntryGuard
-from guardproxy.periods import utc_now
-from guardproxy.pipeline import Services
-from guardproxy.reload import SighupReloader
-from guardproxy.runtime import Runtime
+from guardproxy.admin.api import admin_routes
+from guardproxy.admin.external import external_routes
+from guardproxy.admin.reload import SighupReloader
+from guardproxy.budget import tokens
+from guardproxy.budget.periods import utc_now
+from guardproxy.config.settings import Config, hash_key, load_config
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body, new_request_id
+from guardproxy.http.agent_api import agent_routes
+from guardproxy.http.auth import JobTenantResolver
+from guardproxy.http.cors import cors_middleware
+from guardproxy.http.endpoints import BUDGETED
+from guardproxy.http.errors import as_guard_error
+from guardproxy.http.errors import error_response as error_response
+from guardproxy.http.paths import EntryGuard
+from guardproxy.http.pipeline import Services
+from guardproxy.http.runtime import Runtime
+from guardproxy.observe.alerts import AlertSender
+from guardproxy.observe.metrics import Metrics
+from guardproxy.observe.state import all_tenants, read_states
 from guardproxy.servicetitan.resolver import ServiceTitanResolver
-from guardproxy.state import all_tenants, read_states
-from guardproxy.store import BudgetStore
+from guardproxy.store.journal import Journal
+from guardproxy.store.keys import KeyRing
+from guardproxy.store.ledger import Ledger
+from guardproxy.store.redis import BudgetStore
 
 log = logging.getLogger("guardproxy")
 
@@ -136,7 +137,7 @@ def create_app(
             )
         tracing = None
         if config.telemetry.enabled:
-            from guardproxy.telemetry import Tracing  # imports OpenTelemetry: only when configured
+            from guardproxy.observe.telemetry import Tracing  # imports OpenTelemetry: only when configured
 
             tracing = Tracing(config.telemetry)
         metrics: Metrics = app.state.metrics

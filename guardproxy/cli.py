@@ -16,11 +16,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from guardproxy import __version__, export_api, keys_cli, logs
-from guardproxy.config import Config, hash_key, load_config
-from guardproxy.pricing import MICROS_PER_USD
-from guardproxy.store_client import mask_password
-from guardproxy.validation import ConfigError
+from guardproxy import __version__
+from guardproxy.admin import export as export_api
+from guardproxy.admin import keys_cli
+from guardproxy.budget.pricing import MICROS_PER_USD
+from guardproxy.config.settings import Config, hash_key, load_config
+from guardproxy.config.validation import ConfigError
+from guardproxy.observe import logs
+from guardproxy.store.client import mask_password
 
 MASK = "***"
 
@@ -83,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         return export_api.main(config, args)
     if args.command == "status":
-        from guardproxy.status import main as status_main
+        from guardproxy.admin.status import main as status_main
 
         return status_main(config, args.tenant, jobs=args.jobs)
     if args.command == "check-config":
@@ -104,7 +107,7 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardproxy.app import CONFIG_ENV, create_app
-    from guardproxy.metrics import MULTIPROC_ENV
+    from guardproxy.observe.metrics import MULTIPROC_ENV
 
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
@@ -146,8 +149,8 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
 
 def prices_command(model: str, provider: str | None) -> int:
     """Print one model's catalog prices, in USD and in the micro-USD the proxy charges with."""
-    from guardproxy import price_catalog
-    from guardproxy.pricing import price_to_micros
+    from guardproxy.budget.pricing import price_to_micros
+    from guardproxy.config import prices as price_catalog
 
     found = price_catalog.lookup(model, provider)
     if found is None:

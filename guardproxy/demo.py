@@ -25,9 +25,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from guardproxy.app import create_app
-from guardproxy.config import Config, hash_key, parse_config
-from guardproxy.fake_upstream import create_fake_upstream
-from guardproxy.state import TenantState, read_states
+from guardproxy.config.settings import Config, hash_key, parse_config
+from guardproxy.observe.state import TenantState, read_states
+from guardproxy.testing.fake_upstream import create_fake_upstream
 
 BAR_WIDTH = 24
 

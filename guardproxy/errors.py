@@ -1,7 +1,8 @@
 """Every error guardproxy answers with, in OpenAI's shape.
 
 One table maps each kind of error to its HTTP status, OpenAI error ``type``, ``code`` and the level
-it is logged at, so that the status a client sees and the line an operator reads never disagree.
+it is logged at, so that the status a client sees and the line an operator reads never disagree. Pure:
+``guardproxy.http.errors`` turns these into responses.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from enum import Enum
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ErrorKind(Enum):
     # OpenAI's own per-minute 429s carry the limit's kind as their type.
     RATE_LIMITED_REQUESTS = ErrorSpec(429, "requests", "rate_limit_exceeded", logging.INFO)
     RATE_LIMITED_TOKENS = ErrorSpec(429, "tokens", "rate_limit_exceeded", logging.INFO)
-    # The runaway-agent brake: the same request too often from one key and job (``brakes.py``).
+    # The runaway-agent brake: the same request too often from one key and job (``http/brakes.py``).
     LOOP_DETECTED = ErrorSpec(429, "requests", "loop_detected", logging.WARNING)
     INTERNAL = ErrorSpec(500, "server_error", "internal_error", logging.ERROR)
     UPSTREAM_UNAVAILABLE = ErrorSpec(502, "server_error", "upstream_unavailable", logging.WARNING)
@@ -97,26 +96,3 @@ class StoreUnavailable(Exception):
 
 def new_request_id() -> str:
     return f"req_gp_{uuid.uuid4().hex}"
-
-
-def error_response(exc: GuardError) -> Response:
-    """``exc`` as the response a client gets: OpenAI's error shape, with an ``x-request-id``."""
-    headers = {"x-request-id": new_request_id(), **exc.headers}
-    return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
-
-
-def as_guard_error(exc: BaseException) -> GuardError | None:
-    """The client-facing form of a failure raised below the handlers, or ``None`` for a real bug.
-
-    The one table from the layers' own exceptions to the contract's errors: the store's outage is
-    503 ``budget_store_unavailable`` wherever it happens (budgeted calls, admin API, status page).
-    """
-    if isinstance(exc, GuardError):
-        return exc
-    if isinstance(exc, StoreUnavailable):
-        return GuardError(ErrorKind.STORE_UNAVAILABLE, "The budget store is unavailable; try again shortly.",
-                          headers={"retry-after": "1"})
-    if isinstance(exc, ClientDisconnect):
-        # Nobody reads this answer; it only keeps a client that hung up from showing as a 500.
-        return GuardError(ErrorKind.INVALID_JSON, "The client disconnected before the request body was read.")
-    return None

@@ -1,7 +1,7 @@
 """``serve --workers N``: uvicorn's worker supervisor, with SIGHUP meaning "reload the config".
 
 uvicorn's own supervisor answers SIGHUP by replacing every worker. guardproxy reloads in place
-instead (``guardproxy.reload``): the supervisor forwards SIGHUP to each worker, which re-reads
+instead (``guardproxy.admin.reload``): the supervisor forwards SIGHUP to each worker, which re-reads
 ``proxy.yaml``, keeps serving its in-flight calls and refuses a file that does not validate.
 A worker that reloads through ``POST /admin/reload`` signals the supervisor the same way, so
 every worker follows.
@@ -17,7 +17,7 @@ from socket import socket
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from guardproxy.runtime import SUPERVISOR_ENV
+from guardproxy.http.runtime import SUPERVISOR_ENV
 
 log = logging.getLogger("guardproxy.supervisor")
 

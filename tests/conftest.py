@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,17 +10,19 @@ from typing import Any
 import pytest
 import redis
 
-from guardproxy.config import Config, hash_key, parse_config
-from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
-from guardproxy.store import BudgetStore
-from tests.redis_procs import RedisCluster3, SentinelSet
-from tests.servers import free_port, serve_in_thread
+from guardproxy.config.settings import Config
+from guardproxy.store.redis import BudgetStore
+from guardproxy.testing.fake_upstream import FakeUpstreamState, create_fake_upstream
+from tests.helpers import OTHER_TENANT_KEY as OTHER_TENANT_KEY
+from tests.helpers import SERVICE_KEY as SERVICE_KEY
+from tests.helpers import TENANT_KEY as TENANT_KEY
+from tests.helpers import config_dict as config_dict
+from tests.helpers import make_config as make_config
+from tests.helpers import redis_int as redis_int
+from tests.redis_procs import RedisCluster3, RedisServer, SentinelSet
 from tests.servers import no_proxy_env as no_proxy_env
+from tests.servers import serve_in_thread
 from tests.stores import BACKENDS, Backend
-
-TENANT_KEY = "tk-acme-secret"
-OTHER_TENANT_KEY = "tk-globex-secret"
-SERVICE_KEY = "sk-service-secret"
 
 
 @pytest.fixture
@@ -39,47 +37,6 @@ def journal_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     home = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("XDG_STATE_HOME", str(home))
     return home / "guardproxy" / "journal"
-
-
-class RedisServer:
-    """A throwaway redis-server process on a free loopback port."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: `apt-get install -y redis-server` (.ci/run does it)")
-        self.binary = binary
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="gp-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture(scope="session")
@@ -163,29 +120,6 @@ def upstream_url(fake_state: FakeUpstreamState) -> Iterator[str]:
         yield url
 
 
-def config_dict(upstream_url: str, **overrides: Any) -> dict[str, Any]:
-    """A test config as YAML would give it; ``overrides`` replace top-level sections."""
-    raw: dict[str, Any] = {
-        "upstreams": {"openai": {"base_url": f"{upstream_url}/v1", "api_key": "sk-upstream-secret"}},
-        "models": {
-            "gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00, "max_output_tokens": 1000,
-                       "downgrade_to": "gpt-4o-mini"},
-            "gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.60, "max_output_tokens": 1000},
-        },
-        "tenants": {
-            "acme": {"api_keys": [hash_key(TENANT_KEY)], "daily_usd": 1, "monthly_usd": 20},
-            "globex": {"api_keys": [hash_key(OTHER_TENANT_KEY)], "timezone": "America/Chicago"},
-        },
-        "auth": {"service_keys": [hash_key(SERVICE_KEY)]},
-    }
-    raw.update(overrides)
-    return raw
-
-
-def make_config(upstream_url: str, **overrides: Any) -> Config:
-    return parse_config(config_dict(upstream_url, **overrides), {})
-
-
 @pytest.fixture
 def serve_proxy() -> Iterator[Callable[..., str]]:
     """Start ``create_app(config, **kw)`` on loopback; returns its base URL. Stopped after the test."""
@@ -198,12 +132,4 @@ def serve_proxy() -> Iterator[Callable[..., str]]:
 
         yield start
 
-
-def redis_int(url: str, key: str) -> int:
-    client = redis.Redis.from_url(url)
-    try:
-        value = client.get(key)
-    finally:
-        client.close()
-    return int(value or 0)
 

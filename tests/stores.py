@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from guardproxy.config import StoreConfig
-from guardproxy.embedded import EmbeddedRedis
-from guardproxy.store import BudgetStore
+from guardproxy.config.settings import StoreConfig
+from guardproxy.store.embedded import EmbeddedRedis
+from guardproxy.store.redis import BudgetStore
 
 PREFIX = "gp"
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 
-from guardproxy.servicetitan.settings import Connection, ServiceTitanConfig
+from guardproxy.config.servicetitan import Connection, ServiceTitanConfig
 
 logger = logging.getLogger("guardproxy.servicetitan")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.servicetitan.settings import JOB_ID_FIELDS, TENANT_ID, ServiceTitanConfig
-from guardproxy.validation import describe
+from guardproxy.config.servicetitan import JOB_ID_FIELDS, TENANT_ID, ServiceTitanConfig
+from guardproxy.config.validation import describe
 
 
 class UnmappableJob(Exception):

@@ -29,6 +29,8 @@ from typing import Literal, Protocol
 
 import httpx
 
+from guardproxy.config.servicetitan import INT64_MAX, TENANT_ID, Connection, ServiceTitanConfig
+from guardproxy.config.validation import describe
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.servicetitan.client import (
     Clock,
@@ -37,8 +39,6 @@ from guardproxy.servicetitan.client import (
     ServiceTitanUnavailable,
 )
 from guardproxy.servicetitan.mapping import UnmappableJob, tenant_for
-from guardproxy.servicetitan.settings import INT64_MAX, TENANT_ID, Connection, ServiceTitanConfig
-from guardproxy.validation import describe
 
 logger = logging.getLogger("guardproxy.servicetitan")
 

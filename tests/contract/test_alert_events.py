@@ -9,9 +9,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardproxy.budget import Thresholds
-from guardproxy.periods import periods_at
-from guardproxy.store import AlertArgs, BudgetStore
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import AlertArgs
+from guardproxy.store.redis import BudgetStore
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from guardproxy.store import DAY_KEY_TTL_S, BudgetStore, Reservation
+from guardproxy.budget.records import Reservation
+from guardproxy.store.redis import DAY_KEY_TTL_S, BudgetStore
 
 pytestmark = pytest.mark.anyio
 

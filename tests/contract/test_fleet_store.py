@@ -10,8 +10,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, Reservation
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import Reservation
+from guardproxy.store.redis import BudgetStore
 
 pytestmark = pytest.mark.anyio
 

@@ -10,9 +10,10 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from guardproxy.budget import Thresholds
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, JobArgs, Reservation
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import JobArgs, Reservation
+from guardproxy.store.redis import BudgetStore
 
 pytestmark = pytest.mark.anyio
 

@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardproxy.budget import REQUESTS, TOKENS, WINDOW_MS, RateLimits, Thresholds
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore
+from guardproxy.budget.decision import REQUESTS, TOKENS, WINDOW_MS, RateLimits, Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.store.redis import BudgetStore
 
 pytestmark = pytest.mark.anyio
 

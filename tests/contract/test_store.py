@@ -14,9 +14,10 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from guardproxy.budget import Thresholds, decide
-from guardproxy.periods import Periods, periods_at
-from guardproxy.store import DAY_KEY_TTL_S, MONTH_KEY_TTL_S, BudgetStore, Reservation
+from guardproxy.budget.decision import Thresholds, decide
+from guardproxy.budget.periods import Periods, periods_at
+from guardproxy.budget.records import Reservation
+from guardproxy.store.redis import DAY_KEY_TTL_S, MONTH_KEY_TTL_S, BudgetStore
 
 pytestmark = pytest.mark.anyio
 

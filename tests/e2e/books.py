@@ -8,11 +8,11 @@ from typing import Any
 import httpx
 import redis
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.pricing import Usage, cost_micros
-from tests.conftest import TENANT_KEY, redis_int
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_admin import metric
 from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
+from tests.helpers import TENANT_KEY, redis_int
 from tests.servers import ProxyProcess as ProxyProcess
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}

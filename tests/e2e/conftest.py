@@ -10,8 +10,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import TENANT_KEY, RedisServer
 from tests.e2e.books import ProxyProcess
+from tests.helpers import TENANT_KEY
+from tests.redis_procs import RedisServer
 
 Sdk = Callable[[str], openai.OpenAI]
 

@@ -11,15 +11,15 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import Config, parse_config
-from guardproxy.periods import utc_now
-from guardproxy.pricing import Usage, cost_micros
-from guardproxy.state import read_states
-from guardproxy.status import render
-from guardproxy.store import BudgetStore
-from tests.conftest import SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
+from guardproxy.admin.status import render
+from guardproxy.budget.periods import utc_now
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.config.settings import Config, parse_config
+from guardproxy.observe.state import read_states
+from guardproxy.store.redis import BudgetStore
 from tests.e2e.test_chat import GPT4O, HI, MINI, all_settled, keys
 from tests.e2e.test_concurrency import proxy_process
+from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
 
 ADMIN_KEY = "adm-secret-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

@@ -20,16 +20,17 @@ import httpx
 import pytest
 import redis
 
-from guardproxy.config import Config, hash_key, parse_config
-from guardproxy.periods import periods_at
-from guardproxy.store import Keys
-from tests.conftest import config_dict, make_config, no_proxy_env
+from guardproxy.budget.periods import periods_at
+from guardproxy.config.settings import Config, hash_key, parse_config
+from guardproxy.store.redis import Keys
+from tests.helpers import config_dict, make_config
+from tests.servers import no_proxy_env
 
 ADMIN_KEY = "adm-page-secret"
 INITECH_KEY = "tk-initech-secret"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WINDOW = (1200, 900)
-# The page's colours for active / downgrading / blocked (guardproxy/admin_page.py).
+# The page's colours for active / downgrading / blocked (guardproxy/admin/page.py).
 COLOURS = {"active": (0x2F, 0x9E, 0x44), "downgrading": (0xE8, 0x89, 0x0C), "blocked": (0xD6, 0x33, 0x6C)}
 
 

@@ -15,16 +15,16 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import Config
-from guardproxy.fake_upstream import DEFAULT_COMPLETION_TOKENS, FakeUpstreamState
-from guardproxy.pricing import Usage, cost_micros
-from guardproxy.state import TenantState, read_states
-from guardproxy.status import render
-from guardproxy.store import BudgetStore
-from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
+from guardproxy.admin.status import render
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.config.settings import Config
+from guardproxy.observe.state import TenantState, read_states
+from guardproxy.store.redis import BudgetStore
+from guardproxy.testing.fake_upstream import DEFAULT_COMPLETION_TOKENS, FakeUpstreamState
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric
 from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, MINI, all_settled, keys, reserved, wait_for
+from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
 
 ADMIN_KEY = "adm-secret-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -41,7 +41,7 @@ def clamping_config(upstream_url: str, redis_url: str, *, clamp: bool = True, mi
 
 
 def make_config_from(raw: dict[str, Any]) -> Config:
-    from guardproxy.config import parse_config
+    from guardproxy.config.settings import parse_config
 
     return parse_config(raw, {})
 

@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY
 from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_concurrency import proxy_process
+from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict
 from tests.servers import free_port, serve_in_thread
 
 EVENT_FIELDS = {"event", "tenant", "period", "period_id", "threshold", "spent_usd", "limit_usd", "utilization",
@@ -171,7 +171,7 @@ def test_webhooks_and_rate_limits_added_by_a_reload_apply_at_once(
 ) -> None:
     import yaml
 
-    from guardproxy.config import load_config
+    from guardproxy.config.settings import load_config
 
     raw = alert_config(upstream_url, redis_url, receiver)
     alerts_section = raw.pop("alerts")

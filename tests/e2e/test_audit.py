@@ -8,11 +8,11 @@ import httpx
 import openai
 import pytest
 
-from guardproxy.config import parse_config
-from guardproxy.relay import Outcome
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.budget.records import Outcome
+from guardproxy.config.settings import parse_config
 from tests.e2e.books import AUTH, CALL, audit_log
 from tests.e2e.test_chat import HI, wait_for
+from tests.helpers import TENANT_KEY, config_dict
 
 STREAM = {**CALL, "stream": True}
 

@@ -12,12 +12,12 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import Config, parse_config
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import TENANT_KEY, config_dict, redis_int
+from guardproxy.config.settings import Config, parse_config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric as admin_metric
 from tests.e2e.test_chat import HI, all_settled, keys, reserved
+from tests.helpers import TENANT_KEY, config_dict, redis_int
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import yaml
 
-from guardproxy.config import load_config
-from guardproxy.pricing import Price, Usage, cost_micros, price_to_micros
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.budget.pricing import Price, Usage, cost_micros, price_to_micros
+from guardproxy.config.settings import load_config
 from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_cli import guardproxy
+from tests.helpers import TENANT_KEY, config_dict
 
 ADMIN = {"authorization": "Bearer adm-catalog"}
 

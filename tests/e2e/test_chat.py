@@ -13,11 +13,11 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from guardproxy.config import Config
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.periods import periods_at
-from guardproxy.pricing import Price, Usage, cost_micros
-from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config, redis_int
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.config.settings import Config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config, redis_int
 
 GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
 MINI = Price(150_000, 75_000, 600_000)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from guardproxy.demo import run_demo
-from tests.conftest import config_dict, no_proxy_env
+from tests.helpers import config_dict
+from tests.servers import no_proxy_env
 
 REPO = Path(__file__).resolve().parents[2]
 

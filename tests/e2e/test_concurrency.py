@@ -12,9 +12,10 @@ import httpx
 import openai
 import pytest
 
-from guardproxy.pricing import Price, Usage, cost_micros
-from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, redis_int
+from guardproxy.budget.pricing import Price, Usage, cost_micros
 from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
+from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.redis_procs import RedisServer
 from tests.servers import running_proxy
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
@@ -69,7 +70,7 @@ def tight_config(upstream_url: str, redis_url: str) -> dict[str, Any]:
 def test_200_concurrent_calls_never_pass_the_hard_cap(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str]
 ) -> None:
-    from guardproxy.config import parse_config
+    from guardproxy.config.settings import parse_config
 
     url = serve_proxy(parse_config(tight_config(upstream_url, redis_url), {}))
     costs, rejected = asyncio.run(burst([url], 200))

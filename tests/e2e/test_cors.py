@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from guardproxy.config import parse_config
-from guardproxy.validation import ConfigError
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.config.settings import parse_config
+from guardproxy.config.validation import ConfigError
 from tests.e2e.test_admin_page import chromium, run_chromium
 from tests.e2e.test_chat import HI
+from tests.helpers import TENANT_KEY, config_dict
 from tests.servers import free_port, serve_in_thread
 
 APP = "https://dispatch.example.com"

@@ -11,12 +11,12 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import Config
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.pricing import Price, Usage, cost_micros
-from tests.conftest import TENANT_KEY, config_dict, make_config, redis_int
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.config.settings import Config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_chat import GPT4O, MINI, all_settled, keys, reserved, settled
+from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
 
 EMBEDDING = Price(20_000, 20_000, 0)
 INSTRUCT = Price(1_500_000, 1_500_000, 2_000_000)

@@ -13,11 +13,11 @@ import httpx
 import openai
 import pytest
 
-from guardproxy.config import Config
-from guardproxy.periods import periods_at
-from tests.conftest import TENANT_KEY, make_config, redis_int
+from guardproxy.budget.periods import periods_at
+from guardproxy.config.settings import Config
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI, all_settled, keys
+from tests.helpers import TENANT_KEY, make_config, redis_int
 
 
 @pytest.fixture

@@ -21,17 +21,18 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from guardproxy import store_client
-from guardproxy.budget import Thresholds
-from guardproxy.config import parse_config
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.config.settings import parse_config
 from guardproxy.errors import StoreUnavailable
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, reply_lost
-from tests.conftest import RedisServer, config_dict, redis_int
+from guardproxy.store import client as store_client
+from guardproxy.store.redis import BudgetStore, reply_lost
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, audit_log, billed_micros, pending
 from tests.e2e.test_admin import metric
 from tests.e2e.test_chat import all_settled, keys, wait_for
+from tests.helpers import config_dict, redis_int
+from tests.redis_procs import RedisServer
 
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
 LIMITS = Thresholds(soft_day=10**9, hard_day=10**9, soft_month=10**10, hard_month=10**10)

@@ -24,14 +24,14 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from guardproxy.cli import main as cli_main
-from guardproxy.config import Config, hash_key, parse_config
-from guardproxy.export import COLUMNS
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import TENANT_KEY, config_dict, redis_int
+from guardproxy.config.settings import Config, hash_key, parse_config
+from guardproxy.observe.export import COLUMNS
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import audit_log
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI, all_settled, keys
 from tests.e2e.test_concurrency import proxy_process
+from tests.helpers import TENANT_KEY, config_dict, redis_int
 
 SECOND_KEY = "tk-acme-second-agent"
 OTHER_QUESTION: list[ChatCompletionMessageParam] = [

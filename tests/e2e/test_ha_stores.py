@@ -24,18 +24,18 @@ import redis
 import uvloop
 
 from guardproxy.app import create_app
-from guardproxy.budget import Thresholds
-from guardproxy.config import StoreConfig, hash_key, parse_config
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.ledger import Ledger
-from guardproxy.periods import periods_at
-from guardproxy.pricing import Price, Usage, cost_micros
-from guardproxy.servicetitan.fake import FakeServiceTitan
-from guardproxy.store import BudgetStore
-from guardproxy.store_client import connect
-from tests.conftest import SERVICE_KEY, TENANT_KEY, config_dict
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.config.settings import StoreConfig, hash_key, parse_config
+from guardproxy.store.client import connect
+from guardproxy.store.ledger import Ledger
+from guardproxy.store.redis import BudgetStore
+from guardproxy.testing.fake_servicetitan import FakeServiceTitan
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_chat import GPT4O, HI, MINI, keys, wait_for
 from tests.e2e.test_concurrency import FULL_LENGTH, proxy_process
+from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict
 from tests.redis_procs import RedisCluster3, SentinelSet, tenants_on_every_shard
 from tests.servers import serve_in_thread
 

@@ -14,10 +14,11 @@ import pytest
 import redis
 import yaml
 
-from guardproxy.config import Config, hash_key
-from tests.conftest import TENANT_KEY, RedisServer, config_dict, make_config, redis_int
+from guardproxy.config.settings import Config, hash_key
 from tests.e2e.test_chat import HI, all_settled
 from tests.e2e.test_cli import guardproxy
+from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.redis_procs import RedisServer
 
 ADMIN_KEY = "adm-keys-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

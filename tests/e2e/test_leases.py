@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from guardproxy.config import parse_config
-from guardproxy.pricing import Usage, cost_micros
-from tests.conftest import RedisServer, config_dict, redis_int
+from guardproxy.budget.pricing import Usage, cost_micros
+from guardproxy.config.settings import parse_config
 from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance
 from tests.e2e.test_chat import GPT4O, HI_PROMPT_TOKENS, keys, reserved, wait_for
+from tests.helpers import config_dict, redis_int
+from tests.redis_procs import RedisServer
 
 LEASE_S = 1.0
 STREAM = {**CALL, "stream": True}

@@ -14,11 +14,11 @@ import openai
 import pytest
 import redis
 
-from guardproxy.config import parse_config
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.config.settings import parse_config
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI
 from tests.e2e.test_concurrency import proxy_process
+from tests.helpers import TENANT_KEY, config_dict
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 
@@ -89,12 +89,13 @@ def test_the_openai_sdk_retries_a_rate_limited_call_until_the_window_admits_it(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str]
 ) -> None:
     url = serve_proxy(parse_config(limited_config(upstream_url, redis_url, rpm=2), {}))
-    # Two requests admitted 59.3 s ago fill the window; the older leaves it in about 0.7 s.
+    # Two requests admitted 58.5 s ago fill the window; the older leaves it in about 1.5 s (a second of it
+    # may pass before the call is sent, on a loaded machine).
     store = redis.Redis.from_url(redis_url)
     try:
         now_s, now_us = store.time()
         now_ms = now_s * 1000 + now_us // 1000
-        store.zadd("gp:{acme}:rl:req", {"earlier-1": now_ms - 59_300, "earlier-2": now_ms - 59_200})
+        store.zadd("gp:{acme}:rl:req", {"earlier-1": now_ms - 58_500, "earlier-2": now_ms - 58_400})
     finally:
         store.close()
     client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY)  # the SDK's default retries (2)

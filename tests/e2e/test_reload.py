@@ -15,10 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from guardproxy.config import load_config
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import OTHER_TENANT_KEY, TENANT_KEY, config_dict
+from guardproxy.config.settings import load_config
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_chat import HI
+from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict
 from tests.servers import running_proxy
 
 ADMIN_KEY = "adm-reload-secret"

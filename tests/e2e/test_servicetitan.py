@@ -10,9 +10,9 @@ import openai
 import pytest
 import redis
 
-from guardproxy.servicetitan.fake import FakeServiceTitan
-from tests.conftest import SERVICE_KEY, TENANT_KEY, make_config, redis_int
+from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from tests.e2e.test_chat import HI, all_settled, keys
+from tests.helpers import SERVICE_KEY, TENANT_KEY, make_config, redis_int
 from tests.servers import serve_in_thread
 
 ST_TENANT = 1234567

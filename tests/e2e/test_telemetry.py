@@ -12,9 +12,9 @@ import httpx
 import pytest
 import redis
 
-from guardproxy.config import parse_config
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.config.settings import parse_config
 from tests.e2e.test_chat import HI, keys
+from tests.helpers import TENANT_KEY, config_dict
 from tests.otlp_receiver import Received, create_receiver
 from tests.servers import serve_in_thread
 
@@ -107,7 +107,7 @@ def test_without_an_endpoint_the_tracing_sdk_is_never_imported(upstream_url: str
         "import sys\n"
         "from starlette.testclient import TestClient\n"
         "from guardproxy.app import create_app\n"
-        "from tests.conftest import make_config\n"
+        "from tests.helpers import make_config\n"
         f"app = create_app(make_config({upstream_url!r}))\n"
         "with TestClient(app) as client:\n"
         "    assert client.get('/healthz').status_code == 200\n"

@@ -9,14 +9,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from guardproxy.config import parse_config
-from guardproxy.periods import utc_now
-from guardproxy.state import read_states
-from guardproxy.status import render
-from guardproxy.store import BudgetStore
-from tests.conftest import TENANT_KEY, config_dict
+from guardproxy.admin.status import render
+from guardproxy.budget.periods import utc_now
+from guardproxy.config.settings import parse_config
+from guardproxy.observe.state import read_states
+from guardproxy.store.redis import BudgetStore
 from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
 from tests.e2e.test_chat import HI
+from tests.helpers import TENANT_KEY, config_dict
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

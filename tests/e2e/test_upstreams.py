@@ -11,13 +11,13 @@ import httpx
 import openai
 import pytest
 
-from guardproxy.config import Config, parse_config
-from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
-from guardproxy.pricing import Price, Usage, cost_micros
-from tests.conftest import config_dict, redis_int
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.config.settings import Config, parse_config
+from guardproxy.testing.fake_upstream import FakeUpstreamState, create_fake_upstream
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, all_settled, keys, reserved, settled
 from tests.e2e.test_endpoints import spend
+from tests.helpers import config_dict, redis_int
 from tests.servers import free_port, serve_in_thread
 
 GROK = Price(3_000_000, 3_000_000, 15_000_000)

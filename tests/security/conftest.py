@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import orjson
 import pytest
 
-from guardproxy.config import Config
-from guardproxy.fake_upstream import FakeUpstreamState, create_fake_upstream
-from tests.conftest import make_config
+from guardproxy.config.settings import Config
+from guardproxy.testing.fake_upstream import FakeUpstreamState, create_fake_upstream
+from tests.helpers import make_config
 from tests.security.wire import ADMIN_KEY
 from tests.servers import serve_in_thread
 

@@ -13,15 +13,15 @@ import httpx
 import orjson
 import pytest
 
-from guardproxy.auth import valid_tenant
-from guardproxy.config import TENANT_ID
+from guardproxy.config.servicetitan import Connection, ServiceTitanConfig
+from guardproxy.config.settings import TENANT_ID
 from guardproxy.errors import GuardError
-from guardproxy.fake_upstream import FakeUpstreamState
-from guardproxy.requests import parse_chat_request
+from guardproxy.http.auth import valid_tenant
+from guardproxy.http.requests import parse_chat_request
 from guardproxy.servicetitan.mapping import UnmappableJob, tenant_for
 from guardproxy.servicetitan.resolver import parse_job_id
-from guardproxy.servicetitan.settings import Connection, ServiceTitanConfig
-from tests.conftest import SERVICE_KEY, TENANT_KEY
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.helpers import SERVICE_KEY, TENANT_KEY
 from tests.security.wire import ADMIN_KEY, assert_openai_error, raw_request, store_snapshot
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
@@ -88,7 +88,7 @@ def test_a_hostile_body_is_a_400_and_reaches_nothing(
 
 
 def test_a_body_at_the_depth_limit_is_served(passthrough_url: str, fake_state: FakeUpstreamState) -> None:
-    from guardproxy.requests import MAX_JSON_DEPTH, json_depth  # here: the suite also runs against older code
+    from guardproxy.http.requests import MAX_JSON_DEPTH, json_depth  # here: the suite also runs against older code
 
     # messages (1) > message (2) > content (3) > part (4) > ... : the part's field nests to the limit.
     part = {"type": "text", "text": "hi", "meta": nested(MAX_JSON_DEPTH - 5)}
@@ -100,7 +100,7 @@ def test_a_body_at_the_depth_limit_is_served(passthrough_url: str, fake_state: F
 
 
 def test_json_depth_is_iterative() -> None:
-    from guardproxy.requests import MAX_JSON_DEPTH, json_depth
+    from guardproxy.http.requests import MAX_JSON_DEPTH, json_depth
 
     assert json_depth("x") == 0 and json_depth({}) == 1 and json_depth([[{}]]) == 3
     assert json_depth(nested(100_000)) > MAX_JSON_DEPTH  # no RecursionError: a stack, not recursion

@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from guardproxy.cli import main
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config
-from tests.security.conftest import CHAT
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.helpers import CHAT, OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config
 from tests.security.wire import ADMIN_KEY
 
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, SERVICE_KEY, ADMIN_KEY)
@@ -79,7 +78,7 @@ def test_check_config_and_serve_warn_about_a_keyless_upstream(
     assert "warning: upstreams.local has no api_key" in err
     assert "upstreams.openai" not in err
 
-    from guardproxy.config import load_config
+    from guardproxy.config.settings import load_config
 
     with caplog.at_level("WARNING", logger="guardproxy"):
         serve_proxy(load_config(path))
@@ -88,7 +87,7 @@ def test_check_config_and_serve_warn_about_a_keyless_upstream(
 
 def test_the_example_proxy_yaml_warns_when_openai_api_key_is_unset(capsys: pytest.CaptureFixture[str]) -> None:
     example = Path(__file__).resolve().parents[2] / "proxy.yaml"
-    from guardproxy.config import load_config
+    from guardproxy.config.settings import load_config
 
     config = load_config(example, env={})
     assert any(w.startswith("upstreams.openai has no api_key") for w in config.warnings)

@@ -18,9 +18,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from guardproxy.app import create_app
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import SERVICE_KEY, TENANT_KEY, make_config
-from tests.security.conftest import CHAT
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.helpers import CHAT, SERVICE_KEY, TENANT_KEY, make_config
 from tests.security.wire import ADMIN_KEY, assert_openai_error, raw_request
 from tests.servers import free_port, serve_in_thread
 

@@ -17,9 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import TENANT_KEY, make_config
-from tests.security.conftest import CHAT
+from guardproxy.testing.fake_upstream import FakeUpstreamState
+from tests.helpers import CHAT, TENANT_KEY, make_config
 from tests.security.wire import ADMIN_KEY, RawResponse, raw_request, store_snapshot
 from tests.servers import serve_in_thread
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from guardproxy.fake_upstream import FakeUpstreamState
-from tests.conftest import TENANT_KEY
+from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_endpoints import spend
-from tests.security.conftest import CHAT
+from tests.helpers import CHAT, TENANT_KEY
 from tests.security.wire import assert_openai_error, money, raw_request, store_snapshot
 
 AUTH = [("Authorization", f"Bearer {TENANT_KEY}"), ("Content-Type", "application/json")]
@@ -115,13 +114,13 @@ def test_the_trailing_slash_is_never_redirected(passthrough_url: str, fake_state
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models/ft:gpt-4o:acme::abc", "/admin/", "/healthz",
                                   "/v1/files/file-1", "/v1/files/a%20b", "/admin/tenants/acme.t_1-x/budget"])
 def test_canonical_paths_pass(path: str) -> None:
-    from guardproxy.paths import path_problem  # here: the suite also runs against code without it
+    from guardproxy.http.paths import path_problem  # here: the suite also runs against code without it
 
     assert path_problem(path.replace("%20", " "), path.encode()) is None
 
 
 def test_raw_path_and_path_must_agree() -> None:
-    from guardproxy.paths import path_problem
+    from guardproxy.http.paths import path_problem
 
     assert path_problem("/v1/chat/completions", b"/v1/chat%2Fcompletions") is not None
     assert path_problem("/v1/a", b"/v1/b") is not None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from guardproxy.servicetitan.fake import FakeServiceTitan
+from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from tests.servers import serve_in_thread
 from tests.servicetitan.helpers import APP_KEY, CLIENTS
 

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from guardproxy.config.servicetitan import ServiceTitanConfig, parse_servicetitan
 from guardproxy.errors import StoreUnavailable
-from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
 
 APP_KEY = "ak-SECRET-app-key-0001"
 TID1, TID2 = 1234567, 7654321

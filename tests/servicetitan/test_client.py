@@ -9,14 +9,14 @@ from typing import Any
 import anyio
 import pytest
 
+from guardproxy.config.servicetitan import ServiceTitanConfig
 from guardproxy.servicetitan.client import (
     JobNotFound,
     ServiceTitanAuthFailed,
     ServiceTitanClient,
     ServiceTitanUnavailable,
 )
-from guardproxy.servicetitan.fake import FakeServiceTitan
-from guardproxy.servicetitan.settings import ServiceTitanConfig
+from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from tests.servers import free_port
 from tests.servicetitan.helpers import SECRETS, TID1, TID2, ManualClock, config, job
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardproxy.config.servicetitan import TENANT_ID, Connection, ServiceTitanConfig
 from guardproxy.servicetitan.mapping import UnmappableJob, tenant_for
-from guardproxy.servicetitan.settings import TENANT_ID, Connection, ServiceTitanConfig
 from tests.servicetitan.helpers import TID1, job
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from guardproxy.config.servicetitan import ServiceTitanConfig
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.servicetitan.fake import FakeServiceTitan
 from guardproxy.servicetitan.resolver import NOT_FOUND, ServiceTitanResolver
-from guardproxy.servicetitan.settings import ServiceTitanConfig
+from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from tests.servers import free_port
 from tests.servicetitan.helpers import SECRETS, TID1, TID2, ManualClock, MemoryCache, config, job
 

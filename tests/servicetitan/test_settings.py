@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from guardproxy.servicetitan.settings import ServiceTitanConfig, parse_servicetitan
-from guardproxy.validation import ConfigError
+from guardproxy.config.servicetitan import ServiceTitanConfig, parse_servicetitan
+from guardproxy.config.validation import ConfigError
 from tests.servicetitan.helpers import APP_KEY, SECRETS, TID1, TID2
 
 MINIMAL: dict[str, Any] = {

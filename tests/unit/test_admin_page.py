@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from guardproxy.admin_page import render_page
-from guardproxy.config import BudgetPolicy
-from guardproxy.state import PeriodState, TenantState
+from guardproxy.admin.page import render_page
+from guardproxy.budget.policy import BudgetPolicy
+from guardproxy.observe.state import PeriodState, TenantState
 
 NOW = datetime(2026, 11, 22, 18, 30, tzinfo=UTC)
 

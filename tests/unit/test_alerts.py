@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from guardproxy.alerts import GIVE_UP_AFTER_S, MAX_RETRY_S, event_json, retry_delay_s, slack_text, webhook_body
-from guardproxy.config import AlertsConfig, WebhookConfig, parse_config
-from guardproxy.validation import ConfigError
-from tests.unit.test_config import minimal
+from guardproxy.config.settings import AlertsConfig, WebhookConfig, parse_config
+from guardproxy.config.validation import ConfigError
+from guardproxy.observe.alerts import GIVE_UP_AFTER_S, MAX_RETRY_S, event_json, retry_delay_s, slack_text, webhook_body
+from tests.helpers import minimal
 
 FIELDS = {"event": "threshold", "tenant": "acme", "period": "day", "period_id": "2026-11-22",
           "threshold": "750000", "spent": "7600", "limit": "10000", "at_ms": "1795348800000"}

@@ -1,4 +1,5 @@
-"""The benchmark's own pure parts (bench/run.py, bench/clients.py): what it serves, parses and concludes.
+"""The benchmark's own pure parts (bench/workload.py, servers.py, report.py, clients.py): what it serves,
+parses and concludes.
 
 The load itself is not run here (it takes minutes and measures nothing a test could assert).
 """
@@ -15,9 +16,9 @@ from types import ModuleType
 
 import orjson
 
-from guardproxy.endpoints import CHAT
-from guardproxy.pricing import Usage
-from guardproxy.sse import SSEParser
+from guardproxy.budget.pricing import Usage
+from guardproxy.http.endpoints import CHAT
+from guardproxy.http.sse import SSEParser
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
@@ -31,7 +32,9 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-run = _load("run")
+workload = _load("workload")
+servers = _load("servers")
+report = _load("report")
 clients = _load("clients")
 
 
@@ -40,60 +43,61 @@ def _nginx_unescape(quoted: str) -> bytes:
 
 
 def test_the_canned_stream_is_what_guardproxy_charges_for() -> None:
-    frames = run.canned_stream_frames()
-    watcher = CHAT.watcher(CHAT.parse(orjson.dumps(run.request_body("stream"))))
+    frames = workload.canned_stream_frames()
+    watcher = CHAT.watcher(CHAT.parse(orjson.dumps(workload.request_body("stream"))))
     parser = SSEParser()
     relayed = b"".join(watcher.process(frame) for frame in parser.feed(b"".join(frames)) + parser.close())
     assert watcher.done
-    assert watcher.usage == Usage(27, len(run.WORDS))
-    assert "".join(watcher.texts) == "".join(run.WORDS)
+    assert watcher.usage == Usage(27, len(workload.WORDS))
+    assert "".join(watcher.texts) == "".join(workload.WORDS)
     assert relayed == b"".join(frames)  # the client asked for usage itself: every byte passes unchanged
 
 
 def test_the_canned_answer_carries_usage_and_the_complete_marker() -> None:
-    answer = run.canned_answer()
+    answer = workload.canned_answer()
     usage, texts = CHAT.answer_usage(json.loads(answer))
-    assert usage == Usage(27, len(run.WORDS))
-    assert texts == ["".join(run.WORDS)]
-    assert run.COMPLETE_MARKERS["plain"].encode() in answer
-    assert run.COMPLETE_MARKERS["stream"].encode() in run.canned_stream_frames()[-1]
+    assert usage == Usage(27, len(workload.WORDS))
+    assert texts == ["".join(workload.WORDS)]
+    assert workload.COMPLETE_MARKERS["plain"].encode() in answer
+    assert workload.COMPLETE_MARKERS["stream"].encode() in workload.canned_stream_frames()[-1]
 
 
 def test_nginx_serves_each_route_from_memory_with_the_bodies_escaped(tmp_path: Path) -> None:
-    conf = run.nginx_conf(tmp_path, 12345)
+    conf = servers.nginx_conf(tmp_path, 12345)
     assert "listen 127.0.0.1:12345" in conf
     served = dict(re.findall(r"location = /(\w+)/v1/chat/completions \{.*?return 200 ('(?:\\.|[^'])*');", conf,
                              flags=re.S))
     assert set(served) == {"plain", "stream", "slow"}
-    assert _nginx_unescape(served["plain"]) == run.canned_answer()
-    assert _nginx_unescape(served["stream"]) == b"".join(run.canned_stream_frames())
+    assert _nginx_unescape(served["plain"]) == workload.canned_answer()
+    assert _nginx_unescape(served["stream"]) == b"".join(workload.canned_stream_frames())
     # The slow stream sends its head and first frame at once, then the rest slowly (minutes).
-    frames = run.canned_stream_frames()
-    allowance = len(frames[0]) + run.SLOW_HEAD_ALLOWANCE_BYTES
+    frames = workload.canned_stream_frames()
+    allowance = len(frames[0]) + workload.SLOW_HEAD_ALLOWANCE_BYTES
     assert f"limit_rate_after {allowance};" in conf
-    assert (len(b"".join(frames)) - allowance) / run.SLOW_RATE_BYTES_S > 60
+    assert (len(b"".join(frames)) - allowance) / workload.SLOW_RATE_BYTES_S > 60
 
 
 def test_every_route_has_a_model_and_upstream_on_guardproxy_and_litellm() -> None:
-    from guardproxy.config import parse_config
+    from guardproxy.config.settings import parse_config
 
-    config = parse_config(run.guardproxy_config("http://127.0.0.1:1", ""), {})
-    for route, model in run.MODELS.items():
+    config = parse_config(servers.guardproxy_config("http://127.0.0.1:1", ""), {})
+    for route, model in workload.MODELS.items():
         assert config.upstreams[config.models[model].upstream].base_url.rstrip("/").endswith(f"/{route}/v1")
-        assert run.request_body(route)["model"] == model
-    litellm = {m["model_name"]: m["litellm_params"]["api_base"] for m in run.litellm_config("http://n")["model_list"]}
-    assert litellm == {model: f"http://n/{route}/v1" for route, model in run.MODELS.items()}
+        assert workload.request_body(route)["model"] == model
+    litellm = {m["model_name"]: m["litellm_params"]["api_base"] for m in servers.litellm_config("http://n")["model_list"]}
+    assert litellm == {model: f"http://n/{route}/v1" for route, model in workload.MODELS.items()}
 
 
 def test_proc_stat_of_this_process() -> None:
-    stat = run.parse_proc_stat(Path("/proc/self/stat").read_text())
+    stat = servers.parse_proc_stat(Path("/proc/self/stat").read_text())
     assert stat.pid == os.getpid()
     assert stat.session == os.getsid(0)
     assert stat.cpu_ticks >= 0
     assert stat.rss_bytes > 1 << 20
     # A command name with spaces and parentheses does not shift the fields.
     odd = "42 (a) b (c)) S 1 42 7 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 100 1000 3 " + " ".join(["0"] * 28)
-    assert run.parse_proc_stat(odd) == run.ProcStat(pid=42, session=7, cpu_ticks=11, rss_bytes=3 * run.PAGE_SIZE)
+    expected = servers.ProcStat(pid=42, session=7, cpu_ticks=11, rss_bytes=3 * servers.PAGE_SIZE)
+    assert servers.parse_proc_stat(odd) == expected
 
 
 def test_a_response_is_complete_by_its_length_or_its_last_chunk() -> None:
@@ -110,23 +114,23 @@ def test_a_response_is_complete_by_its_length_or_its_last_chunk() -> None:
 
 def test_ratios_and_differences_pair_runs_of_the_same_round() -> None:
     rounds = [{"a": 10.0, "b": 20.0}, {"a": 30.0, "b": 30.0}, {"a": 5.0, "b": 10.0}, {"a": 1.0}]
-    assert run.paired(rounds, "a", "b", "ratio") == 0.5
-    assert run.paired(rounds, "a", "b", "diff") == -5.0
-    assert run.paired(rounds, "a", "missing", "ratio") is None
+    assert report.paired(rounds, "a", "b", "ratio") == 0.5
+    assert report.paired(rounds, "a", "b", "diff") == -5.0
+    assert report.paired(rounds, "a", "missing", "ratio") is None
 
 
 def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
     data = {
-        "throughput": [{"mode": "plain", "target": run.GUARD, "vs_baseline": 0.7},
-                       {"mode": "stream", "target": run.GUARD, "vs_baseline": 0.5}],
-        "latency_c1": [{"mode": "plain", "target": run.GUARD, "added_p50_ms": 0.9}],
-        "first_frame": [{"target": run.GUARD, "added_p50_ms": 1.2}],
-        "memory": [{"target": run.GUARD, "idle_mb": 70.0, "after_load_mb": 85.0, "streams_open": 999,
+        "throughput": [{"mode": "plain", "target": servers.GUARD, "vs_baseline": 0.7},
+                       {"mode": "stream", "target": servers.GUARD, "vs_baseline": 0.5}],
+        "latency_c1": [{"mode": "plain", "target": servers.GUARD, "added_p50_ms": 0.9}],
+        "first_frame": [{"target": servers.GUARD, "added_p50_ms": 1.2}],
+        "memory": [{"target": servers.GUARD, "idle_mb": 70.0, "after_load_mb": 85.0, "streams_open": 999,
                     "streams_mb": 100.0}],
         "ratios": {"workers_2_over_1_plain": 1.9, "embedded_over_redis_plain": 1.2,
                    "embedded_over_redis_stream": 0.8},
     }
-    verdicts = [(g.value, g.met) for g in run.goals(data)]
+    verdicts = [(g.value, g.met) for g in report.goals(data)]
     assert verdicts == [
         (0.7, True), (0.5, False), (0.9, True), (1.2, False),
         (85.0, False),  # the larger of fresh and after load

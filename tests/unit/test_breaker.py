@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from guardproxy.breaker import BreakerState, CircuitBreaker
-from guardproxy.catalog import BreakerConfig
+from guardproxy.config.models import BreakerConfig
+from guardproxy.http.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

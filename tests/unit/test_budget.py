@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.budget import ACTIVE, BLOCKED, DOWNGRADING, Decision, Thresholds, decide, remaining, state_of
-from guardproxy.config import BudgetPolicy
+from guardproxy.budget.decision import ACTIVE, BLOCKED, DOWNGRADING, Decision, Thresholds, decide, remaining, state_of
+from guardproxy.budget.policy import BudgetPolicy
 
 USD = 1_000_000
 # 10 USD a day, 200 a month, soft 0.8, hard 1.0
@@ -245,7 +245,7 @@ def test_requested_model_kept_when_it_fits_below_soft(
 
 
 def test_rate_limit_durations_read_like_openais() -> None:
-    from guardproxy.ratelimit import duration
+    from guardproxy.budget.ratelimit import duration
 
     assert [duration(ms) for ms in (0, 20, 999, 1000, 1500, 59_999, 60_000, 360_000, 61_250)] == [
         "0ms", "20ms", "999ms", "1s", "1.5s", "59.999s", "1m0s", "6m0s", "1m1.25s",
@@ -253,7 +253,7 @@ def test_rate_limit_durations_read_like_openais() -> None:
 
 
 def test_format_usd_keeps_sub_cent_digits() -> None:
-    from guardproxy.pricing import format_usd
+    from guardproxy.budget.pricing import format_usd
 
     assert [format_usd(m) for m in (0, 500, 5_000, 10_000, 1_234_567, 1_500_000, 250_000_000)] == [
         "0.00", "0.0005", "0.005", "0.01", "1.234567", "1.50", "250.00",

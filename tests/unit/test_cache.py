@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy import cache
-from guardproxy.sse import SSEParser
+from guardproxy.http import cache
+from guardproxy.http.sse import SSEParser
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
 

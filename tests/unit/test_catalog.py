@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from guardproxy.catalog import BreakerConfig
-from guardproxy.config import parse_config
+from guardproxy.config.models import BreakerConfig
+from guardproxy.config.settings import parse_config
+from guardproxy.config.validation import ConfigError
 from guardproxy.errors import GuardError
-from guardproxy.upstream import Upstream
-from guardproxy.validation import ConfigError
+from guardproxy.http.upstream import Upstream
 
 
 def raw_config(**changes: Any) -> dict[str, Any]:

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import Thresholds, decide
-from guardproxy.choice import (
+from guardproxy.budget.choice import (
     CLAMPED,
     DOWNGRADED_TO_FIT,
     SOFT_CAP,
@@ -27,11 +26,13 @@ from guardproxy.choice import (
     reading,
     thresholds_in_force,
 )
-from guardproxy.clamp import Tier, candidates, largest_output_tokens
-from guardproxy.config import BudgetPolicy
-from guardproxy.pricing import Price, Usage, cost_micros
-from guardproxy.state import override_record
-from guardproxy.store import Admission, BudgetStore
+from guardproxy.budget.clamp import Tier, candidates, largest_output_tokens
+from guardproxy.budget.decision import Thresholds, decide
+from guardproxy.budget.policy import BudgetPolicy
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.budget.records import Admission
+from guardproxy.observe.state import override_record
+from guardproxy.store.redis import BudgetStore
 from tests.unit.test_lua_differential import HOUR_MS, PERIODS, TENANT, new_store
 
 GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
@@ -209,8 +210,8 @@ def test_thresholds_in_force_are_what_the_script_applies() -> None:
 
 
 def test_clamping_is_configured_in_the_defaults_and_per_tenant() -> None:
-    from guardproxy.config import parse_config
-    from guardproxy.validation import ConfigError
+    from guardproxy.config.settings import parse_config
+    from guardproxy.config.validation import ConfigError
 
     raw = {
         "upstreams": {"openai": {"base_url": "http://127.0.0.1:1/v1"}},
@@ -231,7 +232,7 @@ def test_clamping_is_configured_in_the_defaults_and_per_tenant() -> None:
 
 
 def test_the_lowered_limit_goes_in_the_fields_the_request_used() -> None:
-    from guardproxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+    from guardproxy.http.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 
     assert CHAT.lowered_limit({"max_completion_tokens": 900}, 300) == {"max_completion_tokens": 300}
     assert CHAT.lowered_limit({"max_tokens": 900}, 300) == {"max_tokens": 300}

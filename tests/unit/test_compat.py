@@ -1,4 +1,4 @@
-"""The seams on library internals (guardproxy/compat.py) fail loudly, naming the library and its version."""
+"""The seams on library internals (guardproxy/store/compat.py) fail loudly, naming the library and its version."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio.connection import ConnectionPool
 
-from guardproxy import compat, embedded, store_client
+from guardproxy.store import client as store_client
+from guardproxy.store import compat, embedded
 
 
 def test_the_installed_versions_have_every_internal_the_seams_use() -> None:
@@ -40,11 +41,11 @@ def test_a_release_that_breaks_on_import_stops_guardproxy_with_the_library_named
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeredis\nVersion: 2.39.9\n")
     run = subprocess.run(
-        [sys.executable, "-c", "import guardproxy.embedded"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", "import guardproxy.store.embedded"], capture_output=True, text=True, timeout=60,
         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("guardproxy.compat.IncompatibleLibrary: fakeredis 2.39.9 is not compatible"), run.stderr
+    assert last.startswith("guardproxy.store.compat.IncompatibleLibrary: fakeredis 2.39.9 is not"), run.stderr
     assert f"fakeredis{embedded.FAKEREDIS_TESTED}" in last
     assert "__closure__" in last

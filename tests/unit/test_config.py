@@ -10,20 +10,14 @@ from typing import Any
 
 import pytest
 
-from guardproxy.config import BUILTIN_DEFAULTS, Config, hash_key, load_config, parse_config
-from guardproxy.pricing import Price
-from guardproxy.validation import ConfigError
+from guardproxy.budget.pricing import Price
+from guardproxy.config.settings import BUILTIN_DEFAULTS, Config, hash_key, load_config, parse_config
+from guardproxy.config.validation import ConfigError
+from tests.helpers import minimal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HEX_A = "a" * 64
 HEX_B = "b" * 64
-
-
-def minimal() -> dict[str, Any]:
-    return {
-        "upstreams": {"openai": {"base_url": "https://api.openai.com/v1", "api_key": "sk-test"}},
-        "models": {"gpt-4o": {"input": 2.50, "cached_input": 1.25, "output": 10.00}},
-    }
 
 
 def with_changes(**sections: Any) -> dict[str, Any]:

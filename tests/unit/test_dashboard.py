@@ -1,7 +1,7 @@
 """deploy/: the Grafana dashboard and the Prometheus scrape example name only what guardproxy exposes.
 
 The exposed series come from a real ``Metrics`` scrape (every family recorded once, budget gauges
-from a TenantState), so renaming a metric or a label in guardproxy/metrics.py fails here too.
+from a TenantState), so renaming a metric or a label in guardproxy/observe/metrics.py fails here too.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from guardproxy.config import BudgetPolicy
-from guardproxy.metrics import MULTIPROC_ENV, Metrics
-from guardproxy.pricing import Usage
-from guardproxy.state import PeriodState, TenantState
+from guardproxy.budget.policy import BudgetPolicy
+from guardproxy.budget.pricing import Usage
+from guardproxy.observe.metrics import MULTIPROC_ENV, Metrics
+from guardproxy.observe.state import PeriodState, TenantState
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "guardproxy.json"

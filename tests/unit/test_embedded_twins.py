@@ -1,4 +1,4 @@
-"""The embedded store's Python twins (``guardproxy/embedded.py``) against the Lua scripts on a real redis-server.
+"""The embedded store's Python twins (``guardproxy/store/embedded.py``) against the Lua scripts on a real redis-server.
 
 Hypothesis draws sequences of admissions, settlements (duplicates, releases, jobs, alert thresholds),
 lease renewals, alert claims, overrides and clock steps (leases expire, rate windows slide) on one
@@ -23,10 +23,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import RateLimits, Thresholds
-from guardproxy.embedded import TWINS, EmbeddedRedis
-from guardproxy.periods import periods_at
-from guardproxy.store import AlertArgs, BudgetStore, JobArgs, Reservation
+from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
+from guardproxy.store.embedded import TWINS, EmbeddedRedis
+from guardproxy.store.redis import BudgetStore
 
 TENANT = "acme"
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
@@ -35,7 +36,7 @@ SCRIPTS = ("admit.v4.lua", "settle.v4.lua", "renew.v1.lua", "claim.v1.lua", "loo
 
 
 def source(name: str) -> str:
-    return resources.files("guardproxy").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 def test_every_script_has_a_twin() -> None:

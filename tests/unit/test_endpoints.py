@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.config import ModelConfig
-from guardproxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from guardproxy.budget.pricing import Price, Usage
+from guardproxy.budget.tokens import TokenCounter
+from guardproxy.config.settings import ModelConfig
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.pricing import Price, Usage
-from guardproxy.relay import ChatStreamWatcher, completion_texts
-from guardproxy.requests import parse_completions_request, parse_embeddings_request, parse_responses_request
-from guardproxy.responses_stream import ResponsesStreamWatcher, output_texts, responses_usage
-from guardproxy.sse import SSEParser
-from guardproxy.tokens import TokenCounter
+from guardproxy.http.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from guardproxy.http.relay import ChatStreamWatcher, completion_texts
+from guardproxy.http.requests import parse_completions_request, parse_embeddings_request, parse_responses_request
+from guardproxy.http.responses_stream import ResponsesStreamWatcher, output_texts, responses_usage
+from guardproxy.http.sse import SSEParser
 
 MODEL = ModelConfig("m", "openai", Price(1, 1, 1), max_output_tokens=1000)
 COUNTER = TokenCounter("gpt-4o")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardproxy.admin.external import MAX_COST_MICROS, ExternalSpend, parse_external_spend
 from guardproxy.errors import GuardError
-from guardproxy.external import MAX_COST_MICROS, ExternalSpend, parse_external_spend
 
 BASE = {"description": "batch", "idempotency_key": "k-1"}
 

@@ -12,18 +12,18 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.alerts import event_json, slack_text
+from guardproxy.budget.fleet import LoopPolicy, VelocityPolicy, key_fingerprint, request_digest
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.budget.records import LoggedCall, Reservation
 from guardproxy.cli import main as cli_main
 from guardproxy.cli import masked
-from guardproxy.config import parse_config
-from guardproxy.embedded import EmbeddedRedis
-from guardproxy.export import COLUMNS, Line, allocate, call_lines, collect, csv_bytes, focus_rows, parse_time
-from guardproxy.fleet import LoopPolicy, VelocityPolicy, key_fingerprint, request_digest
-from guardproxy.pricing import Price, Usage, cost_micros
-from guardproxy.records import LoggedCall
-from guardproxy.store import BudgetStore, Reservation
-from guardproxy.validation import ConfigError
-from tests.conftest import config_dict
+from guardproxy.config.settings import parse_config
+from guardproxy.config.validation import ConfigError
+from guardproxy.observe.alerts import event_json, slack_text
+from guardproxy.observe.export import COLUMNS, Line, allocate, call_lines, collect, csv_bytes, focus_rows, parse_time
+from guardproxy.store.embedded import EmbeddedRedis
+from guardproxy.store.redis import BudgetStore
+from tests.helpers import config_dict
 
 GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.forecast import RECENT_WINDOW_S, SAMPLE_CALLS, Spent, burn_rate, project
+from guardproxy.budget.forecast import RECENT_WINDOW_S, SAMPLE_CALLS, Spent, burn_rate, project
 
 DAY_START = datetime(2026, 11, 23, tzinfo=UTC)
 DAY_END = DAY_START + timedelta(days=1)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from guardproxy.budget.records import Reservation
 from guardproxy.errors import StoreUnavailable
-from guardproxy.journal import Entry, Journal
-from guardproxy.store import Reservation
+from guardproxy.store.journal import Entry, Journal
 
 pytestmark = pytest.mark.anyio
 
@@ -113,7 +113,7 @@ def test_the_journal_of_a_process_killed_with_sigkill_is_adopted(tmp_path: Path)
     code = (
         "import asyncio, os, sys\n"
         "from pathlib import Path\n"
-        "from guardproxy.journal import Journal\n"
+        "from guardproxy.store.journal import Journal\n"
         "from tests.unit.test_journal import entry\n"
         "async def main():\n"
         "    j = Journal(Path(sys.argv[1]))\n"

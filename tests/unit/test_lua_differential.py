@@ -19,9 +19,10 @@ import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardproxy.budget import RateLimits, Thresholds, decide, rate_verdict
-from guardproxy.periods import periods_at
-from guardproxy.store import BudgetStore, JobArgs, Keys, Reservation
+from guardproxy.budget.decision import RateLimits, Thresholds, decide, rate_verdict
+from guardproxy.budget.periods import periods_at
+from guardproxy.budget.records import JobArgs, Reservation
+from guardproxy.store.redis import BudgetStore, Keys
 
 T = TypeVar("T")
 TENANT = "acme"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.periods import iso_utc, periods_at, utc_now
+from guardproxy.budget.periods import iso_utc, periods_at, utc_now
 
 CHICAGO = ZoneInfo("America/Chicago")
 UTC_ZONE = ZoneInfo("UTC")

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from guardproxy import price_catalog
-from guardproxy.config import parse_config
-from guardproxy.pricing import Price
-from guardproxy.validation import ConfigError
+from guardproxy.budget.pricing import Price
+from guardproxy.config import prices as price_catalog
+from guardproxy.config.settings import parse_config
+from guardproxy.config.validation import ConfigError
 
 # The example proxy.yaml's models as they were priced by hand before the catalog took over.
 HAND_TYPED = {
@@ -87,7 +87,7 @@ def test_the_catalog_works_without_a_network() -> None:
         "import socket\n"
         "def refuse(*a, **k):\n    raise OSError('network used')\n"
         "socket.socket.connect = refuse\nsocket.create_connection = refuse\nsocket.getaddrinfo = refuse\n"
-        "from guardproxy import price_catalog\n"
+        "from guardproxy.config import prices as price_catalog\n"
         "p = price_catalog.lookup('gpt-4.1', 'openai')\n"
         "print(p.input, p.cached_input, p.output, price_catalog.provider_for('https://api.openai.com/v1', 'x'))\n"
     )

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardproxy.pricing import (
+from guardproxy.budget.pricing import (
     Price,
     Usage,
     cost_micros,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.requests import parse_chat_request, parse_json_object
+from guardproxy.http.requests import parse_chat_request, parse_json_object
 
 MESSAGES = [{"role": "user", "content": "hello world"}]
 

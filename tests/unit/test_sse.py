@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.sse import Frame, SSEParser, parse_frame, parse_lines
+from guardproxy.http.sse import Frame, SSEParser, parse_frame, parse_lines
 
 
 def parse_whole(data: bytes) -> list[Frame]:

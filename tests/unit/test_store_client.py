@@ -9,10 +9,11 @@ from redis import exceptions as redis_errors
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import MasterNotFoundError
 
-from guardproxy.config import parse_config
-from guardproxy.store_client import StoreURL, c_packed, mask_password, parse_store_url, unavailable
-from guardproxy.validation import ConfigError
-from tests.conftest import config_dict
+from guardproxy.config.settings import parse_config
+from guardproxy.config.store_url import StoreURL, parse_store_url
+from guardproxy.config.validation import ConfigError
+from guardproxy.store.client import c_packed, mask_password, unavailable
+from tests.helpers import config_dict
 
 
 def test_plain_urls_pass_through() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import tiktoken
 
-from guardproxy import tokens
-from guardproxy.tokens import (
+from guardproxy.budget import tokens
+from guardproxy.budget.tokens import (
     TOKENS_PER_IMAGE,
     TokenCounter,
     encoding_name_for,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from guardproxy.pricing import Price, Usage, cost_micros
-from guardproxy.relay import ChatStreamWatcher, completion_texts, usage_from
-from guardproxy.sse import Frame, SSEParser
+from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.http.relay import ChatStreamWatcher, completion_texts, usage_from
+from guardproxy.http.sse import Frame, SSEParser
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "gpt-4o-2024-08-06",
         "system_fingerprint": "fp_1"}

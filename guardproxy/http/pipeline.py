@@ -1,0 +1,499 @@
+"""The budgeted request pipeline, the same for every budgeted endpoint, top to bottom:
+
+tenant → body → estimate → decision → reserve → forward → relay → settle.
+
+``BudgetedEndpoint`` serves one ``ApiShape`` (``endpoints.py``: chat, completions, embeddings,
+responses). When an upstream fails before anything reached the client (unreachable, timed out,
+5xx, 429, or skipped by its open circuit breaker), the next model of the route is tried: the
+requested model, then its ``fallbacks``, each admitted and reserved for its own price. Each
+attempt's reservation is settled in exactly one place: the failure branch, the complete answer's
+response once it has been sent (``SettledAfterSending``), or the relay's close callback for streams,
+so no path leaves money reserved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+import orjson
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from guardproxy.budget import decision as budget
+from guardproxy.budget import ratelimit
+from guardproxy.budget.choice import Admit, Choice, choose
+from guardproxy.budget.clamp import Tier
+from guardproxy.budget.fleet import key_fingerprint
+from guardproxy.budget.periods import iso_utc
+from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
+from guardproxy.budget.records import Admission, Outcome
+from guardproxy.budget.tokens import TokenCounter
+from guardproxy.config.settings import Config, ModelConfig, hash_key
+from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.http import brakes, cache
+from guardproxy.http.auth import TenantResolver, presented_key
+from guardproxy.http.endpoints import ApiShape
+from guardproxy.http.plan import Plan
+from guardproxy.http.relay import RelayResult, StreamRelay
+from guardproxy.http.requests import ApiRequest, read_body
+from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
+from guardproxy.observe.calls import CallContext, SettledCall
+from guardproxy.observe.metrics import Metrics
+from guardproxy.store.ledger import CallRecord, Ledger
+from guardproxy.types import Micros
+
+log = logging.getLogger("guardproxy.pipeline")
+#: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
+calls_log = logging.getLogger("guardproxy.calls")
+
+# Counting a large prompt takes milliseconds: off the event loop above this size.
+_COUNT_IN_THREAD_BYTES = 32 * 1024
+
+
+def fails_over(status: int) -> bool:
+    """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
+    return status == 429 or status >= 500
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request needs, built once in the app's lifespan."""
+
+    config: Config
+    ledger: Ledger
+    upstreams: dict[str, Upstream]
+    tenants: TenantResolver
+    metrics: Metrics
+    clock: Callable[[], datetime]
+    #: Told of every settled attempt (``guardproxy.observe.telemetry``'s spans).
+    observers: tuple[Callable[[SettledCall], None], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended: what the audit log says, and what is charged."""
+
+    outcome: Outcome
+    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
+    produced: bool = False
+    usage: Usage | None = None
+    texts: Sequence[str] = ()
+
+
+class BudgetedEndpoint:
+    """``POST /v1/<shape.path>`` with the budget enforced."""
+
+    def __init__(self, services: Services, shape: ApiShape) -> None:
+        self.s = services
+        self.shape = shape
+
+    async def __call__(self, request: Request) -> Response:
+        tenant = await self.s.tenants.resolve(request.headers)
+        job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
+        key = presented_key(request.headers)
+        context = CallContext.of(request.headers, job, key_fingerprint(hash_key(key) if key else None))
+        call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
+        requested = self._price(call.model)
+        # The runaway-agent brake, once the request is known to be valid and before anything is reserved
+        # or answered (from the cache too): a looping agent's refusals cost nothing.
+        await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
+                                self.shape.path, call.body)
+        # The response cache: a hit answers here, with no upstream call and no charge.
+        cached = await self._cache_lookup(tenant, call, request.headers)
+        if isinstance(cached, Response):
+            return cached
+        prompt_tokens = await self._estimate(call)
+        route = self.s.config.route(requested)
+        failure: Response | GuardError | None = None
+        for attempt in route:
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job)
+            if plan is None:
+                continue
+            started = time.monotonic()
+            try:
+                answer = await self._forward(plan, request.headers)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
+                raise
+            if isinstance(answer, UpstreamResponse) and (attempt is route[-1] or not fails_over(answer.status_code)):
+                return await self._respond(plan, answer, started, cached)
+            failure = await self._failed(plan, answer, started)
+        # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
+        self.s.metrics.requests.labels(tenant, requested.name, "error").inc()
+        if isinstance(failure, GuardError):
+            raise failure
+        assert failure is not None
+        return failure
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def _price(self, model: str) -> ModelConfig:
+        entry = lookup_model(model, self.s.config.models)
+        if entry is None:
+            raise GuardError(
+                ErrorKind.MODEL_NOT_PRICED,
+                f"The model {model[:100]!r} has no price configured on this proxy, so it cannot be budgeted.",
+                param="model",
+            )
+        return entry
+
+    async def _estimate(self, call: ApiRequest) -> int:
+        counter = TokenCounter(call.model)
+        if len(call.raw) < _COUNT_IN_THREAD_BYTES:
+            return self.shape.prompt_tokens(counter, call.body)
+        return await anyio.to_thread.run_sync(self.shape.prompt_tokens, counter, call.body)
+
+    async def _admit(
+        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
+        context: CallContext,
+        job: str = "",
+    ) -> Plan | None:
+        """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
+        fallback that does not (it is skipped)."""
+        chain = self.s.config.downgrade_chain(attempt)
+        call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
+
+        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional)
+
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        admission = choice.deciding
+        decision = admission.decision
+        if admission.rate.limited is not None:
+            # The tenant's per-minute window is full: a fallback would count against the same window.
+            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
+            self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
+            raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
+        if choice.index is None:
+            if attempt is not requested:
+                log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
+                return None
+            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
+            if decision.exhausted == "job":
+                raise self._job_over_budget(tenant, job, admission)
+            raise self._over_budget(tenant, decision, admission)
+        sent = chain[choice.index]
+        if sent is not attempt:
+            self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
+        if attempt is not requested:
+            self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
+        if choice.clamped_tokens is not None:
+            self.s.metrics.clamped.labels(tenant, sent.name).inc()
+        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context,
+                    choice.clamped_tokens)
+
+    async def _choose(
+        self, tenant: str, call: ApiRequest, chain: Sequence[ModelConfig], prompt_tokens: int, admit: Admit
+    ) -> Choice:
+        tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
+        return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
+
+    async def quote(self, tenant: str, raw: bytes, admit: Admit) -> Quote:
+        """What admission would decide for the request body ``raw`` now, through the same steps as a
+        call (parse, price, estimate, choose), with ``admit`` reading the spend instead of reserving."""
+        call = self.shape.parse(raw)
+        requested = self._price(call.model)
+        prompt_tokens = await self._estimate(call)
+        chain = self.s.config.downgrade_chain(requested)
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        return Quote(call, chain, prompt_tokens, choice)
+
+    def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
+        period = decision.exhausted or "day"
+        periods = self.s.ledger.periods(tenant)
+        limits = admission.limits
+        hard = limits.hard_day if period == "day" else limits.hard_month
+        resets_at = periods.day_resets_at if period == "day" else periods.month_resets_at
+        retry_after = periods.seconds_until_reset(period, self.s.clock())
+        return GuardError(
+            ErrorKind.OVER_BUDGET,
+            f"Tenant {tenant!r} has reached its {'daily' if period == 'day' else 'monthly'} budget "
+            f"(limit {format_usd(hard)} USD for {periods.day if period == 'day' else periods.month}); "
+            f"it resets at {iso_utc(resets_at)}.",
+            headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
+                     "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
+        )
+
+    def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
+        cap = admission.job_cap
+        limit = f" (limit {format_usd(cap)} USD)" if cap is not None else ""
+        return GuardError(
+            ErrorKind.JOB_OVER_BUDGET,
+            f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
+            "fit what is left.",
+            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job},
+        )
+
+    async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
+        """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        headers = upstream.request_headers(incoming.items(), self.s.tenants.routing_headers, plan.tenant)
+        try:
+            return await upstream.send(
+                upstream.endpoint_path(self.shape.path, plan.upstream_model), self._outgoing_body(plan), headers
+            )
+        except GuardError as exc:
+            return exc
+
+    def _outgoing_body(self, plan: Plan) -> bytes:
+        """The request body for upstream; the caller's own bytes when nothing needs to change."""
+        call = plan.request
+        changes: dict[str, Any] = {}
+        if plan.upstream_model != call.model:
+            changes["model"] = plan.upstream_model
+        if self.shape.asks_for_usage and call.stream and not call.wants_usage:
+            changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        if plan.clamped_tokens is not None:
+            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens))
+        return orjson.dumps({**call.body, **changes}) if changes else call.raw
+
+    async def _failed(self, plan: Plan, answer: UpstreamResponse | GuardError, started: float) -> Response | GuardError:
+        """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        failure: Response | GuardError | None = None
+        request_id = plan.own_request_id
+        try:
+            if isinstance(answer, GuardError):
+                failure = answer
+            else:
+                request_id = answer.headers.get("x-request-id") or request_id
+                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers()}
+                failure = Response(await answer.read(), answer.status_code, headers=headers)
+        except GuardError as exc:
+            failure = exc
+        finally:
+            ending = Ending(Outcome.CLIENT_DISCONNECTED)  # cancelled while reading the error body
+            if isinstance(failure, GuardError):
+                failure.headers["x-request-id"] = request_id
+                ending = Ending(Outcome.of_failure(failure))
+            elif failure is not None:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
+            with anyio.CancelScope(shield=True):
+                self._observe(plan, time.monotonic() - started, None, started)
+                await self._settle(plan, ending, request_id, counted=False)
+        reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
+        log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
+                    upstream.name, reason)
+        return failure
+
+    async def _respond(
+        self, plan: Plan, response: UpstreamResponse, started: float, cached: CacheMiss | None = None
+    ) -> Response:
+        """Relay the answer (streamed as it arrives, or whole) and settle what it cost; a ``cached``
+        miss keeps the complete answer for the next identical request."""
+        upstream = self.s.upstreams[plan.sent.upstream]
+        # The upstream's id when it sent one, else our own: the client and the audit log share it.
+        request_id = response.headers.get("x-request-id") or plan.own_request_id
+        headers = {**response_headers(response.headers), "x-request-id": request_id, **plan.headers()}
+        if cached is not None:
+            headers[cache.CACHE_HEADER] = cached.result
+        if plan.request.stream and response.status_code == 200:
+            watcher = self.shape.watcher(plan.request)
+            capture = None
+            if cached is not None:
+                capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
+                watcher = capture
+
+            async def on_close(result: RelayResult) -> None:
+                watcher = result.watcher
+                self._observe(plan, result.duration_s, watcher.first_token_at, started)
+                ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
+                await self._settle(plan, ending, request_id)
+                if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
+                    await self._cache_store(plan, cached, capture.answer())
+
+            return StreamRelay(upstream.name, response, headers, watcher, on_close)  # type: ignore[return-value]
+        ending = Ending(Outcome.CLIENT_DISCONNECTED)
+
+        async def settle(duration_s: float) -> None:
+            self._observe(plan, duration_s, None, started)
+            await self._settle(plan, ending, request_id)
+
+        try:
+            content = await response.read()
+            if 200 <= response.status_code < 300:
+                answer = _json_or_none(content)
+                usage, texts = self.shape.answer_usage(answer)
+                ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
+                if cached is not None and response.status_code == 200:
+                    await self._cache_store(plan, cached, answer)
+            else:
+                ending = Ending(Outcome.UPSTREAM_ERROR)
+        except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
+            if isinstance(exc, GuardError):
+                exc.headers["x-request-id"] = request_id
+                ending = Ending(Outcome.of_failure(exc))
+            with anyio.CancelScope(shield=True):
+                await settle(time.monotonic() - started)
+            raise
+        duration_s = time.monotonic() - started
+        if plan.admission.unbudgeted or self.s.ledger.journal_pending():
+            # The store is failing: the charge goes to the journal, fsynced before the client has its
+            # answer, so that a crash right after the answer still loses nothing.
+            with anyio.CancelScope(shield=True):
+                await settle(duration_s)
+            return Response(content, response.status_code, headers=headers)
+        # The store's round trip leaves the latency path: the answer is sent first, then settled.
+        return SettledAfterSending(content, response.status_code, headers, lambda: settle(duration_s))
+
+    # -- the response cache (``cache.py``) ---------------------------------------------------------
+
+    async def _cache_lookup(self, tenant: str, call: ApiRequest, incoming: Headers) -> Response | CacheMiss | None:
+        """A hit's response; a ``CacheMiss`` (the answer is to be stored) or ``None`` (not cached at all).
+
+        A hit is served whatever the tenant's budget: it costs nothing. A store that cannot be read
+        is a miss (admission then decides what an unavailable store means for the call)."""
+        if not self.s.config.policy_for(tenant).cache or not cache.deterministic(self.shape.path, call.body, incoming):
+            return None
+        key = cache.digest(self.shape.path, call.body)
+        if cache.skips_lookup(incoming):
+            self.s.metrics.cache_requests.labels(tenant, "bypass").inc()
+            return CacheMiss(tenant, key, "bypass")
+        try:
+            raw = await self.s.ledger.store.cached_response(tenant, key)
+        except StoreUnavailable:
+            raw = None
+        entry = cache.Entry.from_bytes(raw) if raw is not None else None
+        if entry is None:
+            self.s.metrics.cache_requests.labels(tenant, "miss").inc()
+            return CacheMiss(tenant, key, "miss")
+        self.s.metrics.cache_requests.labels(tenant, "hit").inc()
+        model = lookup_model(entry.model, self.s.config.models)
+        usage, _ = self.shape.answer_usage(entry.answer)
+        if model is not None and usage is not None:
+            self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(cost_micros(usage, model.price)))
+        headers = {cache.CACHE_HEADER: "hit", "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
+                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}"}
+        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
+        if call.stream:
+            frames = cache.replay_stream(self.shape.path, entry.answer, call.wants_usage)
+            return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
+        return Response(orjson.dumps(entry.answer), media_type="application/json", headers=headers)
+
+    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> None:
+        """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
+        what an identical request would get on its own); a store error only loses the entry."""
+        if plan.sent is not plan.requested or not cache.storable(self.shape.path, answer):
+            return
+        value = cache.Entry(plan.sent.name, answer).to_bytes()
+        if len(value) > self.s.config.cache.max_entry_bytes:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, self.s.config.cache.ttl_s)
+        except StoreUnavailable:
+            log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
+
+    def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
+        self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
+        if first_token_at is not None:
+            self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
+
+    async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
+        """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
+
+        ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
+        """
+        usage = ending.usage
+        if ending.produced and usage is None:
+            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
+        charge = cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
+        outcome = ending.outcome
+        if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
+            outcome = Outcome.STORE_UNAVAILABLE
+        counted_usage = usage or Usage(0, 0)
+        record: CallRecord = {
+            "request_id": request_id, "requested_model": plan.request.model,
+            "model": plan.sent.name, "prompt_tokens": counted_usage.prompt_tokens,
+            "completion_tokens": counted_usage.completion_tokens, "cached_tokens": counted_usage.cached_prompt_tokens,
+            "cost_micros": charge, "outcome": outcome.value,
+            **({"job": plan.reservation.job} if plan.reservation.job else {}),
+            # for the chargeback export (``observe/export.py``): the token classes, the prices they were charged
+            # at (micro-USD per 1M tokens), the provider, the caller's key and the budget day charged
+            "reasoning_tokens": counted_usage.reasoning_tokens, "upstream": plan.sent.upstream,
+            "price_input": plan.sent.price.input, "price_cached_input": plan.sent.price.cached_input,
+            "price_output": plan.sent.price.output, "key": plan.context.key_id, "day": plan.reservation.day,
+        }
+        await self.s.ledger.settle(plan.reservation, charge, record)
+        if counted:
+            label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"
+            self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
+        if ending.produced and usage is not None:
+            self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
+        headers = plan.headers()
+        settled = SettledCall(
+            context=plan.context, endpoint=self.shape.path, tenant=plan.tenant, requested_model=plan.request.model,
+            model=plan.sent.name, upstream=plan.sent.upstream, upstream_model=plan.upstream_model,
+            prompt_tokens=counted_usage.prompt_tokens, completion_tokens=counted_usage.completion_tokens,
+            cached_tokens=counted_usage.cached_prompt_tokens, cost_micros=charge,
+            reserved_micros=plan.reservation.amount, outcome=outcome.value, request_id=str(record["request_id"]),
+            budget_state=headers["x-guardproxy-budget-state"],
+            downgraded_from=headers.get("x-guardproxy-downgraded-from"),
+            fallback_from=headers.get("x-guardproxy-fallback-from"),
+        )
+        if calls_log.isEnabledFor(logging.INFO):
+            calls_log.info("%s", settled.summary(), extra=settled.log_fields())
+        for observe in self.s.observers:
+            observe(settled)
+
+
+class SettledAfterSending(Response):
+    """A complete answer whose attempt is settled once the answer has been handed to the server, so
+    the client does not wait on the store. ``settle`` runs exactly once whatever the sending meets
+    (client gone, cancelled), shielded; until it has run the reservation holds, so admission stays
+    conservative. uvicorn finishes it before the lifespan's shutdown (which drains the journal)."""
+
+    def __init__(
+        self, content: bytes, status_code: int, headers: dict[str, str], settle: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(content, status_code, headers=headers)
+        self.settle = settle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.settle()
+
+
+@dataclass(frozen=True)
+class CacheMiss:
+    """A cacheable request the cache did not answer: its key, and ``miss`` or ``bypass`` (no-cache)."""
+
+    tenant: str
+    key: str
+    result: str
+
+
+async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for frame in frames:
+        yield frame
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What admission would decide for one request now (``BudgetedEndpoint.quote``)."""
+
+    request: ApiRequest
+    #: The requested model and its downgrade chain, in order.
+    chain: Sequence[ModelConfig]
+    prompt_tokens: int
+    choice: Choice
+
+
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None

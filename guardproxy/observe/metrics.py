@@ -1,0 +1,167 @@
+"""Prometheus metrics (contract §6), in a registry of the app's own so apps can coexist in a test.
+
+Counters and histograms live in the process; under ``guardproxy serve --workers N`` they are kept
+in prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, made and removed by the
+CLI) and summed at scrape time. Budget gauges are not kept at all: they are read from the store at
+scrape time, so every replica reports the same global figures.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from guardproxy.budget.decision import STATES
+from guardproxy.budget.pricing import Usage, micros_to_usd
+from guardproxy.observe.state import TenantState
+from guardproxy.types import Micros
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+
+# `_created` series double the scrape for no use here.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """The proxy's counters and histograms. Model labels are configured model names only."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "guardproxy_requests", "Budgeted requests by outcome.", ["tenant", "model", "outcome"], registry=r
+        )
+        self.spend = Counter("guardproxy_spend_usd", "Settled spend in USD.", ["tenant", "model"], registry=r)
+        self.tokens = Counter("guardproxy_tokens", "Settled tokens.", ["tenant", "model", "type"], registry=r)
+        self.downgrades = Counter(
+            "guardproxy_downgrades", "Calls sent to a cheaper model than asked.",
+            ["tenant", "from_model", "to_model"], registry=r,
+        )
+        self.clamped = Counter(
+            "guardproxy_clamped", "Calls sent with a lowered output limit because their worst case did not fit.",
+            ["tenant", "model"], registry=r,
+        )
+        self.servicetitan_lookups = Counter(
+            "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "guardproxy_upstream_request_duration_seconds", "Upstream call duration, to the last byte.",
+            ["upstream", "model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "guardproxy_time_to_first_token_seconds", "Time from the upstream call to the first streamed token.",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.fallbacks = Counter(
+            "guardproxy_fallbacks", "Calls sent to a fallback model because an upstream failed.",
+            ["tenant", "from_model", "to_model"], registry=r,
+        )
+        # Each process keeps its own breakers: across workers, the worst state of the live ones.
+        self.breaker_state = Gauge(
+            "guardproxy_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"], registry=r, multiprocess_mode="livemax",
+        )
+        # Settlements waiting on this host's disk for the store; across workers, the sum of the live ones.
+        self.journal_pending = Gauge(
+            "guardproxy_journal_pending", "Settlements kept in the on-disk journal until the store takes them.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.duplicate_settlements = Counter(
+            "guardproxy_duplicate_settlements", "Settlements the store ignored: their reservation id had already "
+            "settled (a retry after a lost reply, or a journal replay).", registry=r,
+        )
+        self.rate_limited = Counter(
+            "guardproxy_rate_limited", "Calls refused by a tenant's per-minute limit, by kind (requests, tokens).",
+            ["tenant", "kind"], registry=r,
+        )
+        self.alerts = Counter(
+            "guardproxy_alerts", "Alert deliveries by event and result (delivered, failed: retried later, "
+            "dropped: given up).", ["event", "result"], registry=r,
+        )
+        # -- response cache --
+        self.cache_requests = Counter(
+            "guardproxy_cache_requests", "Cacheable requests by result (hit, miss, bypass: Cache-Control: no-cache).",
+            ["tenant", "result"], registry=r,
+        )
+        self.cache_saved = Counter(
+            "guardproxy_cache_saved_usd", "What the answers served from the cache would have cost upstream.",
+            ["tenant"], registry=r,
+        )
+        # -- fleet brakes (``http/brakes.py``, ``store/velocity.py``) --
+        self.loops_detected = Counter(
+            "guardproxy_loops_detected", "Requests repeated more than loop.max_repeats times within loop.window_s "
+            "by one key and job, by action (refuse: answered 429 loop_detected; alert: let through).",
+            ["tenant", "action"], registry=r,
+        )
+        self.velocity_alerts = Counter(
+            "guardproxy_velocity_alerts", "Hours in which a tenant's last hour first cost more than velocity.factor "
+            "times its trailing hourly average.", ["tenant"], registry=r,
+        )
+        self.unbudgeted_requests = Counter(
+            "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
+            ["tenant", "endpoint"], registry=r,
+        )
+
+    def record_settled(self, tenant: str, model: str, usage: Usage, cost: Micros) -> None:
+        self.spend.labels(tenant, model).inc(micros_to_usd(cost))
+        self.tokens.labels(tenant, model, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(tenant, model, "completion").inc(usage.completion_tokens)
+        self.tokens.labels(tenant, model, "cached_prompt").inc(usage.cached_prompt_tokens)
+
+    def render(self, states: Sequence[TenantState] = ()) -> bytes:
+        """The scrape: this process's (or every worker's) counters, plus budget gauges from ``states``."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        else:
+            registry = self.registry
+        gauges = CollectorRegistry()
+        gauges.register(_BudgetGauges(states))
+        return generate_latest(registry) + generate_latest(gauges)
+
+
+class _BudgetGauges(Collector):
+    def __init__(self, states: Sequence[TenantState]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[Metric]:
+        spent = GaugeMetricFamily("guardproxy_budget_spent_usd", "Settled spend in the current period.",
+                                  labels=["tenant", "period"])
+        limit = GaugeMetricFamily("guardproxy_budget_limit_usd", "Budget of the current period.",
+                                  labels=["tenant", "period"])
+        utilization = GaugeMetricFamily("guardproxy_budget_utilization_ratio", "Settled spend / limit.",
+                                        labels=["tenant", "period"])
+        remaining = GaugeMetricFamily(
+            "guardproxy_budget_remaining_usd", "What is left before the period's hard cap, live reservations counted.",
+            labels=["tenant", "period"],
+        )
+        # 1 for the tenant's current state and 0 for the others, as prometheus-client's Enum does.
+        budget_state = GaugeMetricFamily(
+            "guardproxy_budget_state", "The tenant's budget state (the one its responses carry).",
+            labels=["tenant", "state"],
+        )
+        projected = GaugeMetricFamily(
+            "guardproxy_budget_projected_usd", "Spend projected at the end of the period from the recent burn rate.",
+            labels=["tenant", "period"])
+        for state in self.states:
+            for name, period in (("day", state.day), ("month", state.month)):
+                spent.add_metric([state.tenant, name], micros_to_usd(period.spent))
+                limit.add_metric([state.tenant, name], micros_to_usd(period.limit))
+                utilization.add_metric([state.tenant, name], period.utilization)
+                remaining.add_metric([state.tenant, name], micros_to_usd(period.remaining))
+            for name in STATES:
+                budget_state.add_metric([state.tenant, name], 1.0 if state.state == name else 0.0)
+            if state.forecast is not None:
+                for name, forecast in (("day", state.forecast.day), ("month", state.forecast.month)):
+                    projected.add_metric([state.tenant, name], micros_to_usd(forecast.projected_micros))
+        yield from (spent, limit, utilization, remaining, budget_state, projected)

@@ -1,0 +1,175 @@
+"""Tenants' budget state as operators see it: admin API, /metrics gauges, ``guardproxy status``.
+
+Read from the store in one pipelined round trip, so every replica reports the same global figures.
+Runtime overrides (``PUT /admin/tenants/{t}/budget``) live in the store too: the raw fields for
+display, and the thresholds in micro-USD that the admission script applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from guardproxy.budget import decision as budget
+from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, project
+from guardproxy.budget.periods import Periods, iso_utc, periods_at
+from guardproxy.budget.policy import BudgetPolicy
+from guardproxy.budget.pricing import micros_to_usd
+from guardproxy.budget.records import Outcome, Snapshot
+from guardproxy.config.settings import Config
+from guardproxy.store.redis import BudgetStore
+from guardproxy.types import Micros
+
+OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm", "job_usd")
+
+
+@dataclass(frozen=True)
+class PeriodState:
+    period: str
+    limit: Micros
+    spent: Micros
+    reserved: Micros
+    resets_at: datetime
+    #: What is left before this period's hard cap, live reservations counted (never negative).
+    remaining: Micros = 0
+
+    @property
+    def utilization(self) -> float:
+        if self.limit == 0:
+            return 1.0 if self.spent else 0.0
+        return self.spent / self.limit
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "period": self.period, "limit_usd": micros_to_usd(self.limit), "spent_usd": micros_to_usd(self.spent),
+            "reserved_usd": micros_to_usd(self.reserved), "remaining_usd": micros_to_usd(self.remaining),
+            "utilization": round(self.utilization, 7),
+            "resets_at": iso_utc(self.resets_at),
+        }
+
+
+@dataclass(frozen=True)
+class TenantState:
+    tenant: str
+    #: ``budget.state_of``: the same rule the 429 and the ``x-guardproxy-budget-state`` header use.
+    state: str
+    day: PeriodState
+    month: PeriodState
+    policy: BudgetPolicy
+    overridden: bool
+    #: What is left before the nearer hard cap, live reservations counted.
+    remaining: Micros = 0
+    #: Requests and tokens counted in the last minute's window.
+    window_requests: int = 0
+    window_tokens: int = 0
+    #: Where spend is heading (``forecast.py``); ``None`` without a call log to take the rate from.
+    forecast: Forecast | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        no_forecast = {"projected_usd": None, "hard_cap_at": None}
+        return {
+            "tenant": self.tenant, "state": self.state,
+            "day": {**self.day.as_json(), **(self.forecast.day.as_json() if self.forecast else no_forecast)},
+            "month": {**self.month.as_json(), **(self.forecast.month.as_json() if self.forecast else no_forecast)},
+            "remaining_usd": micros_to_usd(self.remaining),
+            "soft_cap": float(self.policy.soft_cap), "hard_cap": float(self.policy.hard_cap),
+            "timezone": self.policy.timezone, "overridden": self.overridden,
+            "job_usd": None if self.policy.job_micros is None else micros_to_usd(self.policy.job_micros),
+            "rate_limits": {
+                "rpm": self.policy.rpm or None, "tpm": self.policy.tpm or None,
+                "window_s": budget.WINDOW_MS // 1000,
+                "requests_in_window": self.window_requests, "tokens_in_window": self.window_tokens,
+            },
+            "burn_rate_usd_per_hour": round(self.forecast.usd_per_hour, 6) if self.forecast else None,
+        }
+
+
+def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetPolicy:
+    """``base`` with the runtime override applied (fields kept as exact decimal strings)."""
+    if not override:
+        return base
+    return dataclasses.replace(
+        base,
+        daily_micros=int(override.get("daily_micros", base.daily_micros)),
+        monthly_micros=int(override.get("monthly_micros", base.monthly_micros)),
+        soft_cap=Decimal(override.get("soft_cap", base.soft_cap)),
+        hard_cap=Decimal(override.get("hard_cap", base.hard_cap)),
+        rpm=int(override.get("rpm", base.rpm)),
+        tpm=int(override.get("tpm", base.tpm)),
+        job_micros=_job_micros(override["job_micros"]) if "job_micros" in override else base.job_micros,
+    )
+
+
+def _job_micros(value: str) -> Micros | None:
+    """An override's job cap: ``-1`` is none."""
+    micros = int(value)
+    return None if micros < 0 else micros
+
+
+def override_record(policy: BudgetPolicy) -> dict[str, str]:
+    """What the store keeps for an override: the policy, and the thresholds and limits admit.v4.lua reads."""
+    limits = Thresholds.for_policy(policy)
+    return {
+        "daily_micros": str(policy.daily_micros), "monthly_micros": str(policy.monthly_micros),
+        "rpm": str(policy.rpm), "tpm": str(policy.tpm),
+        "soft_cap": str(policy.soft_cap), "hard_cap": str(policy.hard_cap),
+        "soft_day": str(limits.soft_day), "hard_day": str(limits.hard_day),
+        "soft_month": str(limits.soft_month), "hard_month": str(limits.hard_month),
+        "job_micros": str(-1 if policy.job_micros is None else policy.job_micros),
+    }
+
+
+async def all_tenants(store: BudgetStore, config: Config) -> list[str]:
+    """Configured tenants and every tenant the store has seen (service keys, job lookups, overrides)."""
+    return sorted(set(config.tenants) | await store.known_tenants())
+
+
+async def read_states(
+    store: BudgetStore, config: Config, tenants: Sequence[str], now: datetime
+) -> list[TenantState]:
+    periods = [periods_at(now, config.policy_for(t).zone) for t in tenants]
+    snapshots = await store.snapshots(list(zip(tenants, periods, strict=True)))
+    states = [
+        _state(tenant, config.policy_for(tenant), p, snap)
+        for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
+    ]
+    if not store.calls_kept or not tenants:
+        return states
+    now_ms, logs = await store.call_costs(tenants, SAMPLE_CALLS)
+    return [dataclasses.replace(state, forecast=_forecast(state, log, now_ms, now))
+            for state, log in zip(states, logs, strict=True)]
+
+
+def _forecast(state: TenantState, log: Sequence[tuple[int, Micros, str]], now_ms: int, now: datetime) -> Forecast:
+    calls = [Spent(time_ms, cost) for time_ms, cost, outcome in log if outcome != Outcome.EXTERNAL.value]
+    rate = burn_rate(calls, now_ms)
+    limits = Thresholds.for_policy(state.policy)
+    return Forecast(
+        rate_per_s=rate,
+        day=project(state.day.spent, limits.hard_day, rate, now, state.day.resets_at),
+        month=project(state.month.spent, limits.hard_month, rate, now, state.month.resets_at),
+    )
+
+
+def _state(tenant: str, base: BudgetPolicy, periods: Periods, snap: Snapshot) -> TenantState:
+    day, month, override = snap.day, snap.month, snap.override
+    policy = effective_policy(base, override)
+    limits = Thresholds.for_policy(policy)
+    used_day, used_month = day.spent + day.reserved, month.spent + month.reserved
+    return TenantState(
+        tenant=tenant,
+        state=budget.state_of(used_day, used_month, limits, snap.refused),
+        remaining=budget.remaining(used_day, used_month, limits),
+        window_requests=snap.window_requests, window_tokens=snap.window_tokens,
+        day=PeriodState(periods.day, policy.daily_micros, day.spent, day.reserved, periods.day_resets_at,
+                        max(0, limits.hard_day - used_day)),
+        month=PeriodState(periods.month, policy.monthly_micros, month.spent, month.reserved,
+                          periods.month_resets_at, max(0, limits.hard_month - used_month)),
+        policy=policy,
+        overridden=bool(override),
+    )

@@ -1,0 +1,673 @@
+"""The budget store: spend counters and reservations in Redis (contract §7).
+
+Admission and settlement are each one Lua script, so any number of proxy processes sharing one
+Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
+reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
+twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
+process died frees within a lease. Without ``store.redis_url`` the store is an in-process fakeredis
+on which Python twins of the scripts run (``embedded.py``, checked against the Lua). Every key of a
+tenant carries ``{tenant}`` as hash tag, so the scripts work on Redis Cluster. Redis errors become
+``StoreUnavailable`` in exactly one place, ``translated`` (its table is ``store_client.unavailable``).
+``store_client`` builds the client for plain Redis, Sentinel or Cluster.
+
+The scripts also queue alert events (a stream per tenant plus a zset of their next delivery time,
+``alerts.py`` delivers them) when they decide one: the first refusal or downgrade of a period, and
+a settlement that takes spend to a threshold, each once per period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+from guardproxy.budget.decision import REQUESTS, TOKENS, WINDOW_MS, Decision, RateLimits, Thresholds
+from guardproxy.budget.periods import Periods
+from guardproxy.budget.records import (
+    NO_JOB,
+    NO_RATE_LIMITS,
+    Admission,
+    AlertArgs,
+    AlertRecord,
+    JobArgs,
+    JobUsage,
+    LoggedCall,
+    LoopCount,
+    PeriodSpend,
+    QueuedAlert,
+    RateWindow,
+    Reservation,
+    Settlement,
+    Snapshot,
+    VelocityCount,
+)
+from guardproxy.config.settings import StoreConfig
+from guardproxy.errors import StoreUnavailable
+from guardproxy.store import client as store_client
+from guardproxy.store.client import StoreClient, StoreConnection
+from guardproxy.types import Micros
+
+log = logging.getLogger("guardproxy.store")
+
+DAY_KEY_TTL_S = 40 * 86400
+MONTH_KEY_TTL_S = 400 * 86400
+#: How long /readyz's probe key lives (it is rewritten at every probe).
+READY_PROBE_TTL_MS = 60_000
+
+
+class Keys:
+    """Key names of one tenant; ``{tenant}`` is the Redis Cluster hash tag."""
+
+    def __init__(self, prefix: str, tenant: str) -> None:
+        self.base = f"{prefix}:{{{tenant}}}"
+
+    def spend_day(self, day: str) -> str:
+        return f"{self.base}:spend:day:{day}"
+
+    def spend_month(self, month: str) -> str:
+        return f"{self.base}:spend:month:{month}"
+
+    @property
+    def reservations(self) -> str:
+        return f"{self.base}:resv"
+
+    @property
+    def reservation_amounts(self) -> str:
+        return f"{self.base}:resv:amount"
+
+    @property
+    def reserved(self) -> str:
+        return f"{self.base}:reserved"
+
+    def settled(self, day: str) -> str:
+        """Ids settled or released for reservations admitted on ``day`` (id -> charge micros)."""
+        return f"{self.base}:settled:{day}"
+
+    @property
+    def budget(self) -> str:
+        return f"{self.base}:budget"
+
+    def booked_on(self, reservation_id: str) -> str:
+        """The day an external spend's id was first booked on (its settled-marker's day)."""
+        return f"{self.base}:booked:{reservation_id}"
+
+    @property
+    def rate_requests(self) -> str:
+        return f"{self.base}:rl:req"
+
+    @property
+    def rate_tokens(self) -> str:
+        return f"{self.base}:rl:tok"
+
+    @property
+    def rate_token_counts(self) -> str:
+        return f"{self.base}:rl:tok:n"
+
+    @property
+    def rate_token_sum(self) -> str:
+        return f"{self.base}:rl:tok:sum"
+
+    def flags(self, period: str, period_id: str) -> str:
+        """Once-per-period facts: blocked, the alert events already fired."""
+        return f"{self.base}:flags:{period}:{period_id}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.base}:alerts"
+
+    @property
+    def alerts_due(self) -> str:
+        return f"{self.base}:alerts:due"
+
+    @property
+    def alerts_delivery(self) -> str:
+        return f"{self.base}:alerts:delivery"
+
+    @property
+    def calls(self) -> str:
+        return f"{self.base}:calls"
+
+    # -- jobs (work orders) --
+
+    @property
+    def reservation_jobs(self) -> str:
+        """Reservation id -> the job it was made for."""
+        return f"{self.base}:resv:job"
+
+    @property
+    def job_held(self) -> str:
+        """Job id -> micros its live reservations hold."""
+        return f"{self.base}:job:held"
+
+    def job(self, job: str) -> str:
+        """One job's counters (calls, tokens, cost, per model, first/last call)."""
+        return f"{self.base}:job:{job}"
+
+    @property
+    def jobs(self) -> str:
+        """The tenant's jobs by their last call (ms)."""
+        return f"{self.base}:jobs"
+
+    def response(self, digest: str) -> str:
+        """One cached upstream answer (``cache.py`` names it by the request's digest)."""
+        return f"{self.base}:rc:{digest}"
+
+    # -- fleet brakes (``http/brakes.py``, ``store/velocity.py``) --
+
+    def loop_hits(self, key_id: str, job: str, digest: str) -> str:
+        """When one key sent one request (by its canonical digest) for one job, within the loop window."""
+        return f"{self.base}:loop:{key_id}:{job or '-'}:{digest}"
+
+    def loop_alerted(self, key_id: str, job: str, digest: str) -> str:
+        """Set for a loop window once its alert event is queued."""
+        return f"{self.loop_hits(key_id, job, digest)}:alerted"
+
+    @property
+    def spend_hours(self) -> str:
+        """UTC hour number -> micro-USD settled in it (for the velocity alert)."""
+        return f"{self.base}:spend:hours"
+
+    @property
+    def velocity_fired(self) -> str:
+        """The hour number whose velocity alert was last queued."""
+        return f"{self.base}:velocity:fired"
+
+
+def _script_source(name: str) -> str:
+    return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+#: ``async with translated():`` turns the store's "unavailable" errors into ``StoreUnavailable``.
+translated = store_client.translated
+
+
+def reply_lost(error: StoreUnavailable) -> bool:
+    """The command may have run after all: the store failed while its reply was awaited (a timeout),
+    not before the command was sent."""
+    return isinstance(error.__cause__, (redis_errors.TimeoutError, TimeoutError))
+
+
+class BudgetStore:
+    """Spend, reservations, overrides and a small shared cache, for every tenant."""
+
+    def __init__(
+        self, client: StoreClient, prefix: str = "gp", *, embedded: bool = False, calls_kept: int = 1000,
+        connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
+    ) -> None:
+        self.client = client
+        self.connection = connection
+        self.min_replica_acks = min_replica_acks
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
+        self.prefix = prefix
+        self.embedded = embedded
+        self.calls_kept = calls_kept
+        self._admit = client.register_script(_script_source("admit.v4.lua"))
+        self._settle = client.register_script(_script_source("settle.v4.lua"))
+        self._renew = client.register_script(_script_source("renew.v1.lua"))
+        self._claim = client.register_script(_script_source("claim.v1.lua"))
+        self._loop = client.register_script(_script_source("loop.v1.lua"))
+        self._velocity = client.register_script(_script_source("velocity.v1.lua"))
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> BudgetStore:
+        if config.embedded:
+            from guardproxy.store.embedded import EmbeddedRedis
+
+            return cls(EmbeddedRedis(), config.key_prefix, embedded=True, calls_kept=config.call_log_size)
+        connection = store_client.connect(config.redis_url)
+        return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
+                   min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)
+
+    def keys(self, tenant: str) -> Keys:
+        return Keys(self.prefix, tenant)
+
+    async def aclose(self) -> None:
+        if self.connection is not None:
+            await self.connection.aclose()
+        elif isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
+
+    async def ping(self) -> None:
+        async with translated():
+            await self.client.ping()
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailable`` (saying why) unless the store takes writes now, as settlements need.
+
+        A write to a ``{readyz}`` probe key: fails on a replica (READONLY), a primary short of replicas
+        (NOREPLICAS) or a cluster slot without a shard. With ``min_replica_acks`` the probe also waits for
+        that many replicas, as settlements do. On a cluster, every primary must report ``cluster_state:ok``.
+        """
+        key = f"{self.prefix}:{{readyz}}:probe"
+        async with translated():
+            if isinstance(self.client, RedisCluster):
+                states = await self.client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+                failing = sorted(node for node, info in _per_node(states).items()
+                                 if info.get("cluster_state") != "ok")
+                if failing:
+                    raise StoreUnavailable(f"cluster_state is not ok on {', '.join(failing)}")
+                await self.client.set(key, str(time.time()), px=READY_PROBE_TTL_MS)
+                return
+            await self._replicated(lambda client: client.set(key, str(time.time()), px=READY_PROBE_TTL_MS))
+
+    async def admit(
+        self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
+        reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
+        alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
+    ) -> Admission:
+        """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip;
+        a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused,
+        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``). A
+        ``provisional`` refusal (a clamped admission may follow) records no blocked flag or alert."""
+        k = self.keys(tenant)
+        keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
+                k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day),
+                k.rate_requests, k.rate_tokens, k.rate_token_counts, k.rate_token_sum,
+                k.flags("day", periods.day), k.flags("month", periods.month), k.alerts, k.alerts_due,
+                k.reservation_jobs, k.job_held, k.job(job.id)]
+        a = alerts or AlertArgs(0, 0)
+        args: list[str | int] = [
+            reservation_id, lease_ms,
+            limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month,
+            rate.rpm, rate.tpm, call_tokens, int(a.enabled), tenant, periods.day, periods.month,
+            a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
+            job.id, -1 if job.cap_micros is None else job.cap_micros, 1 if provisional else 0, *worst_cases,
+        ]
+        async with translated():
+            result: list[Any] = await self._admit(keys=keys, args=args)
+        index, used_day, used_month, exhausted = (int(v) for v in result[:4])
+        effective = Thresholds(*(int(v) for v in result[4:8]))
+        already_settled = int(result[8]) == 1
+        limited, rpm, tpm, requests, tokens, wait_ms, requests_reset, tokens_reset, refused = (
+            int(v) for v in result[9:18]
+        )
+        job_cap, job_used = int(result[18]), int(result[19])
+        window = RateWindow(
+            limits=RateLimits(rpm, tpm), requests=requests, tokens=tokens, requests_reset_ms=requests_reset,
+            tokens_reset_ms=tokens_reset, limited={1: REQUESTS, 2: TOKENS, 3: TOKENS}.get(limited),
+            wait_ms=None if limited == 3 else wait_ms,
+        )
+        decision = Decision(
+            index=index if index >= 0 and not limited else None, used_day=used_day, used_month=used_month,
+            exhausted={1: "day", 2: "month", 3: "job"}.get(exhausted),
+        )
+        reservation = None
+        if decision.index is not None and not already_settled:
+            reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
+                                      worst_cases[decision.index], job.id)
+        return Admission(decision, effective, reservation, already_settled, rate=window, refused=refused == 1,
+                         job_room=None if job_cap < 0 else max(0, job_cap - job_used),
+                         job_cap=None if job_cap < 0 else job_cap)
+
+    async def settle(
+        self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
+        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s,
+    ) -> Settlement:
+        """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
+        trip, applied at most once per reservation id (a charge of 0 is a release). The token window
+        counts the record's real tokens; a threshold of ``alerts`` reached queues its event. The call's
+        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``."""
+        k = self.keys(reservation.tenant)
+        keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
+                k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
+                k.rate_token_counts, k.rate_token_sum, k.budget, k.flags("day", reservation.day),
+                k.flags("month", reservation.month), k.alerts, k.alerts_due,
+                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs]
+        tokens = int((record or {}).get("prompt_tokens", 0)) + int((record or {}).get("completion_tokens", 0))
+        a = alerts or AlertArgs(0, 0)
+        args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
+                                 self.calls_kept if record else 0, tokens, reservation.tenant, reservation.day,
+                                 reservation.month, a.limit_day, a.limit_month, len(a.thresholds_ppm),
+                                 *a.thresholds_ppm, reservation.job, job_ttl_s]
+        for name, value in (record or {}).items():
+            args += [name, value]
+        async with translated():
+            result: list[Any] = await self._replicated(
+                lambda client: client.evalsha(self._settle.sha, len(keys), *keys, *args), self._settle
+            )
+        return Settlement(applied=int(result[3]) == 1, released=int(result[2]) == 1)
+
+    async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]:
+        """Extend the lease of live ``reservations`` to ``lease_ms`` from now: one script call per tenant
+        (each under its tenant's hash tag), all at once; returns the ids no longer held (expired or
+        settled). Not a pipeline: a cluster pipeline does not load scripts."""
+        by_tenant: dict[str, list[str]] = {}
+        for r in reservations:
+            by_tenant.setdefault(r.tenant, []).append(r.id)
+
+        async def renew_tenant(tenant: str, ids: list[str]) -> list[Any]:
+            lost: list[Any] = await self._renew(keys=[self.keys(tenant).reservations], args=[lease_ms, *ids])
+            return lost
+
+        async with translated():
+            results = await asyncio.gather(*(renew_tenant(t, ids) for t, ids in by_tenant.items()))
+        return {text(i) for lost in results for i in lost}
+
+    async def booking_day(self, tenant: str, reservation_id: str, day: str) -> str:
+        """The day ``reservation_id`` was first booked on; ``day`` (and remembered as long as a day's
+        settled-marker lives) when it is new."""
+        key = self.keys(tenant).booked_on(reservation_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, day, nx=True, ex=DAY_KEY_TTL_S)
+        pipe.get(key)
+        async with translated():
+            _, first = await pipe.execute()
+        return day if first is None else text(first)
+
+    async def move_booking_day(self, tenant: str, reservation_id: str, day: str) -> None:
+        """Remember ``day`` as the day ``reservation_id`` is booked on (its earlier day never settled it)."""
+        async with translated():
+            await self.client.set(self.keys(tenant).booked_on(reservation_id), day, ex=DAY_KEY_TTL_S)
+
+    async def settled_charge(self, tenant: str, day: str, reservation_id: str) -> Micros | None:
+        """What ``reservation_id``, admitted or booked on ``day``, was charged when it settled; ``None``
+        when it has not settled (or its marker has expired)."""
+        async with translated():
+            value = await self.client.hget(self.keys(tenant).settled(day), reservation_id)
+        return None if value is None else int(value)
+
+    async def register_tenant(self, tenant: str) -> None:
+        """Remember a tenant (also one only seen through a service key) for metrics and the admin API."""
+        async with translated():
+            await self.client.sadd(f"{self.prefix}:tenants", tenant)
+
+    async def known_tenants(self) -> set[str]:
+        async with translated():
+            members = await self.client.smembers(f"{self.prefix}:tenants")
+        return {text(m) for m in members}
+
+    async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
+        """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
+        async with translated():
+            entries = await self.client.xrevrange(self.keys(tenant).calls, count=limit) or []
+        calls = []
+        for entry_id, fields in entries:
+            call = {text(a): text(b) for a, b in (fields or {}).items()}
+            call["time_ms"] = text(entry_id or b"0").split("-")[0]
+            calls.append(call)
+        return calls
+
+    async def call_costs(self, tenants: Sequence[str], count: int) -> tuple[int, list[list[tuple[int, Micros, str]]]]:
+        """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
+        ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.xrevrange(self.keys(tenant).calls, count=count)
+        async with translated():
+            logs = await pipe.execute()
+            # Not pipelined: Redis Cluster pipelines take only commands with keys.
+            seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000, [
+            [(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
+              text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
+            for log in logs
+        ]
+
+    async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]:
+        """Spend, reservations and overrides of many tenants in one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        # This process's clock, not TIME (a cluster answers TIME per node): the figures are for display.
+        since = f"({int(time.time() * 1000) - WINDOW_MS}"
+        for tenant, periods in tenants:
+            k = self.keys(tenant)
+            pipe.get(k.spend_day(periods.day))
+            pipe.get(k.spend_month(periods.month))
+            pipe.get(k.reserved)
+            pipe.hgetall(k.budget)
+            pipe.hexists(k.flags("day", periods.day), "blocked")
+            pipe.hexists(k.flags("month", periods.month), "blocked")
+            pipe.zcount(k.rate_requests, since, "+inf")
+            pipe.zcount(k.rate_tokens, since, "+inf")
+            pipe.get(k.rate_token_sum)
+        async with translated():
+            values = await pipe.execute()
+        out = []
+        step = 9
+        for i in range(0, len(values), step):
+            day, month, reserved, override, blocked_day, blocked_month, requests, calls, tokens = values[i : i + step]
+            held = int(reserved or 0)
+            out.append(Snapshot(
+                day=PeriodSpend(int(day or 0), held), month=PeriodSpend(int(month or 0), held),
+                override={text(a): text(b) for a, b in override.items()},
+                refused=bool(blocked_day or blocked_month),
+                # the token sum as of the last admission (which sweeps it); an idle minute empties it
+                window_requests=int(requests or 0), window_tokens=int(tokens or 0) if calls else 0,
+            ))
+        return out
+
+    async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None:
+        """Write a runtime override; it re-arms the alerts and ends the blocked state of ``periods``
+        (each event can fire again under the new limits), and lists the tenant."""
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(k.budget, mapping=fields)  # type: ignore[arg-type]
+        pipe.sadd(f"{self.prefix}:tenants", tenant)
+        if periods is not None:
+            pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
+        async with translated():
+            await pipe.execute()
+
+    async def clear_override(self, tenant: str, periods: Periods | None = None) -> None:
+        k = self.keys(tenant)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(k.budget)
+        if periods is not None:
+            pipe.delete(k.flags("day", periods.day), k.flags("month", periods.month))
+        async with translated():
+            await pipe.execute()
+
+    # -- alert events (queued by the scripts, delivered by ``alerts.AlertSender``) ------------------
+
+    async def claim_alerts(self, tenants: Sequence[str], lease_ms: int, limit: int = 20) -> list[QueuedAlert]:
+        """The due alert events of ``tenants``, each claimed for ``lease_ms``: one script call per tenant
+        (under its hash tag), all at once (not a pipeline: a cluster pipeline does not load scripts)."""
+
+        async def claim(tenant: str) -> list[Any]:
+            k = self.keys(tenant)
+            items: list[Any] = await self._claim(keys=[k.alerts, k.alerts_due, k.alerts_delivery],
+                                                 args=[lease_ms, limit])
+            return items
+
+        async with translated():
+            results = await asyncio.gather(*(claim(t) for t in tenants))
+        out = []
+        for tenant, items in zip(tenants, results, strict=True):
+            for item in items:
+                values = [text(v) for v in item]
+                fields = dict(zip(values[3::2], values[4::2], strict=True))
+                hooks = {int(h) for h in values[2].split(",") if h}
+                out.append(QueuedAlert(tenant, values[0], fields, int(values[1]), hooks))
+        return out
+
+    async def record_delivery(
+        self, alert: QueuedAlert, hooks: set[int], state: str, next_at_ms: int = 0, error: str = ""
+    ) -> None:
+        """Record one delivery attempt of ``alert``: the webhooks (``hooks``) that have taken it, and its
+        ``state``: ``delivered`` or ``dropped`` (done), or ``retrying`` (due again at ``next_at_ms``)."""
+        k = self.keys(alert.tenant)
+        pipe = self.client.pipeline(transaction=False)
+        if state == "retrying":
+            pipe.zadd(k.alerts_due, {alert.id: next_at_ms}, xx=True)
+        else:
+            pipe.zrem(k.alerts_due, alert.id)
+        pipe.hset(k.alerts_delivery, mapping={
+            f"{alert.id}:state": state, f"{alert.id}:attempts": str(alert.attempts + 1),
+            f"{alert.id}:hooks": ",".join(map(str, sorted(hooks))), f"{alert.id}:error": error[:300],
+        })
+        pipe.expire(k.alerts_delivery, MONTH_KEY_TTL_S)
+        async with translated():
+            await pipe.execute()
+
+    async def recent_alerts(self, tenants: Sequence[str], limit: int) -> list[AlertRecord]:
+        """The latest ``limit`` alert events of ``tenants``, newest first, with their delivery state."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            k = self.keys(tenant)
+            pipe.xrevrange(k.alerts, count=limit)
+            pipe.hgetall(k.alerts_delivery)
+            pipe.zrange(k.alerts_due, 0, -1, withscores=True)
+        async with translated():
+            values = await pipe.execute()
+        out = []
+        for i, tenant in enumerate(tenants):
+            entries, delivery, due = values[3 * i : 3 * i + 3]
+            state = {text(a): text(b) for a, b in (delivery or {}).items()}
+            due_at = {text(m): int(score) for m, score in due or []}
+            for entry_id, fields in entries or []:
+                eid = text(entry_id)
+                out.append(AlertRecord(
+                    tenant, eid, {text(a): text(b) for a, b in (fields or {}).items()},
+                    state=state.get(f"{eid}:state") or ("pending" if eid in due_at else "unknown"),
+                    attempts=int(state.get(f"{eid}:attempts", "0")), error=state.get(f"{eid}:error", ""),
+                    next_attempt_ms=due_at.get(eid),
+                ))
+        out.sort(key=lambda a: tuple(int(p) for p in a.id.split("-")), reverse=True)
+        return out[:limit]
+
+    # -- jobs (work orders) ------------------------------------------------------------------------
+
+    async def job_usage(self, tenant: str, job: str) -> JobUsage | None:
+        """One job's counters, ``None`` when it has none (never called, or expired)."""
+        async with translated():
+            fields = await self.client.hgetall(self.keys(tenant).job(job))
+        if not fields:
+            return None
+        return JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
+
+    async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
+        """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
+        k = self.keys(tenant)
+        async with translated():
+            ids = [text(j) for j in await self.client.zrevrange(k.jobs, 0, max(0, limit - 1))]  # type: ignore[arg-type]
+            pipe = self.client.pipeline(transaction=False)
+            for job in ids:
+                pipe.hgetall(k.job(job))
+            values = await pipe.execute() if ids else []
+        return [JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
+                for job, fields in zip(ids, values, strict=True) if fields]
+
+    # -- fleet brakes and the chargeback export (``http/brakes.py``, ``observe/export.py``) ------------
+
+    async def count_repeat(
+        self, tenant: str, key_id: str, job: str, digest: str, request_id: str, max_repeats: int, window_ms: int,
+        *, action: str = "refuse", alerts: bool = False,
+    ) -> LoopCount:
+        """Count one request of ``key_id`` for ``job`` whose canonical digest is ``digest``: over the limit
+        when the window already holds ``max_repeats`` of them (then it is not counted, and the first such
+        request of a window queues a ``loop`` alert event when ``alerts``). One script call."""
+        k = self.keys(tenant)
+        keys = [k.loop_hits(key_id, job, digest), k.loop_alerted(key_id, job, digest), k.alerts, k.alerts_due]
+        args: list[str | int] = [request_id, max_repeats, window_ms, action, int(alerts), tenant, key_id, job,
+                                 digest]
+        async with translated():
+            over, repeats, retry_ms = (int(v) for v in await self._loop(keys=keys, args=args))
+        return LoopCount(over=over == 1, repeats=repeats, retry_ms=retry_ms)
+
+    async def count_hourly_spend(
+        self, tenant: str, charge: Micros, factor_ppm: int, baseline_hours: int, min_micros: Micros,
+        *, alerts: bool = False,
+    ) -> VelocityCount:
+        """Add ``charge`` to the tenant's spend of this UTC hour and compare its last hour with the
+        average of the ``baseline_hours`` before: the first hour over ``factor_ppm`` / 1e6 times that
+        (and over ``min_micros``) fires, once, queuing a ``velocity`` alert event when ``alerts``."""
+        k = self.keys(tenant)
+        keys = [k.spend_hours, k.velocity_fired, k.alerts, k.alerts_due]
+        args: list[str | int] = [charge, factor_ppm, baseline_hours, min_micros, int(alerts), tenant]
+        async with translated():
+            last_hour, average, fired = (int(v) for v in await self._velocity(keys=keys, args=args))
+        return VelocityCount(last_hour_micros=last_hour, average_micros=average, fired=fired == 1)
+
+    async def logged_calls(
+        self, tenant: str, start_ms: int, end_ms: int, *, after: str | None = None, count: int = 1000,
+    ) -> list[LoggedCall]:
+        """Up to ``count`` entries of the tenant's call log settled in ``[start_ms, end_ms)``, oldest first,
+        from just after the entry id ``after`` when paging on."""
+        low = f"({after}" if after else str(max(0, start_ms))
+        async with translated():
+            entries = await self.client.xrange(self.keys(tenant).calls, low, f"{max(0, end_ms - 1)}", count=count)
+        return [LoggedCall(text(entry_id or b"0-0"), {text(a): text(b) for a, b in (fields or {}).items()})
+                for entry_id, fields in entries or []]
+
+    async def call_log_extent(self, tenant: str) -> tuple[int, int | None]:
+        """How many entries the tenant's call log holds, and when its oldest was settled (ms; ``None``: empty)."""
+        key = self.keys(tenant).calls
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        async with translated():
+            length, oldest = await pipe.execute()
+        first = int(text(oldest[0][0]).split("-")[0]) if oldest else None
+        return int(length), first
+
+    # -- the response cache (keys and values from ``cache.py``) ------------------------------------
+
+    async def cached_response(self, tenant: str, digest: str) -> bytes | None:
+        """The answer cached under ``digest`` for ``tenant``, if it has not expired."""
+        async with translated():
+            value = await self.client.get(self.keys(tenant).response(digest))
+        return None if value is None else (value if isinstance(value, bytes) else value.encode())
+
+    async def cache_response(self, tenant: str, digest: str, value: bytes, ttl_s: int) -> None:
+        async with translated():
+            await self.client.set(self.keys(tenant).response(digest), value, ex=max(1, ttl_s))
+
+    async def cache_get(self, key: str) -> str | None:
+        """Shared (cross-replica) cache, e.g. ServiceTitan job -> tenant."""
+        async with translated():
+            value = await self.client.get(f"{self.prefix}:cache:{key}")
+        return None if value is None else text(value)
+
+    async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
+        async with translated():
+            await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
+
+
+    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | None = None) -> Any:
+        """Run ``write`` and, with ``min_replica_acks``, ``WAIT`` for replicas in the same round trip.
+
+        Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary
+        took is lost, so it must not count as written. ``script`` is loaded and the write run again when
+        the server does not know it (a new primary). Errors leave unwrapped, for ``translated``.
+        """
+        try:
+            return await self._replicated_once(write)
+        except redis_errors.NoScriptError:
+            if script is None:
+                raise
+            await self.client.script_load(script.script)
+            return await self._replicated_once(write)
+
+    async def _replicated_once(self, write: Callable[[Any], Any]) -> Any:
+        if not self.min_replica_acks:
+            return await write(self.client)
+        async with self.client.pipeline(transaction=False) as pipe:
+            write(pipe)
+            pipe.wait(self.min_replica_acks, self.replica_ack_timeout_ms)
+            result, acked = await pipe.execute()
+        if int(acked) < self.min_replica_acks:
+            if self.connection is not None:
+                await self.connection.rediscover()
+            raise StoreUnavailable(f"budget store unavailable: {acked} of {self.min_replica_acks} replicas "
+                                   f"confirmed the write within {self.replica_ack_timeout_ms} ms")
+        return result
+
+
+def _per_node(states: Any) -> dict[str, dict[str, Any]]:
+    """``CLUSTER INFO`` answers keyed by node (one node's answer comes back unkeyed)."""
+    if isinstance(states, dict) and "cluster_state" in states:
+        return {"node": states}
+    return {str(node): info for node, info in dict(states).items()}
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else value
