@@ -165,7 +165,8 @@ def create_app(
         metrics: Metrics = app.state.metrics
         journal = Journal(config.store.journal_path(), metrics.journal_pending.set)
         metrics.journal_pending.set(0)
-        ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc)
+        ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc,
+                        on_velocity=lambda tenant: metrics.velocity_alerts.labels(tenant).inc())
         runtime = Runtime(
             config, ledger=ledger, metrics=metrics, clock=clock,
             keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from guardproxy import __version__
+from guardproxy.admin import export as export_api
 from guardproxy.admin import keys_cli, store_cli
 from guardproxy.budget.pricing import MICROS_PER_USD
 from guardproxy.config.settings import Config, hash_key, load_config
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keys_cli.add_parser(commands, _config_option)
     store_copy.add_action(store_cli.add_parser(commands, _config_option))
+    export_api.add_parser(commands, _config_option)
 
     prices = commands.add_parser("prices", help="a model's prices in the genai-prices catalog")
     prices.add_argument("model")
@@ -89,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_cli.main(config, args)
     if args.command == "store":
         return store_cli.main(config, args)
+    if args.command == "export":
+        return export_api.main(config, args)
     if args.command == "status":
         from guardproxy.admin.status import main as status_main
 
@@ -210,7 +214,11 @@ def masked(config: Config) -> dict[str, Any]:
                 "rpm": p.rpm, "tpm": p.tpm,
                 "job_usd": None if p.job_micros is None else p.job_micros / usd,
                 "cache": "semantic" if p.semantic_cache else p.cache,
-                "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens}
+                "clamp_max_tokens": p.clamp_max_tokens, "min_completion_tokens": p.min_completion_tokens,
+                "loop": None if p.loop is None else vars(p.loop).copy(),
+                "velocity": None if p.velocity is None else {
+                    "factor": float(p.velocity.factor), "baseline_hours": p.velocity.baseline_hours,
+                    "min_usd": p.velocity.min_micros / usd}}
 
     return {
         "server": {**vars(config.server), "cors_allow_origins": list(config.server.cors_allow_origins)},

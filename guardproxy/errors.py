@@ -55,6 +55,8 @@ class ErrorKind(Enum):
     # OpenAI's own per-minute 429s carry the limit's kind as their type.
     RATE_LIMITED_REQUESTS = ErrorSpec(429, "requests", "rate_limit_exceeded", logging.INFO)
     RATE_LIMITED_TOKENS = ErrorSpec(429, "tokens", "rate_limit_exceeded", logging.INFO)
+    # The runaway-agent brake: the same request too often from one key and job (``http/brakes.py``).
+    LOOP_DETECTED = ErrorSpec(429, "requests", "loop_detected", logging.WARNING)
     INTERNAL = ErrorSpec(500, "server_error", "internal_error", logging.ERROR)
     UPSTREAM_UNAVAILABLE = ErrorSpec(502, "server_error", "upstream_unavailable", logging.WARNING)
     STORE_UNAVAILABLE = ErrorSpec(503, "server_error", "budget_store_unavailable", logging.ERROR)

@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from guardproxy.admin.auth import check_admin
+from guardproxy.admin.export import export_routes
 from guardproxy.admin.keys import key_routes
 from guardproxy.admin.page import render_page
 from guardproxy.admin.reload import reload_routes
@@ -202,6 +203,7 @@ def _call_json(call: dict[str, str]) -> dict[str, Any]:
 def admin_routes() -> list[Route]:
     return [
         *key_routes(),
+        *export_routes(),
         *reload_routes(),
         *(
             Route(path, endpoint, methods=[method])

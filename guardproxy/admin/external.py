@@ -190,6 +190,7 @@ async def _book(services: Services, tenant: str, spend: ExternalSpend) -> tuple[
         "request_id": spend.request_id, "requested_model": spend.model or "", "model": spend.model or "",
         "prompt_tokens": spend.prompt_tokens, "completion_tokens": spend.completion_tokens, "cached_tokens": 0,
         "cost_micros": spend.cost_micros, "outcome": Outcome.EXTERNAL.value, "description": spend.description,
+        "day": periods.day,  # the budget day charged, for the chargeback export
     }
     # Its threshold alerts fire like a call's: external spend counts towards the same budget.
     settlement = await store.settle(Reservation(rid, tenant, periods.day, periods.month, 0), spend.cost_micros,

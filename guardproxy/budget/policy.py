@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from guardproxy.budget.fleet import LoopPolicy, VelocityPolicy
 from guardproxy.types import Micros
 
 
@@ -33,6 +34,10 @@ class BudgetPolicy:
     #: of refusing it, if each output can still have ``min_completion_tokens``.
     clamp_max_tokens: bool = False
     min_completion_tokens: int = 256
+    #: The runaway-agent brake (``budget/fleet.py``); ``None``: off.
+    loop: LoopPolicy | None = None
+    #: The spend-velocity alert (``budget/fleet.py``); ``None``: off.
+    velocity: VelocityPolicy | None = None
 
     @property
     def zone(self) -> ZoneInfo:

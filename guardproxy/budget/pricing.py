@@ -35,14 +35,16 @@ class Price:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens of one call. ``cached_prompt_tokens`` is a part of ``prompt_tokens``, as OpenAI reports it."""
+    """Tokens of one call. ``cached_prompt_tokens`` is a part of ``prompt_tokens`` and ``reasoning_tokens``
+    a part of ``completion_tokens`` (charged as output), as OpenAI reports them."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens) < 0:
+        if min(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens, self.reasoning_tokens) < 0:
             raise ValueError("token counts must not be negative")
 
 

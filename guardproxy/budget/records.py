@@ -211,3 +211,38 @@ class Outcome(StrEnum):
     def of_failure(cls, error: GuardError) -> Outcome:
         """The outcome of an upstream call that failed with ``error``."""
         return cls.UPSTREAM_TIMEOUT if error.kind is ErrorKind.UPSTREAM_TIMEOUT else cls.UPSTREAM_ERROR
+
+
+@dataclass(frozen=True)
+class LoopCount:
+    """What the loop brake's count said of one request (``BudgetStore.count_repeat``)."""
+
+    #: The window already held ``max_repeats`` identical requests: this one was not counted.
+    over: bool
+    #: Identical requests in the window, this one included.
+    repeats: int
+    #: ms until the window admits the request again (0 when it was admitted).
+    retry_ms: int
+
+
+@dataclass(frozen=True)
+class VelocityCount:
+    """The tenant's hourly spend after one charge (``BudgetStore.count_hourly_spend``)."""
+
+    last_hour_micros: Micros
+    #: The hourly average of the baseline hours (rounded down).
+    average_micros: Micros
+    #: This charge took the last hour over the factor first in its hour (the alert was queued).
+    fired: bool
+
+
+@dataclass(frozen=True)
+class LoggedCall:
+    """One entry of a tenant's call log: its stream id (``<settled ms>-<seq>``) and fields."""
+
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def time_ms(self) -> int:
+        return int(self.id.split("-")[0])

@@ -20,6 +20,7 @@ import yaml
 
 from guardproxy.budget.policy import BudgetPolicy as BudgetPolicy
 from guardproxy.budget.pricing import usd_to_micros
+from guardproxy.config.fleet import parse_loop, parse_velocity
 
 # Upstream and model settings live in ``catalog``; they stay importable from here.
 from guardproxy.config.models import BreakerConfig as BreakerConfig
@@ -152,8 +153,9 @@ class AuthConfig:
     job_header: str = "X-ServiceTitan-Job-Id"
 
 
-#: ``store``: the budget store cannot be trusted (``store_health``: evicting policy, a reset).
-ALERT_EVENTS = ("threshold", "downgrading", "blocked", "store")
+#: ``store``: the budget store cannot be trusted (``store_health``: evicting policy, a reset); ``loop`` and
+#: ``velocity``: the fleet brakes (``budget/fleet.py``).
+ALERT_EVENTS = ("threshold", "downgrading", "blocked", "store", "loop", "velocity")
 
 
 @dataclass(frozen=True)
@@ -553,6 +555,8 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         semantic_cache=cache == "semantic",
         clamp_max_tokens=f.boolean("clamp_max_tokens", base.clamp_max_tokens),
         min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
+        loop=parse_loop(f, "loop", base.loop),
+        velocity=parse_velocity(f, "velocity", base.velocity),
     )
 
 

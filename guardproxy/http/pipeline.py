@@ -35,14 +35,15 @@ from guardproxy.budget import ratelimit
 from guardproxy.budget.choice import Admit, Choice, choose
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
+from guardproxy.budget.fleet import key_fingerprint
 from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
 from guardproxy.budget.tokens import TokenCounter
-from guardproxy.config.settings import Config, ModelConfig
+from guardproxy.config.settings import Config, ModelConfig, hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import background, cache, objects, semantic
-from guardproxy.http.auth import TenantResolver
+from guardproxy.http import background, brakes, cache, objects, semantic
+from guardproxy.http.auth import TenantResolver, presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.http.models import model_not_found
 from guardproxy.http.plan import Plan
@@ -112,10 +113,16 @@ class BudgetedEndpoint:
     async def __call__(self, request: Request) -> Response:
         tenant = await self.s.tenants.resolve(request.headers)
         job = self.s.tenants.job_of(request.headers)  # X-Guardproxy-Job, else the ServiceTitan job header
-        context = CallContext.of(request.headers, job)
+        key = presented_key(request.headers)
+        context = CallContext.of(request.headers, job, key_fingerprint(hash_key(key) if key else None))
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
         await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
+        requested = self._price(call.model)
+        # The runaway-agent brake, once the request is known to be valid and before anything is reserved
+        # or answered (from the cache too): a looping agent's refusals cost nothing.
+        await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
+                                self.shape.path, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
         cached = await self._cache_lookup(tenant, call, request.headers)
         if isinstance(cached, Response):
@@ -126,7 +133,6 @@ class BudgetedEndpoint:
             if isinstance(semantic_answer, Response):
                 return semantic_answer
             cached = semantic_answer
-        requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None

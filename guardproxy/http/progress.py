@@ -26,6 +26,11 @@ def call_record(plan: Plan, request_id: str, usage: Usage, charge: Micros, outco
         "completion_tokens": usage.completion_tokens, "cached_tokens": usage.cached_prompt_tokens,
         "cost_micros": charge, "outcome": outcome.value,
         **({"job": plan.reservation.job} if plan.reservation.job else {}),
+        # for the chargeback export (``observe/export.py``): the token classes, the prices they were charged
+        # at (micro-USD per 1M tokens), the provider, the caller's key and the budget day charged
+        "reasoning_tokens": usage.reasoning_tokens, "upstream": plan.sent.upstream,
+        "price_input": plan.sent.price.input, "price_cached_input": plan.sent.price.cached_input,
+        "price_output": plan.sent.price.output, "key": plan.context.key_id, "day": plan.reservation.day,
     }
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger("guardproxy.relay")
 
 def usage_from(
     value: Any, *, prompt: str = "prompt_tokens", completion: str = "completion_tokens",
-    details: str = "prompt_tokens_details",
+    details: str = "prompt_tokens_details", output_details: str = "completion_tokens_details",
 ) -> Usage | None:
     """OpenAI's ``usage`` object as ``Usage``; ``None`` when absent or malformed. The key names are
     chat's; the Responses API names the same figures ``input_tokens``/``output_tokens``."""
@@ -44,10 +44,12 @@ def usage_from(
         return None
     try:
         cached = value.get(details) or {}
+        generated = value.get(output_details) or {}
         return Usage(
             prompt_tokens=int(value[prompt]),
             completion_tokens=int(value.get(completion) or 0),
             cached_prompt_tokens=int(cached.get("cached_tokens") or 0) if isinstance(cached, dict) else 0,
+            reasoning_tokens=int(generated.get("reasoning_tokens") or 0) if isinstance(generated, dict) else 0,
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -34,7 +34,8 @@ def _is_text_delta(kind: Any) -> bool:
 
 def responses_usage(value: Any) -> Usage | None:
     """A Responses API ``usage`` object as ``Usage``; ``None`` when absent or malformed."""
-    return usage_from(value, prompt="input_tokens", completion="output_tokens", details="input_tokens_details")
+    return usage_from(value, prompt="input_tokens", completion="output_tokens", details="input_tokens_details",
+                      output_details="output_tokens_details")
 
 
 def output_texts(response: Any) -> list[str]:

@@ -58,6 +58,8 @@ def event_json(fields: Mapping[str, str], zone: ZoneInfo) -> dict[str, Any]:
     if fields.get("event") == "store":  # about the store itself (``store_health``), no tenant
         return {"event": "store", "tenant": None, "problem": fields.get("problem"), "message": fields.get("message"),
                 "at": iso_utc(datetime.fromtimestamp(int(fields.get("at_ms", 0)) / 1000, UTC))}
+    if fields.get("event") in ("loop", "velocity"):
+        return brake_event_json(fields)
     spent, limit = int(fields.get("spent", 0)), int(fields.get("limit", 0))
     threshold = fields.get("threshold") or ""
     period, period_id = fields.get("period", "day"), fields.get("period_id", "")
@@ -75,6 +77,28 @@ def event_json(fields: Mapping[str, str], zone: ZoneInfo) -> dict[str, Any]:
     }
 
 
+def brake_event_json(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A ``loop`` event (``lua/loop.v1.lua``: one key sent one request too often for one job) or a
+    ``velocity`` event (``lua/velocity.v1.lua``: the tenant's last hour against its hourly average)."""
+    at = iso_utc(datetime.fromtimestamp(int(fields.get("at_ms", 0)) / 1000, UTC))
+    if fields.get("event") == "loop":
+        return {
+            "event": "loop", "tenant": fields.get("tenant"), "key": fields.get("key"),
+            "job": fields.get("job") or None, "request_digest": fields.get("digest"),
+            "repeats": int(fields.get("repeats", 0)), "max_repeats": int(fields.get("max_repeats", 0)),
+            "window_s": int(fields.get("window_ms", 0)) / 1000, "action": fields.get("action"), "at": at,
+        }
+    hour = int(fields.get("hour", 0))
+    return {
+        "event": "velocity", "tenant": fields.get("tenant"), "period": "hour",
+        "hour_start": iso_utc(datetime.fromtimestamp(hour * 3600, UTC)),
+        "last_hour_usd": micros_to_usd(int(fields.get("spent", 0))),
+        "hourly_average_usd": micros_to_usd(int(fields.get("baseline", 0))),
+        "limit_usd": micros_to_usd(int(fields.get("limit", 0))),
+        "factor": int(fields.get("factor_ppm", 0)) / 1_000_000, "at": at,
+    }
+
+
 def _resets_at(period: str, period_id: str, zone: ZoneInfo) -> str | None:
     try:
         day = date.fromisoformat(period_id if period == "day" else f"{period_id}-01")
@@ -88,6 +112,15 @@ def slack_text(event: Mapping[str, Any]) -> str:
     """One readable line with the event's facts, for Slack's incoming webhooks."""
     if event["event"] == "store":
         return f"guardproxy: budget store problem ({event['problem']}): {event['message']}"
+    if event["event"] == "loop":
+        job = f" for job {event['job']}" if event["job"] else ""
+        verb = "refused" if event["action"] == "refuse" else "let through (alert only)"
+        return (f"guardproxy: tenant {event['tenant']}'s key {event['key']} sent the same request more than "
+                f"{event['max_repeats']} times within {event['window_s']:g} s{job}: a runaway agent? Repeats are "
+                f"{verb}.")
+    if event["event"] == "velocity":
+        return (f"guardproxy: tenant {event['tenant']} spent ${event['last_hour_usd']:,.2f} in the last hour, over "
+                f"{event['factor']:g}x its hourly average of ${event['hourly_average_usd']:,.2f}.")
     period = "daily" if event["period"] == "day" else "monthly"
     spent = f"${format_usd(round(event['spent_usd'] * 1_000_000))}"
     limit = f"${format_usd(round(event['limit_usd'] * 1_000_000))}"

@@ -26,13 +26,15 @@ class CallContext:
     trace_headers: Mapping[str, str] = field(default_factory=dict)
     started_s: float = field(default_factory=time.monotonic)
     started_ns: int = field(default_factory=time.time_ns)
+    #: The caller's key as ``fleet.key_fingerprint`` names it (never the key), ``""``: not known.
+    key_id: str = ""
 
     @classmethod
-    def of(cls, headers: Mapping[str, str], job_id: str) -> CallContext:
-        """The call's context: its job (already validated, ``auth.TenantResolver.job_of``) and the
-        incoming trace headers."""
+    def of(cls, headers: Mapping[str, str], job_id: str, key_id: str = "") -> CallContext:
+        """The call's context: its job (already validated, ``auth.TenantResolver.job_of``), the caller's
+        key fingerprint and the incoming trace headers."""
         trace = {name: headers[name] for name in ("traceparent", "tracestate") if name in headers}
-        return cls(job_id=job_id, trace_headers=trace)
+        return cls(job_id=job_id, trace_headers=trace, key_id=key_id)
 
 
 @dataclass(frozen=True)

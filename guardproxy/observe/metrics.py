@@ -120,6 +120,16 @@ class Metrics:
             "(bounded: per active tenant, max_entries * (dimensions * 4 + 24) bytes plus ~400 bytes an entry).",
             registry=r, multiprocess_mode="livesum",
         )
+        # -- fleet brakes (``http/brakes.py``, ``store/velocity.py``) --
+        self.loops_detected = Counter(
+            "guardproxy_loops_detected", "Requests repeated more than loop.max_repeats times within loop.window_s "
+            "by one key and job, by action (refuse: answered 429 loop_detected; alert: let through).",
+            ["tenant", "action"], registry=r,
+        )
+        self.velocity_alerts = Counter(
+            "guardproxy_velocity_alerts", "Hours in which a tenant's last hour first cost more than velocity.factor "
+            "times its trailing hourly average.", ["tenant"], registry=r,
+        )
         self.unbudgeted_requests = Counter(
             "guardproxy_unbudgeted_requests", "Requests passed through unbudgeted (unbudgeted_paths: passthrough).",
             ["tenant", "endpoint"], registry=r,

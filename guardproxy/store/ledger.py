@@ -41,6 +41,7 @@ from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.store.journal import Entry, Journal
 from guardproxy.store.protocol import Store
 from guardproxy.store.redis import reply_lost
+from guardproxy.store.velocity import count_velocity
 from guardproxy.types import Micros
 
 if TYPE_CHECKING:
@@ -70,18 +71,20 @@ class Ledger:
     """Admission and settlement of every call of this process, and the background work they need.
 
     ``journal`` keeps the charges the store cannot take (``None``: none kept, for tests).
-    ``on_duplicate`` hears each settlement the store ignored because its id had already settled.
+    ``on_duplicate`` hears each settlement the store ignored because its id had already settled;
+    ``on_velocity`` hears the tenant of each spend-velocity alert fired (``brakes.count_velocity``).
     """
 
     def __init__(
         self, store: Store, config: Config, clock: Callable[[], datetime], journal: Journal | None = None,
-        on_duplicate: Callable[[], None] | None = None,
+        on_duplicate: Callable[[], None] | None = None, on_velocity: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
         self.journal = journal
         self.on_duplicate = on_duplicate
+        self.on_velocity = on_velocity
         self.lease_ms = int(config.store.lease_s * 1000)
         self._live: dict[str, Reservation] = {}
         #: When each tenant was last written to the tenant index by this process (monotonic s).
@@ -238,7 +241,10 @@ class Ledger:
                                              self.config.store.job_retention_days * 86400)
         if self._keeps_recent:
             self._recent.append((time.monotonic(), entry))
-        if not settlement.applied:
+        if settlement.applied:
+            # Once per charge: a replayed settlement is not applied again, so it is not counted again.
+            await count_velocity(self.store, self.config, entry.reservation.tenant, entry.charge, self.on_velocity)
+        else:
             log.warning("settlement of reservation %s (tenant=%s, %d micro-USD) ignored: it had already settled",
                         entry.reservation.id, entry.reservation.tenant, entry.charge)
             if self.on_duplicate is not None:

@@ -26,10 +26,13 @@ from guardproxy.budget.records import (
     JobArgs,
     JobUsage,
     KeyListing,
+    LoggedCall,
+    LoopCount,
     QueuedAlert,
     Reservation,
     Settlement,
     Snapshot,
+    VelocityCount,
 )
 from guardproxy.types import Micros
 
@@ -98,6 +101,24 @@ class Store(Protocol):
     async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]: ...
 
     async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts: ...
+
+    async def logged_calls(
+        self, tenant: str, start_ms: int, end_ms: int, *, after: str | None = None, count: int = 1000,
+    ) -> list[LoggedCall]: ...
+
+    async def call_log_extent(self, tenant: str) -> tuple[int, int | None]: ...
+
+    # -- the fleet brakes (each one atomic step, as admission is) --------------------------------------
+
+    async def count_repeat(
+        self, tenant: str, key_id: str, job: str, digest: str, request_id: str, max_repeats: int, window_ms: int,
+        *, action: str = "refuse", alerts: bool = False,
+    ) -> LoopCount: ...
+
+    async def count_hourly_spend(
+        self, tenant: str, charge: Micros, factor_ppm: int, baseline_hours: int, min_micros: Micros,
+        *, alerts: bool = False,
+    ) -> VelocityCount: ...
 
     # -- alert events ----------------------------------------------------------------------------------
 

@@ -41,13 +41,16 @@ from guardproxy.budget.records import (
     JobArgs,
     JobUsage,
     KeyListing,
+    LoggedCall,
     LoggedCost,
+    LoopCount,
     PeriodSpend,
     QueuedAlert,
     RateWindow,
     Reservation,
     Settlement,
     Snapshot,
+    VelocityCount,
 )
 from guardproxy.config.settings import StoreConfig
 from guardproxy.errors import StoreUnavailable
@@ -222,6 +225,26 @@ class Keys:
         """hits, saved_micros: what the semantic cache saved the tenant (``guardproxy status``)."""
         return f"{self.base}:sc:stats"
 
+    # -- fleet brakes (``http/brakes.py``, ``store/velocity.py``) --
+
+    def loop_hits(self, key_id: str, job: str, digest: str) -> str:
+        """When one key sent one request (by its canonical digest) for one job, within the loop window."""
+        return f"{self.base}:loop:{key_id}:{job or '-'}:{digest}"
+
+    def loop_alerted(self, key_id: str, job: str, digest: str) -> str:
+        """Set for a loop window once its alert event is queued."""
+        return f"{self.loop_hits(key_id, job, digest)}:alerted"
+
+    @property
+    def spend_hours(self) -> str:
+        """UTC hour number -> micro-USD settled in it (for the velocity alert)."""
+        return f"{self.base}:spend:hours"
+
+    @property
+    def velocity_fired(self) -> str:
+        """The hour number whose velocity alert was last queued."""
+        return f"{self.base}:velocity:fired"
+
 
 def _script_source(name: str) -> str:
     return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
@@ -254,6 +277,8 @@ class BudgetStore:
         self._settle = client.register_script(_script_source("settle.v4.lua"))
         self._renew = client.register_script(_script_source("renew.v1.lua"))
         self._claim = client.register_script(_script_source("claim.v1.lua"))
+        self._loop = client.register_script(_script_source("loop.v1.lua"))
+        self._velocity = client.register_script(_script_source("velocity.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -738,6 +763,59 @@ class BudgetStore:
             values = await pipe.execute() if ids else []
         return [JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
                 for job, fields in zip(ids, values, strict=True) if fields]
+
+    # -- fleet brakes and the chargeback export (``http/brakes.py``, ``observe/export.py``) ------------
+
+    async def count_repeat(
+        self, tenant: str, key_id: str, job: str, digest: str, request_id: str, max_repeats: int, window_ms: int,
+        *, action: str = "refuse", alerts: bool = False,
+    ) -> LoopCount:
+        """Count one request of ``key_id`` for ``job`` whose canonical digest is ``digest``: over the limit
+        when the window already holds ``max_repeats`` of them (then it is not counted, and the first such
+        request of a window queues a ``loop`` alert event when ``alerts``). One script call."""
+        k = self.keys(tenant)
+        keys = [k.loop_hits(key_id, job, digest), k.loop_alerted(key_id, job, digest), k.alerts, k.alerts_due]
+        args: list[str | int] = [request_id, max_repeats, window_ms, action, int(alerts), tenant, key_id, job,
+                                 digest]
+        async with translated():
+            over, repeats, retry_ms = (int(v) for v in await self._loop(keys=keys, args=args))
+        return LoopCount(over=over == 1, repeats=repeats, retry_ms=retry_ms)
+
+    async def count_hourly_spend(
+        self, tenant: str, charge: Micros, factor_ppm: int, baseline_hours: int, min_micros: Micros,
+        *, alerts: bool = False,
+    ) -> VelocityCount:
+        """Add ``charge`` to the tenant's spend of this UTC hour and compare its last hour with the
+        average of the ``baseline_hours`` before: the first hour over ``factor_ppm`` / 1e6 times that
+        (and over ``min_micros``) fires, once, queuing a ``velocity`` alert event when ``alerts``."""
+        k = self.keys(tenant)
+        keys = [k.spend_hours, k.velocity_fired, k.alerts, k.alerts_due]
+        args: list[str | int] = [charge, factor_ppm, baseline_hours, min_micros, int(alerts), tenant]
+        async with translated():
+            last_hour, average, fired = (int(v) for v in await self._velocity(keys=keys, args=args))
+        return VelocityCount(last_hour_micros=last_hour, average_micros=average, fired=fired == 1)
+
+    async def logged_calls(
+        self, tenant: str, start_ms: int, end_ms: int, *, after: str | None = None, count: int = 1000,
+    ) -> list[LoggedCall]:
+        """Up to ``count`` entries of the tenant's call log settled in ``[start_ms, end_ms)``, oldest first,
+        from just after the entry id ``after`` when paging on."""
+        low = f"({after}" if after else str(max(0, start_ms))
+        async with translated():
+            entries = await self.client.xrange(self.keys(tenant).calls, low, f"{max(0, end_ms - 1)}", count=count)
+        return [LoggedCall(text(entry_id or b"0-0"), {text(a): text(b) for a, b in (fields or {}).items()})
+                for entry_id, fields in entries or []]
+
+    async def call_log_extent(self, tenant: str) -> tuple[int, int | None]:
+        """How many entries the tenant's call log holds, and when its oldest was settled (ms; ``None``: empty)."""
+        key = self.keys(tenant).calls
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        async with translated():
+            length, oldest = await pipe.execute()
+        first = int(text(oldest[0][0]).split("-")[0]) if oldest else None
+        return int(length), first
 
     # -- the response cache (keys and values from ``cache.py``) ------------------------------------
 

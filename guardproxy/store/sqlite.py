@@ -2,7 +2,7 @@
 
 ``SqliteClient`` answers the part of redis-py's asyncio client that ``BudgetStore`` uses (the same
 commands, arguments and reply shapes) on ``sqlite_data``'s tables, so the budget store, its keys and its
-contract are the same on both engines; ``evalsha`` of the four budget scripts runs their transcription
+contract are the same on both engines; ``evalsha`` of the budget scripts runs their transcription
 (``sqlite_scripts``). Every call is one transaction: a script, a pipeline or a single command. Writing
 ones start with ``BEGIN IMMEDIATE`` (the file's write lock, taken before the first read), so an admission
 or a settlement is atomic across threads and processes; nothing reads in one transaction and writes what

@@ -352,11 +352,16 @@ class Tx:
 
     def xrange(self, key: str, low: str = "-", high: str = "+", count: int = -1,
                *, reverse: bool = False) -> list[tuple[str, list[str]]]:
-        """Entries between two ids (``-``/``+``: either end), oldest first (newest first if ``reverse``)."""
+        """Entries between two ids (``-``/``+``: either end; ``(id``: that id excluded), oldest first (newest
+        first if ``reverse``)."""
         if not self.alive(key):
             return []
-        lo = (-1, -1) if low == "-" else _entry_id(low, 0)
-        hi = (2**62, 2**62) if high == "+" else _entry_id(high, 2**62)
+        lo = (-1, -1) if low == "-" else _entry_id(low.removeprefix("("), 0)
+        hi = (2**62, 2**62) if high == "+" else _entry_id(high.removeprefix("("), 2**62)
+        if low.startswith("("):
+            lo = (lo[0], lo[1] + 1)
+        if high.startswith("("):
+            hi = (hi[0], hi[1] - 1)
         order = "DESC" if reverse else "ASC"
         rows = self.db.execute(
             f"SELECT ms, seq, fields FROM streams WHERE key = ? AND (ms > ? OR (ms = ? AND seq >= ?)) "

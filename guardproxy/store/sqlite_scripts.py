@@ -1,4 +1,5 @@
-"""The budget scripts for the SQLite store: admit.v4, settle.v4, renew.v1 and claim.v1, transcribed from their Lua.
+"""The budget scripts for the SQLite store: admit.v4, settle.v4, renew.v1, claim.v1, loop.v1 and velocity.v1,
+transcribed from their Lua.
 
 Line for line the same commands on the same keys (``KEYS[i]`` is ``K[i]``, ``ARGV[i]`` is ``A[i]``, all
 text), run inside one ``BEGIN IMMEDIATE`` transaction, so each is as atomic across processes as a script
@@ -10,6 +11,7 @@ Lua on a real redis-server and on these, comparing every reply and every resulti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -330,6 +332,61 @@ def claim_v1(r: Tx, K: list[Any], A: list[Any]) -> list[list[bytes]]:
     return out
 
 
+def loop_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
+    max_repeats, window_ms = num(A[2]), num(A[3])
+    now_ms = r.now_ms
+    r.zremrangebyscore(K[1], '-inf', now_ms - window_ms)
+    seen = r.zcard(K[1])
+    if seen < max_repeats:
+        r.zadd(K[1], now_ms, A[1])
+        r.pexpire(K[1], window_ms)
+        return [0, seen + 1, 0]
+    oldest = r.zrange(K[1], 0, 0)
+    retry_ms = max(1, int(oldest[0][1]) + window_ms - now_ms)
+    if A[5] == '1' and r.set(K[2], now_ms, ex_ms=window_ms, nx=True):
+        entry = r.xadd(K[3], ['event', 'loop', 'tenant', A[6], 'key', A[7], 'job', A[8], 'digest', A[9],
+                              'repeats', seen + 1, 'max_repeats', max_repeats, 'window_ms', window_ms,
+                              'action', A[4], 'at_ms', now_ms], maxlen=10000)
+        r.zadd(K[4], now_ms, entry)
+    return [1, seen + 1, retry_ms]
+
+
+def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
+    # Lua's numbers are doubles: the products and quotients below are floats, as in the script
+    charge, factor_ppm, baseline_hours, min_micros = num(A[1]), num(A[2]), num(A[3]), num(A[4])
+    now_ms = r.now_ms
+    hour = now_ms // 3600000
+
+    current = r.hincrby(K[1], hour, charge)
+    r.expire(K[1], (baseline_hours + 3) * 3600)
+    if r.hlen(K[1]) > baseline_hours + 2:
+        for field in r.hkeys(K[1]):
+            if int(field) < hour - baseline_hours - 1:
+                r.hdel(K[1], field)
+
+    previous = num_or_0(r.hget(K[1], hour - 1))
+    into_hour_ms = now_ms - hour * 3600000
+    last_hour = current + math.floor(float(previous) * (3600000 - into_hour_ms) / 3600000)
+    baseline = 0
+    for h in range(hour - 1 - baseline_hours, hour - 1):
+        baseline += num_or_0(r.hget(K[1], h))
+    average = math.floor(baseline / baseline_hours)
+
+    queued = 0
+    if (baseline > 0 and last_hour >= min_micros
+            and float(last_hour) * baseline_hours * 1000000 > float(factor_ppm) * baseline
+            and r.get(K[2]) != str(hour).encode()):
+        r.set(K[2], hour, ex_ms=7200 * 1000)
+        if A[5] == '1':
+            entry = r.xadd(K[3], ['event', 'velocity', 'tenant', A[6], 'period', 'hour', 'hour', hour,
+                                  'spent', last_hour, 'baseline', average,
+                                  'limit', math.floor(float(factor_ppm) * baseline / baseline_hours / 1000000),
+                                  'factor_ppm', factor_ppm, 'at_ms', now_ms], maxlen=10000)
+            r.zadd(K[4], now_ms, entry)
+        queued = 1
+    return [last_hour, average, queued]
+
+
 #: The SHA1 of the script each function transcribes (as ``register_script`` computes it) -> the function.
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
@@ -338,4 +395,6 @@ SCRIPTS: dict[str, Script] = {
     "34ce43d1a471f9dc9ecedf2b185792d3251be9db": settle_v4,  # settle.v4.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
+    "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua
+    "daa2702f77aea023bb135d283b04c7b62f4a798e": velocity_v1,  # velocity.v1.lua
 }

@@ -41,6 +41,8 @@ class Steering:
 
     completion_tokens: int
     cached_tokens: int
+    #: Part of the completion to report as reasoning tokens (``completion_tokens_details``).
+    reasoning_tokens: int
     #: Prompt tokens to report instead of the fake's own count (usage must win over the proxy's estimate).
     prompt_tokens: int | None
     cut_after: int | None
@@ -52,6 +54,7 @@ class Steering:
         return cls(
             completion_tokens=int(h.get("x-fake-completion-tokens", DEFAULT_COMPLETION_TOKENS)),
             cached_tokens=int(h.get("x-fake-cached-tokens", 0)),
+            reasoning_tokens=int(h.get("x-fake-reasoning-tokens", 0)),
             prompt_tokens=int(h["x-fake-prompt-tokens"]) if "x-fake-prompt-tokens" in h else None,
             cut_after=int(h["x-fake-cut-after"]) if "x-fake-cut-after" in h else None,
             chunk_delay_s=int(h.get("x-fake-chunk-delay-ms", 0)) / 1000,
@@ -93,11 +96,11 @@ def error_response(status: int) -> Response:
                     headers={"x-request-id": f"req_fake_{time.monotonic_ns()}"})
 
 
-def chat_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def chat_usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }
 
@@ -142,7 +145,8 @@ def chat_endpoint(
         length, truncated = steer.length(body.get("max_completion_tokens") or body.get("max_tokens"))
         finish = "length" if truncated else "stop"
         prompt = steer.prompt(TokenCounter(model).chat_prompt(body.get("messages", [])))
-        usage = None if steer.no_usage else chat_usage(prompt, length, min(steer.cached_tokens, prompt))
+        usage = None if steer.no_usage else chat_usage(prompt, length, min(steer.cached_tokens, prompt),
+                                                          min(steer.reasoning_tokens, length))
         ident = f"chatcmpl-fake{time.monotonic_ns()}"
         base = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "system_fingerprint": "fp_fake"}

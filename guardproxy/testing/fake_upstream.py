@@ -11,6 +11,7 @@ Requests steer it with headers, which the proxy forwards like any other client h
 
 - ``x-fake-completion-tokens: N`` — answer length (default 12; capped by the request's token limit)
 - ``x-fake-cached-tokens: N`` — report N prompt tokens as cached
+- ``x-fake-reasoning-tokens: N`` — report N completion tokens as reasoning (chat)
 - ``x-fake-prompt-tokens: N`` — report N prompt tokens (instead of the fake's own count)
 - ``x-fake-fail: 500|429|400|503`` — answer that OpenAI error instead
 - ``x-fake-cut-after: N`` — stream N content chunks, then drop the connection

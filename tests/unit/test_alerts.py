@@ -38,8 +38,9 @@ def test_alerts_config_parses_the_issue_example() -> None:
     assert config.enabled and config.thresholds_ppm() == (500_000, 750_000, 900_000, 1_000_000)
     assert config.webhooks[0] == WebhookConfig("https://hooks.slack.com/services/T/B/x", "slack", {},
                                                ("threshold", "downgrading", "blocked"))
-    assert config.webhooks[1].format == "json"
-    assert config.webhooks[1].events == ("threshold", "downgrading", "blocked", "store")
+    # a webhook that names no events gets every kind, the store's and the fleet brakes' included
+    assert config.webhooks[1].format == "json" and config.webhooks[1].events == (
+        "threshold", "downgrading", "blocked", "store", "loop", "velocity")
 
 
 @pytest.mark.parametrize(("section", "path"), [

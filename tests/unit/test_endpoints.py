@@ -138,7 +138,8 @@ def test_prompt_estimates_by_shape() -> None:
 def test_responses_usage() -> None:
     usage = {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 10}, "output_tokens": 7,
              "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 37}
-    assert responses_usage(usage) == Usage(30, 7, 10)  # reasoning is a part of output_tokens, not added
+    # reasoning is a part of output_tokens, not added (kept apart for the chargeback export)
+    assert responses_usage(usage) == Usage(30, 7, 10, reasoning_tokens=5)
     assert responses_usage({"input_tokens": 3}) == Usage(3, 0)
     for bad in (None, {}, {"prompt_tokens": 3}, {"input_tokens": "x"}, {"input_tokens": -1}, [1]):
         assert responses_usage(bad) is None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from guardproxy.budget.pricing import Usage
+from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.http.relay import ChatStreamWatcher, completion_texts, usage_from
 from guardproxy.http.sse import Frame, SSEParser
 
@@ -233,7 +233,8 @@ def test_usage_from_missing_or_odd_details(details: Any) -> None:
 
 def test_usage_from_reasoning_tokens_not_added() -> None:
     value = {"prompt_tokens": 5, "completion_tokens": 100, "completion_tokens_details": {"reasoning_tokens": 80}}
-    assert usage_from(value) == Usage(5, 100)
+    assert usage_from(value) == Usage(5, 100, reasoning_tokens=80)
+    assert cost_micros(usage_from(value) or Usage(0, 0), Price(1_000_000, 0, 1_000_000)) == 105
 
 
 def test_usage_from_missing_completion_tokens_is_zero() -> None:
