@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from guardproxy.store.journal import Entry
 from guardproxy.testing.fake_upstream import FakeUpstreamState
@@ -26,6 +28,7 @@ from tests.e2e.test_chat import all_settled, wait_for
 from tests.e2e.test_faults import paused
 from tests.helpers import config_dict
 from tests.redis_procs import RedisServer
+from tests.servers import no_proxy_env
 
 PAGE = 4096
 
@@ -107,26 +110,20 @@ def test_a_full_journal_loses_no_answered_charge_and_stops_admitting(
           f"in_memory={served - len(entries)} billed={billed} settled=billed readyz={ready.json()}")
 
 
-def test_a_read_only_journal_is_not_ready_and_refuses_calls_only_while_redis_is_down(
-    upstream_url: str, fake_state: FakeUpstreamState, own_redis: RedisServer,
-    proxies: Callable[[dict[str, Any]], ProxyProcess], tmp_path: Path,
+def test_a_read_only_journal_stops_serve_at_start_up_with_the_fix(
+    upstream_url: str, own_redis: RedisServer, tmp_path: Path,
 ) -> None:
+    """A journal that cannot be written when the proxy starts: no call is ever admitted without a place
+    for its charge, so serve refuses to start (the preflight), naming the directory and the error. A
+    journal that turns unwritable later (a full disk) is the test above: /readyz 503, calls refused
+    while Redis is down too."""
     with small_disk(tmp_path / "journal", "64k", "ro") as disk:
         raw = config_dict(upstream_url, store={"redis_url": own_redis.url, "on_unavailable": "fail_open",
                                                "journal_dir": str(disk)})
-        proxy = proxies(raw)
-        ready = httpx.get(proxy.url + "/readyz", timeout=30)
-        assert ready.status_code == 503 and "Read-only file system" in ready.json()["journal"], ready.text
-        assert "journal: cannot write to" in proxy.log_path.read_text()
-        # Redis takes the charge: served and charged.
-        assert httpx.post(proxy.url + "/v1/chat/completions", json=CALL, headers=AUTH).status_code == 200
-        all_settled(own_redis.url)
-        with paused(own_redis):
-            down = httpx.post(proxy.url + "/v1/chat/completions", json=CALL, headers=AUTH, timeout=30)
-        assert (down.status_code, down.json()["error"]["code"]) == (503, "budget_store_unavailable")
-        assert "journal cannot be written" in down.json()["error"]["message"]
-        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, timeout=10)
-        wait_for(lambda: httpx.get(proxy.url + "/readyz").status_code == 200, timeout_s=10)
-        billed = assert_books_balance(own_redis.url, fake_state, proxy.url)
-    assert len(fake_state.billed) == 1
-    print(f"\nread-only journal: readyz 503 {ready.json()['journal']!r}; billed={billed} settled=billed")
+        path = tmp_path / "proxy.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        served = subprocess.run([sys.executable, "-m", "guardproxy", "serve", "--config", str(path), "--port", "0"],
+                                capture_output=True, text=True, timeout=60, env=no_proxy_env())
+    assert served.returncode == 1, served.stderr
+    assert f"cannot start: store.journal_dir: cannot write the journal in {disk}" in served.stderr
+    assert "Read-only file system" in served.stderr
