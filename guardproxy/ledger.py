@@ -95,7 +95,10 @@ class Ledger:
         ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
         not recorded, as a clamped admission may follow); raises 503 while the store is down, unless
         configured to fail open."""
-        refusal = self.health.refusal() if self.health is not None else None
+        refusal = None
+        if self.health is not None:
+            await self.health.recheck()
+            refusal = self.health.refusal()
         if refusal is not None:
             # Checked before fail_open: the store answers, but its counters cannot be trusted.
             raise GuardError(ErrorKind.STORE_UNAVAILABLE, refusal, headers={"retry-after": "30"})
@@ -119,6 +122,8 @@ class Ledger:
                 job=self.job_args(tenant, job), provisional=provisional,
             )
         except StoreUnavailable as exc:
+            if self.health is not None:
+                self.health.suspect()
             if not self.config.store.fail_open:
                 if reply_lost(exc):
                     # The script may have run after all: release the id, so that a late admit holds nothing.
@@ -150,6 +155,8 @@ class Ledger:
         try:
             await self._apply(entry)
         except StoreUnavailable:
+            if self.health is not None:
+                self.health.suspect()
             await self._keep(entry)
 
     # -- the journal -----------------------------------------------------------------------------
