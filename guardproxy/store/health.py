@@ -99,6 +99,9 @@ class StoreHealth:
         self.run_ids: dict[str, str] = {}
         self.memory_share = 0.0
         self._next_info = 0.0
+        #: The store failed a command since the marker was last checked (a restart breaks connections).
+        self._suspect = False
+        self._recheck = anyio.Lock()
 
     # -- what the rest of the proxy reads ----------------------------------------------------------
 
@@ -134,6 +137,23 @@ class StoreHealth:
                                      "(admissions are then refused until acknowledged); enable appendonly yes")
         return out
 
+    def suspect(self) -> None:
+        """The store just failed a command: the next admission checks the marker first (``recheck``)."""
+        self._suspect = True
+
+    async def recheck(self) -> None:
+        """After a store failure, check the marker before admitting again, so that calls after a restart
+        are not admitted on reset counters until the next periodic check; concurrent callers wait for one
+        check. Free (one attribute read) while the store has not failed."""
+        if not self._suspect:
+            return
+        async with self._recheck:
+            if not self._suspect:
+                return
+            with contextlib.suppress(StoreUnavailable):  # still failing: the admission says so itself
+                await self._check_marker()
+                self._suspect = False
+
     # -- checks ------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -154,7 +174,7 @@ class StoreHealth:
             try:
                 await self.check()
             except StoreUnavailable:
-                pass  # /readyz says so through its own check; tried again next tick
+                self.suspect()  # /readyz says so through its own check; tried again next tick
             except Exception:  # the watcher must outlive any one failure; it is logged
                 log.exception("store health: unexpected error (continuing)")
 

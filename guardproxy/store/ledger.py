@@ -123,7 +123,10 @@ class Ledger:
         ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
         not recorded, as a clamped admission may follow); raises 503 while the store is down, unless
         configured to fail open."""
-        refusal = self.health.refusal() if self.health is not None else None
+        refusal = None
+        if self.health is not None:
+            await self.health.recheck()
+            refusal = self.health.refusal()
         if refusal is not None:
             # Checked before fail_open: the store answers, but its counters cannot be trusted.
             raise GuardError(ErrorKind.STORE_UNAVAILABLE, refusal, headers={"retry-after": "30"})
@@ -150,6 +153,8 @@ class Ledger:
                 job=self.job_args(tenant, job), provisional=provisional,
             )
         except StoreUnavailable as exc:
+            if self.health is not None:
+                self.health.suspect()
             # fail_open serves unbudgeted only while the journal can keep the charge.
             nowhere = self.journal is not None and not self.journal.writable
             if not self.config.store.fail_open or nowhere:
@@ -185,6 +190,8 @@ class Ledger:
         try:
             await self._apply(entry)
         except StoreUnavailable:
+            if self.health is not None:
+                self.health.suspect()
             await self._keep(entry)
 
     def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
