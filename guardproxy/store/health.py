@@ -101,7 +101,8 @@ class StoreHealth:
         self._next_info = 0.0
         #: The store failed a command since the marker was last checked (a restart breaks connections).
         self._suspect = False
-        self._recheck = anyio.Lock()
+        #: The marker check running after a store failure, which other admissions wait for.
+        self._checking: anyio.Event | None = None
 
     # -- what the rest of the proxy reads ----------------------------------------------------------
 
@@ -143,16 +144,24 @@ class StoreHealth:
 
     async def recheck(self) -> None:
         """After a store failure, check the marker before admitting again, so that calls after a restart
-        are not admitted on reset counters until the next periodic check; concurrent callers wait for one
-        check. Free (one attribute read) while the store has not failed."""
+        are not admitted on reset counters until the next periodic check. One check at a time: callers
+        that arrive while it runs wait for its end and go on with its result (a reset found refuses them;
+        a store still failing fails their admission), instead of queueing a check each behind it, which
+        made every call of an outage wait for all the checks before it. Free (one attribute read) while
+        the store has not failed."""
         if not self._suspect:
             return
-        async with self._recheck:
-            if not self._suspect:
-                return
+        if self._checking is not None:
+            await self._checking.wait()
+            return
+        self._checking = anyio.Event()
+        try:
             with contextlib.suppress(StoreUnavailable):  # still failing: the admission says so itself
                 await self._check_marker()
                 self._suspect = False
+        finally:
+            self._checking.set()
+            self._checking = None
 
     # -- checks ------------------------------------------------------------------------------------
 

@@ -109,14 +109,14 @@ def test_a_refused_loop_may_send_again_after_retry_after(
     assert agent.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20).choices
 
 
-def test_bad_input_repeated_is_a_400_each_time_and_not_counted(
+def test_an_unknown_model_repeated_is_a_404_each_time_and_not_counted(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str],
 ) -> None:
     url = start(fleet_config(upstream_url, redis_url, loop={"max_repeats": 1, "window_s": 60}), serve_proxy)
     for _ in range(3):
-        with pytest.raises(openai.BadRequestError) as bad:
+        with pytest.raises(openai.NotFoundError) as bad:
             sdk(url).chat.completions.create(model="gpt-unpriced", messages=HI)
-        assert bad.value.code == "model_not_priced"
+        assert bad.value.code == "model_not_found"
     with redis.Redis.from_url(redis_url) as client:
         assert client.keys("gp:{acme}:loop:*") == []
 
@@ -285,6 +285,7 @@ def test_concurrent_repeats_over_two_replicas_pass_exactly_max_repeats(
         finally:
             for client in clients:
                 await client.close()
+            await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         results = asyncio.run(burst([first, second], 40))

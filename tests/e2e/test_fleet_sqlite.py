@@ -69,6 +69,7 @@ def test_two_processes_on_one_file_pass_exactly_max_repeats_of_40_concurrent_rep
         finally:
             for client in clients:
                 await client.close()
+            await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         results = asyncio.run(burst([first, second], 40))
