@@ -17,7 +17,7 @@ from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.conftest import Sdk
 from tests.e2e.test_admin import metric as admin_metric
-from tests.e2e.test_chat import HI, all_settled, keys, reserved
+from tests.e2e.test_chat import HI, all_settled, keys, reserved, wait_for
 from tests.helpers import TENANT_KEY, config_dict, redis_int
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
@@ -150,9 +150,12 @@ def test_responses_and_embeddings_are_cached(
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
     assert events[-1].type == "response.completed" and uncosted(events[-1].response.usage) == uncosted(first.usage)
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    # a streamed Responses miss stores the response.completed event's response
+    # a streamed Responses miss stores the response.completed event's response (once the stream has
+    # ended and settled: the client may ask again before that, so wait for the entry)
+    stored_before = cached_entries(redis_url)
     list(client.responses.create(model="gpt-4o", input="Streamed first.", temperature=0, max_output_tokens=50,
                                  stream=True))
+    wait_for(lambda: cached_entries(redis_url) > stored_before, timeout_s=5)
     after_stream = client.responses.with_raw_response.create(model="gpt-4o", input="Streamed first.",
                                                              temperature=0, max_output_tokens=50)
     assert after_stream.headers["x-guardproxy-cache"] == "hit"
@@ -215,3 +218,9 @@ def test_replicas_share_the_cache_and_a_hit_leaves_no_call_or_job_trace(
     with redis.Redis.from_url(redis_url) as r:
         assert r.xlen("gp:{acme}:calls") == 1
         assert int(r.hget("gp:{acme}:job:ticket-9", "calls") or 0) == 1
+
+
+def cached_entries(redis_url: str, tenant: str = "acme") -> int:
+    """How many answers the response cache holds for ``tenant``."""
+    with redis.Redis.from_url(redis_url) as client:
+        return len(client.keys(f"gp:{{{tenant}}}:rc:*"))

@@ -9,7 +9,7 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -52,9 +52,23 @@ def start(raw: dict[str, Any], serve_proxy: Callable[..., str]) -> str:
     return serve_proxy(config)
 
 
+#: The SDK clients a test made, closed after it (an unclosed one's sockets warn whenever it is collected,
+#: possibly in another test).
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def sdk(url: str, key: str = TENANT_KEY) -> openai.OpenAI:
     # The SDK's own retries stay on: the brake's 429 says x-should-retry: false, so it does not resend.
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=2)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=2)
+    _clients.append(client)
+    return client
 
 
 def loop_alerts(url: str) -> list[dict[str, Any]]:

@@ -27,7 +27,9 @@ from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_admin import ADMIN, metric
 from tests.e2e.test_chat import HI, keys, wait_for
 from tests.e2e.test_concurrency import proxy_process
-from tests.e2e.test_fleet import _day_of_calls, fleet_config, loop_alerts, sdk, start
+from tests.e2e.test_fleet import _day_of_calls, close_clients, fleet_config, loop_alerts, sdk, start
+
+__all__ = ["close_clients"]  # the fixture closes the SDK clients of these tests too
 from tests.e2e.test_sqlite_processes import read, spent
 from tests.helpers import TENANT_KEY
 
