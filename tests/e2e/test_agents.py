@@ -46,11 +46,11 @@ def make_config_from(raw: dict[str, Any]) -> Config:
     return parse_config(raw, {})
 
 
-def spend(url: str, micros: int, tenant: str = "acme") -> None:
-    """Spend already made today (as if by earlier calls)."""
+def spend(url: str, micros: int, tenant: str = "acme", tz: str = "UTC") -> None:
+    """Spend already made today, in the tenant's timezone ``tz`` (as if by earlier calls)."""
     client = redis.Redis.from_url(url)
     try:
-        for key in keys(tenant):
+        for key in keys(tenant, tz):
             client.incrby(key, micros)
     finally:
         client.close()
@@ -72,7 +72,7 @@ def test_an_agent_reads_its_own_budget_and_never_another_tenants(
     assert usage is not None
     all_settled(redis_url)
     cost = cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), GPT4O)
-    spend(redis_url, 777, tenant="globex")
+    spend(redis_url, 777, tenant="globex", tz="America/Chicago")  # globex's day and month are Chicago's
 
     own = client.get("guardproxy/budget", cast_to=object)
     assert isinstance(own, dict)
