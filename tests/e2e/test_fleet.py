@@ -71,6 +71,25 @@ def sdk(url: str, key: str = TENANT_KEY) -> openai.OpenAI:
     return client
 
 
+async def burst(urls: list[str], count: int) -> list[int | str]:
+    """``count`` identical calls at once, alternating over ``urls``: 200, or the 429's code."""
+    clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
+
+    async def one(i: int) -> int | str:
+        try:
+            await clients[i % len(clients)].chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
+        except openai.RateLimitError as exc:
+            return str(exc.code)
+        return 200
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+    finally:
+        for client in clients:
+            await client.close()
+        await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
+
+
 def loop_alerts(url: str) -> list[dict[str, Any]]:
     listed = httpx.get(url + "/admin/alerts", headers=ADMIN).json()["data"]
     return [a for a in listed if a["event"] == "loop"]
@@ -283,23 +302,6 @@ def test_concurrent_repeats_over_two_replicas_pass_exactly_max_repeats(
     upstream_url: str, redis_url: str, tmp_path: Path, fake_state: FakeUpstreamState,
 ) -> None:
     raw = fleet_config(upstream_url, redis_url, loop={"max_repeats": 5, "window_s": 120})
-
-    async def burst(urls: list[str], count: int) -> list[int | str]:
-        clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
-
-        async def one(i: int) -> int | str:
-            try:
-                await clients[i % 2].chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
-            except openai.RateLimitError as exc:
-                return str(exc.code)
-            return 200
-
-        try:
-            return list(await asyncio.gather(*(one(i) for i in range(count))))
-        finally:
-            for client in clients:
-                await client.close()
-            await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         results = asyncio.run(burst([first, second], 40))

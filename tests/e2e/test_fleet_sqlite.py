@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import yaml
 
@@ -25,13 +24,12 @@ from guardproxy.observe.export import COLUMNS
 from guardproxy.store.redis import BudgetStore, Keys
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.test_admin import ADMIN, metric
-from tests.e2e.test_chat import HI, keys, wait_for
+from tests.e2e.test_chat import keys, wait_for
 from tests.e2e.test_concurrency import proxy_process
-from tests.e2e.test_fleet import _day_of_calls, close_clients, fleet_config, loop_alerts, sdk, start
+from tests.e2e.test_fleet import _day_of_calls, burst, close_clients, fleet_config, loop_alerts, sdk, start
 
 __all__ = ["close_clients"]  # the fixture closes the SDK clients of these tests too
 from tests.e2e.test_sqlite_processes import read, spent
-from tests.helpers import TENANT_KEY
 
 
 def sqlite_fleet_config(upstream_url: str, path: Path, **acme: Any) -> dict[str, Any]:
@@ -55,23 +53,6 @@ def test_two_processes_on_one_file_pass_exactly_max_repeats_of_40_concurrent_rep
     upstream_url: str, tmp_path: Path, fake_state: FakeUpstreamState,
 ) -> None:
     raw = sqlite_fleet_config(upstream_url, tmp_path / "spend.db", loop={"max_repeats": 5, "window_s": 120})
-
-    async def burst(urls: list[str], count: int) -> list[int | str]:
-        clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
-
-        async def one(i: int) -> int | str:
-            try:
-                await clients[i % 2].chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
-            except openai.RateLimitError as exc:
-                return str(exc.code)
-            return 200
-
-        try:
-            return list(await asyncio.gather(*(one(i) for i in range(count))))
-        finally:
-            for client in clients:
-                await client.close()
-            await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
         results = asyncio.run(burst([first, second], 40))
