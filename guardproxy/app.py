@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from guardproxy.budget import tokens
 from guardproxy.budget.periods import utc_now
 from guardproxy.config.settings import Config, hash_key, load_config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable, error_body, new_request_id
-from guardproxy.http import workers
+from guardproxy.http import app_state, workers
 from guardproxy.http.agent_api import agent_routes
+from guardproxy.http.app_state import AppState
 from guardproxy.http.auth import JobTenantResolver
 from guardproxy.http.batches import BatchPoller
 from guardproxy.http.cors import cors_middleware
@@ -123,6 +125,197 @@ async def readiness_problems(services: Services) -> dict[str, str]:
     return problems
 
 
+@contextlib.asynccontextmanager
+async def lifespan(
+    app: Starlette, *, config: Config, store: BudgetStore | None, jobs: JobTenantResolver | None,
+    clock: Callable[[], datetime], config_path: str | Path | None,
+) -> AsyncIterator[Mapping[str, AppState]]:
+    """Builds what requests need, yields it as the lifespan state (``app_state``), and closes it all."""
+    budget_store = store or BudgetStore.from_config(config.store)
+    # An unwritable journal or a missing otel extra stops the start, saying how to fix it.
+    preflight.check_local(config, journal=not budget_store.embedded)
+    if budget_store.embedded:
+        log.info("store: SQLite file %s (shared by the processes of this machine; docs/store.md says "
+                 "when to move to Redis)", config.store.sqlite_path())
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    try:
+        await budget_store.ping()
+    except StoreUnavailable:
+        log.error("store: the store is unreachable at start-up; /readyz answers 503 until it is back")
+    await anyio.to_thread.run_sync(tokens.warm_up, list(config.models))
+    metrics = Metrics()
+    servicetitan = None
+    if jobs is None and config.servicetitan is not None:
+        lookups = metrics.servicetitan_lookups
+        servicetitan = ServiceTitanResolver(
+            config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
+        )
+    tracing = None
+    if config.telemetry.enabled:
+        from guardproxy.observe.telemetry import Tracing  # imports OpenTelemetry: only when configured
+
+        tracing = Tracing(config.telemetry)
+    journal = Journal(config.store.journal_path(), metrics.journal_pending.set)
+    metrics.journal_pending.set(0)
+    ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc,
+                    on_velocity=lambda tenant: metrics.velocity_alerts.labels(tenant).inc())
+    runtime = Runtime(
+        config, ledger=ledger, metrics=metrics, clock=clock,
+        keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,
+    )
+    for problem in PROBLEMS:
+        metrics.store_problem.labels(problem).set(0)
+    health: StoreHealth | contextlib.nullcontext[None] = contextlib.nullcontext()
+    if not budget_store.embedded:
+        ledger.health = health = StoreHealth(
+            budget_store, marker_file=config.store.journal_path() / "store-marker",
+            store_url=config.store.redis_url,
+            refuse_evicting=lambda: runtime.current.services.config.store.on_evicting_policy == "refuse",
+            on_problem=lambda problem, active: metrics.store_problem.labels(problem).set(int(active)),
+        )
+        with contextlib.suppress(StoreUnavailable):
+            await budget_store.migrate_tenant_set()
+    sweeper: Sweeper | contextlib.nullcontext[None] = contextlib.nullcontext()
+    if not budget_store.embedded:
+        sweeper = Sweeper(budget_store, lambda: runtime.current.services.config)
+    reloads = SighupReloader(runtime)
+    poller = BatchPoller(lambda: runtime.current.services)  # settles batches that ended
+    counted = metrics.alerts
+    # Follows the current config: webhooks and thresholds apply on reload, like budgets.
+    alerts = AlertSender(budget_store, lambda: runtime.current.services.config,
+                         lambda event, result: counted.labels(event, result).inc())
+    try:
+        # journal replay, lease renewal and a last drain on the way out; alert delivery
+        async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
+                alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper), \
+                poller.running():
+            yield AppState(runtime, config).as_lifespan_state()
+    finally:
+        reloads.close()
+        workers.withdraw()
+        await runtime.aclose()
+        if tracing is not None:
+            await anyio.to_thread.run_sync(tracing.shutdown)
+        if servicetitan is not None:
+            await servicetitan.aclose()
+        if store is None:
+            await budget_store.aclose()
+
+
+# --- Route handlers: each reads what it needs from the request's app state (``app_state.services``). ---
+
+
+async def budgeted(path: str, request: Request) -> Response:
+    """``/v1/<path>`` of a budgeted shape, every method: a budgeted path is never served by the passthrough."""
+    if request.method == "GET" and path in LISTED:  # the stored chat completions' list
+        return await stored(request)
+    only(("POST", "GET") if path in LISTED else ("POST",), request)
+    return await app_state.runtime(request).current.endpoints[path](request)
+
+
+async def models(request: Request) -> Response:
+    only(("GET", "HEAD"), request)
+    services = app_state.services(request)
+    await services.tenants.authenticate(request.headers)
+    data = [model_object(name, m) for name, m in services.config.models.items()]
+    return _json({"object": "list", "data": data})
+
+
+async def model(request: Request) -> Response:
+    only(("GET", "HEAD"), request)
+    services = app_state.services(request)
+    await services.tenants.authenticate(request.headers)
+    return _json(retrieve_model(request.path_params["model"], services.config.models))
+
+
+async def healthz(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services = app_state.services(request)
+    problems = await readiness_problems(services)
+    warnings = services.ledger.health.warnings() if services.ledger.health is not None else {}
+    extra = {"warnings": warnings} if warnings else {}
+    if problems:
+        return _json({"status": "unavailable", **problems, **extra}, 503)
+    return _json({"status": "ready", **extra})
+
+
+async def metrics(request: Request) -> Response:
+    services = app_state.services(request)
+    store = services.ledger.store
+    try:
+        tenants = await listed_tenants(store, services.config, services.config.server.metrics_max_tenants)
+        states = await read_states(store, services.config, tenants, services.clock(),
+                                   sample_calls=METRICS_SAMPLE_CALLS)
+    except StoreUnavailable:
+        log.warning("metrics: budget store unreachable; scrape has no budget gauges")
+        states = []
+    return Response(services.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def stored(request: Request) -> Response:
+    return await app_state.runtime(request).current.unbudgeted.stored_answers(request)
+
+
+async def unbudgeted(request: Request) -> Response:
+    return await app_state.runtime(request).current.unbudgeted(request)
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    """Every failure a handler meets, through ``errors.as_guard_error``: the one mapping."""
+    error = as_guard_error(exc)
+    assert error is not None  # registered only for the classes as_guard_error maps
+    level = error.kind.value.log_level
+    log.log(level, "%s %s -> %d %s", request.method, request.url.path, error.status, error.code)
+    return error_response(error)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        error = GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on "
+                           f"{request.url.path}.", headers={"allow": allow} if allow else None)
+    else:
+        error = GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
+    return error_response(error)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    """A real bug: still OpenAI's shape, and the request id is in the log line to find it."""
+    error = as_guard_error(exc)
+    if error is not None:
+        return await on_error(request, exc)
+    request_id = new_request_id()
+    log.exception("unexpected error on %s %s request_id=%s", request.method, request.url.path, request_id)
+    body = error_body("The proxy hit an internal error.", "server_error", "internal_error")
+    return Response(body, 500, media_type="application/json", headers={"x-request-id": request_id})
+
+
+class RunningKeys:
+    """What ``EntryGuard`` checks headers against, from the request's app state: the running config's
+    keys (a reload changes them; hashed once per config) and routing headers. Before the lifespan has
+    run, the keys of the config the app was made with."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._known = (config, _key_hashes(config))
+
+    def key_hashes(self, scope: Scope) -> frozenset[str]:
+        state = app_state.state_of(scope)
+        running = state.runtime.current.services.config if state is not None else self.config
+        if self._known[0] is not running:
+            self._known = (running, _key_hashes(running))
+        return self._known[1]
+
+    def routing_headers(self, scope: Scope) -> frozenset[str]:
+        state = app_state.state_of(scope)
+        return state.runtime.current.services.tenants.routing_headers if state is not None else frozenset()
+
+
 def create_app(
     config: Config,
     *,
@@ -135,183 +328,10 @@ def create_app(
 
     ``config_path``: the file ``config`` came from, re-read on SIGHUP and ``POST /admin/reload``.
     """
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        budget_store = store or BudgetStore.from_config(config.store)
-        # An unwritable journal or a missing otel extra stops the start, saying how to fix it.
-        preflight.check_local(config, journal=not budget_store.embedded)
-        if budget_store.embedded:
-            log.info("store: SQLite file %s (shared by the processes of this machine; docs/store.md says "
-                     "when to move to Redis)", config.store.sqlite_path())
-        for warning in config.warnings:
-            log.warning("config: %s", warning)
-        try:
-            await budget_store.ping()
-        except StoreUnavailable:
-            log.error("store: the store is unreachable at start-up; /readyz answers 503 until it is back")
-        await anyio.to_thread.run_sync(tokens.warm_up, list(config.models))
-        servicetitan = None
-        if jobs is None and config.servicetitan is not None:
-            lookups = app.state.metrics.servicetitan_lookups
-            servicetitan = ServiceTitanResolver(
-                config.servicetitan, budget_store, lambda result: lookups.labels(result).inc()
-            )
-        tracing = None
-        if config.telemetry.enabled:
-            from guardproxy.observe.telemetry import Tracing  # imports OpenTelemetry: only when configured
-
-            tracing = Tracing(config.telemetry)
-        metrics: Metrics = app.state.metrics
-        journal = Journal(config.store.journal_path(), metrics.journal_pending.set)
-        metrics.journal_pending.set(0)
-        ledger = Ledger(budget_store, config, clock, journal, on_duplicate=metrics.duplicate_settlements.inc,
-                        on_velocity=lambda tenant: metrics.velocity_alerts.labels(tenant).inc())
-        runtime = Runtime(
-            config, ledger=ledger, metrics=metrics, clock=clock,
-            keyring=KeyRing(budget_store, clock), jobs=jobs or servicetitan, config_path=config_path, tracing=tracing,
-        )
-        for problem in PROBLEMS:
-            metrics.store_problem.labels(problem).set(0)
-        health: StoreHealth | contextlib.nullcontext[None] = contextlib.nullcontext()
-        if not budget_store.embedded:
-            ledger.health = health = StoreHealth(
-                budget_store, marker_file=config.store.journal_path() / "store-marker",
-                store_url=config.store.redis_url,
-                refuse_evicting=lambda: runtime.current.services.config.store.on_evicting_policy == "refuse",
-                on_problem=lambda problem, active: metrics.store_problem.labels(problem).set(int(active)),
-            )
-            with contextlib.suppress(StoreUnavailable):
-                await budget_store.migrate_tenant_set()
-        sweeper: Sweeper | contextlib.nullcontext[None] = contextlib.nullcontext()
-        if not budget_store.embedded:
-            sweeper = Sweeper(budget_store, lambda: runtime.current.services.config)
-        app.state.runtime = runtime
-        reloads = SighupReloader(runtime)
-        poller = BatchPoller(lambda: runtime.current.services)  # settles batches that ended
-        counted = metrics.alerts
-        # Follows the current config: webhooks and thresholds apply on reload, like budgets.
-        alerts = AlertSender(budget_store, lambda: runtime.current.services.config,
-                             lambda event, result: counted.labels(event, result).inc())
-        try:
-            # journal replay, lease renewal and a last drain on the way out; alert delivery
-            async with (health.running() if isinstance(health, StoreHealth) else health), ledger.running(), \
-                    alerts.running(), (sweeper.running() if isinstance(sweeper, Sweeper) else sweeper), \
-                    poller.running():
-                yield
-        finally:
-            reloads.close()
-            workers.withdraw()
-            await runtime.aclose()
-            if tracing is not None:
-                await anyio.to_thread.run_sync(tracing.shutdown)
-            if servicetitan is not None:
-                await servicetitan.aclose()
-            if store is None:
-                await budget_store.aclose()
-
-    def budgeted(path: str) -> Route:
-        async def endpoint(request: Request) -> Response:
-            if request.method == "GET" and path in LISTED:  # the stored chat completions' list
-                return await stored(request)
-            only(("POST", "GET") if path in LISTED else ("POST",), request)
-            response: Response = await request.app.state.runtime.current.endpoints[path](request)
-            return response
-
-        # Every method routes here: a budgeted path is never served by the passthrough route.
-        return Route(f"/v1/{path}", AnyMethod(endpoint))
-
-    async def models(request: Request) -> Response:
-        only(("GET", "HEAD"), request)
-        services: Services = request.app.state.runtime.current.services
-        await services.tenants.authenticate(request.headers)
-        data = [model_object(name, m) for name, m in services.config.models.items()]
-        return _json({"object": "list", "data": data})
-
-    async def model(request: Request) -> Response:
-        only(("GET", "HEAD"), request)
-        services: Services = request.app.state.runtime.current.services
-        await services.tenants.authenticate(request.headers)
-        return _json(retrieve_model(request.path_params["model"], services.config.models))
-
-    async def healthz(request: Request) -> Response:
-        return _json({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        services: Services = request.app.state.runtime.current.services
-        problems = await readiness_problems(services)
-        warnings = services.ledger.health.warnings() if services.ledger.health is not None else {}
-        extra = {"warnings": warnings} if warnings else {}
-        if problems:
-            return _json({"status": "unavailable", **problems, **extra}, 503)
-        return _json({"status": "ready", **extra})
-
-    async def metrics(request: Request) -> Response:
-        services: Services = request.app.state.runtime.current.services
-        store = services.ledger.store
-        try:
-            tenants = await listed_tenants(store, services.config, services.config.server.metrics_max_tenants)
-            states = await read_states(store, services.config, tenants, clock(), sample_calls=METRICS_SAMPLE_CALLS)
-        except StoreUnavailable:
-            log.warning("metrics: budget store unreachable; scrape has no budget gauges")
-            states = []
-        return Response(app.state.metrics.render(states), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def stored(request: Request) -> Response:
-        response: Response = await request.app.state.runtime.current.unbudgeted.stored_answers(request)
-        return response
-
-    async def unbudgeted(request: Request) -> Response:
-        response: Response = await request.app.state.runtime.current.unbudgeted(request)
-        return response
-
-    async def on_error(request: Request, exc: Exception) -> Response:
-        """Every failure a handler meets, through ``errors.as_guard_error``: the one mapping."""
-        error = as_guard_error(exc)
-        assert error is not None  # registered only for the classes as_guard_error maps
-        level = error.kind.value.log_level
-        log.log(level, "%s %s -> %d %s", request.method, request.url.path, error.status, error.code)
-        return error_response(error)
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            allow = (exc.headers or {}).get("Allow", "")
-            error = GuardError(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not supported on "
-                               f"{request.url.path}.", headers={"allow": allow} if allow else None)
-        else:
-            error = GuardError(ErrorKind.NOT_FOUND, f"Unknown request URL: {request.method} {request.url.path}.")
-        return error_response(error)
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        """A real bug: still OpenAI's shape, and the request id is in the log line to find it."""
-        error = as_guard_error(exc)
-        if error is not None:
-            return await on_error(request, exc)
-        request_id = new_request_id()
-        log.exception("unexpected error on %s %s request_id=%s", request.method, request.url.path, request_id)
-        body = error_body("The proxy hit an internal error.", "server_error", "internal_error")
-        return Response(body, 500, media_type="application/json", headers={"x-request-id": request_id})
-
-    known: list[tuple[Config, frozenset[str]]] = [(config, _key_hashes(config))]
-
-    def current_key_hashes() -> frozenset[str]:
-        """The running config's keys: a reload changes them (computed once per config)."""
-        runtime: Runtime | None = getattr(app.state, "runtime", None)
-        running = runtime.current.services.config if runtime is not None else config
-        if known[0][0] is not running:
-            known[0] = (running, _key_hashes(running))
-        return known[0][1]
-
-    def current_routing_headers() -> frozenset[str]:
-        runtime: Runtime | None = getattr(app.state, "runtime", None)
-        if runtime is None:
-            return frozenset()
-        return runtime.current.services.tenants.routing_headers
-
+    keys = RunningKeys(config)
     app = Starlette(
         routes=[
-            *(budgeted(shape.path) for shape in BUDGETED),
+            *(Route(f"/v1/{shape.path}", AnyMethod(functools.partial(budgeted, shape.path))) for shape in BUDGETED),
             Route("/v1/models", AnyMethod(models)),
             Route("/v1/models/{model:path}", AnyMethod(model)),
             *(Route(f"/v1/{path}/{{rest:path}}", AnyMethod(stored)) for path in sorted(STORED_ANSWERS)),
@@ -327,14 +347,13 @@ def create_app(
         exception_handlers={GuardError: on_error, StoreUnavailable: on_error, ClientDisconnect: on_error,
                             HTTPException: on_http_error, Exception: on_unexpected},
         # CORS outermost (preflights answered first), then the entry checks, before any routing.
-        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=current_key_hashes,
-                                                                  routing_headers=current_routing_headers)],
-        lifespan=lifespan,
+        middleware=[*cors_middleware(config.server), Middleware(EntryGuard, key_hashes=keys.key_hashes,
+                                                                  routing_headers=keys.routing_headers)],
+        lifespan=functools.partial(lifespan, config=config, store=store, jobs=jobs, clock=clock,
+                                   config_path=config_path),
     )
     # /v1/chat/completions/ is refused as a non-canonical path, never redirected (to anywhere).
     app.router.redirect_slashes = False
-    app.state.metrics = Metrics()
-    app.state.config = config
     return app
 
 

@@ -26,8 +26,10 @@ import uvicorn
 from starlette.applications import Starlette
 
 from guardproxy.app import create_app
+from guardproxy.budget.periods import utc_now
 from guardproxy.config.settings import Config, hash_key, parse_config
 from guardproxy.observe.state import TenantState, read_states
+from guardproxy.store.redis import BudgetStore
 from guardproxy.testing.fake_upstream import create_fake_upstream
 
 BAR_WIDTH = 24
@@ -112,8 +114,10 @@ async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: An
                 max_rounds: int) -> Counter[str]:
     async with _serve(create_fake_upstream()) as upstream_url:
         config = demo_config(upstream_url, folder)
-        app = create_app(config)
-        async with _serve(app) as proxy_url:
+        store = BudgetStore.from_config(config.store)  # the proxy's, read for the budget bars
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(store.aclose)
+            proxy_url = await stack.enter_async_context(_serve(create_app(config, store=store)))
             say(f"guardproxy demo: proxy {proxy_url}/v1 -> fake OpenAI upstream {upstream_url}/v1 "
                 "(SQLite store in a temporary file)")
             for agent in AGENTS:
@@ -128,7 +132,8 @@ async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: An
                 for round_no in range(1, max_rounds + 1):
                     for agent in AGENTS:
                         if refused[agent.tenant] < 2:
-                            outcome = await _call(clients[agent.tenant], agent, rng, app, say, round_no)
+                            outcome = await _call(clients[agent.tenant], agent, rng, store, config, say,
+                                                  round_no)
                             outcomes[outcome] += 1
                             refused[agent.tenant] += outcome == "rejected"
                     if all(refused[a.tenant] >= 2 for a in AGENTS):
@@ -137,14 +142,13 @@ async def _play(folder: str, rng: random.Random, outcomes: Counter[str], say: An
             finally:
                 for client in clients.values():
                     await client.close()
-            services = app.state.runtime.current.services
-            states = await read_states(services.ledger.store, config, [a.tenant for a in AGENTS], services.clock())
+            states = await read_states(store, config, [a.tenant for a in AGENTS], utc_now())
             _summary(states, outcomes, say)
     return outcomes
 
 
-async def _call(client: openai.AsyncOpenAI, agent: Agent, rng: random.Random, app: Starlette,
-                say: Any, round_no: int) -> str:
+async def _call(client: openai.AsyncOpenAI, agent: Agent, rng: random.Random, store: BudgetStore,
+                config: Config, say: Any, round_no: int) -> str:
     answer_tokens = rng.randint(300, 900)
     started = time.monotonic()
     try:
@@ -161,8 +165,7 @@ async def _call(client: openai.AsyncOpenAI, agent: Agent, rng: random.Random, ap
     sent = raw.headers["x-guardproxy-model"]
     usage = answer.usage
     tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tok" if usage else ""
-    services = app.state.runtime.current.services
-    (state,) = await read_states(services.ledger.store, services.config, [agent.tenant], services.clock())
+    (state,) = await read_states(store, config, [agent.tenant], utc_now())
     arrow = f"-> {sent}" + (" (downgraded)" if sent != "gpt-4o" else "")
     say(f"{round_no:3} {agent.tenant:14} gpt-4o {arrow:27} {tokens:15} day {bar(state.day.utilization)} "
         f"{state.state:11} {(time.monotonic() - started) * 1000:4.0f} ms")

@@ -10,13 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 import yaml
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 LOOP = os.environ.get("GP_TEST_LOOP", "auto")
 
@@ -26,6 +28,18 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.asynccontextmanager
+async def in_process(app: Starlette) -> AsyncIterator[ASGIApp]:
+    """``app`` started (its lifespan run) in this process, as an ASGI app that hands each request the
+    lifespan state as a server does (``httpx.ASGITransport`` and hand-made scopes run no lifespan)."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            await app({**scope, "state": dict(state or {})}, receive, send)
+
+        yield with_state
 
 
 @contextlib.contextmanager

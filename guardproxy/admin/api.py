@@ -28,6 +28,7 @@ from guardproxy.budget.records import JobUsage
 from guardproxy.config.settings import TENANT_ID, merge_policy
 from guardproxy.config.validation import ConfigError, Fields
 from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object, read_body
@@ -49,7 +50,7 @@ async def tenant_state(services: Services, tenant: str) -> TenantState:
 
 
 def _services(request: Request) -> Services:
-    services: Services = request.app.state.runtime.current.services
+    services = app_state.services(request)
     check_admin(request, services)
     return services
 

@@ -23,8 +23,8 @@ from guardproxy.admin.auth import check_admin
 from guardproxy.budget.pricing import format_usd
 from guardproxy.config.settings import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
-from guardproxy.http.pipeline import Services
 from guardproxy.observe.export import FORMATS, Export, ParquetUnavailable, collect, csv_bytes, parquet_bytes, parse_time
 from guardproxy.observe.state import all_tenants
 from guardproxy.store.redis import BudgetStore
@@ -53,7 +53,7 @@ def encode(export: Export, format_: str) -> bytes:
 
 async def get_export(request: Request) -> Response:
     """``?from=&to=&format=csv|parquet&tenant=`` (``tenant`` repeatable; default every tenant)."""
-    services: Services = request.app.state.runtime.current.services
+    services = app_state.services(request)
     check_admin(request, services)
     query = request.query_params
     format_ = query.get("format", "csv")

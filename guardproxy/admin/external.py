@@ -30,6 +30,7 @@ from guardproxy.admin.auth import check_admin
 from guardproxy.budget.pricing import MICROS_PER_USD, Usage, lookup_model, micros_to_usd
 from guardproxy.budget.records import Outcome, Reservation
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
@@ -149,7 +150,7 @@ async def _store_errors() -> AsyncIterator[None]:
 async def post_spend(request: Request) -> Response:
     """Book spend made elsewhere: 201 when charged, 200 for a replay of an idempotency key (charged
     before, nothing changed), 409 when a replay names a different amount."""
-    services: Services = request.app.state.runtime.current.services
+    services = app_state.services(request)
     check_admin(request, services)
     tenant = valid_tenant(request.path_params["tenant"])
     spend = parse_external_spend(await read_body(request, MAX_BODY_BYTES))

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from guardproxy.admin.auth import check_admin
 from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object, read_body
@@ -23,8 +24,8 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 def _ring(request: Request) -> tuple[KeyRing, Services, str]:
-    runtime = request.app.state.runtime
-    services: Services = runtime.current.services
+    runtime = app_state.runtime(request)
+    services = runtime.current.services
     check_admin(request, services)
     return runtime.keyring, services, valid_tenant(request.path_params["tenant"])
 

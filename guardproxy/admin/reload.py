@@ -24,7 +24,7 @@ from starlette.routing import Route
 from guardproxy.admin.auth import check_admin
 from guardproxy.config.validation import ConfigError
 from guardproxy.errors import ErrorKind, GuardError
-from guardproxy.http import workers
+from guardproxy.http import app_state, workers
 from guardproxy.http.runtime import LockoutRefused, Runtime
 
 log = logging.getLogger("guardproxy.reload")
@@ -79,7 +79,7 @@ async def post_reload(request: Request) -> Response:
     """Re-read proxy.yaml: 200 with the new generation, 400 naming the field when the file is refused
     (``reload_refused`` for a file that would switch the admin API off or drop every tenant, which
     ``?force=true`` applies anyway)."""
-    runtime: Runtime = request.app.state.runtime
+    runtime = app_state.runtime(request)
     check_admin(request, runtime.current.services)
     force = request.query_params.get("force", "false")
     if force not in ("true", "false"):
@@ -103,7 +103,7 @@ async def post_reload(request: Request) -> Response:
 
 async def get_reload(request: Request) -> Response:
     """Which config this process serves: its generation and the file's sha256."""
-    runtime: Runtime = request.app.state.runtime
+    runtime = app_state.runtime(request)
     current = runtime.current
     check_admin(request, current.services)
     return _json({"generation": current.number, "config_sha256": current.config_sha256, "pid": os.getpid()})

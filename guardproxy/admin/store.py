@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from guardproxy.admin.auth import check_admin
 from guardproxy.errors import ErrorKind, GuardError
+from guardproxy.http import app_state
 from guardproxy.http.pipeline import Services
 from guardproxy.store.health import StoreHealth
 
@@ -25,7 +26,7 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 def _health(request: Request) -> tuple[Services, StoreHealth]:
-    services: Services = request.app.state.runtime.current.services
+    services = app_state.services(request)
     check_admin(request, services)
     health = services.ledger.health
     if health is None:

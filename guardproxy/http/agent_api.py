@@ -28,9 +28,9 @@ from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.pricing import micros_to_usd
 from guardproxy.budget.records import Admission, Snapshot
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
+from guardproxy.http import app_state
 from guardproxy.http.pipeline import BudgetedEndpoint, Quote, Services
 from guardproxy.http.requests import parse_json_object, read_body
-from guardproxy.http.runtime import Generation
 from guardproxy.observe.state import effective_policy, read_states
 from guardproxy.types import Micros
 
@@ -52,7 +52,7 @@ async def _store_errors() -> AsyncIterator[None]:
 
 async def own_budget(request: Request) -> Response:
     """The caller's tenant state, as ``GET /admin/tenants/{tenant}`` shows it."""
-    services: Services = request.app.state.runtime.current.services
+    services = app_state.services(request)
     tenant = await services.tenants.resolve(request.headers)
     async with _store_errors():
         (state,) = await read_states(services.ledger.store, services.config, [tenant], services.clock())
@@ -61,7 +61,7 @@ async def own_budget(request: Request) -> Response:
 
 async def quote(request: Request) -> Response:
     """``{"endpoint": "/v1/chat/completions", "request": {...}}`` -> the decision admission would take."""
-    generation: Generation = request.app.state.runtime.current  # one config throughout, even across a reload
+    generation = app_state.runtime(request).current  # one config throughout, even across a reload
     services = generation.services
     tenant = await services.tenants.resolve(request.headers)
     body = parse_json_object(await read_body(request, services.config.server.max_body_bytes))

@@ -157,10 +157,10 @@ class EntryGuard:
     400 ``key_in_routing_header`` for a routing header that carries a key; headers other than the key
     headers, and query parameters, that carry a guardproxy key are removed."""
 
-    def __init__(self, app: ASGIApp, key_hashes: Callable[[], Collection[str]] = frozenset,
-                 routing_headers: Callable[[], Collection[str]] = frozenset) -> None:
+    def __init__(self, app: ASGIApp, key_hashes: Callable[[Scope], Collection[str]] = lambda scope: (),
+                 routing_headers: Callable[[Scope], Collection[str]] = lambda scope: ()) -> None:
         self.app = app
-        #: The ``sha256:`` forms of the running config's keys (a reload changes them).
+        #: The ``sha256:`` forms of the running config's keys (a reload changes them), given the request's scope.
         self.key_hashes = key_hashes
         #: The headers that steer the proxy (tenant, job): a key there is a mistake to report, not
         #: a stray credential to drop (dropping it would silently lose the tenant or the job).
@@ -179,8 +179,8 @@ class EntryGuard:
                                    param=bad_header)
                 await error_response(error)(scope, receive, send)
                 return
-            key_hashes = self.key_hashes()
-            routing = self.routing_headers()
+            key_hashes = self.key_hashes(scope)
+            routing = self.routing_headers(scope)
             for name, value in scope["headers"]:
                 header = name.decode("latin-1").lower()
                 if header in routing and carries_key(value, key_hashes):

@@ -42,9 +42,10 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
 
 
 def body_timeout_s(request: Request) -> float:
-    """``server.body_timeout_s`` of the app serving ``request`` (its default outside one)."""
-    app = request.scope.get("app")
-    config = getattr(getattr(app, "state", None), "config", None)
+    """``server.body_timeout_s`` of the config the app serving ``request`` started with (its default
+    outside one). Read by name from the lifespan state (``app_state.STATE_KEY``), as this module sits
+    below ``app_state`` in the imports."""
+    config = getattr(request.scope.get("state", {}).get("guardproxy"), "config", None)
     return float(getattr(getattr(config, "server", None), "body_timeout_s", ServerConfig.body_timeout_s))
 
 

@@ -72,7 +72,7 @@ class Runtime:
 
     def __init__(
         self, config: Config, *, ledger: Ledger, metrics: Metrics, clock: Callable[[], datetime],
-        keyring: KeyRing | None, jobs: JobTenantResolver | None,
+        keyring: KeyRing, jobs: JobTenantResolver | None,
         config_path: str | Path | None = None,
         tracing: Tracing | None = None,
     ) -> None:

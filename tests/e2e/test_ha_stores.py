@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,6 @@ from guardproxy.budget.periods import periods_at
 from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.config.settings import StoreConfig, hash_key, parse_config
 from guardproxy.store.client import connect
-from guardproxy.store.ledger import Ledger
 from guardproxy.store.redis import BudgetStore
 from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from guardproxy.testing.fake_upstream import FakeUpstreamState
@@ -52,11 +51,18 @@ def cost_of(response: httpx.Response) -> int:
 
 
 @contextlib.contextmanager
-def proxy_in_thread(raw: dict[str, Any]) -> Iterator[tuple[str, Ledger]]:
-    """The proxy served on a loopback socket; its ledger too, to see which charges are not yet written."""
-    app = create_app(parse_config(raw, {}))
-    with serve_in_thread(app) as url:
-        yield url, app.state.runtime.current.services.ledger
+def proxy_in_thread(raw: dict[str, Any]) -> Iterator[tuple[str, Callable[[], int]]]:
+    """The proxy served on a loopback socket; and how many charges wait in its journal, not yet written
+    (its ``guardproxy_journal_pending`` gauge)."""
+    with serve_in_thread(create_app(parse_config(raw, {}))) as url:
+        yield url, lambda: journal_pending(url)
+
+
+def journal_pending(url: str) -> int:
+    scrape = httpx.get(url + "/metrics", timeout=30)
+    scrape.raise_for_status()
+    (value,) = (line.split()[1] for line in scrape.text.splitlines() if line.startswith("guardproxy_journal_pending "))
+    return int(float(value))
 
 
 # --- Sentinel -------------------------------------------------------------------------------------------
@@ -162,13 +168,13 @@ def test_sentinel_failover_under_load_loses_no_acknowledged_charge(
     raw = config_dict(upstream_url, store={"redis_url": sentinel_url})
     raw["tenants"]["acme"].update(daily_usd=1000, monthly_usd=10000)
     old_primary = sentinel_set.master_port()
-    with proxy_in_thread(raw) as (url, ledger):
+    with proxy_in_thread(raw) as (url, journal_pending_now):
         assert httpx.get(url + "/readyz").status_code == 200
         record = asyncio.run(load_through_failover(url, sentinel_set, workers=8, after_s=4.0))
         assert sentinel_set.master_port() != old_primary
         # Charges the store refused (fewer replica acknowledgements than required, READONLY, no
         # primary) wait in the journal; every other charge must be on the new primary.
-        waiting = ledger.journal_pending()
+        waiting = journal_pending_now()
         with sentinel_set.master_client() as primary:
             stored = int(primary.get(keys()[0]) or 0)
         served = [s for _, s in record.statuses if s == 200]
@@ -191,7 +197,7 @@ def test_sentinel_failover_under_load_loses_no_acknowledged_charge(
         # The journal drains in the background once the store confirms writes again; a charge whose
         # write reached the promoted replica but whose acknowledgement came too late is both stored and
         # journalled, and its replay is a no-op (exactly-once): spend equals the bill to the micro-USD.
-        wait_for(lambda: ledger.journal_pending() == 0, timeout_s=15)
+        wait_for(lambda: journal_pending_now() == 0, timeout_s=15)
         last = httpx.post(url + "/v1/chat/completions", json=CALL, headers=AUTH | FULL_LENGTH, timeout=30)
         assert last.status_code == 200
 

@@ -21,7 +21,7 @@ from guardproxy.app import create_app
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.helpers import CHAT, SERVICE_KEY, TENANT_KEY, make_config
 from tests.security.wire import ADMIN_KEY, assert_openai_error, raw_request
-from tests.servers import free_port, serve_in_thread
+from tests.servers import free_port, in_process, serve_in_thread
 
 
 @pytest.fixture
@@ -72,8 +72,9 @@ async def test_a_real_bug_is_a_500_in_openai_shape_with_a_request_id(
     upstream_url: str, redis_url: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = create_app(make_config(upstream_url, store={"redis_url": redis_url}), jobs=Broken())
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://gp") as client:
+    async with in_process(app) as served, httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=served, raise_app_exceptions=False), base_url="http://gp"
+    ) as client:
         answer = await client.post("/v1/chat/completions", content=CHAT, headers={
             "authorization": f"Bearer {SERVICE_KEY}", "x-servicetitan-job-id": "42"})
     assert answer.status_code == 500

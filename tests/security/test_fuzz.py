@@ -47,7 +47,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yarl import URL
 
 from guardproxy.app import create_app
@@ -56,7 +56,7 @@ from guardproxy.testing.fake_upstream import create_fake_upstream
 from tests.e2e.test_chat import keys
 from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config
 from tests.security.wire import ADMIN_KEY, REFUSAL_RECORDS, store_snapshot, tenants_seen
-from tests.servers import serve_in_thread
+from tests.servers import in_process, serve_in_thread
 
 EXAMPLES = int(os.environ.get("GP_FUZZ_EXAMPLES", "300"))
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, SERVICE_KEY, ADMIN_KEY)
@@ -150,7 +150,7 @@ class Answer:
         return next((v for k, v in self.headers if k == name), None)
 
 
-async def asgi_call(app: Starlette, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+async def asgi_call(app: ASGIApp, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> Answer:
     """One request as uvicorn hands it to the app (httptools: the path is the raw path, %-decoded)."""
     raw_path, _, query = target.partition(b"?")
@@ -193,7 +193,7 @@ async def asgi_call(app: Starlette, method: str, target: bytes, headers: list[tu
 @dataclass
 class Target:
     portal: anyio.from_thread.BlockingPortal
-    apps: dict[str, Starlette]
+    apps: dict[str, ASGIApp]
     upstream: RecordingUpstream
     upstream_url: URL
     started: StartedRequests
@@ -216,7 +216,7 @@ def target(redis_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
     started = StartedRequests(monkeypatch)
     with contextlib.ExitStack() as stack:
         upstream_url = stack.enter_context(serve_in_thread(recorder, http="h11"))
-        apps = {
+        created = {
             # passthrough on, admin API on
             "open": create_app(fuzz_config(redis_url, upstream_url, unbudgeted_paths="passthrough",
                                            admin={"api_key": ADMIN_KEY})),
@@ -224,8 +224,8 @@ def target(redis_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
             "closed": create_app(fuzz_config(redis_url, upstream_url)),
         }
         portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
-        for app in apps.values():
-            stack.enter_context(portal.wrap_async_context_manager(app.router.lifespan_context(app)))
+        apps = {name: stack.enter_context(portal.wrap_async_context_manager(in_process(app)))
+                for name, app in created.items()}
         # acme starts 300 micro-USD short of its daily budget: its calls meet the downgrade and the 429.
         client = redis.Redis.from_url(redis_url)
         client.set(keys()[0], 999_700)
