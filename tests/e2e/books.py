@@ -3,6 +3,11 @@ the audit log, and guardproxy as a subprocess that can be killed for real."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,9 +15,8 @@ import redis
 
 from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
-from tests.helpers import TENANT_KEY, redis_int
+from tests.helpers import GPT4O, HI, MINI, TENANT_KEY, config_dict, keys, metric, redis_int, reserved, wait_for
+from tests.redis_procs import RedisServer
 from tests.servers import ProxyProcess as ProxyProcess
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
@@ -56,4 +60,47 @@ def assert_books_balance(redis_url: str, state: FakeUpstreamState, proxy_url: st
         wait_for(lambda: pending(proxy_url) == 0)
     return billed
 
+
+# --- faults: a paused Redis, a steady load ---
+
+@contextlib.contextmanager
+def paused(server: RedisServer) -> Iterator[None]:
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
+async def load(url: str, duration_s: float, workers: int, max_calls: int) -> dict[int, int]:
+    """``workers`` clients calling back to back for ``duration_s`` (at most ``max_calls``); status counts."""
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + duration_s
+    calls = 0
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=workers)) as client:
+
+        async def worker() -> None:
+            nonlocal calls
+            while time.monotonic() < deadline and calls < max_calls:
+                calls += 1
+                r = await client.post(url + "/v1/chat/completions", json=CALL,
+                                      headers={**AUTH, "x-fake-delay-ms": "20"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    return statuses
+
+
+
+# --- leases ---
+
+LEASE_S = 1.0
+
+
+STREAM = {**CALL, "stream": True}
+
+
+def leased(upstream_url: str, redis_url: str) -> dict[str, Any]:
+    return config_dict(upstream_url, store={"redis_url": redis_url, "lease_s": LEASE_S})
 

@@ -11,10 +11,8 @@ import openai
 import pytest
 
 from tests.e2e.books import ProxyProcess
-from tests.helpers import TENANT_KEY
+from tests.helpers import TENANT_KEY, Sdk
 from tests.redis_procs import RedisServer
-
-Sdk = Callable[[str], openai.OpenAI]
 
 
 @pytest.fixture

@@ -17,12 +17,22 @@ from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.observe.state import read_states
 from guardproxy.store.redis import BudgetStore
-from tests.e2e.test_chat import GPT4O, HI, MINI, all_settled, keys
-from tests.e2e.test_concurrency import proxy_process
-from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
-
-ADMIN_KEY = "adm-secret-key"
-ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+from tests.helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    GPT4O,
+    HI,
+    MINI,
+    SERVICE_KEY,
+    TENANT_KEY,
+    all_settled,
+    config_dict,
+    keys,
+    make_config,
+    metric,
+    proxy_process,
+    redis_int,
+)
 
 
 @pytest.fixture
@@ -30,15 +40,6 @@ def config(upstream_url: str, redis_url: str) -> Config:
     return make_config(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series in a Prometheus text scrape (labels in any order)."""
-    for line in text.splitlines():
-        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if match and match.group(1) == name:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            if found == labels:
-                return float(match.group(3))
-    raise AssertionError(f"no series {name}{labels}")
 
 
 def test_admin_api_is_off_without_a_key_and_needs_the_key(

@@ -6,9 +6,7 @@ would: the key as the password of the URL's credentials, sent after the page's B
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +21,11 @@ import redis
 from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import Config, hash_key, parse_config
 from guardproxy.store.redis import Keys
-from tests.helpers import config_dict, make_config
-from tests.servers import no_proxy_env
+from tests.helpers import WINDOW, chromium, config_dict, make_config, run_chromium
 
 ADMIN_KEY = "adm-page-secret"
 INITECH_KEY = "tk-initech-secret"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-WINDOW = (1200, 900)
 # The page's colours for active / downgrading / blocked (guardproxy/admin/page.py).
 COLOURS = {"active": (0x2F, 0x9E, 0x44), "downgrading": (0xE8, 0x89, 0x0C), "blocked": (0xD6, 0x33, 0x6C)}
 
@@ -126,24 +122,8 @@ def test_basic_auth_also_opens_the_json_api(proxy: str) -> None:
 # --- in Chromium ---------------------------------------------------------------------------------
 
 
-def chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("chromium is not installed: `apt-get update && apt-get install -y chromium` (.ci/run does it)")
-    return binary
 
 
-def run_chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    width, height = WINDOW
-    command = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-        "--no-proxy-server", "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},{height}",
-        *args, url,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=90, env=no_proxy_env(), check=False)
-    assert done.returncode == 0, f"chromium exited {done.returncode}: {done.stderr[-2000:]}"
-    return done
 
 
 @dataclass

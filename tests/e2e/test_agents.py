@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from guardproxy.admin.status import render
 from guardproxy.budget.pricing import Usage, cost_micros
@@ -21,16 +20,29 @@ from guardproxy.config.settings import Config
 from guardproxy.observe.state import TenantState, read_states
 from guardproxy.store.redis import BudgetStore
 from guardproxy.testing.fake_upstream import DEFAULT_COMPLETION_TOKENS, FakeUpstreamState
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, MINI, all_settled, keys, reserved, wait_for
-from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import (
+    DAILY_MICROS,
+    GPT4O,
+    HI,
+    HI_PROMPT_TOKENS,
+    MINI,
+    OTHER_TENANT_KEY,
+    SERVICE_KEY,
+    TENANT_KEY,
+    Sdk,
+    all_settled,
+    config_dict,
+    keys,
+    make_config,
+    metric,
+    redis_int,
+    reserved,
+    spend,
+    wait_for,
+)
 
 ADMIN_KEY = "adm-secret-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-#: acme's daily budget in these tests: 20,000 micro-USD (soft cap 16,000). The worst case of HI is
-#: 10,033 on gpt-4o and 602 on gpt-4o-mini (1,000 output tokens each).
-DAILY_MICROS = 20_000
 
 
 def clamping_config(upstream_url: str, redis_url: str, *, clamp: bool = True, min_tokens: int = 256) -> Config:
@@ -46,14 +58,6 @@ def make_config_from(raw: dict[str, Any]) -> Config:
     return parse_config(raw, {})
 
 
-def spend(url: str, micros: int, tenant: str = "acme", tz: str = "UTC") -> None:
-    """Spend already made today, in the tenant's timezone ``tz`` (as if by earlier calls)."""
-    client = redis.Redis.from_url(url)
-    try:
-        for key in keys(tenant, tz):
-            client.incrby(key, micros)
-    finally:
-        client.close()
 
 
 def get_quote(client: openai.OpenAI, request: dict[str, Any], endpoint: str = "/v1/chat/completions") -> Any:

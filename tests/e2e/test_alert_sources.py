@@ -11,10 +11,7 @@ import httpx
 import redis
 
 from guardproxy.config.settings import parse_config
-from tests.e2e.test_admin import ADMIN
-from tests.e2e.test_alerts import Receiver, alert_config
-from tests.e2e.test_chat import HI, all_settled, wait_for
-from tests.helpers import TENANT_KEY
+from tests.helpers import ADMIN, HI, TENANT_KEY, Receiver, alert_config, all_settled, wait_for
 
 
 def queued_events(redis_url: str, tenant: str = "acme") -> list[dict[str, str]]:

@@ -5,7 +5,6 @@ event still arrives exactly once."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,61 +13,24 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY
-from tests.e2e.test_chat import HI, all_settled
-from tests.e2e.test_concurrency import proxy_process
-from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict
-from tests.servers import free_port, serve_in_thread
+from tests.helpers import (
+    ADMIN,
+    HI,
+    OTHER_TENANT_KEY,
+    TENANT_KEY,
+    Receiver,
+    alert_config,
+    all_settled,
+    proxy_process,
+)
 
 EVENT_FIELDS = {"event", "tenant", "period", "period_id", "threshold", "spent_usd", "limit_usd", "utilization",
                 "at", "resets_at"}
 
 
-class Receiver:
-    """A webhook endpoint that records every POST (path, headers, JSON body)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.posts: list[tuple[str, dict[str, str], Any]] = []
-        self._lock = threading.Lock()
-
-        async def record(request: Request) -> Response:
-            body = await request.json()
-            with self._lock:
-                self.posts.append((request.url.path, dict(request.headers), body))
-            return Response(status_code=204)
-
-        self.app = Starlette(routes=[Route("/{path}", record, methods=["POST"])])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def serving(self) -> Any:
-        return serve_in_thread(self.app, port=self.port)
-
-    def bodies(self, path: str) -> list[Any]:
-        with self._lock:
-            return [body for p, _, body in self.posts if p == path]
 
 
-def alert_config(upstream_url: str, redis_url: str, receiver: Receiver) -> dict[str, Any]:
-    raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
-    # no soft cap: gpt-4o until it no longer fits, then gpt-4o-mini (a downgrade) until nothing fits
-    raw["tenants"]["acme"].update(daily_usd=0.01, monthly_usd=1, soft_cap=1.0)
-    raw["alerts"] = {
-        "thresholds": [0.25, 0.5, 0.75],
-        "webhooks": [
-            {"url": receiver.url + "/json", "format": "json", "headers": {"authorization": "Bearer hook-secret"}},
-            {"url": receiver.url + "/slack", "format": "slack", "events": ["threshold", "blocked"]},
-        ],
-    }
-    return raw
 
 
 async def spend(urls: list[str], key: str, count: int) -> list[int]:

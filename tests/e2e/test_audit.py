@@ -11,8 +11,7 @@ import pytest
 from guardproxy.budget.records import Outcome
 from guardproxy.config.settings import parse_config
 from tests.e2e.books import AUTH, CALL, audit_log
-from tests.e2e.test_chat import HI, wait_for
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, config_dict, wait_for
 
 STREAM = {**CALL, "stream": True}
 

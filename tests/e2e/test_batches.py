@@ -17,8 +17,7 @@ from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import ProxyProcess, audit_log
-from tests.e2e.test_chat import keys, reserved, wait_for
-from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict, keys, make_config, redis_int, reserved, wait_for
 
 # Half of each model's price (test config: gpt-4o 2.50/1.25/10.00, gpt-4o-mini 0.15/0.075/0.60 USD per 1M).
 BATCH_PRICES = {"gpt-4o": Price(1_250_000, 625_000, 5_000_000), "gpt-4o-mini": Price(75_000, 37_500, 300_000)}

@@ -15,10 +15,8 @@ from pydantic import BaseModel
 
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_admin import metric as admin_metric
-from tests.e2e.test_chat import HI, all_settled, keys, reserved, wait_for
-from tests.helpers import TENANT_KEY, config_dict, redis_int
+from tests.helpers import HI, TENANT_KEY, Sdk, all_settled, config_dict, keys, reserved, spent, wait_for
+from tests.helpers import metric as admin_metric
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 
@@ -29,8 +27,6 @@ def cache_config(upstream_url: str, redis_url: str, ttl_s: int = 3600, **acme: A
     return parse_config(raw, {})
 
 
-def spent(redis_url: str) -> int:
-    return redis_int(redis_url, keys()[0])
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -11,9 +11,7 @@ import yaml
 
 from guardproxy.budget.pricing import Price, Usage, cost_micros, price_to_micros
 from guardproxy.config.settings import load_config
-from tests.e2e.test_chat import HI, all_settled
-from tests.e2e.test_cli import guardproxy
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, all_settled, config_dict, guardproxy
 
 ADMIN = {"authorization": "Bearer adm-catalog"}
 

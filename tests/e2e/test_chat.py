@@ -4,61 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from zoneinfo import ZoneInfo
 
 import httpx
 import openai
 import pytest
 import redis
-from openai.types.chat import ChatCompletionMessageParam
 
-from guardproxy.budget.periods import periods_at
-from guardproxy.budget.pricing import Price, Usage, cost_micros
+from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.config.settings import Config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config, redis_int
-
-GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
-MINI = Price(150_000, 75_000, 600_000)
-HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the dispatcher."}]
-# 3 tokens of message framing + "user" + 6 of text (Say| hello| to| the| dispatcher|.) + 3 of reply primer.
-HI_PROMPT_TOKENS = 13
-
-
-def keys(tenant: str = "acme", tz: str = "UTC") -> tuple[str, str]:
-    p = periods_at(datetime.now(UTC), ZoneInfo(tz))
-    return f"gp:{{{tenant}}}:spend:day:{p.day}", f"gp:{{{tenant}}}:spend:month:{p.month}"
-
-
-def reserved(url: str, tenant: str = "acme") -> int:
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.get(f"gp:{{{tenant}}}:reserved") or 0) + int(client.zcard(f"gp:{{{tenant}}}:resv"))
-    finally:
-        client.close()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def all_settled(url: str, tenant: str = "acme") -> None:
-    """Complete answers settle right after they are sent (``pipeline.SettledAfterSending``): wait until
-    no call of ``tenant`` holds a reservation, so that its spend and audit log are final."""
-    wait_for(lambda: reserved(url, tenant) == 0)
-
-
-def settled(url: str, key: str, expected: int) -> None:
-    """Streams settle after their last byte reaches the client: wait for the charge to land."""
-    try:
-        wait_for(lambda: redis_int(url, key) == expected and reserved(url) == 0)
-    except AssertionError:
-        assert redis_int(url, key) == expected and reserved(url) == 0
+from tests.helpers import (
+    GPT4O,
+    HI,
+    HI_PROMPT_TOKENS,
+    MINI,
+    OTHER_TENANT_KEY,
+    SERVICE_KEY,
+    TENANT_KEY,
+    all_settled,
+    keys,
+    make_config,
+    redis_int,
+    reserved,
+    settled,
+    wait_for,
+)
 
 
 @pytest.fixture

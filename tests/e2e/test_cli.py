@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from guardproxy.demo import run_demo
-from tests.helpers import config_dict
-from tests.servers import no_proxy_env
+from tests.helpers import config_dict, guardproxy
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def guardproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardproxy", *args], capture_output=True, text=True, timeout=120,
-        env={**no_proxy_env(), **(env or {})},
-    )
 
 
 def test_hash_key_prints_the_sha256_form() -> None:

@@ -3,50 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
-from guardproxy.budget.pricing import Price, Usage, cost_micros
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys, reserved, wait_for
-from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from guardproxy.budget.pricing import Usage, cost_micros
+from tests.helpers import (
+    CALL,
+    GPT4O,
+    TENANT_KEY,
+    burst,
+    config_dict,
+    keys,
+    make_config,
+    proxy_process,
+    redis_int,
+    reserved,
+    wait_for,
+)
 from tests.redis_procs import RedisServer
-from tests.servers import running_proxy
-
-PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
-# The fake answers as many tokens as asked, so each call costs exactly its reserved worst case.
-CALL = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
-FULL_LENGTH = {"x-fake-completion-tokens": "1000"}
-
-
-async def burst(urls: list[str], count: int) -> tuple[list[int], int]:
-    """``count`` concurrent calls spread over ``urls``; the cost of each admitted call, and the 429 count."""
-    clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
-
-    async def one(i: int) -> int | None:
-        try:
-            raw = await clients[i % len(clients)].chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=HI, max_tokens=50, extra_headers=FULL_LENGTH
-            )
-        except openai.RateLimitError:
-            return None
-        usage = raw.parse().usage
-        assert usage is not None
-        price: Price = PRICES[raw.headers["x-guardproxy-model"]]
-        return cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), price)
-
-    try:
-        results = await asyncio.gather(*(one(i) for i in range(count)))
-    finally:
-        for client in clients:
-            await client.close()
-        await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
-    return [r for r in results if r is not None], sum(1 for r in results if r is None)
 
 
 def assert_budget_held(redis_url: str, costs: list[int], rejected: int) -> None:
@@ -78,11 +56,6 @@ def test_200_concurrent_calls_never_pass_the_hard_cap(
     assert len(costs) + rejected == 200
 
 
-@contextlib.contextmanager
-def proxy_process(config: dict[str, Any], tmp_path: Path, workers: int = 1) -> Iterator[str]:
-    """``guardproxy serve`` as its own process; yields its base URL."""
-    with running_proxy(config, tmp_path, "--log-level", "warning", "--workers", str(workers)) as proxy:
-        yield proxy.url
 
 
 @pytest.mark.slow

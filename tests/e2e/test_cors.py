@@ -14,9 +14,7 @@ from starlette.routing import Route
 
 from guardproxy.config.settings import parse_config
 from guardproxy.config.validation import ConfigError
-from tests.e2e.test_admin_page import chromium, run_chromium
-from tests.e2e.test_chat import HI
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, chromium, config_dict, run_chromium
 from tests.servers import free_port, serve_in_thread
 
 APP = "https://dispatch.example.com"

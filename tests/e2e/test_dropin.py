@@ -16,9 +16,19 @@ from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.config.settings import Config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import audit_log
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, HI, all_settled, keys, settled, wait_for
-from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import (
+    GPT4O,
+    HI,
+    TENANT_KEY,
+    Sdk,
+    all_settled,
+    config_dict,
+    keys,
+    make_config,
+    redis_int,
+    settled,
+    wait_for,
+)
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

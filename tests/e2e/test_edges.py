@@ -14,11 +14,7 @@ import pytest
 
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_admin import metric
-from tests.e2e.test_agents import DAILY_MICROS, spend
-from tests.e2e.test_chat import HI, all_settled
-from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict
+from tests.helpers import DAILY_MICROS, HI, SERVICE_KEY, TENANT_KEY, Sdk, all_settled, config_dict, metric, spend
 
 ADMIN_KEY = "adm-edges-secret"
 TENANT = {"authorization": f"Bearer {TENANT_KEY}"}

@@ -14,9 +14,20 @@ import redis
 from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.config.settings import Config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, MINI, all_settled, keys, reserved, settled
-from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import (
+    GPT4O,
+    MINI,
+    TENANT_KEY,
+    Sdk,
+    all_settled,
+    config_dict,
+    keys,
+    make_config,
+    redis_int,
+    reserved,
+    set_day_spend,
+    settled,
+)
 
 EMBEDDING = Price(20_000, 20_000, 0)
 INSTRUCT = Price(1_500_000, 1_500_000, 2_000_000)
@@ -50,13 +61,6 @@ def client(proxy_url: str) -> Iterator[openai.OpenAI]:
         yield sdk
 
 
-def spend(redis_url: str, day_micros: int) -> None:
-    """Make acme's spend today ``day_micros``."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.set(keys()[0], day_micros)
-    finally:
-        client.close()
 
 
 def spend_keys(redis_url: str) -> list[str]:
@@ -130,7 +134,7 @@ def test_responses_incomplete_is_charged_and_max_output_tokens_bounds_the_worst_
     tenants = {"acme": {"api_keys": [TENANT_KEY], "daily_usd": 1, "soft_cap": 1.0}}
     config = make_config(upstream_url, store={"redis_url": redis_url}, models=models(), tenants=tenants)
     client = sdk(serve_proxy(config))
-    spend(redis_url, 995_000)
+    set_day_spend(redis_url, 995_000)
     unbounded = client.responses.with_raw_response.create(model="gpt-4o", input="hi")
     assert unbounded.headers["x-guardproxy-model"] == "gpt-4o-mini"
     unbounded_usage = unbounded.parse().usage
@@ -152,12 +156,12 @@ def test_responses_incomplete_is_charged_and_max_output_tokens_bounds_the_worst_
 def test_responses_downgrade_and_429_work_as_for_chat(
     client: openai.OpenAI, redis_url: str, fake_state: FakeUpstreamState
 ) -> None:
-    spend(redis_url, 800_000)
+    set_day_spend(redis_url, 800_000)
     raw = client.responses.with_raw_response.create(model="gpt-4o", input="hi")
     assert raw.headers["x-guardproxy-model"] == "gpt-4o-mini"
     assert raw.headers["x-guardproxy-downgraded-from"] == "gpt-4o"
     assert fake_state.requests[-1]["model"] == "gpt-4o-mini"
-    spend(redis_url, 999_990)
+    set_day_spend(redis_url, 999_990)
     with pytest.raises(openai.RateLimitError) as caught:
         client.responses.create(model="gpt-4o", input="hi", stream=True)
     assert caught.value.code == "insufficient_quota"
@@ -222,7 +226,7 @@ def test_embeddings_worst_case_is_the_input_alone(
     priced = models(**{"text-embedding-3-small": {"input": 0.02, "output": 10}})
     config = make_config(upstream_url, store={"redis_url": redis_url}, models=priced, tenants=tenants)
     client = sdk(serve_proxy(config))
-    spend(redis_url, 999_999)  # one micro-USD left
+    set_day_spend(redis_url, 999_999)  # one micro-USD left
     client.embeddings.create(model="text-embedding-3-small", input="hi")
     all_settled(redis_url)
     assert redis_int(redis_url, keys()[0]) == 1_000_000

@@ -15,9 +15,7 @@ import pytest
 
 from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import Config
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
-from tests.e2e.test_chat import HI, all_settled, keys
-from tests.helpers import TENANT_KEY, make_config, redis_int
+from tests.helpers import ADMIN, ADMIN_KEY, HI, TENANT_KEY, all_settled, keys, make_config, metric, redis_int
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ import pytest
 
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import AUTH, CALL, billed_micros, pending
-from tests.e2e.test_chat import keys, wait_for
-from tests.helpers import config_dict
+from tests.helpers import config_dict, keys, wait_for
 from tests.redis_procs import SentinelSet
 from tests.servers import running_proxy
 

@@ -8,11 +8,9 @@ which records what it billed. "Billed" below is that usage priced with guardprox
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,24 +26,24 @@ from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
 from guardproxy.store.redis import BudgetStore, reply_lost
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, audit_log, billed_micros, pending
-from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import all_settled, keys, wait_for
-from tests.helpers import config_dict, redis_int
+from tests.e2e.books import (
+    AUTH,
+    CALL,
+    ProxyProcess,
+    assert_books_balance,
+    audit_log,
+    billed_micros,
+    load,
+    paused,
+    pending,
+)
+from tests.helpers import all_settled, config_dict, keys, metric, redis_int, wait_for
 from tests.redis_procs import RedisServer
 
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
 LIMITS = Thresholds(soft_day=10**9, hard_day=10**9, soft_month=10**10, hard_month=10**10)
 
 
-@contextlib.contextmanager
-def paused(server: RedisServer) -> Iterator[None]:
-    assert server.process is not None
-    server.process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        server.process.send_signal(signal.SIGCONT)
 
 
 def pause_later(server: RedisServer, after_s: float, for_s: float) -> threading.Thread:
@@ -124,23 +122,6 @@ async def test_a_command_past_its_deadline_leaves_no_reply_behind(own_redis: Red
         await store.aclose()
 
 
-async def load(url: str, duration_s: float, workers: int, max_calls: int) -> dict[int, int]:
-    """``workers`` clients calling back to back for ``duration_s`` (at most ``max_calls``); status counts."""
-    statuses: dict[int, int] = {}
-    deadline = time.monotonic() + duration_s
-    calls = 0
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=workers)) as client:
-
-        async def worker() -> None:
-            nonlocal calls
-            while time.monotonic() < deadline and calls < max_calls:
-                calls += 1
-                r = await client.post(url + "/v1/chat/completions", json=CALL,
-                                      headers={**AUTH, "x-fake-delay-ms": "20"})
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-
-        await asyncio.gather(*(worker() for _ in range(workers)))
-    return statuses
 
 
 MAX_CALLS = 3000

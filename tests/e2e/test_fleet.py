@@ -9,11 +9,10 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -21,78 +20,33 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import yaml
-from openai.types.chat import ChatCompletionMessageParam
 
 from guardproxy.cli import main as cli_main
-from guardproxy.config.settings import Config, hash_key, parse_config
+from guardproxy.config.settings import hash_key
 from guardproxy.observe.export import COLUMNS
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import audit_log
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
-from tests.e2e.test_chat import HI, all_settled, keys
-from tests.e2e.test_concurrency import proxy_process
-from tests.helpers import TENANT_KEY, config_dict, redis_int
+from tests.helpers import (
+    ADMIN,
+    HI,
+    OTHER_QUESTION,
+    SECOND_KEY,
+    TENANT_KEY,
+    _day_of_calls,
+    all_settled,
+    close_clients,
+    fleet_burst,
+    fleet_config,
+    keys,
+    loop_alerts,
+    metric,
+    proxy_process,
+    redis_int,
+    sdk,
+    start,
+)
 
-SECOND_KEY = "tk-acme-second-agent"
-OTHER_QUESTION: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "Which technician is closest to job 4711?"}]
-
-
-def fleet_config(upstream_url: str, redis_url: str, **acme: Any) -> dict[str, Any]:
-    raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
-    raw["tenants"]["acme"]["api_keys"].append(hash_key(SECOND_KEY))
-    raw["tenants"]["acme"].update(acme)
-    # Events are queued only while a webhook is set; nothing listens there (delivery retries quietly).
-    raw["alerts"] = {"webhooks": [{"url": "http://127.0.0.1:9/hook"}]}
-    return raw
-
-
-def start(raw: dict[str, Any], serve_proxy: Callable[..., str]) -> str:
-    config: Config = parse_config(raw, {})
-    return serve_proxy(config)
-
-
-#: The SDK clients a test made, closed after it (an unclosed one's sockets warn whenever it is collected,
-#: possibly in another test).
-_clients: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
-def sdk(url: str, key: str = TENANT_KEY) -> openai.OpenAI:
-    # The SDK's own retries stay on: the brake's 429 says x-should-retry: false, so it does not resend.
-    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=2)
-    _clients.append(client)
-    return client
-
-
-async def burst(urls: list[str], count: int) -> list[int | str]:
-    """``count`` identical calls at once, alternating over ``urls``: 200, or the 429's code."""
-    clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
-
-    async def one(i: int) -> int | str:
-        try:
-            await clients[i % len(clients)].chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
-        except openai.RateLimitError as exc:
-            return str(exc.code)
-        return 200
-
-    try:
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
-    finally:
-        for client in clients:
-            await client.close()
-        await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
-
-
-def loop_alerts(url: str) -> list[dict[str, Any]]:
-    listed = httpx.get(url + "/admin/alerts", headers=ADMIN).json()["data"]
-    return [a for a in listed if a["event"] == "loop"]
+__all__ = ["close_clients"]  # the autouse fixture closes the SDK clients of these tests
 
 
 def test_a_looping_agent_is_stopped_at_max_repeats_and_only_it(
@@ -173,25 +127,6 @@ def test_alert_action_lets_the_loop_through_and_queues_one_alert(
 # -- the chargeback export ---------------------------------------------------------------------------
 
 
-def _day_of_calls(url: str) -> None:
-    """A small day of agent traffic: cached prompts, reasoning, two keys, jobs, a stream, a refusal of the
-    upstream (costs nothing) and spend booked from elsewhere."""
-    first, second = sdk(url), sdk(url, SECOND_KEY)
-    for i in range(4):
-        question: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"Dispatch {i}: who is free?"}]
-        first.chat.completions.create(
-            model="gpt-4o", messages=question,
-            max_tokens=300, extra_headers={"x-fake-cached-tokens": "7", "x-fake-reasoning-tokens": str(3 * i),
-                                           "x-fake-completion-tokens": str(11 + i), "x-guardproxy-job": f"WO-{i}"})
-    for chunk in second.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=50, stream=True,
-                                                stream_options={"include_usage": True}):
-        assert chunk is not None
-    with pytest.raises(openai.InternalServerError):
-        sdk(url).with_options(max_retries=0).chat.completions.create(
-            model="gpt-4o-mini", messages=OTHER_QUESTION, extra_headers={"x-fake-fail": "500"})
-    booked = httpx.post(url + "/admin/tenants/acme/spend", headers=ADMIN, json={
-        "cost_usd": "0.012345", "description": "nightly batch", "idempotency_key": "batch-2026-12-06"})
-    assert booked.status_code == 201, booked.text
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -304,6 +239,6 @@ def test_concurrent_repeats_over_two_replicas_pass_exactly_max_repeats(
     raw = fleet_config(upstream_url, redis_url, loop={"max_repeats": 5, "window_s": 120})
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
-        results = asyncio.run(burst([first, second], 40))
+        results = asyncio.run(fleet_burst([first, second], 40))
     assert results.count(200) == 5 and results.count("loop_detected") == 35
     assert len(fake_state.requests) == 5

@@ -23,13 +23,23 @@ from guardproxy.cli import main as cli_main
 from guardproxy.observe.export import COLUMNS
 from guardproxy.store.redis import BudgetStore, Keys
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_admin import ADMIN, metric
-from tests.e2e.test_chat import keys, wait_for
-from tests.e2e.test_concurrency import proxy_process
-from tests.e2e.test_fleet import _day_of_calls, burst, close_clients, fleet_config, loop_alerts, sdk, start
+from tests.helpers import (
+    ADMIN,
+    _day_of_calls,
+    close_clients,
+    fleet_burst,
+    fleet_config,
+    keys,
+    loop_alerts,
+    metric,
+    proxy_process,
+    sdk,
+    start,
+    wait_for,
+)
 
 __all__ = ["close_clients"]  # the fixture closes the SDK clients of these tests too
-from tests.e2e.test_sqlite_processes import read, spent
+from tests.helpers import sqlite_read, sqlite_spent
 
 
 def sqlite_fleet_config(upstream_url: str, path: Path, **acme: Any) -> dict[str, Any]:
@@ -39,7 +49,7 @@ def sqlite_fleet_config(upstream_url: str, path: Path, **acme: Any) -> dict[str,
 
 
 def settled(path: Path) -> None:
-    wait_for(lambda: spent(path)[2:] == (0, 0), timeout_s=15)  # no reservation left: every call settled
+    wait_for(lambda: sqlite_spent(path)[2:] == (0, 0), timeout_s=15)  # no reservation left: every call settled
 
 
 def rows(text: str) -> list[dict[str, str]]:
@@ -55,7 +65,7 @@ def test_two_processes_on_one_file_pass_exactly_max_repeats_of_40_concurrent_rep
     raw = sqlite_fleet_config(upstream_url, tmp_path / "spend.db", loop={"max_repeats": 5, "window_s": 120})
 
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:
-        results = asyncio.run(burst([first, second], 40))
+        results = asyncio.run(fleet_burst([first, second], 40))
         events = loop_alerts(first)
     assert results.count(200) == 5 and results.count("loop_detected") == 35
     assert len(fake_state.requests) == 5
@@ -76,7 +86,7 @@ def test_a_spending_spike_fires_one_velocity_alert(
     async def baseline(store: BudgetStore) -> None:  # 10 micro-USD in each of the 3 hours before the previous
         await store.client.hset(Keys("gp", "acme").spend_hours, mapping={str(h): 10 for h in range(hour - 4, hour - 1)})
 
-    read(path, baseline)
+    sqlite_read(path, baseline)
     url = start(raw, serve_proxy)
     for i in range(3):
         sdk(url).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"Spike {i}"}],
@@ -96,7 +106,7 @@ def test_the_export_command_reads_the_running_proxys_file(
     url = start(raw, serve_proxy)
     _day_of_calls(url)
     settled(path)
-    counter = spent(path)[0]
+    counter = sqlite_spent(path)[0]
     day = keys()[0].rsplit(":", 1)[1]
     today = datetime.now(UTC).date()
     since, until = str(today - timedelta(days=1)), str(today + timedelta(days=2))

@@ -32,9 +32,18 @@ from guardproxy.store.client import connect
 from guardproxy.store.redis import BudgetStore
 from guardproxy.testing.fake_servicetitan import FakeServiceTitan
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_chat import GPT4O, HI, MINI, keys, wait_for
-from tests.e2e.test_concurrency import FULL_LENGTH, proxy_process
-from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict
+from tests.helpers import (
+    FULL_LENGTH,
+    GPT4O,
+    HI,
+    MINI,
+    SERVICE_KEY,
+    TENANT_KEY,
+    config_dict,
+    keys,
+    proxy_process,
+    wait_for,
+)
 from tests.redis_procs import RedisCluster3, SentinelSet, tenants_on_every_shard
 from tests.servers import serve_in_thread
 

@@ -12,9 +12,8 @@ import httpx
 import pytest
 import redis
 
-from tests.e2e.books import AUTH, ProxyProcess
-from tests.e2e.test_chat import reserved, wait_for
-from tests.e2e.test_leases import STREAM, leased
+from tests.e2e.books import AUTH, STREAM, ProxyProcess, leased
+from tests.helpers import reserved, wait_for
 
 
 @pytest.mark.slow

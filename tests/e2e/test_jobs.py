@@ -15,9 +15,20 @@ import pytest
 from guardproxy.admin.status import main as status_main
 from guardproxy.budget.pricing import Price, Usage, cost_micros, format_usd
 from guardproxy.config.settings import parse_config
-from tests.e2e.test_chat import GPT4O, HI, MINI, all_settled, keys, reserved
-from tests.e2e.test_concurrency import FULL_LENGTH, proxy_process
-from tests.helpers import SERVICE_KEY, TENANT_KEY, config_dict, redis_int
+from tests.helpers import (
+    FULL_LENGTH,
+    GPT4O,
+    HI,
+    MINI,
+    SERVICE_KEY,
+    TENANT_KEY,
+    all_settled,
+    config_dict,
+    keys,
+    proxy_process,
+    redis_int,
+    reserved,
+)
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
 ADMIN_KEY = "admin-secret-for-tests"

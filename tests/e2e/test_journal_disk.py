@@ -23,10 +23,8 @@ import yaml
 
 from guardproxy.store.journal import Entry
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, pending
-from tests.e2e.test_chat import all_settled, wait_for
-from tests.e2e.test_faults import paused
-from tests.helpers import config_dict
+from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance, paused, pending
+from tests.helpers import all_settled, config_dict, wait_for
 from tests.redis_procs import RedisServer
 from tests.servers import no_proxy_env
 

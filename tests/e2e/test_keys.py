@@ -15,9 +15,7 @@ import redis
 import yaml
 
 from guardproxy.config.settings import Config, hash_key
-from tests.e2e.test_chat import HI, all_settled
-from tests.e2e.test_cli import guardproxy
-from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import HI, TENANT_KEY, all_settled, config_dict, guardproxy, make_config, redis_int
 from tests.redis_procs import RedisServer
 
 ADMIN_KEY = "adm-keys-secret"

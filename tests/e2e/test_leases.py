@@ -12,13 +12,10 @@ import pytest
 
 from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.config.settings import parse_config
-from tests.e2e.books import AUTH, CALL, ProxyProcess, assert_books_balance
-from tests.e2e.test_chat import GPT4O, HI_PROMPT_TOKENS, keys, reserved, wait_for
-from tests.helpers import config_dict, redis_int
+from tests.e2e.books import AUTH, CALL, LEASE_S, STREAM, ProxyProcess, assert_books_balance, leased
+from tests.helpers import GPT4O, HI_PROMPT_TOKENS, keys, redis_int, reserved, wait_for
 from tests.redis_procs import RedisServer
 
-LEASE_S = 1.0
-STREAM = {**CALL, "stream": True}
 # What admission reserves for CALL: its prompt plus max_tokens (50), at gpt-4o's price.
 WORST_CASE = cost_micros(Usage(HI_PROMPT_TOKENS, 50), GPT4O)
 
@@ -32,8 +29,6 @@ def held_micros(url: str, redis_url: str) -> int:
     return 1_000_000 - spent - round(float(answer.headers["x-guardproxy-budget-remaining-usd"]) * 1_000_000)
 
 
-def leased(upstream_url: str, redis_url: str) -> dict[str, Any]:
-    return config_dict(upstream_url, store={"redis_url": redis_url, "lease_s": LEASE_S})
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.test_chat import HI
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, config_dict
 from tests.servers import running_proxy
 
 ADMIN = {"authorization": "Bearer adm-logs"}

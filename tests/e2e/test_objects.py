@@ -15,8 +15,7 @@ import pytest
 import redis
 
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_chat import HI, all_settled, wait_for
-from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, make_config
+from tests.helpers import HI, OTHER_TENANT_KEY, TENANT_KEY, all_settled, make_config, wait_for
 
 Clients = tuple[openai.OpenAI, openai.OpenAI]
 

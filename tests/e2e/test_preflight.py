@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.test_cli import guardproxy
-from tests.helpers import config_dict
+from tests.helpers import config_dict, guardproxy
 from tests.servers import no_proxy_env
 
 #: Runs the ``guardproxy`` command in an interpreter where OpenTelemetry cannot be imported, as in an

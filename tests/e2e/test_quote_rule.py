@@ -9,9 +9,7 @@ from typing import Any
 import httpx
 
 from guardproxy.config.settings import parse_config
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY
-from tests.e2e.test_chat import HI, all_settled
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import ADMIN, ADMIN_KEY, HI, TENANT_KEY, all_settled, config_dict
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 REQUEST = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}

@@ -15,10 +15,7 @@ import pytest
 import redis
 
 from guardproxy.config.settings import parse_config
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
-from tests.e2e.test_chat import HI
-from tests.e2e.test_concurrency import proxy_process
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import ADMIN, ADMIN_KEY, HI, TENANT_KEY, config_dict, metric, proxy_process
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

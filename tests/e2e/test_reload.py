@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,30 +14,17 @@ import yaml
 
 from guardproxy.config.settings import load_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_chat import HI
-from tests.helpers import OTHER_TENANT_KEY, TENANT_KEY, config_dict
-from tests.servers import running_proxy
-
-ADMIN_KEY = "adm-reload-secret"
-ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def raw_config(upstream_url: str, redis_url: str, acme_daily_usd: float) -> dict[str, Any]:
-    raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
-    raw["tenants"]["acme"]["daily_usd"] = acme_daily_usd
-    return raw
-
-
-def chat(url: str, key: str = TENANT_KEY) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                      json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 20})
-
-
-def status(url: str) -> dict[str, Any]:
-    reply = httpx.get(url + "/admin/reload", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    found: dict[str, Any] = reply.json()
-    return found
+from tests.helpers import (
+    ADMIN,
+    HI,
+    OTHER_TENANT_KEY,
+    chat,
+    file_sha,
+    raw_config,
+    served,
+    status,
+    workers_on,
+)
 
 
 def test_a_reload_fixes_a_budget_without_dropping_an_in_flight_stream(
@@ -126,28 +110,10 @@ def test_settings_that_need_a_restart_are_named_and_the_rest_applies(
     assert chat(url).status_code == 200
 
 
-@contextlib.contextmanager
-def served(path: Path, workers: int = 1) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    with running_proxy(path, path.parent, "--workers", str(workers)) as proxy:
-        yield proxy.process, proxy.url, proxy.log_path
 
 
-def workers_on(url: str, sha: str, count: int, timeout_s: float = 8.0) -> set[int]:
-    """Pids of workers seen serving the config with ``sha``; waits until ``count`` of them are seen."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + timeout_s
-    while len(seen) < count and time.monotonic() < deadline:
-        found = status(url)  # a fresh connection each time, so each worker gets some
-        if found["config_sha256"] == sha:
-            seen.add(found["pid"])
-        time.sleep(0.01)
-    return seen
 
 
-def file_sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_sighup_reloads_a_single_process_and_survives_a_broken_file(

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from guardproxy.config.settings import load_config
-from tests.e2e.test_reload import ADMIN, raw_config, status
+from tests.helpers import ADMIN, raw_config, status
 
 
 def write(path: Path, raw: dict[str, Any] | str) -> str:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.test_reload import ADMIN, chat, file_sha, raw_config, served, workers_on
+from tests.helpers import ADMIN, chat, file_sha, raw_config, served, workers_on
 
 ROUNDS = 3
 

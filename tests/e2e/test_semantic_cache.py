@@ -21,12 +21,8 @@ from guardproxy.admin import status
 from guardproxy.budget.pricing import format_usd
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY
-from tests.e2e.test_admin import metric as admin_metric
-from tests.e2e.test_cache import spent
-from tests.e2e.test_chat import all_settled, reserved
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import ADMIN, ADMIN_KEY, TENANT_KEY, Sdk, all_settled, config_dict, reserved, spent
+from tests.helpers import metric as admin_metric
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 PAIRS = Path(__file__).resolve().parents[1] / "data" / "semantic_pairs.jsonl"

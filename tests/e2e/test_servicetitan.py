@@ -11,8 +11,7 @@ import pytest
 import redis
 
 from guardproxy.testing.fake_servicetitan import FakeServiceTitan
-from tests.e2e.test_chat import HI, all_settled, keys
-from tests.helpers import SERVICE_KEY, TENANT_KEY, make_config, redis_int
+from tests.helpers import HI, SERVICE_KEY, TENANT_KEY, all_settled, keys, make_config, redis_int
 from tests.servers import serve_in_thread
 
 ST_TENANT = 1234567

@@ -22,8 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.e2e.test_chat import HI
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, config_dict
 from tests.servers import ProxyProcess, running_proxy
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

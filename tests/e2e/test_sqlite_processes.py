@@ -18,15 +18,9 @@ import httpx
 import pytest
 import yaml
 
-from guardproxy.store.redis import BudgetStore, Keys
-from guardproxy.store.sqlite import SqliteClient
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.books import billed_micros
-from tests.e2e.test_chat import keys, wait_for
-from tests.e2e.test_cli import guardproxy
-from tests.e2e.test_concurrency import CALL, burst
-from tests.e2e.test_faults import load
-from tests.helpers import TENANT_KEY, config_dict
+from tests.e2e.books import billed_micros, load
+from tests.helpers import CALL, TENANT_KEY, burst, config_dict, guardproxy, sqlite_read, sqlite_spent, wait_for
 from tests.servers import ProxyProcess, running_proxy
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
@@ -39,41 +33,18 @@ def sqlite_config(upstream_url: str, path: Path, **store: Any) -> dict[str, Any]
     return raw
 
 
-def read(path: Path, work: Any) -> Any:
-    """``work(store)`` on the file, from the test (another process of the file)."""
-
-    async def go() -> Any:
-        store = BudgetStore(SqliteClient(path))
-        try:
-            return await work(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(go())
 
 
-def spent(path: Path) -> tuple[int, int, int, int]:
-    """Day spend, month spend, micros reserved and live reservations of acme."""
-    day, month = keys()
-    k = Keys("gp", "acme")
-
-    async def work(store: BudgetStore) -> tuple[int, int, int, int]:
-        c = store.client
-        return (int(await c.get(day) or 0), int(await c.get(month) or 0), int(await c.get(k.reserved) or 0),
-                int(await c.zcard(k.reservations)))
-
-    result: tuple[int, int, int, int] = read(path, work)
-    return result
 
 
 def call_log(path: Path) -> list[dict[str, str]]:
-    entries: list[dict[str, str]] = read(path, lambda store: store.recent_calls("acme", 100_000))
+    entries: list[dict[str, str]] = sqlite_read(path, lambda store: store.recent_calls("acme", 100_000))
     return entries
 
 
 def assert_cap_held(path: Path, costs: list[int], rejected: int) -> None:
-    wait_for(lambda: spent(path)[2:] == (0, 0), timeout_s=15)  # every admitted call settled
-    day, month, _, _ = spent(path)
+    wait_for(lambda: sqlite_spent(path)[2:] == (0, 0), timeout_s=15)  # every admitted call settled
+    day, month, _, _ = sqlite_spent(path)
     assert day == month == sum(costs) <= CAP_MICROS, (day, sum(costs))
     assert costs and rejected
 
@@ -120,7 +91,7 @@ def test_status_reads_what_a_running_proxy_spent(upstream_url: str, tmp_path: Pa
     config_path.write_text(yaml.safe_dump(raw))
     with running_proxy(config_path, tmp_path) as proxy:
         costs, _ = asyncio.run(burst([proxy.url], 1))
-        wait_for(lambda: spent(path)[0] == costs[0])
+        wait_for(lambda: sqlite_spent(path)[0] == costs[0])
         shown = guardproxy("status", "acme", "--config", str(config_path))
     assert shown.returncode == 0, shown.stderr
     assert f"{costs[0] / CAP_MICROS * 100:5.1f}%" in shown.stdout, shown.stdout  # spent / the day's cap
@@ -148,7 +119,7 @@ def assert_file_consistent(path: Path, state: FakeUpstreamState) -> tuple[int, i
     entries = call_log(path)
     ids = [e["request_id"] for e in entries]
     assert len(ids) == len(set(ids)), "a call was settled twice"
-    day, month, _, _ = spent(path)
+    day, month, _, _ = sqlite_spent(path)
     assert day == month == sum(int(e["cost_micros"]) for e in entries)
     billed = billed_micros(state)
     assert day <= billed and len(entries) <= len(state.billed)
@@ -182,7 +153,7 @@ def test_kill_9_under_load_loses_no_committed_charge_and_a_restart_serves_on(
     time.sleep(2 * 2)  # past the dead one's leases (lease_s 2)
     # the next admission sweeps the expired reservations; its own settles
     assert httpx.post(second.url + "/v1/chat/completions", json=CALL, headers=AUTH).status_code == 200
-    wait_for(lambda: spent(path)[2:] == (0, 0), timeout_s=5)
+    wait_for(lambda: sqlite_spent(path)[2:] == (0, 0), timeout_s=5)
     after, billed_after, lost = assert_file_consistent(path, fake_state)
     assert after - settled == billed_after - billed and lost == in_flight
     print(f"kill -9 under load: {len(fake_state.billed)} calls billed, {billed} micros; {settled} settled; "
@@ -206,19 +177,19 @@ def test_one_of_two_processes_killed_the_other_serves_and_the_leases_free(
                                  headers={**AUTH, "x-fake-delay-ms": "3000"}) for _ in range(5)]
             tasks = [asyncio.ensure_future(c) for c in calls]
             # all five admitted (their reservations in the file), still waiting for the upstream
-            await asyncio.to_thread(wait_for, lambda: spent(path)[3] == 5, 10.0)
+            await asyncio.to_thread(wait_for, lambda: sqlite_spent(path)[3] == 5, 10.0)
             doomed.process.kill()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(slow_calls())
-    assert spent(path)[3] == 5  # the dead process's five reservations are still held
+    assert sqlite_spent(path)[3] == 5  # the dead process's five reservations are still held
     killed_at = time.monotonic()
     # The survivor serves on; its admissions sweep the expired leases (as admit.v4 does on Redis).
     statuses = asyncio.run(load(survivor.url, duration_s=1.0, workers=4, max_calls=600))
     assert set(statuses) == {200}, statuses
     time.sleep(max(0.0, killed_at + 2.2 - time.monotonic()))  # one lease (2 s) after the kill
     assert httpx.post(survivor.url + "/v1/chat/completions", json=CALL, headers=AUTH).status_code == 200
-    wait_for(lambda: spent(path)[2:] == (0, 0), timeout_s=5)
+    wait_for(lambda: sqlite_spent(path)[2:] == (0, 0), timeout_s=5)
     freed_s = time.monotonic() - killed_at
     assert_file_consistent(path, fake_state)
     print(f"one of two killed: the survivor served {statuses}; reservations freed within {freed_s:.1f} s")

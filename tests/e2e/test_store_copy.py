@@ -23,7 +23,7 @@ from guardproxy.config.settings import StoreConfig
 from guardproxy.store.copy import copy_store, open_store
 from guardproxy.store.keys import KeyRing
 from guardproxy.store.redis import BudgetStore, text
-from tests.e2e.test_cli import guardproxy
+from tests.helpers import guardproxy
 
 pytestmark = pytest.mark.anyio
 PERIODS = periods_at(datetime.now(UTC), ZoneInfo("UTC"))

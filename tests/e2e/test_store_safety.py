@@ -19,9 +19,7 @@ import redis
 
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import AUTH, CALL, assert_books_balance, billed_micros
-from tests.e2e.test_admin import metric
-from tests.e2e.test_chat import keys, wait_for
-from tests.helpers import config_dict
+from tests.helpers import config_dict, keys, metric, wait_for
 from tests.redis_procs import RedisProc
 from tests.servers import ProxyProcess, no_proxy_env
 

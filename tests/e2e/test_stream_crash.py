@@ -21,8 +21,7 @@ from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.store.ledger import CHECKPOINT_INTERVAL_S
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import AUTH, PRICES, ProxyProcess, audit_log
-from tests.e2e.test_chat import HI, keys, reserved, wait_for
-from tests.helpers import config_dict, redis_int
+from tests.helpers import HI, config_dict, keys, redis_int, reserved, wait_for
 from tests.redis_procs import RedisServer
 
 STREAMS = 50

@@ -13,8 +13,7 @@ import pytest
 import redis
 
 from guardproxy.config.settings import parse_config
-from tests.e2e.test_chat import HI, keys
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import HI, TENANT_KEY, config_dict, keys
 from tests.otlp_receiver import Received, create_receiver
 from tests.servers import serve_in_thread
 

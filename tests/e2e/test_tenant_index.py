@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import redis
 
-from tests.e2e.test_chat import HI
-from tests.helpers import SERVICE_KEY, config_dict
+from tests.helpers import HI, SERVICE_KEY, config_dict
 from tests.servers import ProxyProcess
 
 Proxies = Callable[[dict[str, Any]], ProxyProcess]

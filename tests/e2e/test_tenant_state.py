@@ -14,9 +14,7 @@ from guardproxy.budget.periods import utc_now
 from guardproxy.config.settings import parse_config
 from guardproxy.observe.state import read_states
 from guardproxy.store.redis import BudgetStore
-from tests.e2e.test_admin import ADMIN, ADMIN_KEY, metric
-from tests.e2e.test_chat import HI
-from tests.helpers import TENANT_KEY, config_dict
+from tests.helpers import ADMIN, ADMIN_KEY, HI, TENANT_KEY, config_dict, metric
 
 AUTH = {"authorization": f"Bearer {TENANT_KEY}"}
 

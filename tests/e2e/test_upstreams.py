@@ -14,10 +14,19 @@ import pytest
 from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.config.settings import Config, parse_config
 from guardproxy.testing.fake_upstream import FakeUpstreamState, create_fake_upstream
-from tests.e2e.conftest import Sdk
-from tests.e2e.test_chat import GPT4O, HI, HI_PROMPT_TOKENS, all_settled, keys, reserved, settled
-from tests.e2e.test_endpoints import spend
-from tests.helpers import config_dict, redis_int
+from tests.helpers import (
+    GPT4O,
+    HI,
+    HI_PROMPT_TOKENS,
+    Sdk,
+    all_settled,
+    config_dict,
+    keys,
+    redis_int,
+    reserved,
+    set_day_spend,
+    settled,
+)
 from tests.servers import free_port, serve_in_thread
 
 GROK = Price(3_000_000, 3_000_000, 15_000_000)
@@ -196,7 +205,7 @@ def test_a_fallback_over_budget_is_skipped_and_the_upstream_failure_returned(
     fake_state.fail_with = 500
     config = two_upstreams(upstream_url, backup_url, redis_url)
     # gpt-4o's cheapest tier fits, grok-2 (no cheaper tier, 15 USD/1M output) does not.
-    spend(redis_url, 990_000)
+    set_day_spend(redis_url, 990_000)
     with pytest.raises(openai.InternalServerError) as caught:
         sdk(serve_proxy(config)).chat.completions.create(model="gpt-4o", messages=HI)
     assert caught.value.status_code == 500

@@ -53,8 +53,7 @@ from yarl import URL
 from guardproxy.app import create_app
 from guardproxy.config.settings import TENANT_ID, Config
 from guardproxy.testing.fake_upstream import create_fake_upstream
-from tests.e2e.test_chat import keys
-from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, make_config
+from tests.helpers import OTHER_TENANT_KEY, SERVICE_KEY, TENANT_KEY, keys, make_config
 from tests.security.wire import ADMIN_KEY, REFUSAL_RECORDS, store_snapshot, tenants_seen
 from tests.servers import in_process, serve_in_thread
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 
 from guardproxy.testing.fake_upstream import FakeUpstreamState
-from tests.e2e.test_endpoints import spend
-from tests.helpers import CHAT, TENANT_KEY
+from tests.helpers import CHAT, TENANT_KEY, set_day_spend
 from tests.security.wire import assert_openai_error, money, raw_request, store_snapshot
 
 AUTH = [("Authorization", f"Bearer {TENANT_KEY}"), ("Content-Type", "application/json")]
@@ -47,7 +46,7 @@ def test_a_path_that_is_not_canonical_is_refused_before_routing(
 def test_the_budget_bypass_of_the_issue_is_closed_past_the_hard_cap(
     passthrough_url: str, redis_url: str, fake_state: FakeUpstreamState,
 ) -> None:
-    spend(redis_url, 1_000_000)  # acme's whole daily budget
+    set_day_spend(redis_url, 1_000_000)  # acme's whole daily budget
     before = store_snapshot(redis_url)
     for target in ("/v1//chat/completions", "/v1/chat/completions/.", "/v1/chat/completions/",
                    "/v1/Chat/Completions", "/v1/chat/COMPLETIONS.", "/v1/responses%20"):

@@ -33,7 +33,7 @@ from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.budget.records import Admission
 from guardproxy.observe.state import override_record
 from guardproxy.store.redis import BudgetStore
-from tests.unit.test_lua_differential import HOUR_MS, PERIODS, TENANT, new_store
+from tests.helpers import HOUR_MS, PERIODS, TENANT, new_store
 
 GPT4O = Price(2_500_000, 1_250_000, 10_000_000)
 MINI = Price(150_000, 75_000, 600_000)

@@ -14,13 +14,11 @@ import pytest
 from guardproxy.budget.records import Reservation
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.journal import Entry, Journal
+from tests.helpers import entry
 
 pytestmark = pytest.mark.anyio
 
 
-def entry(i: int, charge: int = 100) -> Entry:
-    record: dict[str, str | int] = {"request_id": f"req_{i}", "outcome": "completed", "cost_micros": charge}
-    return Entry(Reservation(f"r{i}", "acme", "2026-11-22", "2026-11", 500), charge, record)
 
 
 def lines(path: Path) -> list[Entry]:
@@ -114,7 +112,7 @@ def test_the_journal_of_a_process_killed_with_sigkill_is_adopted(tmp_path: Path)
         "import asyncio, os, sys\n"
         "from pathlib import Path\n"
         "from guardproxy.store.journal import Journal\n"
-        "from tests.unit.test_journal import entry\n"
+        "from tests.helpers import entry\n"
         "async def main():\n"
         "    j = Journal(Path(sys.argv[1]))\n"
         "    await j.append(entry(7))\n"
@@ -174,7 +172,7 @@ _FULL_DISK_CHILD = (
     "import asyncio, resource, sys\n"
     "from pathlib import Path\n"
     "from guardproxy.store.journal import Journal\n"
-    "from tests.unit.test_journal import entry\n"
+    "from tests.helpers import entry\n"
     "async def main():\n"
     "    j = Journal(Path(sys.argv[1]))\n"
     "    assert await j.append(entry(0))\n"

@@ -12,29 +12,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.budget.decision import RateLimits, Thresholds, decide, rate_verdict
-from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import JobArgs, Reservation
 from guardproxy.store.redis import BudgetStore, Keys
-from guardproxy.store.sqlite import SqliteClient
+from tests.helpers import HOUR_MS, PERIODS, TENANT, new_store
 
 T = TypeVar("T")
-TENANT = "acme"
-PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
-HOUR_MS = 3_600_000
 DAY_S = 86_400
 
 
-def new_store() -> BudgetStore:
-    """A SQLite store in memory, of its own."""
-    return BudgetStore(SqliteClient(":memory:"), "gp")
 
 
 def run(scenario: Callable[[BudgetStore], Awaitable[T]]) -> T:
