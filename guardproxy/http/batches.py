@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -49,6 +49,7 @@ from guardproxy.http.models import model_not_found
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
+from guardproxy.store.loops import repeating
 from guardproxy.store.redis import reply_lost
 from guardproxy.types import Micros
 
@@ -371,25 +372,9 @@ class BatchPoller:
     def __init__(self, services: Callable[[], Services]) -> None:
         self.services = services
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._loop)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()
-
-    async def _loop(self) -> None:
-        while True:
-            services = self.services()
-            await anyio.sleep(services.config.batches.poll_s)
-            try:
-                await Batches(services).poll()
-            except StoreUnavailable:
-                pass  # tried again next time
-            except Exception:  # the poller must outlive any one failure; it is logged
-                log.exception("batch poller: unexpected error (continuing)")
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return repeating(lambda: Batches(self.services()).poll(), lambda: self.services().config.batches.poll_s,
+                         name="batch poller", log=log, sleep_first=True)
 
 
 def _terminal(record: dict[str, str]) -> frozenset[str]:

@@ -29,9 +29,9 @@ from guardproxy.budget.periods import iso_utc, periods_at
 from guardproxy.budget.pricing import format_usd, micros_to_usd
 from guardproxy.budget.records import QueuedAlert
 from guardproxy.config.settings import Config, WebhookConfig
-from guardproxy.errors import StoreUnavailable
 from guardproxy.observe.state import all_tenants
 from guardproxy.store.health import STORE_EVENTS_TENANT
+from guardproxy.store.loops import repeating
 from guardproxy.store.protocol import Store
 
 log = logging.getLogger("guardproxy.alerts")
@@ -158,24 +158,11 @@ class AlertSender:
     async def running(self) -> AsyncIterator[None]:
         """Deliver in the background until the block ends."""
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._loop)
-                try:
-                    yield
-                finally:
-                    group.cancel_scope.cancel()
+            # the events wait in the store while it is unavailable; tried again next tick
+            async with repeating(self.deliver_due, lambda: POLL_INTERVAL_S, name="alert sender", log=log):
+                yield
         finally:
             await self._http.aclose()
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.deliver_due()
-            except StoreUnavailable:
-                pass  # the events wait in the store; tried again next tick
-            except Exception:  # the sender must outlive any one failure; it is logged
-                log.exception("alert sender: unexpected error (continuing)")
-            await anyio.sleep(POLL_INTERVAL_S)
 
     async def deliver_due(self) -> int:
         """Claim and deliver every due event once; returns how many were claimed."""

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-
-import anyio
+from collections.abc import Callable
 
 from guardproxy.budget.periods import periods_at, utc_now
 from guardproxy.config.settings import Config
-from guardproxy.errors import StoreUnavailable
 from guardproxy.store.ledger import REGISTER_EVERY_S
+from guardproxy.store.loops import repeating
 from guardproxy.store.redis import BudgetStore
 
 log = logging.getLogger("guardproxy.sweeper")
@@ -38,24 +36,9 @@ class Sweeper:
         self.interval_s = interval_s
         self._offset = 0
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._loop)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()
-
-    async def _loop(self) -> None:
-        while True:  # a first round at start-up: a restart after a crash frees what the crash left
-            try:
-                await self.sweep_once()
-            except StoreUnavailable:
-                pass  # next round
-            except Exception:  # housekeeping must outlive any one failure; it is logged
-                log.exception("sweeper: unexpected error (continuing)")
-            await anyio.sleep(self.interval_s)
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # a first round at start-up: a restart after a crash frees what the crash left
+        return repeating(self.sweep_once, lambda: self.interval_s, name="sweeper", log=log)
 
     def idle_ms(self) -> int:
         """Idle for longer than the index's note interval and a lease: no admission of it is running."""
