@@ -1,5 +1,6 @@
 """What many tests share, imported from here (never from another test module or a conftest): the test
-tenants' keys, configs, and small readers of the store.
+tenants' keys, configs, prices and prompts, small readers and writers of the store, waiting for
+settlement, SDK bursts, and the proxy, the CLI and a browser as processes.
 
 Fixtures (a real redis-server, the fake upstream, ``serve_proxy``) live in ``tests/conftest.py``.
 """
