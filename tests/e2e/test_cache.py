@@ -88,8 +88,11 @@ def test_a_streamed_miss_is_assembled_and_replayed_whole_and_streamed(
 ) -> None:
     client = sdk(proxy)
     messages: Any = [{"role": "user", "content": "Stream this once."}]
+    stored_before = cached_entries(redis_url)
     streamed = list(client.chat.completions.create(model="gpt-4o", messages=messages, temperature=0,
                                                    max_tokens=10, stream=True))
+    # the miss is stored once the stream has ended and settled: the client may ask again before that
+    wait_for(lambda: cached_entries(redis_url) > stored_before, timeout_s=5)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text and all(c.usage is None for c in streamed)  # the client did not ask for usage
     charged = spent(redis_url)
