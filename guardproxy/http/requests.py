@@ -42,10 +42,11 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
 
 
 def body_timeout_s(request: Request) -> float:
-    """``server.body_timeout_s`` of the config the app serving ``request`` started with (its default
-    outside one). Read by name from the lifespan state (``app_state.STATE_KEY``), as this module sits
-    below ``app_state`` in the imports."""
-    config = getattr(request.scope.get("state", {}).get("guardproxy"), "config", None)
+    """``server.body_timeout_s`` of the running config (a reload applies it to the next request; its
+    default outside an app). Read by name from the lifespan state (``app_state.STATE_KEY``), as this
+    module sits below ``app_state`` in the imports."""
+    runtime = getattr(request.scope.get("state", {}).get("guardproxy"), "runtime", None)
+    config = getattr(getattr(getattr(runtime, "current", None), "services", None), "config", None)
     return float(getattr(getattr(config, "server", None), "body_timeout_s", ServerConfig.body_timeout_s))
 
 

@@ -185,6 +185,10 @@ def _needs_restart(running: Config, loaded: Config) -> list[str]:
         "servicetitan": running.servicetitan != loaded.servicetitan,
         "telemetry": running.telemetry != loaded.telemetry,
         "server.cors_allow_origins": running.server.cors_allow_origins != loaded.server.cors_allow_origins,
+        # the connection limits live in the HTTP server (http/slow_clients.py), built at start-up
+        **{f"server.{name}": getattr(running.server, name) != getattr(loaded.server, name)
+           for name in ("max_connections", "header_timeout_s", "keep_alive_timeout_s", "max_header_bytes",
+                        "log_format")},
     }
     return [name for name, changed in checks.items() if changed]
 

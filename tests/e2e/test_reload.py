@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from tests.helpers import (
     ADMIN,
     HI,
     OTHER_TENANT_KEY,
+    TENANT_KEY,
     chat,
     file_sha,
     raw_config,
@@ -102,12 +104,30 @@ def test_settings_that_need_a_restart_are_named_and_the_rest_applies(
     path.write_text(yaml.safe_dump(raw))
     url = serve_proxy(load_config(path), config_path=path)
     raw["tenants"]["acme"]["daily_usd"] = 10
-    raw["server"] = {"port": 1}
+    # the port and the connection limits are the HTTP server's (built at start-up); the body's deadline
+    # is read per request
+    raw["server"] = {"port": 1, "header_timeout_s": 3, "body_timeout_s": 0.5}
     raw["store"]["on_unavailable"] = "fail_open"  # read per admission: no restart needed
     path.write_text(yaml.safe_dump(raw))
     reloaded = httpx.post(url + "/admin/reload", headers=ADMIN).json()
-    assert reloaded["reloaded"] is True and reloaded["restart_required"] == ["server.port"]
+    assert reloaded["reloaded"] is True
+    assert reloaded["restart_required"] == ["server.port", "server.header_timeout_s"]
     assert chat(url).status_code == 200
+    assert seconds_to_408_for_half_a_body(url) < 5  # the reloaded 0.5 s, not the 60 s it started with
+
+
+def seconds_to_408_for_half_a_body(url: str) -> float:
+    """Send a chat request's head and half its body, then wait (at most 10 s) for the 408."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = b'{"model": "gpt-4o-mini", "messages": []}'
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {TENANT_KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head + body[: len(body) // 2])
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    return time.monotonic() - started
 
 
 
