@@ -15,6 +15,7 @@ from collections.abc import Container, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
     NO_JOB,
@@ -67,6 +68,7 @@ class Store(Protocol):
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
         reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
         alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
+        levels: LevelArgs = NO_LEVELS,
     ) -> Admission: ...
 
     async def settle(
