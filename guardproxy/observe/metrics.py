@@ -17,6 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from guardproxy.budget.decision import STATES
 from guardproxy.budget.pricing import Usage, micros_to_usd
+from guardproxy.budget.records import Admission
 from guardproxy.observe.state import TenantState
 from guardproxy.types import Micros
 
@@ -30,6 +31,16 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 class Metrics:
     """The proxy's counters and histograms. Model labels are configured model names only."""
+
+    def count_budget_refusal(self, tenant: str, admission: Admission) -> None:
+        """One budget 429, by the level and window that refused it."""
+        cap, exhausted = admission.refused_by, admission.decision.exhausted
+        if cap is not None:
+            self.budget_refusals.labels(tenant, cap.level, cap.window).inc()
+        elif exhausted == "job":
+            self.budget_refusals.labels(tenant, "job", "none").inc()
+        else:
+            self.budget_refusals.labels(tenant, "tenant", exhausted or "day").inc()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -46,6 +57,11 @@ class Metrics:
         self.clamped = Counter(
             "guardproxy_clamped", "Calls sent with a lowered output limit because their worst case did not fit.",
             ["tenant", "model"], registry=r,
+        )
+        self.budget_refusals = Counter(
+            "guardproxy_budget_refusals", "Calls refused by a budget, by the level (global, tenant, key, model, "
+            "job) and window (hour, day, week, month; job: none) that refused them.",
+            ["tenant", "level", "window"], registry=r,
         )
         self.servicetitan_lookups = Counter(
             "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
