@@ -100,7 +100,8 @@ class AdmitArgs:
             caps.append({
                 "level": cap.level, "scope": cap.scope, "window": cap.window, "period": cap.period,
                 "spend": spend, "held": held,
-                "own": 0 if cap.scope == "tenant" else 1, "hard": cap.hard, "soft": cap.soft, "limit": cap.limit,
+                "own": 0 if cap.scope == "tenant" else 1, "hard": cap.hard, "soft": cap.soft,
+                "limit": str(cap.limit),  # text: the script writes it into the reservation's books as is
                 "model": cap.model, "flags": flags, "ttl": WINDOW_TTL_S[cap.window],
             })
         p, a, job = self.periods, self.alerts, self.job

@@ -267,7 +267,8 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
                     booked += 'h ' + cap['held'] + '\n'
                 if 's ' + cap['spend'] not in seen:
                     seen.add('s ' + cap['spend'])
-                    booked += 's ' + str(cap['ttl']) + ' ' + cap['spend'] + '\n'
+                    booked += 's ' + '\t'.join(str(cap[f]) for f in ('ttl', 'limit', 'level', 'window', 'period',
+                                                                     'scope', 'flags', 'spend')) + '\n'
                 cap_used[c] += amount
         if booked != '':
             r.hset(resv_levels_key, reservation_id, booked)
@@ -333,14 +334,25 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
     books = r.hget(K[19], A[1])
     if books is not None:
+        alert_thresholds = num(A[12])
         for line in text(books).split('\n'):
             if line.startswith('h '):
                 if amount is not None and r.decrby(line[2:], amount) <= 0:
                     r.delete(line[2:])
             elif line and charge > 0:
-                ttl, key = line[2:].split(' ', 1)
-                r.incrby(key, charge)
+                ttl, cap_limit, level, window, period, scope, flags, key = line[2:].split('\t', 7)
+                spent = r.incrby(key, charge)
                 r.expire(key, ttl)
+                if alert_thresholds > 0 and int(cap_limit) > 0:
+                    at_ms = r.now_ms
+                    for i in range(13, 13 + alert_thresholds):
+                        if (spent * 1000000 >= int(cap_limit) * num(A[i])
+                                and r.hsetnx(flags, 'threshold:' + scope + ':' + A[i], at_ms) == 1):
+                            r.expire(flags, ttl)
+                            entry = r.xadd(K[13], ['event', 'threshold', 'tenant', A[7], 'period', window,
+                                                   'period_id', period, 'threshold', A[i], 'spent', spent,
+                                                   'limit', cap_limit, 'at_ms', at_ms, 'level', level], maxlen=10000)
+                            r.zadd(K[14], at_ms, entry)
         r.hdel(K[19], A[1])
 
     if charge > 0:
@@ -488,8 +500,8 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "6789d8b9d46cc9efaf8334702bde9c73429ed08d": settle_v4,  # settle.v4.lua
-    "8bf622a67340f63ea9fbcf78f584c1bea4fa90b5": admit_v5,  # admit.v5.lua
+    "742e1191a86b853d9c0b6da29f1e5437f0e7c612": settle_v4,  # settle.v4.lua
+    "89cf80c04ad2cd988b3e46368bc36d94b2b3855c": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

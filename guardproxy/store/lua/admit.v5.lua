@@ -7,8 +7,9 @@
 -- caller's key and the candidate's model, each in its hour, day, week or month. A cap counts the
 -- settled spend of its window (its "spend" key) plus its scope's live reservations (its "held" key);
 -- a cap with a model applies only to the candidate of that model. What the chosen candidate reserved
--- at each level is written to resv:levels (id -> lines "h <held key>" and "s <ttl> <spend key>"), so
--- that settle.v5 charges exactly those counters and the lease sweep frees exactly those holds.
+-- at each level is written to resv:levels (id -> lines "h <held key>" and, tab-separated, "s <ttl>
+-- <limit> <level> <window> <period> <scope> <flags key> <spend key>"), so that settle charges exactly
+-- those counters (and queues their threshold alerts) and the lease sweep frees exactly those holds.
 -- A call refused by a level alone (some candidate fits the tenant's day, month and the job) has
 -- exhausted = 4 and names the first cap that refused it; its first refusal per scope and period
 -- queues a "blocked" event with the level (the tenant's blocked flag is left alone).
@@ -313,7 +314,8 @@ elseif settled == 0 and limited == 0 then
       end
       if not seen['s ' .. cap.spend] then
         seen['s ' .. cap.spend] = true
-        books = books .. 's ' .. cap.ttl .. ' ' .. cap.spend .. '\n'
+        books = books .. 's ' .. table.concat({cap.ttl, cap.limit, cap.level, cap.window, cap.period, cap.scope,
+                                               cap.flags, cap.spend}, '\t') .. '\n'
       end
       cap_used[c] = cap_used[c] + amount
     end

@@ -59,16 +59,34 @@ local charge = tonumber(ARGV[2])
 redis.call('HSET', KEYS[7], ARGV[1], charge)
 redis.call('EXPIRE', KEYS[7], ARGV[3])
 
--- levels (v5): free the reservation's holds at every level and charge every level's window
+-- levels (v5): free the reservation's holds at every level and charge every level's window; a charge
+-- that takes a window to an alert threshold queues its event, once per scope, window and threshold
 local books = redis.call('HGET', KEYS[19], ARGV[1])
 if books then
+  local alert_thresholds = tonumber(ARGV[12])
   for line in string.gmatch(books, '[^\n]+') do
     if string.sub(line, 1, 2) == 'h ' then
       if amount and redis.call('DECRBY', string.sub(line, 3), amount) <= 0 then redis.call('DEL', string.sub(line, 3)) end
     elseif charge > 0 then
-      local ttl, key = string.match(line, '^s (%d+) (.*)$')
-      redis.call('INCRBY', key, charge)
+      local ttl, limit, level, window, period, scope, flags, key =
+        string.match(line, '^s (%d+)\t(%d+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+      local spent = redis.call('INCRBY', key, charge)
       redis.call('EXPIRE', key, ttl)
+      if alert_thresholds > 0 and tonumber(limit) > 0 then
+        local clock = redis.call('TIME')
+        local at_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+        for i = 13, 12 + alert_thresholds do
+          if spent * 1000000 >= tonumber(limit) * tonumber(ARGV[i])
+              and redis.call('HSETNX', flags, 'threshold:' .. scope .. ':' .. ARGV[i], at_ms) == 1 then
+            redis.call('EXPIRE', flags, ttl)
+            local id = redis.call('XADD', KEYS[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
+                                  'tenant', ARGV[7], 'period', window, 'period_id', period,
+                                  'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', at_ms,
+                                  'level', level)
+            redis.call('ZADD', KEYS[14], at_ms, id)
+          end
+        end
+      end
     end
   end
   redis.call('HDEL', KEYS[19], ARGV[1])

@@ -1,0 +1,123 @@
+"""Budget levels through the real ``openai`` SDK on a real Redis: a key's own daily cap refuses with
+``x-guardproxy-budget-level: key``, a key's ``models`` list refuses other models with a 403 that counts
+nothing, and a tenant's cap on one model moves the downgrade chain on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import openai
+import pytest
+
+from guardproxy.budget.fleet import key_fingerprint
+from guardproxy.config.settings import Config, hash_key, parse_config
+from tests.e2e.test_chat import HI, all_settled
+from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+
+ADMIN_KEY = "adm-levels-secret"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+CALLS_MAX = 60
+
+
+@pytest.fixture
+def config(upstream_url: str, redis_url: str) -> Config:
+    return make_config(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
+
+
+def make_key(url: str, **budget: object) -> dict[str, str]:
+    reply = httpx.post(f"{url}/admin/tenants/acme/keys", headers=ADMIN, json={"name": "dispatcher", **budget})
+    assert reply.status_code == 201, reply.text
+    made: dict[str, str] = reply.json()
+    return made
+
+
+def test_a_keys_daily_cap_refuses_with_the_level_header_and_the_tenants_other_keys_go_on(
+    config: Config, serve_proxy: Callable[..., str], redis_url: str,
+) -> None:
+    url = serve_proxy(config)
+    made = make_key(url, daily_usd="0.0001")  # 100 micro-USD: a handful of small calls
+    assert made["daily_usd"] == "0.0001" and made["hourly_usd"] is None
+    client = openai.OpenAI(base_url=url + "/v1", api_key=made["key"], max_retries=0)
+    try:
+        refusal = None
+        for _ in range(CALLS_MAX):
+            try:
+                client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=20)
+            except openai.RateLimitError as exc:
+                refusal = exc
+                break
+            all_settled(redis_url)
+    finally:
+        client.close()
+    assert refusal is not None, f"the key's cap refused nothing in {CALLS_MAX} calls"
+    assert refusal.response.headers["x-guardproxy-budget-level"] == "key"
+    assert refusal.response.headers["x-guardproxy-budget-window"] == "day"
+    assert "API key" in refusal.message and "daily budget" in refusal.message and "(level: key)" in refusal.message
+    assert refusal.code == "insufficient_quota"
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    spent = redis_int(redis_url, f"gp:{{acme}}:lvl:key:{key_fingerprint(hash_key(made['key']))}:day:{day}")
+    assert 0 < spent <= 100  # never over the key's cap
+    # the tenant's own key has no such cap: it goes on
+    other = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=0)
+    try:
+        assert other.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=20).choices
+    finally:
+        other.close()
+    metrics = httpx.get(url + "/metrics").text
+    assert 'guardproxy_budget_refusals_total{level="key",tenant="acme",window="day"} 1.0' in metrics
+
+
+def test_a_key_limited_to_some_models_gets_a_403_for_another_and_nothing_is_counted(
+    config: Config, serve_proxy: Callable[..., str], redis_url: str,
+) -> None:
+    url = serve_proxy(config)
+    made = make_key(url, models=["gpt-4o-mini"], hourly_usd=1)
+    month_key = "gp:{acme}:spend:month:" + datetime.now(UTC).strftime("%Y-%m")
+    before = redis_int(redis_url, month_key)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=made["key"], max_retries=0)
+    try:
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
+        assert denied.value.code == "model_not_allowed" and "gpt-4o-mini" in denied.value.message
+        assert redis_int(redis_url, month_key) == before
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=20).choices
+    finally:
+        client.close()
+    listed = httpx.get(f"{url}/admin/tenants/acme/keys", headers=ADMIN).json()["data"]
+    assert listed[0]["models"] == ["gpt-4o-mini"] and listed[0]["hourly_usd"] == "1"
+
+
+def test_the_admin_api_refuses_a_bad_key_budget(config: Config, serve_proxy: Callable[..., str]) -> None:
+    url = serve_proxy(config)
+    for body, param in (({"daily_usd": "lots"}, "daily_usd"), ({"models": ["no-such-model"]}, "models"),
+                        ({"models": "gpt-4o"}, "models"), ({"yearly_usd": 5}, "yearly_usd")):
+        reply = httpx.post(f"{url}/admin/tenants/acme/keys", headers=ADMIN, json={"name": "x", **body})
+        assert reply.status_code == 400, (body, reply.text)
+        assert reply.json()["error"]["param"] == param, reply.text
+
+
+def test_a_tenants_cap_on_one_model_moves_the_chain_on(
+    upstream_url: str, serve_proxy: Callable[..., str], redis_url: str,
+) -> None:
+    raw = config_dict(upstream_url, store={"redis_url": redis_url})
+    raw["tenants"]["acme"]["models"] = {"gpt-4o": {"daily_usd": 0}, "gpt-4o-mini": {"daily_usd": 0}}
+    url = serve_proxy(parse_config(raw, {}))
+    client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=0)
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
+    finally:
+        client.close()
+    assert refused.value.response.headers["x-guardproxy-budget-level"] == "model"
+    assert "gpt-4o" in refused.value.message
+
+    raw["tenants"]["acme"]["models"] = {"gpt-4o": {"daily_usd": 0}}
+    url = serve_proxy(parse_config(raw, {}))
+    client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=0)
+    try:
+        answer = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, max_tokens=20)
+    finally:
+        client.close()
+    assert answer.parse().model.startswith("gpt-4o-mini")
