@@ -68,6 +68,28 @@ REGISTER_EVERY_S = 3600.0
 REGISTERED_KEPT = 100_000
 
 
+def level_caps(
+    config: Config, tenant: str, now: datetime, models: Sequence[str] | None = None, key_id: str = "",
+    key_budget: KeyBudget | None = None,
+) -> list[LevelCap]:
+    """The caps of every level a call of ``tenant`` belongs to beside its day and month: global (UTC),
+    the tenant's hour and week, its key's (``key_id``: ``fleet.key_fingerprint``) and those of the
+    candidate ``models`` (``None``: every model the tenant caps)."""
+    policy = config.policy_for(tenant)
+    caps: list[LevelCap] = []
+    if config.global_caps:
+        caps += caps_of("global", "global", config.global_caps, window_ids(now, UTC))
+    ids = window_ids(now, policy.zone)
+    caps += caps_of("tenant", "tenant", WindowCaps(hour=policy.hourly_micros, week=policy.weekly_micros), ids,
+                    policy.soft_cap, policy.hard_cap)
+    if key_budget is not None and key_budget.caps:
+        caps += caps_of("key", f"key:{key_id}", key_budget.caps, ids, policy.soft_cap)
+    for model, model_caps in policy.model_caps:
+        if models is None or model in models:
+            caps += caps_of("model", f"model:{model}", model_caps, ids, policy.soft_cap, model=model)
+    return caps
+
+
 class Ledger:
     """Admission and settlement of every call of this process, and the background work they need.
 
@@ -119,23 +141,9 @@ class Ledger:
     def level_args(
         self, tenant: str, models: Sequence[str], key_id: str = "", key_budget: KeyBudget | None = None,
     ) -> LevelArgs:
-        """The caps of every level a call of ``tenant`` belongs to beside its day and month: global
-        (UTC), the tenant's hour and week, its key's (``key_id``: ``fleet.key_fingerprint``) and those
-        of the candidate ``models``."""
-        now = self.clock()
-        policy = self.config.policy_for(tenant)
-        caps: list[LevelCap] = []
-        if self.config.global_caps:
-            caps += caps_of("global", "global", self.config.global_caps, window_ids(now, UTC))
-        ids = window_ids(now, policy.zone)
-        caps += caps_of("tenant", "tenant", WindowCaps(hour=policy.hourly_micros, week=policy.weekly_micros), ids,
-                        policy.soft_cap, policy.hard_cap)
-        if key_budget is not None and key_budget.caps:
-            caps += caps_of("key", f"key:{key_id}", key_budget.caps, ids, policy.soft_cap)
-        for model, model_caps in policy.model_caps:
-            if model in models:
-                caps += caps_of("model", f"model:{model}", model_caps, ids, policy.soft_cap, model=model)
-        return LevelArgs(tuple(caps), tuple(models))
+        """The caps of every level a call of ``tenant`` belongs to (``level_caps``) now."""
+        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget)),
+                         tuple(models))
 
     async def admit(
         self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = "", *,

@@ -30,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from guardproxy.budget.decision import WINDOW_MS, RateLimits, Thresholds
-from guardproxy.budget.levels import NO_LEVELS, LevelArgs
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
     NO_JOB,
@@ -607,6 +607,21 @@ class BudgetStore:
                 window_requests=int(requests or 0), window_tokens=int(tokens or 0) if calls else 0,
             ))
         return out
+
+    async def level_usage(self, tenant: str, caps: Sequence[LevelCap]) -> list[tuple[Micros, Micros]]:
+        """(settled in its window, held by its scope's live reservations) of each of ``tenant``'s ``caps``,
+        in one pipelined round trip (for status; admission reads the same keys atomically)."""
+        if not caps:
+            return []
+        k, g = self.keys(tenant), GlobalKeys(self.prefix, self.hash_tag)
+        pipe = self.client.pipeline(transaction=False)
+        for cap in caps:
+            where = g if cap.level == "global" else k
+            pipe.get(where.level_spend(cap.scope, cap.window, cap.period))
+            pipe.get(where.level_held(cap.scope))
+        async with translated():
+            values = await pipe.execute()
+        return [(int(values[i] or 0), max(0, int(values[i + 1] or 0))) for i in range(0, len(values), 2)]
 
     async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None:
         """Write a runtime override; it re-arms the alerts and ends the blocked state of ``periods``

@@ -121,3 +121,27 @@ def test_a_tenants_cap_on_one_model_moves_the_chain_on(
     finally:
         client.close()
     assert answer.parse().model.startswith("gpt-4o-mini")
+
+
+def test_status_and_metrics_show_every_level_and_window(
+    upstream_url: str, serve_proxy: Callable[..., str], redis_url: str,
+) -> None:
+    raw = config_dict(upstream_url, store={"redis_url": redis_url}, admin={"api_key": ADMIN_KEY})
+    raw["budgets"] = {"global": {"daily_usd": 50}}
+    raw["tenants"]["acme"].update(hourly_usd=2, weekly_usd=10, models={"gpt-4o-mini": {"monthly_usd": 5}})
+    url = serve_proxy(parse_config(raw, {}))
+    client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=0)
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=20)
+    finally:
+        client.close()
+    all_settled(redis_url)
+    levels = httpx.get(f"{url}/admin/tenants/acme", headers=ADMIN).json()["levels"]
+    assert [(lv["level"], lv["window"], lv["limit_usd"]) for lv in levels] == [
+        ("global", "day", 50.0), ("tenant", "hour", 2.0), ("tenant", "week", 10.0), ("model", "month", 5.0)]
+    day = redis_int(redis_url, "gp:{acme}:spend:day:" + datetime.now(UTC).strftime("%Y-%m-%d"))
+    assert day > 0 and all(round(lv["spent_usd"] * 1e6) == day and lv["reserved_usd"] == 0 for lv in levels)
+    metrics = httpx.get(url + "/metrics").text
+    gauge = "guardproxy_budget_level_limit_usd"
+    assert gauge + '{level="tenant",period="week",scope="tenant",tenant="acme"} 10.0' in metrics
+    assert gauge + '{level="global",period="day",scope="global",tenant=""} 50.0' in metrics
