@@ -11,6 +11,7 @@ the first cap that refused it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -104,6 +105,14 @@ class WindowIds:
 def window_ids(now: datetime, tz: tzinfo) -> WindowIds:
     """Hour ``2026-12-07T14``, day ``2026-12-07``, ISO week ``2026-W50``, month ``2026-12`` of ``now``
     in ``tz``."""
+    # Asked at every admission: computed once per hour and zone (every zone's hours start on a UTC
+    # quarter hour).
+    utc = now.astimezone(UTC)
+    return _window_ids(utc.replace(minute=utc.minute - utc.minute % 15, second=0, microsecond=0), tz)
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_ids(now: datetime, tz: tzinfo) -> WindowIds:
     local = now.astimezone(tz)
     hour_start = local.replace(minute=0, second=0, microsecond=0)
     day = local.date()
