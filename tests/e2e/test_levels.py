@@ -145,3 +145,7 @@ def test_status_and_metrics_show_every_level_and_window(
     gauge = "guardproxy_budget_level_limit_usd"
     assert gauge + '{level="tenant",period="week",scope="tenant",tenant="acme"} 10.0' in metrics
     assert gauge + '{level="global",period="day",scope="global",tenant=""} 50.0' in metrics
+    page = httpx.get(f"{url}/admin", headers=ADMIN)
+    assert page.status_code == 200
+    assert '<li data-level="tenant" data-window="week">tenant week: ' in page.text
+    assert '<li data-level="global" data-window="day">global day: ' in page.text
