@@ -4,16 +4,20 @@ nothing, and a tenant's cap on one model moves the downgrade chain on."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 
 from guardproxy.budget.fleet import key_fingerprint
 from guardproxy.config.settings import Config, hash_key, parse_config
 from tests.e2e.test_chat import HI, all_settled
+from tests.e2e.test_cli import guardproxy
 from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
 
 ADMIN_KEY = "adm-levels-secret"
@@ -149,3 +153,26 @@ def test_status_and_metrics_show_every_level_and_window(
     assert page.status_code == 200
     assert '<li data-level="tenant" data-window="week">tenant week: ' in page.text
     assert '<li data-level="global" data-window="day">global day: ' in page.text
+
+
+def test_keys_create_takes_the_budget_flags(
+    upstream_url: str, serve_proxy: Callable[..., str], tmp_path: Path,
+) -> None:
+    store = {"url": f"sqlite://{tmp_path}/spend.db"}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config_dict(upstream_url, store=store)))
+    made = guardproxy("keys", "create", "acme", "--name", "van 7", "--hourly-usd", "0.5", "--daily-usd", "2",
+                      "--models", "gpt-4o-mini", "--config", str(path))
+    assert made.returncode == 0, made.stderr
+    assert re.search(r"^hourly_usd: +0\.5$", made.stdout, re.M)
+    assert re.search(r"^models: +gpt-4o-mini$", made.stdout, re.M)
+    key = re.search(r"^key:\s+(gp-\S+)$", made.stdout, re.M)
+    assert key
+    url = serve_proxy(make_config(upstream_url, store=store))
+    denied = httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key.group(1)}"},
+                        json={"model": "gpt-4o", "messages": HI, "max_tokens": 20})
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    bad = guardproxy("keys", "create", "acme", "--name", "x", "--daily-usd", "lots", "--config", str(path))
+    assert bad.returncode == 2 and "daily_usd must be a number" in bad.stderr
+    unknown = guardproxy("keys", "create", "acme", "--name", "x", "--models", "gpt-9", "--config", str(path))
+    assert unknown.returncode == 2 and "'gpt-9' is not a configured model" in unknown.stderr
