@@ -79,10 +79,13 @@ def level_caps(
     caps: list[LevelCap] = []
     if config.global_caps:
         caps += caps_of("global", "global", config.global_caps, window_ids(now, UTC))
+    own = WindowCaps(hour=policy.hourly_micros, week=policy.weekly_micros)
+    keyed = key_budget is not None and bool(key_budget.caps)
+    if not (own or keyed or policy.model_caps):
+        return caps  # the common case: nothing more to compute at each admission
     ids = window_ids(now, policy.zone)
-    caps += caps_of("tenant", "tenant", WindowCaps(hour=policy.hourly_micros, week=policy.weekly_micros), ids,
-                    policy.soft_cap, policy.hard_cap)
-    if key_budget is not None and key_budget.caps:
+    caps += caps_of("tenant", "tenant", own, ids, policy.soft_cap, policy.hard_cap)
+    if key_budget is not None and keyed:
         caps += caps_of("key", f"key:{key_id}", key_budget.caps, ids, policy.soft_cap)
     for model, model_caps in policy.model_caps:
         if models is None or model in models:
