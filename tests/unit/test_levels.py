@@ -157,3 +157,21 @@ def test_admit_v5_agrees_with_decide_levels(
     admission = asyncio.run(go())
     assert admission.decision == expected
     assert admission.refused_by == (None if refusing is None else caps[refusing])
+
+
+# --- alert events of levels -----------------------------------------------------------------------
+
+
+def test_a_level_event_names_its_level_and_when_its_window_resets() -> None:
+    from guardproxy.observe.alerts import event_json, slack_text
+
+    chicago = ZoneInfo("America/Chicago")
+    fields = {"event": "threshold", "tenant": "acme", "period": "week", "period_id": "2026-W50", "threshold": "800000",
+              "spent": "8000000", "limit": "10000000", "at_ms": "1765000000000", "level": "key"}
+    event = event_json(fields, chicago)
+    assert event["level"] == "key" and event["period"] == "week" and event["threshold"] == 0.8
+    assert event["resets_at"] == "2026-12-14T06:00:00Z"  # Monday 00:00 in Chicago
+    assert "key budget of tenant acme: weekly" in slack_text(event)
+    hourly = event_json({**fields, "period": "hour", "period_id": "2026-12-07T14", "level": "global"}, chicago)
+    assert hourly["resets_at"] == "2026-12-07T15:00:00Z"  # the global level's periods are UTC
+    assert "the global hourly budget of all tenants" in slack_text(hourly)
