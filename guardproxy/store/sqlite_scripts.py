@@ -501,7 +501,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
     "742e1191a86b853d9c0b6da29f1e5437f0e7c612": settle_v4,  # settle.v4.lua
-    "89cf80c04ad2cd988b3e46368bc36d94b2b3855c": admit_v5,  # admit.v5.lua
+    "f0e3011a5023fff0171b65c28ed771bc66b025f7": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

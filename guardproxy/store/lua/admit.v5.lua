@@ -1,6 +1,6 @@
 -- admit.v5: decide and reserve for one call of one tenant, atomically (contract §4), at every budget
--- level the call belongs to. The decision mirrors guardproxy/budget/decision.py:decide and
--- guardproxy/budget/levels.py:decide_levels (differential tests keep them equal).
+-- level the call belongs to. The decision mirrors guardproxy/budget/decision.py:decide_levels (and
+-- decide, without levels); differential tests keep them equal.
 --
 -- v5 (levels): beside the tenant's day and month (below as in v4), the call must fit every cap of the
 -- levels argument: the global level (all tenants, UTC periods), the tenant's hour and week, the
