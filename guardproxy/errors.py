@@ -52,6 +52,10 @@ class ErrorKind(Enum):
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type", logging.INFO)
     OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
     JOB_OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "job_budget_exceeded", logging.INFO)
+    #: A budget level beside the tenant's day and month (global, the tenant's hour or week, the key, the model).
+    LEVEL_OVER_BUDGET = ErrorSpec(429, "insufficient_quota", "insufficient_quota", logging.INFO)
+    #: The caller's key may not ask for this model (the key's ``models``).
+    MODEL_NOT_ALLOWED = ErrorSpec(403, "invalid_request_error", "model_not_allowed", logging.INFO)
     # OpenAI's own per-minute 429s carry the limit's kind as their type.
     RATE_LIMITED_REQUESTS = ErrorSpec(429, "requests", "rate_limit_exceeded", logging.INFO)
     RATE_LIMITED_TOKENS = ErrorSpec(429, "tokens", "rate_limit_exceeded", logging.INFO)

@@ -10,12 +10,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from guardproxy.admin.auth import check_admin
+from guardproxy.budget.levels import WINDOW_FIELDS
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object, read_body
-from guardproxy.store.keys import NAME_MAX, KeyRing, parse_expiry
+from guardproxy.store.keys import NAME_MAX, KeyRing, key_budget_from_json, parse_expiry
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -31,12 +32,15 @@ def _ring(request: Request) -> tuple[KeyRing, Services, str]:
 
 
 async def create_key(request: Request) -> Response:
-    """``{"name": ..., "expires_at": optional ISO 8601}`` -> 201 with the key, which is never shown again."""
+    """``{"name": ..., "expires_at": optional ISO 8601, "hourly_usd" / "daily_usd" / "weekly_usd" /
+    "monthly_usd": optional caps of the key's own spend, "models": optional allowed model ids}`` -> 201
+    with the key, which is never shown again."""
     ring, services, tenant = _ring(request)
     body = parse_json_object(await read_body(request, 16 * 1024))
-    unknown = sorted(set(body) - {"name", "expires_at"})
+    allowed = ("name", "expires_at", *WINDOW_FIELDS.values(), "models")
+    unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise GuardError(ErrorKind.INVALID_FIELD, f"Unknown field {unknown[0]!r}; allowed: name, expires_at.",
+        raise GuardError(ErrorKind.INVALID_FIELD, f"Unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}.",
                          param=unknown[0])
     name = body.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -48,7 +52,15 @@ async def create_key(request: Request) -> Response:
         expires_at = parse_expiry(body.get("expires_at"), services.clock())
     except ValueError as exc:
         raise GuardError(ErrorKind.INVALID_FIELD, str(exc), param="expires_at") from None
-    key, info = await ring.create(tenant, name.strip(), expires_at)
+    try:
+        budget = key_budget_from_json(body)
+    except ValueError as exc:
+        raise GuardError(ErrorKind.INVALID_FIELD, str(exc), param=str(exc).split(" ", 1)[0]) from None
+    unknown_models = [m for m in (budget.models if budget else ()) if m not in services.config.models]
+    if unknown_models:
+        raise GuardError(ErrorKind.INVALID_FIELD, f"models: {unknown_models[0][:64]!r} is not a configured model.",
+                         param="models")
+    key, info = await ring.create(tenant, name.strip(), expires_at, budget)
     return _json({"key": key, **info.as_json()}, 201)
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from guardproxy.config.settings import TENANT_ID, Config
 from guardproxy.errors import StoreUnavailable
-from guardproxy.store.keys import KeyRing, parse_expiry
+from guardproxy.store.keys import KeyRing, key_budget_from_json, parse_expiry
 from guardproxy.store.redis import BudgetStore
 
 
@@ -24,6 +24,10 @@ def add_parser(
     create.add_argument("tenant")
     create.add_argument("--name", required=True, help="a label, e.g. the contractor the key is for")
     create.add_argument("--expires-at", help="ISO 8601 time after which the key stops working")
+    for flag, window in (("--hourly-usd", "hour"), ("--daily-usd", "day"), ("--weekly-usd", "week"),
+                         ("--monthly-usd", "month")):
+        create.add_argument(flag, metavar="USD", help=f"cap the key's own spend per {window} (the tenant's timezone)")
+    create.add_argument("--models", metavar="ID,ID", help="the only model ids the key may ask for (comma-separated)")
     listing = actions.add_parser("list", help="a tenant's keys (never the keys themselves)")
     listing.add_argument("tenant")
     revoke = actions.add_parser("revoke", help="revoke a key: 401 on every replica within a second")
@@ -54,12 +58,25 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
         ring = KeyRing(store)
         if args.keys_command == "create":
             expires_at = parse_expiry(args.expires_at, datetime.now(UTC))
-            key, info = await ring.create(args.tenant, args.name, expires_at)
+            budget = key_budget_from_json({
+                "hourly_usd": args.hourly_usd, "daily_usd": args.daily_usd, "weekly_usd": args.weekly_usd,
+                "monthly_usd": args.monthly_usd,
+                "models": [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
+            })
+            unknown = [m for m in (budget.models if budget else ()) if m not in config.models]
+            if unknown:
+                raise ValueError(f"--models: {unknown[0]!r} is not a configured model")
+            key, info = await ring.create(args.tenant, args.name, expires_at, budget)
             print(f"key:        {key}")
             print(f"key_id:     {info.key_id}")
             print(f"tenant:     {info.tenant}")
             print(f"name:       {info.name}")
             print(f"expires_at: {info.as_json()['expires_at'] or 'never'}")
+            for field, value in info.as_json().items():
+                if field.endswith("_usd") and value is not None:
+                    print(f"{field + ':':<12}{value}")
+            if budget is not None and budget.models:
+                print(f"models:     {', '.join(budget.models)}")
             print("The key is shown only this once; only its sha256 is stored.", file=sys.stderr)
             return 0
         if args.keys_command == "list":

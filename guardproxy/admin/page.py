@@ -110,9 +110,20 @@ def _tenant_row(state: TenantState, now: datetime) -> str:
         f'<td><span class="badge {escape(state.state)}">{escape(state.state)}</span>{override}</td>'
         f"{day}{month}"
         f'<td class="caps">soft {_percent(policy.soft_cap)} &middot; hard {_percent(policy.hard_cap)}'
-        f'<div class="muted">timezone {escape(policy.timezone)}</div>{_rate_limits(state)}</td>'
+        f'<div class="muted">timezone {escape(policy.timezone)}</div>{_rate_limits(state)}{_levels(state)}</td>'
         "</tr>"
     )
+
+
+def _levels(state: TenantState) -> str:
+    """The other levels and windows that cap the tenant's calls (global, its hour and week, its models)."""
+    items = "".join(
+        f'<li data-level="{escape(lv.cap.level)}" data-window="{escape(lv.cap.window)}">'
+        f"{escape(lv.cap.scope)} {escape(lv.cap.window)}: {escape(_usd(lv.spent))} / {escape(_usd(lv.cap.limit))}"
+        + (f" &middot; reserved {escape(_usd(lv.held))}" if lv.held else "") + "</li>"
+        for lv in state.levels
+    )
+    return f'<ul class="muted levels">{items}</ul>' if items else ""
 
 
 def _period_cell(name: str, period: PeriodState, soft: Micros, hard: Micros, state: TenantState, now: datetime) -> str:

@@ -13,7 +13,7 @@ from guardproxy.budget.pricing import format_usd
 from guardproxy.budget.records import JobUsage
 from guardproxy.config.settings import Config
 from guardproxy.errors import StoreUnavailable
-from guardproxy.observe.state import PeriodState, TenantState, all_tenants, read_states
+from guardproxy.observe.state import LevelState, PeriodState, TenantState, all_tenants, read_states
 from guardproxy.store.redis import BudgetStore
 
 BAR_WIDTH = 20
@@ -28,6 +28,15 @@ def _period(p: PeriodState) -> str:
     return (f"[{bar(p.utilization)}] {p.utilization * 100:5.1f}%  ${format_usd(p.spent)} / ${format_usd(p.limit)}"
             + (f" (+${format_usd(p.reserved)} held)" if p.reserved else "")
             + f"  resets {p.resets_at:%Y-%m-%d %H:%MZ}")
+
+
+def _level(state: LevelState) -> str:
+    """One cap of another level: ``key:ab12 hour`` and its use, as ``_period`` shows a day or month."""
+    cap = state.cap
+    ratio = state.spent / cap.limit if cap.limit else (1.0 if state.spent else 0.0)
+    resets = f"  resets {cap.resets_at:%Y-%m-%d %H:%MZ}" if cap.resets_at else ""
+    return (f"{cap.scope} {cap.window}  [{bar(ratio)}] {ratio * 100:5.1f}%  ${format_usd(state.spent)} / "
+            f"${format_usd(cap.limit)}" + (f" (+${format_usd(state.held)} held)" if state.held else "") + resets)
 
 
 def _forecast(forecast: PeriodForecast | None) -> str:
@@ -45,6 +54,8 @@ def render(states: list[TenantState]) -> str:
         day, month = (s.forecast.day, s.forecast.month) if s.forecast else (None, None)
         lines.append(f"{s.tenant:{width}}  {s.state:11}  day     {_period(s.day)}{_forecast(day)}")
         lines.append(f"{'':{width}}  {'':11}  month   {_period(s.month)}{_forecast(month)}")
+        for level in s.levels:
+            lines.append(f"{'':{width}}  {'':11}  {_level(level)}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """The budget decision (contract §4), as pure functions.
 
-The store runs the very same decision inside one Lua script (``lua/admit.v4.lua``) so that reading
+The store runs the very same decision inside one Lua script (``lua/admit.v5.lua``) so that reading
 the spend and reserving happen atomically; this module is its reference, tested exhaustively, and
 a differential test runs both on the same inputs.
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
+from guardproxy.budget.levels import LevelCap
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.types import Micros
 
@@ -104,6 +105,39 @@ def decide(
     cheapest = worst_cases[-1]
     exhausted = "month" if used_month + cheapest > limits.hard_month else "day"
     return Decision(None, used_day, used_month, exhausted)
+
+
+def decide_levels(
+    used_day: Micros, used_month: Micros, limits: Thresholds, worst_cases: Sequence[Micros],
+    models: Sequence[str], caps: Sequence[LevelCap], caps_used: Sequence[Micros], job_room: Micros | None = None,
+) -> tuple[Decision, int | None]:
+    """``decision.decide`` with every level's caps: the decision and the index in ``caps`` of the
+    cap that refused the call (``None``: admitted, or refused by the tenant's day or month or the
+    job, as ``decide`` says). ``admit.v5.lua`` runs the same decision atomically."""
+
+    def fits_v4(worst: Micros) -> bool:
+        return (used_day + worst <= limits.hard_day and used_month + worst <= limits.hard_month
+                and (job_room is None or worst <= job_room))
+
+    def refusing(i: int) -> int | None:
+        return next((c for c, cap in enumerate(caps)
+                     if cap.binds(models[i]) and caps_used[c] + worst_cases[i] > cap.hard), None)
+
+    def fits(i: int) -> bool:
+        return fits_v4(worst_cases[i]) and refusing(i) is None
+
+    if fits(0):
+        soft = (used_day >= limits.soft_day or used_month >= limits.soft_month
+                or any(cap.binds(models[0]) and caps_used[c] >= cap.soft for c, cap in enumerate(caps)))
+        index = 1 if soft and len(worst_cases) > 1 and fits(1) else 0
+        return Decision(index, used_day, used_month), None
+    for index in range(1, len(worst_cases)):
+        if fits(index):
+            return Decision(index, used_day, used_month), None
+    for i in range(len(worst_cases)):
+        if fits_v4(worst_cases[i]):
+            return Decision(None, used_day, used_month, "level"), refusing(i)
+    return decide(used_day, used_month, limits, worst_cases, job_room), None
 
 
 def state_of(used_day: Micros, used_month: Micros, limits: Thresholds, refused: bool = False) -> str:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from guardproxy.budget.fleet import LoopPolicy, VelocityPolicy
+from guardproxy.budget.levels import WindowCaps
 from guardproxy.types import Micros
 
 
@@ -38,6 +39,11 @@ class BudgetPolicy:
     loop: LoopPolicy | None = None
     #: The spend-velocity alert (``budget/fleet.py``); ``None``: off.
     velocity: VelocityPolicy | None = None
+    #: Caps of the tenant's local hour and ISO week (``None``: none), beside day and month.
+    hourly_micros: Micros | None = None
+    weekly_micros: Micros | None = None
+    #: ``models``: caps of one model's spend inside the tenant, by model name.
+    model_caps: tuple[tuple[str, WindowCaps], ...] = ()
 
     @property
     def zone(self) -> ZoneInfo:

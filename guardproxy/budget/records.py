@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from guardproxy.budget.decision import Decision, RateLimits, Thresholds
+from guardproxy.budget.levels import LevelCap
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.types import Micros
 
@@ -61,6 +62,10 @@ class Admission:
     job_room: Micros | None = None
     #: The call's job's cap as the script applied it (an override's wins), ``None``: none.
     job_cap: Micros | None = None
+    #: The level cap that refused the call (``decision.exhausted == "level"``), else ``None``.
+    refused_by: LevelCap | None = None
+    #: Each level cap checked and what it has used (settled + held, this call's hold included).
+    levels: tuple[tuple[LevelCap, Micros], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from guardproxy.budget.levels import KeyBudget, WindowCaps
 from guardproxy.budget.policy import BudgetPolicy as BudgetPolicy
 from guardproxy.budget.pricing import usd_to_micros
 from guardproxy.config.fleet import parse_loop, parse_velocity
+from guardproxy.config.levels import check_model_names, parse_key_budgets, parse_model_caps, parse_window_caps
 
 # Upstream and model settings live in ``catalog``; they stay importable from here.
 from guardproxy.config.models import BreakerConfig as BreakerConfig
@@ -34,6 +36,7 @@ from guardproxy.types import Micros
 
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" lets "t\n" through
 _HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
+_HASH_TAG = re.compile(r"|[A-Za-z0-9._-]{1,64}")
 #: What ``unbudgeted_allow_paid`` may name (``objects.PAID``).
 PAID_PASSTHROUGH = ("fine_tuning/jobs",)
 
@@ -107,6 +110,10 @@ class StoreConfig:
     #: primary after a failover (a former primary keeps acknowledging writes that the new one never
     #: sees); the settled markers make the ones it has harmless. 0: never replayed.
     replay_window_s: float = 30.0
+    #: One Redis Cluster hash tag for every tenant's ledger keys (``""``: each tenant its own), so that
+    #: ``budgets.global`` is checked atomically with the tenant's keys; required with ``budgets.global``
+    #: on a cluster (all budget keys then live on one shard).
+    hash_tag: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -144,6 +151,8 @@ class TenantConfig:
     id: str
     key_hashes: tuple[str, ...]
     policy: BudgetPolicy
+    #: Budgets of the tenant's config keys, by key digest (``api_key_budgets``).
+    key_budgets: Mapping[str, KeyBudget] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,8 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     batches: BatchConfig = field(default_factory=BatchConfig)
+    #: ``budgets.global``: caps over every tenant together, in UTC periods (the operator's bill).
+    global_caps: WindowCaps = field(default_factory=WindowCaps)
 
     def downgrade_chain(self, model: ModelConfig) -> list[ModelConfig]:
         """``model`` followed by each cheaper tier it names, in order."""
@@ -331,9 +342,19 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     defaults_fields = budgets.section("defaults")
     defaults = merge_policy(defaults_fields, BUILTIN_DEFAULTS)
     defaults_fields.done()
+    global_caps = parse_window_caps(budgets.section("global"))
     budgets.done()
+    if global_caps and store.redis_url and parse_store_url(store.redis_url).kind == "cluster" and not store.hash_tag:
+        raise ConfigError("budgets.global", "on Redis Cluster the global cap needs store.hash_tag (one hash tag "
+                          "for every tenant's ledger keys, so that the global cap is checked atomically); "
+                          "see docs/budgets.md")
     tenants = _tenants(top.section("tenants"), defaults, warnings)
     auth = _auth(top.section("auth"), tenants, warnings)
+    check_model_names("budgets.defaults.models", [m for m, _ in defaults.model_caps], models)
+    for t in tenants.values():
+        check_model_names(f"tenants.{t.id}.models", [m for m, _ in t.policy.model_caps], models)
+        for budget in t.key_budgets.values():
+            check_model_names(f"tenants.{t.id}.api_key_budgets.models", list(budget.models), models)
     admin = top.section("admin")
     admin_api_key = admin.text("api_key", "")
     admin.done()
@@ -364,7 +385,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         unbudgeted_paths=unbudgeted_paths, unbudgeted_upstream=unbudgeted_upstream,
         unbudgeted_allow_paid=allow_paid, warnings=tuple(warnings),
         telemetry=telemetry,
-        alerts=alerts, cache=cache, batches=batches,
+        alerts=alerts, cache=cache, batches=batches, global_caps=global_caps,
     )
 
 
@@ -514,7 +535,10 @@ def _store(f: Fields) -> StoreConfig:
                                    max_value=100_000_000),
         replay_window_s=float(f.decimal("replay_window_s", Decimal(str(StoreConfig.replay_window_s)),
                                         min_value=Decimal(0), max_value=Decimal(3600))),
+        hash_tag=f.text("hash_tag", StoreConfig.hash_tag),
     )
+    if not _HASH_TAG.fullmatch(out.hash_tag):
+        raise ConfigError(f.at("hash_tag"), "must be 1-64 letters, digits, '.', '_' or '-' (or empty for none)")
     if "{" in out.key_prefix or "}" in out.key_prefix:
         raise ConfigError(f.at("key_prefix"), "must not contain { or } (keys carry the tenant as hash tag)")
     f.done()
@@ -557,7 +581,19 @@ def merge_policy(f: Fields, base: BudgetPolicy) -> BudgetPolicy:
         min_completion_tokens=f.integer("min_completion_tokens", base.min_completion_tokens, min_value=1),
         loop=parse_loop(f, "loop", base.loop),
         velocity=parse_velocity(f, "velocity", base.velocity),
+        hourly_micros=_optional_money(f, "hourly_usd", base.hourly_micros),
+        weekly_micros=_optional_money(f, "weekly_usd", base.weekly_micros),
+        model_caps=parse_model_caps(f, "models", base.model_caps),
     )
+
+
+def _optional_money(f: Fields, key: str, base: Micros | None) -> Micros | None:
+    """An optional cap in USD: left out, the base's; null, none."""
+    if not f.has(key):
+        return base
+    if f.get(key) is None:
+        return None
+    return usd_to_micros(f.decimal(key, None, min_value=Decimal(0)))
 
 
 def _cache_mode(f: Fields, base: str) -> str:
@@ -608,7 +644,9 @@ def _tenants(f: Fields, defaults: BudgetPolicy, warnings: list[str]) -> dict[str
             if h in owner:
                 raise ConfigError(t.at("api_keys"), f"a key is listed for tenant {owner[h]!r} too")
             owner[h] = tenant_id
-        out[tenant_id] = TenantConfig(id=tenant_id, key_hashes=hashes, policy=merge_policy(t, defaults))
+        policy = merge_policy(t, defaults)
+        key_budgets = parse_key_budgets(t.section("api_key_budgets"), hashes)
+        out[tenant_id] = TenantConfig(id=tenant_id, key_hashes=hashes, policy=policy, key_budgets=key_budgets)
         t.done()
     f.done()
     return out

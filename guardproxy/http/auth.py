@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from guardproxy.budget.levels import KeyBudget
 from guardproxy.config.servicetitan import canonical_job_id
 from guardproxy.config.settings import TENANT_ID, Config, hash_key
 from guardproxy.errors import ErrorKind, GuardError
@@ -35,6 +36,8 @@ class TenantResolver:
 
     def __init__(self, config: Config, jobs: JobTenantResolver | None = None, keyring: KeyRing | None = None) -> None:
         self.tenant_by_key = {h: t.id for t in config.tenants.values() for h in t.key_hashes}
+        #: Budgets of config keys (``api_key_budgets``) by key digest.
+        self.key_budgets = {d: b for t in config.tenants.values() for d, b in t.key_budgets.items()}
         self.service_keys = frozenset(config.auth.service_key_hashes)
         self.tenant_header = config.auth.tenant_header.lower()
         self.job_header = config.auth.job_header.lower()
@@ -59,6 +62,18 @@ class TenantResolver:
                 "Job ids are 1-64 characters of letters, digits, '.', '_' and '-', starting with a letter or digit.",
             )
         return job
+
+    def key_budget(self, headers: Mapping[str, str]) -> KeyBudget | None:
+        """The presented key's own budget (a config key's ``api_key_budgets``, a runtime key's as read
+        by ``authenticate``), ``None`` for none."""
+        key = presented_key(headers)
+        if key is None:
+            return None
+        digest = hash_key(key)
+        budget = self.key_budgets.get(digest)
+        if budget is None and self.keyring is not None:
+            budget = self.keyring.budget_of(digest)
+        return budget
 
     async def authenticate(self, headers: Mapping[str, str]) -> str | None:
         """The tenant of a tenant key, ``None`` for a service key; 401 for anything else."""

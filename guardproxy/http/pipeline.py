@@ -36,6 +36,7 @@ from guardproxy.budget.choice import Admit, Choice, choose
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
+from guardproxy.budget.levels import KeyBudget
 from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
@@ -45,6 +46,7 @@ from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import background, brakes, cache, objects, semantic
 from guardproxy.http.auth import TenantResolver, presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
+from guardproxy.http.levels import LEVEL_HEADER, check_key_models, level_over_budget
 from guardproxy.http.models import model_not_found
 from guardproxy.http.plan import Plan
 from guardproxy.http.progress import StreamProgress, call_record
@@ -119,6 +121,8 @@ class BudgetedEndpoint:
         # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
         await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
         requested = self._price(call.model)
+        key_budget = self.s.tenants.key_budget(request.headers)
+        check_key_models(key_budget, call.model, requested.name)
         # The runaway-agent brake, once the request is known to be valid and before anything is reserved
         # or answered (from the cache too): a looping agent's refusals cost nothing.
         await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
@@ -137,7 +141,7 @@ class BudgetedEndpoint:
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job)
+            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job, key_budget)
             if plan is None:
                 continue
             started = time.monotonic()
@@ -174,15 +178,18 @@ class BudgetedEndpoint:
     async def _admit(
         self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
         context: CallContext,
-        job: str = "",
+        job: str = "", key_budget: KeyBudget | None = None,
     ) -> Plan | None:
         """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
         fallback that does not (it is skipped)."""
         chain = self.s.config.downgrade_chain(attempt)
         call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
 
+        levels = self.s.ledger.level_args(tenant, [m.name for m in chain], context.key_id, key_budget)
+
         async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
-            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional)
+            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
+                                             levels=levels)
 
         choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
         admission = choice.deciding
@@ -197,8 +204,11 @@ class BudgetedEndpoint:
                 log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
                 return None
             self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
+            self.s.metrics.count_budget_refusal(tenant, admission)
             if decision.exhausted == "job":
                 raise self._job_over_budget(tenant, job, admission)
+            if admission.refused_by is not None:
+                raise level_over_budget(tenant, admission.refused_by, admission, self.s.clock())
             raise self._over_budget(tenant, decision, admission)
         sent = chain[choice.index]
         if sent is not attempt:
@@ -239,7 +249,8 @@ class BudgetedEndpoint:
             f"(limit {format_usd(hard)} USD for {periods.day if period == 'day' else periods.month}); "
             f"it resets at {iso_utc(resets_at)}.",
             headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
-                     "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED},
+                     "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED,
+                     LEVEL_HEADER: "tenant"},
         )
 
     def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
@@ -249,7 +260,8 @@ class BudgetedEndpoint:
             ErrorKind.JOB_OVER_BUDGET,
             f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
             "fit what is left.",
-            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job},
+            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job,
+                     LEVEL_HEADER: "job"},
         )
 
     async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
@@ -525,7 +537,10 @@ class BudgetedEndpoint:
         Admission's refusals raise ``GuardError``; an upstream failure is settled and ends the call."""
         call = self.shape.parse(raw)
         requested = self._price(call.model)
-        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job)
+        key_budget = self.s.tenants.key_budget(incoming)
+        check_key_models(key_budget, call.model, requested.name)
+        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job,
+                                 key_budget)
         assert plan is not None  # the requested model is refused by raising, never skipped
         started = time.monotonic()
         ending = Ending(Outcome.CLIENT_DISCONNECTED)

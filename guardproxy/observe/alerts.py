@@ -25,6 +25,7 @@ import anyio
 import httpx
 import orjson
 
+from guardproxy.budget.levels import window_ids
 from guardproxy.budget.periods import iso_utc, periods_at
 from guardproxy.budget.pricing import format_usd, micros_to_usd
 from guardproxy.budget.records import QueuedAlert
@@ -63,6 +64,17 @@ def event_json(fields: Mapping[str, str], zone: ZoneInfo) -> dict[str, Any]:
     spent, limit = int(fields.get("spent", 0)), int(fields.get("limit", 0))
     threshold = fields.get("threshold") or ""
     period, period_id = fields.get("period", "day"), fields.get("period_id", "")
+    level = fields.get("level")
+    if level == "global":
+        zone = ZoneInfo("UTC")  # the global level's periods are UTC ones
+    if level is not None:
+        # an event of a level beside the tenant's day and month (budget/levels.py): which one
+        return {"event": fields.get("event"), "tenant": fields.get("tenant"), "level": level, "period": period,
+                "period_id": period_id, "threshold": int(threshold) / 1_000_000 if threshold else None,
+                "spent_usd": micros_to_usd(spent), "limit_usd": micros_to_usd(limit),
+                "utilization": round(spent / limit, 6) if limit else None,
+                "at": iso_utc(datetime.fromtimestamp(int(fields.get("at_ms", 0)) / 1000, UTC)),
+                "resets_at": _window_resets_at(period, period_id, zone)}
     return {
         "event": fields.get("event"),
         "tenant": fields.get("tenant"),
@@ -108,6 +120,21 @@ def _resets_at(period: str, period_id: str, zone: ZoneInfo) -> str | None:
     return iso_utc(periods.day_resets_at if period == "day" else periods.month_resets_at)
 
 
+def _window_resets_at(window: str, period_id: str, zone: ZoneInfo) -> str | None:
+    """When a level's window (hour ``2026-12-07T14``, ISO week ``2026-W50``, day, month) ends."""
+    try:
+        if window == "hour":
+            start = datetime.strptime(period_id, "%Y-%m-%dT%H").replace(tzinfo=zone)
+        elif window == "week":
+            year, week = period_id.split("-W")
+            start = datetime.combine(date.fromisocalendar(int(year), int(week), 1), clock_time(0), tzinfo=zone)
+        else:
+            return _resets_at(window, period_id, zone)
+    except ValueError:
+        return None
+    return iso_utc(window_ids(start, zone).resets_at[window])
+
+
 def slack_text(event: Mapping[str, Any]) -> str:
     """One readable line with the event's facts, for Slack's incoming webhooks."""
     if event["event"] == "store":
@@ -121,10 +148,15 @@ def slack_text(event: Mapping[str, Any]) -> str:
     if event["event"] == "velocity":
         return (f"guardproxy: tenant {event['tenant']} spent ${event['last_hour_usd']:,.2f} in the last hour, over "
                 f"{event['factor']:g}x its hourly average of ${event['hourly_average_usd']:,.2f}.")
-    period = "daily" if event["period"] == "day" else "monthly"
+    period = {"hour": "hourly", "day": "daily", "week": "weekly"}.get(event["period"], "monthly")
     spent = f"${format_usd(round(event['spent_usd'] * 1_000_000))}"
     limit = f"${format_usd(round(event['limit_usd'] * 1_000_000))}"
     where = f"tenant {event['tenant']}'s {period} budget ({event['period_id']})"
+    level = event.get("level")
+    if level == "global":
+        where = f"the global {period} budget of all tenants ({event['period_id']}, hit by tenant {event['tenant']})"
+    elif level in ("key", "model"):
+        where = f"a {level} budget of tenant {event['tenant']}: {period} ({event['period_id']})"
     if event["event"] == "threshold":
         what = f"{where} reached {event['threshold'] * 100:g}%: {spent} of {limit} spent"
     elif event["event"] == "downgrading":

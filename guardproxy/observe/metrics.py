@@ -17,6 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from guardproxy.budget.decision import STATES
 from guardproxy.budget.pricing import Usage, micros_to_usd
+from guardproxy.budget.records import Admission
 from guardproxy.observe.state import TenantState
 from guardproxy.types import Micros
 
@@ -30,6 +31,16 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 class Metrics:
     """The proxy's counters and histograms. Model labels are configured model names only."""
+
+    def count_budget_refusal(self, tenant: str, admission: Admission) -> None:
+        """One budget 429, by the level and window that refused it."""
+        cap, exhausted = admission.refused_by, admission.decision.exhausted
+        if cap is not None:
+            self.budget_refusals.labels(tenant, cap.level, cap.window).inc()
+        elif exhausted == "job":
+            self.budget_refusals.labels(tenant, "job", "none").inc()
+        else:
+            self.budget_refusals.labels(tenant, "tenant", exhausted or "day").inc()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -46,6 +57,11 @@ class Metrics:
         self.clamped = Counter(
             "guardproxy_clamped", "Calls sent with a lowered output limit because their worst case did not fit.",
             ["tenant", "model"], registry=r,
+        )
+        self.budget_refusals = Counter(
+            "guardproxy_budget_refusals", "Calls refused by a budget, by the level (global, tenant, key, model, "
+            "job) and window (hour, day, week, month; job: none) that refused them.",
+            ["tenant", "level", "window"], registry=r,
         )
         self.servicetitan_lookups = Counter(
             "guardproxy_servicetitan_lookups", "ServiceTitan job -> tenant lookups by result.", ["result"],
@@ -162,11 +178,20 @@ _GAUGES = (
     ("guardproxy_budget_state", "The tenant's budget state (the one its responses carry).", "state"),
     ("guardproxy_budget_projected_usd", "Spend projected at the end of the period from the recent burn rate.",
      "period"),
+    ("guardproxy_budget_level_spent_usd", "Settled spend of a budget level beside the tenant's day and month "
+     "(level: global, tenant, model; scope: which one; period: hour, day, week, month). Global levels carry "
+     'tenant="" once.', "level"),
+    ("guardproxy_budget_level_limit_usd", "Cap of that level and window.", "level"),
 )
 
 
 def _value(number: float) -> str:
     return repr(float(number))
+
+
+def _escaped(label: str) -> str:
+    """A label value in the text format (model names come from the config and may hold anything)."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def budget_gauges(states: Sequence[TenantState]) -> bytes:
@@ -175,9 +200,20 @@ def budget_gauges(states: Sequence[TenantState]) -> bytes:
     Labels in name order, as prometheus-client writes them; tenant ids are ``config.TENANT_ID``-shaped,
     so they need no escaping."""
     lines: dict[str, list[str]] = {name: [] for name, _, _ in _GAUGES}
-    spent, limit, utilization, remaining, budget_state, projected = lines.values()
+    spent, limit, utilization, remaining, budget_state, projected, level_spent, level_limit = lines.values()
+    seen_global: set[tuple[str, str]] = set()
     for state in states:
         t = state.tenant
+        for level in state.levels:
+            cap = level.cap
+            if cap.level == "global":
+                if (cap.scope, cap.window) in seen_global:
+                    continue
+                seen_global.add((cap.scope, cap.window))
+            labels = (f'{{level="{cap.level}",period="{cap.window}",scope="{_escaped(cap.scope)}",'
+                      f'tenant="{"" if cap.level == "global" else t}"}}')
+            level_spent.append(f"{labels} {_value(micros_to_usd(level.spent))}")
+            level_limit.append(f"{labels} {_value(micros_to_usd(cap.limit))}")
         for name, period in (("day", state.day), ("month", state.month)):
             spent.append(f'{{period="{name}",tenant="{t}"}} {_value(micros_to_usd(period.spent))}')
             limit.append(f'{{period="{name}",tenant="{t}"}} {_value(micros_to_usd(period.limit))}')

@@ -7,6 +7,7 @@ display, and the thresholds in micro-USD that the admission script applies.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from typing import Any
 from guardproxy.budget import decision as budget
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, project
+from guardproxy.budget.levels import LevelCap
 from guardproxy.budget.periods import Periods, iso_utc, periods_at
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import micros_to_usd
 from guardproxy.budget.records import Outcome, Snapshot
 from guardproxy.config.settings import Config
+from guardproxy.store.ledger import level_caps
 from guardproxy.store.protocol import Store
 from guardproxy.types import Micros
 
@@ -54,6 +57,26 @@ class PeriodState:
 
 
 @dataclass(frozen=True)
+class LevelState:
+    """One cap of a level beside the tenant's day and month (``budget/levels.py``) and its use now."""
+
+    cap: LevelCap
+    spent: Micros
+    held: Micros
+
+    def as_json(self) -> dict[str, Any]:
+        c = self.cap
+        return {
+            "level": c.level, "scope": c.scope, "window": c.window, "period": c.period,
+            "limit_usd": micros_to_usd(c.limit), "spent_usd": micros_to_usd(self.spent),
+            "reserved_usd": micros_to_usd(self.held),
+            "remaining_usd": micros_to_usd(max(0, c.hard - self.spent - self.held)),
+            "utilization": round(self.spent / c.limit, 7) if c.limit else (1.0 if self.spent else 0.0),
+            "resets_at": iso_utc(c.resets_at) if c.resets_at else None,
+        }
+
+
+@dataclass(frozen=True)
 class TenantState:
     tenant: str
     #: ``budget.state_of``: the same rule the 429 and the ``x-guardproxy-budget-state`` header use.
@@ -69,6 +92,8 @@ class TenantState:
     window_tokens: int = 0
     #: Where spend is heading (``forecast.py``); ``None`` without a call log to take the rate from.
     forecast: Forecast | None = None
+    #: The other levels and windows that cap the tenant's calls (global, its hour and week, its models).
+    levels: tuple[LevelState, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         no_forecast = {"projected_usd": None, "hard_cap_at": None}
@@ -86,6 +111,7 @@ class TenantState:
                 "requests_in_window": self.window_requests, "tokens_in_window": self.window_tokens,
             },
             "burn_rate_usd_per_hour": round(self.forecast.usd_per_hour, 6) if self.forecast else None,
+            "levels": [level.as_json() for level in self.levels],
         }
 
 
@@ -148,11 +174,24 @@ async def read_states(
         _state(tenant, config.policy_for(tenant), p, snap)
         for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
     ]
+    if config.global_caps or any(_has_levels(config.policy_for(t)) for t in tenants):
+        found = await asyncio.gather(*(_levels(store, config, state.tenant, now) for state in states))
+        states = [dataclasses.replace(state, levels=levels) for state, levels in zip(states, found, strict=True)]
     if not store.calls_kept or not tenants:
         return states
     now_ms, logs = await store.call_costs(tenants, sample_calls)
     return [dataclasses.replace(state, forecast=_forecast(state, log, now_ms, now))
             for state, log in zip(states, logs, strict=True)]
+
+
+def _has_levels(policy: BudgetPolicy) -> bool:
+    return policy.hourly_micros is not None or policy.weekly_micros is not None or bool(policy.model_caps)
+
+
+async def _levels(store: Store, config: Config, tenant: str, now: datetime) -> tuple[LevelState, ...]:
+    caps = level_caps(config, tenant, now)
+    usage = await store.level_usage(tenant, caps)
+    return tuple(LevelState(cap, spent, held) for cap, (spent, held) in zip(caps, usage, strict=True))
 
 
 def _forecast(state: TenantState, log: Sequence[tuple[int, Micros, str]], now_ms: int, now: datetime) -> Forecast:

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from guardproxy.budget.levels import WINDOW_FIELDS, WINDOWS, KeyBudget, WindowCaps
 from guardproxy.budget.periods import iso_utc
+from guardproxy.budget.pricing import usd_to_micros
 from guardproxy.budget.records import KeyListing
 from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
@@ -34,6 +37,8 @@ TOUCH_EVERY_S = 60.0
 #: Cache entries kept; beyond this the cache starts afresh (a flood of made-up keys cannot grow it).
 CACHE_MAX = 10_000
 NAME_MAX = 128
+#: The largest cap a key may be given through the API or CLI (USD).
+MAX_KEY_USD = Decimal(10**9)
 
 
 def new_key() -> str:
@@ -69,26 +74,72 @@ class KeyInfo:
     expires_at: datetime | None
     digest: str
     last_used_at: datetime | None = None
+    #: The key's own budget (caps per window, allowed models); ``None``: none.
+    budget: KeyBudget | None = None
 
     def as_json(self) -> dict[str, Any]:
+        budget = self.budget or KeyBudget()
         return {
             "key_id": self.key_id, "tenant": self.tenant, "name": self.name, "prefix": self.prefix,
             "created_at": iso_utc(self.created_at),
             "expires_at": iso_utc(self.expires_at) if self.expires_at else None,
             "last_used_at": iso_utc(self.last_used_at) if self.last_used_at else None,
+            **budget.caps.as_json(), "models": list(budget.models) or None,
         }
 
     def _meta(self) -> str:
         return orjson.dumps({
             "name": self.name, "prefix": self.prefix, "digest": self.digest,
             "created_ms": _ms(self.created_at), "expires_ms": _ms(self.expires_at) if self.expires_at else None,
+            **_budget_fields(self.budget),
         }).decode()
 
     def _owner(self) -> str:
         return orjson.dumps({
             "tenant": self.tenant, "key_id": self.key_id,
-            "expires_ms": _ms(self.expires_at) if self.expires_at else None,
+            "expires_ms": _ms(self.expires_at) if self.expires_at else None, **_budget_fields(self.budget),
         }).decode()
+
+
+def _budget_fields(budget: KeyBudget | None) -> dict[str, Any]:
+    """A key budget as stored: ``budget: {hour: micros, ..., models: [...]}`` (nothing when none)."""
+    if budget is None:
+        return {}
+    return {"budget": {**{w: c for w, c in budget.caps.items()}, "models": list(budget.models)}}
+
+
+def _budget_of(stored: dict[str, Any]) -> KeyBudget | None:
+    raw = stored.get("budget")
+    if not raw:
+        return None
+    return KeyBudget(WindowCaps(**{w: raw.get(w) for w in WINDOWS}), tuple(raw.get("models") or ()))
+
+
+def key_budget_from_json(body: dict[str, Any]) -> KeyBudget | None:
+    """``hourly_usd``, ``daily_usd``, ``weekly_usd``, ``monthly_usd`` (decimal USD, or null) and ``models``
+    (model ids) of an admin API or CLI request; ``None`` when none is given. Raises ``ValueError``
+    naming the field at fault."""
+    caps: dict[str, int | None] = {}
+    for window in WINDOWS:
+        value = body.get(WINDOW_FIELDS[window])
+        if value is None:
+            caps[window] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{WINDOW_FIELDS[window]} must be a number of USD, e.g. 5 or \"2.50\"")
+        try:
+            usd = Decimal(str(value))
+        except ArithmeticError:
+            raise ValueError(f"{WINDOW_FIELDS[window]} must be a number of USD, e.g. 5 or \"2.50\"") from None
+        if not usd.is_finite() or usd < 0 or usd > MAX_KEY_USD:
+            raise ValueError(f"{WINDOW_FIELDS[window]} must be between 0 and {MAX_KEY_USD} USD")
+        caps[window] = usd_to_micros(usd)
+    models = body.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+                               or len(models) > 100):
+        raise ValueError("models must be a list of model ids, e.g. [\"gpt-4o-mini\"]")
+    budget = KeyBudget(WindowCaps(**caps), tuple(models or ()))
+    return budget if budget.caps or budget.models else None
 
 
 @dataclass(frozen=True)
@@ -97,6 +148,7 @@ class _Cached:
     tenant: str | None
     key_id: str = ""
     expires_ms: int | None = None
+    budget: KeyBudget | None = None
 
 
 class KeyRing:
@@ -108,14 +160,18 @@ class KeyRing:
         self._cache: dict[str, _Cached] = {}
         self._touched: dict[str, float] = {}
 
-    async def create(self, tenant: str, name: str, expires_at: datetime | None = None) -> tuple[str, KeyInfo]:
-        """A new key for ``tenant``: the key (shown once) and what is stored about it."""
+    async def create(
+        self, tenant: str, name: str, expires_at: datetime | None = None, budget: KeyBudget | None = None,
+    ) -> tuple[str, KeyInfo]:
+        """A new key for ``tenant``: the key (shown once) and what is stored about it (``budget``: its own
+        caps and allowed models)."""
         if not name or len(name) > NAME_MAX:
             raise ValueError(f"name must be 1-{NAME_MAX} characters")
         key = new_key()
         info = KeyInfo(
             key_id="key_" + secrets.token_hex(8), tenant=tenant, name=name, prefix=key[:10],
             created_at=self.clock().replace(microsecond=0), expires_at=expires_at, digest=hash_key(key),
+            budget=budget,
         )
         await self.keys.add(tenant, info.key_id, info.digest, info._owner(), info._meta())
         await self.keys.store.register_tenant(tenant)
@@ -132,7 +188,7 @@ class KeyRing:
                 key_id=key_id, tenant=tenant, name=meta["name"], prefix=meta["prefix"],
                 created_at=_from_ms(meta["created_ms"]),
                 expires_at=_from_ms(meta["expires_ms"]) if meta.get("expires_ms") else None,
-                digest=meta["digest"], last_used_at=_from_ms(int(last)) if last else None,
+                digest=meta["digest"], last_used_at=_from_ms(int(last)) if last else None, budget=_budget_of(meta),
             ))
         return sorted(out, key=lambda k: (k.created_at, k.key_id))
 
@@ -159,7 +215,8 @@ class KeyRing:
                 cached = _Cached(now_s + CACHE_TTL_S, None)
             else:
                 owner = orjson.loads(raw)
-                cached = _Cached(now_s + CACHE_TTL_S, owner["tenant"], owner["key_id"], owner.get("expires_ms"))
+                cached = _Cached(now_s + CACHE_TTL_S, owner["tenant"], owner["key_id"], owner.get("expires_ms"),
+                                 _budget_of(owner))
             self._cache[digest] = cached
         if cached.tenant is None:
             return None
@@ -172,6 +229,11 @@ class KeyRing:
             with contextlib.suppress(StoreUnavailable):
                 await self.keys.touch(cached.tenant, cached.key_id, now_ms)
         return cached.tenant
+
+    def budget_of(self, digest: str) -> KeyBudget | None:
+        """The budget of a runtime key as ``tenant_for`` last read it (``None``: none, or not known)."""
+        cached = self._cache.get(digest)
+        return cached.budget if cached is not None else None
 
 
 async def lookup_or_503(ring: KeyRing, digest: str) -> str | None:

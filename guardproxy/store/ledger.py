@@ -28,12 +28,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
 from guardproxy.budget.decision import Decision, RateLimits, Thresholds
+from guardproxy.budget.levels import NO_LEVELS, KeyBudget, LevelArgs, LevelCap, WindowCaps, caps_of, window_ids
 from guardproxy.budget.periods import Periods, periods_at
 from guardproxy.budget.records import Admission, AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import Config
@@ -65,6 +66,31 @@ SHUTDOWN_DRAIN_S = 5.0
 #: How often a tenant's last activity is written to the tenant index (per process).
 REGISTER_EVERY_S = 3600.0
 REGISTERED_KEPT = 100_000
+
+
+def level_caps(
+    config: Config, tenant: str, now: datetime, models: Sequence[str] | None = None, key_id: str = "",
+    key_budget: KeyBudget | None = None,
+) -> list[LevelCap]:
+    """The caps of every level a call of ``tenant`` belongs to beside its day and month: global (UTC),
+    the tenant's hour and week, its key's (``key_id``: ``fleet.key_fingerprint``) and those of the
+    candidate ``models`` (``None``: every model the tenant caps)."""
+    policy = config.policy_for(tenant)
+    caps: list[LevelCap] = []
+    if config.global_caps:
+        caps += caps_of("global", "global", config.global_caps, window_ids(now, UTC))
+    own = WindowCaps(hour=policy.hourly_micros, week=policy.weekly_micros)
+    keyed = key_budget is not None and bool(key_budget.caps)
+    if not (own or keyed or policy.model_caps):
+        return caps  # the common case: nothing more to compute at each admission
+    ids = window_ids(now, policy.zone)
+    caps += caps_of("tenant", "tenant", own, ids, policy.soft_cap, policy.hard_cap)
+    if key_budget is not None and keyed:
+        caps += caps_of("key", f"key:{key_id}", key_budget.caps, ids, policy.soft_cap)
+    for model, model_caps in policy.model_caps:
+        if models is None or model in models:
+            caps += caps_of("model", f"model:{model}", model_caps, ids, policy.soft_cap, model=model)
+    return caps
 
 
 class Ledger:
@@ -115,9 +141,16 @@ class Ledger:
         """What the scripts need for ``tenant``'s ``job`` (``""``: the call names none)."""
         return JobArgs(job, self.config.policy_for(tenant).job_micros, self.config.store.job_retention_days * 86400)
 
+    def level_args(
+        self, tenant: str, models: Sequence[str], key_id: str = "", key_budget: KeyBudget | None = None,
+    ) -> LevelArgs:
+        """The caps of every level a call of ``tenant`` belongs to (``level_caps``) now."""
+        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget)),
+                         tuple(models))
+
     async def admit(
         self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = "", *,
-        provisional: bool = False,
+        provisional: bool = False, levels: LevelArgs = NO_LEVELS,
     ) -> Admission:
         """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm;
         ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
@@ -150,7 +183,7 @@ class Ledger:
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
-                job=self.job_args(tenant, job), provisional=provisional,
+                job=self.job_args(tenant, job), provisional=provisional, levels=levels,
             )
         except StoreUnavailable as exc:
             if self.health is not None:

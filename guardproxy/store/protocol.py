@@ -15,6 +15,7 @@ from collections.abc import Container, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
     NO_JOB,
@@ -67,6 +68,7 @@ class Store(Protocol):
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
         reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
         alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
+        levels: LevelArgs = NO_LEVELS,
     ) -> Admission: ...
 
     async def settle(
@@ -93,6 +95,8 @@ class Store(Protocol):
     async def known_tenants(self, limit: int | None = None) -> set[str]: ...
 
     async def snapshots(self, tenants: Sequence[tuple[str, Periods]]) -> list[Snapshot]: ...
+
+    async def level_usage(self, tenant: str, caps: Sequence[LevelCap]) -> list[tuple[Micros, Micros]]: ...
 
     async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None: ...
 

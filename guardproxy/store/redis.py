@@ -29,7 +29,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from guardproxy.budget.decision import REQUESTS, TOKENS, WINDOW_MS, Decision, RateLimits, Thresholds
+from guardproxy.budget.decision import WINDOW_MS, RateLimits, Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
     NO_JOB,
@@ -46,7 +47,6 @@ from guardproxy.budget.records import (
     LoopCount,
     PeriodSpend,
     QueuedAlert,
-    RateWindow,
     Reservation,
     Settlement,
     Snapshot,
@@ -55,6 +55,7 @@ from guardproxy.budget.records import (
 from guardproxy.config.settings import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
+from guardproxy.store.admit_args import AdmitArgs, AdmitReply
 from guardproxy.store.client import StoreClient, StoreConnection
 from guardproxy.store.sqlite import Script as SqliteScript
 from guardproxy.store.sqlite import SqliteClient
@@ -73,10 +74,11 @@ GIVE_UP_MS = 2 * 86_400_000
 
 
 class Keys:
-    """Key names of one tenant; ``{tenant}`` is the Redis Cluster hash tag."""
+    """Key names of one tenant; ``{tenant}`` is the Redis Cluster hash tag (``tag``: one tag for every
+    tenant, ``store.hash_tag``, so that ``budgets.global`` stays atomic on a cluster)."""
 
-    def __init__(self, prefix: str, tenant: str) -> None:
-        self.base = f"{prefix}:{{{tenant}}}"
+    def __init__(self, prefix: str, tenant: str, tag: str = "") -> None:
+        self.base = f"{prefix}:{{{tag}}}:{tenant}" if tag else f"{prefix}:{{{tenant}}}"
 
     def spend_day(self, day: str) -> str:
         return f"{self.base}:spend:day:{day}"
@@ -143,6 +145,23 @@ class Keys:
     @property
     def calls(self) -> str:
         return f"{self.base}:calls"
+
+    # -- levels and windows (``budget/levels.py``, admit.v5) --
+
+    def level_spend(self, scope: str, window: str, period: str) -> str:
+        """What ``scope`` (``tenant``, ``key:<fingerprint>``, ``model:<name>``) settled in one window."""
+        if scope == "tenant":
+            return f"{self.base}:spend:{window}:{period}"
+        return f"{self.base}:lvl:{scope}:{window}:{period}"
+
+    def level_held(self, scope: str) -> str:
+        """Micros the live reservations of ``scope`` hold (the tenant's own: ``reserved``)."""
+        return self.reserved if scope == "tenant" else f"{self.base}:lvl:{scope}:held"
+
+    @property
+    def reservation_levels(self) -> str:
+        """Reservation id -> its books: the holds it took and the spend counters its settlement charges."""
+        return f"{self.base}:resv:levels"
 
     # -- jobs (work orders) --
 
@@ -246,6 +265,20 @@ class Keys:
         return f"{self.base}:velocity:fired"
 
 
+class GlobalKeys:
+    """Key names of the global level (every tenant): ``{_global}`` as hash tag (no tenant id starts
+    with ``_``), or the store's one ``hash_tag``."""
+
+    def __init__(self, prefix: str, tag: str = "") -> None:
+        self.base = f"{prefix}:{{{tag or '_global'}}}"
+
+    def level_spend(self, scope: str, window: str, period: str) -> str:
+        return f"{self.base}:lvl:{scope}:{window}:{period}"
+
+    def level_held(self, scope: str) -> str:
+        return f"{self.base}:lvl:{scope}:held"
+
+
 def _script_source(name: str) -> str:
     return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -266,14 +299,17 @@ class BudgetStore:
     def __init__(
         self, client: StoreClient | SqliteClient, prefix: str = "gp", *, calls_kept: int = 1000,
         connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
+        hash_tag: str = "",
     ) -> None:
         self.client = client
+        #: One Redis Cluster hash tag for every tenant's ledger keys (``store.hash_tag``), or ``""``.
+        self.hash_tag = hash_tag
         self.connection = connection
         self.min_replica_acks = min_replica_acks
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.prefix = prefix
         self.calls_kept = calls_kept
-        self._admit = client.register_script(_script_source("admit.v4.lua"))
+        self._admit = client.register_script(_script_source("admit.v5.lua"))
         self._settle = client.register_script(_script_source("settle.v4.lua"))
         self._renew = client.register_script(_script_source("renew.v1.lua"))
         self._claim = client.register_script(_script_source("claim.v1.lua"))
@@ -284,10 +320,11 @@ class BudgetStore:
     def from_config(cls, config: StoreConfig) -> BudgetStore:
         if config.embedded:
             sqlite = SqliteClient(config.sqlite_path(), synchronous=config.synchronous)
-            return cls(sqlite, config.key_prefix, calls_kept=config.call_log_size)
+            return cls(sqlite, config.key_prefix, calls_kept=config.call_log_size, hash_tag=config.hash_tag)
         connection = store_client.connect(config.redis_url)
         return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
-                   min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms)
+                   min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms,
+                   hash_tag=config.hash_tag)
 
     @property
     def embedded(self) -> bool:
@@ -295,7 +332,7 @@ class BudgetStore:
         return isinstance(self.client, SqliteClient)
 
     def keys(self, tenant: str) -> Keys:
-        return Keys(self.prefix, tenant)
+        return Keys(self.prefix, tenant, self.hash_tag)
 
     async def aclose(self) -> None:
         if self.connection is not None:
@@ -344,50 +381,19 @@ class BudgetStore:
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
         reservation_id: str, lease_ms: int, *, rate: RateLimits = NO_RATE_LIMITS, call_tokens: int = 0,
         alerts: AlertArgs | None = None, job: JobArgs = NO_JOB, provisional: bool = False,
+        levels: LevelArgs = NO_LEVELS,
     ) -> Admission:
         """Decide which candidate to send and reserve its worst case for ``lease_ms``, in one round trip;
         a call over ``rate`` (requests, or ``call_tokens`` worst-case tokens, per minute) is refused,
-        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``). A
-        ``provisional`` refusal (a clamped admission may follow) records no blocked flag or alert."""
-        k = self.keys(tenant)
-        keys = [k.spend_day(periods.day), k.spend_month(periods.month), k.reservations,
-                k.reservation_amounts, k.reserved, k.budget, k.settled(periods.day),
-                k.rate_requests, k.rate_tokens, k.rate_token_counts, k.rate_token_sum,
-                k.flags("day", periods.day), k.flags("month", periods.month), k.alerts, k.alerts_due,
-                k.reservation_jobs, k.job_held, k.job(job.id)]
-        a = alerts or AlertArgs(0, 0)
-        args: list[str | int] = [
-            reservation_id, lease_ms,
-            limits.soft_day, limits.hard_day, limits.soft_month, limits.hard_month,
-            rate.rpm, rate.tpm, call_tokens, int(a.enabled), tenant, periods.day, periods.month,
-            a.limit_day, a.limit_month, DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
-            job.id, -1 if job.cap_micros is None else job.cap_micros, 1 if provisional else 0, *worst_cases,
-        ]
+        and so is one whose worst case does not fit its ``job``'s cap (``exhausted == "job"``) or a cap
+        of its ``levels`` (``exhausted == "level"``, ``Admission.refused_by``). A ``provisional``
+        refusal (a clamped admission may follow) records no blocked flag or alert."""
+        call = AdmitArgs(tenant, periods, limits, worst_cases, reservation_id, lease_ms, rate, call_tokens,
+                         alerts or AlertArgs(0, 0), job, provisional, levels)
+        keys, args = call.script_call(self.keys(tenant), GlobalKeys(self.prefix, self.hash_tag))
         async with translated():
             result: list[Any] = await self._admit(keys=keys, args=args)
-        index, used_day, used_month, exhausted = (int(v) for v in result[:4])
-        effective = Thresholds(*(int(v) for v in result[4:8]))
-        already_settled = int(result[8]) == 1
-        limited, rpm, tpm, requests, tokens, wait_ms, requests_reset, tokens_reset, refused = (
-            int(v) for v in result[9:18]
-        )
-        job_cap, job_used = int(result[18]), int(result[19])
-        window = RateWindow(
-            limits=RateLimits(rpm, tpm), requests=requests, tokens=tokens, requests_reset_ms=requests_reset,
-            tokens_reset_ms=tokens_reset, limited={1: REQUESTS, 2: TOKENS, 3: TOKENS}.get(limited),
-            wait_ms=None if limited == 3 else wait_ms,
-        )
-        decision = Decision(
-            index=index if index >= 0 and not limited else None, used_day=used_day, used_month=used_month,
-            exhausted={1: "day", 2: "month", 3: "job"}.get(exhausted),
-        )
-        reservation = None
-        if decision.index is not None and not already_settled:
-            reservation = Reservation(reservation_id, tenant, periods.day, periods.month,
-                                      worst_cases[decision.index], job.id)
-        return Admission(decision, effective, reservation, already_settled, rate=window, refused=refused == 1,
-                         job_room=None if job_cap < 0 else max(0, job_cap - job_used),
-                         job_cap=None if job_cap < 0 else job_cap)
+        return AdmitReply.decode(result).admission(call)
 
     async def settle(
         self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
@@ -402,7 +408,7 @@ class BudgetStore:
                 k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
                 k.rate_token_counts, k.rate_token_sum, k.budget, k.flags("day", reservation.day),
                 k.flags("month", reservation.month), k.alerts, k.alerts_due,
-                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs]
+                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs, k.reservation_levels]
         tokens = int((record or {}).get("prompt_tokens", 0)) + int((record or {}).get("completion_tokens", 0))
         a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
@@ -601,6 +607,21 @@ class BudgetStore:
                 window_requests=int(requests or 0), window_tokens=int(tokens or 0) if calls else 0,
             ))
         return out
+
+    async def level_usage(self, tenant: str, caps: Sequence[LevelCap]) -> list[tuple[Micros, Micros]]:
+        """(settled in its window, held by its scope's live reservations) of each of ``tenant``'s ``caps``,
+        in one pipelined round trip (for status; admission reads the same keys atomically)."""
+        if not caps:
+            return []
+        k, g = self.keys(tenant), GlobalKeys(self.prefix, self.hash_tag)
+        pipe = self.client.pipeline(transaction=False)
+        for cap in caps:
+            where = g if cap.level == "global" else k
+            pipe.get(where.level_spend(cap.scope, cap.window, cap.period))
+            pipe.get(where.level_held(cap.scope))
+        async with translated():
+            values = await pipe.execute()
+        return [(int(values[i] or 0), max(0, int(values[i + 1] or 0))) for i in range(0, len(values), 2)]
 
     async def set_override(self, tenant: str, fields: dict[str, str], periods: Periods | None = None) -> None:
         """Write a runtime override; it re-arms the alerts and ends the blocked state of ``periods``

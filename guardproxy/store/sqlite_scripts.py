@@ -1,5 +1,5 @@
-"""The budget scripts for the SQLite store: admit.v4, settle.v4, renew.v1, claim.v1, loop.v1 and velocity.v1,
-transcribed from their Lua.
+"""The budget scripts for the SQLite store: admit.v5, settle.v4, renew.v1, claim.v1, loop.v1 and
+velocity.v1, transcribed from their Lua.
 
 Line for line the same commands on the same keys (``KEYS[i]`` is ``K[i]``, ``ARGV[i]`` is ``A[i]``, all
 text), run inside one ``BEGIN IMMEDIATE`` transaction, so each is as atomic across processes as a script
@@ -11,6 +11,7 @@ Lua on a real redis-server and on these, comparing every reply and every resulti
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,28 +38,65 @@ def text(value: Value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def admit_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
+def _release_held(r: Tx, books: str, amount: int) -> str:
+    kept = ''
+    for line in books.split('\n'):
+        if not line:
+            continue
+        if line.startswith('h '):
+            if r.decrby(line[2:], amount) <= 0:
+                r.delete(line[2:])
+        else:
+            kept += line + '\n'
+    return kept
+
+
+def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
+    spend_day_key, spend_month_key = K[1], K[2]
+    resv_key, resv_amount_key, reserved_key = K[3], K[4], K[5]
+    budget_key, settled_key = K[6], K[7]
+    rl_req_key, rl_tok_key, rl_tok_n_key, rl_tok_sum_key = K[8], K[9], K[10], K[11]
+    flags_day_key, flags_month_key = K[12], K[13]
+    alerts_key, alerts_due_key = K[14], K[15]
+    resv_job_key, job_held_key, job_key = K[16], K[17], K[18]
+    resv_levels_key = K[19]
+
+    reservation_id, lease_ms = A[1], num(A[2])
+    arg_soft_day, arg_hard_day, arg_soft_month, arg_hard_month = A[3], A[4], A[5], A[6]
+    arg_rpm, arg_tpm, call_tokens = A[7], A[8], num(A[9])
+    queue_alerts, tenant, day_id, month_id = A[10] == '1', A[11], A[12], A[13]
+    arg_limit_day, arg_limit_month, day_ttl, month_ttl = A[14], A[15], A[16], A[17]
+    job, arg_job_cap, provisional = A[18], A[19], A[20] == '1'
+    levels = json.loads(A[21])
+    first_worst = 22
     now_ms = r.now_ms
 
-    for id_ in r.zrangebyscore(K[3], '-inf', now_ms, 0, 100):
-        amount = r.hget(K[4], id_)
-        if amount is not None:
-            r.decrby(K[5], amount)
-            r.hdel(K[4], id_)
-            job = r.hget(K[16], id_)
-            if job is not None:
-                if r.hincrby(K[17], job, -num(amount)) <= 0:
-                    r.hdel(K[17], job)
-                r.hdel(K[16], id_)
-        r.zrem(K[3], id_)
-    if r.zcard(K[3]) == 0:
-        r.delete(K[5])
+    for id_ in r.zrangebyscore(resv_key, '-inf', now_ms, 0, 100):
+        freed_amount = r.hget(resv_amount_key, id_)
+        if freed_amount is not None:
+            r.decrby(reserved_key, freed_amount)
+            r.hdel(resv_amount_key, id_)
+            held_by = r.hget(resv_job_key, id_)
+            if held_by is not None:
+                if r.hincrby(job_held_key, held_by, -num(freed_amount)) <= 0:
+                    r.hdel(job_held_key, held_by)
+                r.hdel(resv_job_key, id_)
+            books = r.hget(resv_levels_key, id_)
+            if books is not None:
+                kept = _release_held(r, text(books), num(freed_amount))
+                if kept == '':
+                    r.hdel(resv_levels_key, id_)
+                else:
+                    r.hset(resv_levels_key, id_, kept)
+        r.zrem(resv_key, id_)
+    if r.zcard(resv_key) == 0:
+        r.delete(reserved_key)
 
-    soft_day, hard_day = num(A[3]), num(A[4])
-    soft_month, hard_month = num(A[5]), num(A[6])
-    rpm, tpm = num(A[7]), num(A[8])
-    limit_day, limit_month = num(A[14]), num(A[15])
-    override = r.hmget(K[6], 'soft_day', 'hard_day', 'soft_month', 'hard_month', 'rpm', 'tpm',
+    soft_day, hard_day = num(arg_soft_day), num(arg_hard_day)
+    soft_month, hard_month = num(arg_soft_month), num(arg_hard_month)
+    rpm, tpm = num(arg_rpm), num(arg_tpm)
+    limit_day, limit_month = num(arg_limit_day), num(arg_limit_month)
+    override = r.hmget(budget_key, 'soft_day', 'hard_day', 'soft_month', 'hard_month', 'rpm', 'tpm',
                        'daily_micros', 'monthly_micros')
     if override[0] is not None:
         soft_day, hard_day = num(override[0]), num(override[1])
@@ -70,63 +108,84 @@ def admit_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         if override[6] is not None:
             limit_day, limit_month = num(override[6]), num(override[7])
 
-    reserved = num_or_0(r.get(K[5]))
-    used_day = num_or_0(r.get(K[1])) + reserved
-    used_month = num_or_0(r.get(K[2])) + reserved
+    reserved = num_or_0(r.get(reserved_key))
+    used_day = num_or_0(r.get(spend_day_key)) + reserved
+    used_month = num_or_0(r.get(spend_month_key)) + reserved
 
-    def fits_tenant(worst: int) -> bool:
-        return used_day + worst <= hard_day and used_month + worst <= hard_month
+    candidates = len(A) - first_worst
 
-    job, job_cap, job_used = A[18], num(A[19]), 0
+    def worst(i: int) -> int:
+        return num(A[first_worst + i])
+
+    def fits_tenant(w: int) -> bool:
+        return used_day + w <= hard_day and used_month + w <= hard_month
+
+    job_cap, job_used = num(arg_job_cap), 0
     if job != '':
-        job_override = r.hget(K[6], 'job_micros')
+        job_override = r.hget(budget_key, 'job_micros')
         if job_override is not None:
             job_cap = num(job_override)
-        job_used = num_or_0(r.hget(K[18], 'cost_micros')) + num_or_0(r.hget(K[17], job))
+        job_used = num_or_0(r.hget(job_key, 'cost_micros')) + num_or_0(r.hget(job_held_key, job))
     else:
         job_cap = -1
 
-    def fits(worst: int) -> bool:
-        return fits_tenant(worst) and (job_cap < 0 or job_used + worst <= job_cap)
+    def fits_v4(w: int) -> bool:
+        return fits_tenant(w) and (job_cap < 0 or job_used + w <= job_cap)
 
-    first = 21
-    candidates = len(A) - first
+    caps, models = levels['caps'], levels['models']
+    cap_used = [num_or_0(r.get(cap['spend'])) + num_or_0(r.get(cap['held'])) for cap in caps]
+
+    def applies(cap: dict[str, Any], i: int) -> bool:
+        return bool(cap['model'] == '' or (i < len(models) and cap['model'] == models[i]))
+
+    def refusing_cap(i: int) -> int:
+        w = worst(i)
+        for c, cap in enumerate(caps):
+            if applies(cap, i) and cap_used[c] + w > cap['hard']:
+                return c + 1
+        return 0
+
+    def fits(i: int) -> bool:
+        return fits_v4(worst(i)) and refusing_cap(i) == 0
+
+    def soft_levels(i: int) -> bool:
+        return any(applies(cap, i) and cap_used[c] >= cap['soft'] for c, cap in enumerate(caps))
+
     chosen = -1
-    if fits(num(A[first])):
+    if fits(0):
         chosen = 0
-        soft = used_day >= soft_day or used_month >= soft_month
-        if soft and candidates > 1 and fits(num(A[first + 1])):
+        soft = used_day >= soft_day or used_month >= soft_month or soft_levels(0)
+        if soft and candidates > 1 and fits(1):
             chosen = 1
     else:
         for i in range(1, candidates):
-            if fits(num(A[first + i])):
+            if fits(i):
                 chosen = i
                 break
 
-    settled = 1 if r.hexists(K[7], A[1]) == 1 else 0
+    settled = 1 if r.hexists(settled_key, reservation_id) == 1 else 0
 
     cutoff = now_ms - WINDOW_MS
     requests, tokens = 0, 0
     if rpm > 0:
-        r.zremrangebyscore(K[8], '-inf', cutoff)
-        requests = r.zcard(K[8])
+        r.zremrangebyscore(rl_req_key, '-inf', cutoff)
+        requests = r.zcard(rl_req_key)
     if tpm > 0:
         while True:
-            aged = r.zrangebyscore(K[9], '-inf', cutoff, 0, 1000)
+            aged = r.zrangebyscore(rl_tok_key, '-inf', cutoff, 0, 1000)
             if not aged:
                 break
-            freed = sum(num_or_0(n) for n in r.hmget(K[10], *aged))
-            r.decrby(K[11], freed)
-            r.hdel(K[10], *aged)
-            r.zrem(K[9], *aged)
-        if r.zcard(K[9]) > 0:
-            tokens = num_or_0(r.get(K[11]))
-    call_tokens = num(A[9])
+            freed = sum(num_or_0(n) for n in r.hmget(rl_tok_n_key, *aged))
+            r.decrby(rl_tok_sum_key, freed)
+            r.hdel(rl_tok_n_key, *aged)
+            r.zrem(rl_tok_key, *aged)
+        if r.zcard(rl_tok_key) > 0:
+            tokens = num_or_0(r.get(rl_tok_sum_key))
 
-    def leaves_at(key: int, limit: int) -> int:
+    def leaves_at(key: str, limit: int) -> int:
         if limit == 0:
             return 0
-        oldest = r.zrange(K[key], 0, 0)
+        oldest = r.zrange(key, 0, 0)
         if not oldest:
             return 0
         return max(1, int(oldest[0][1]) + WINDOW_MS - now_ms)
@@ -135,88 +194,115 @@ def admit_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     if chosen >= 0 and settled == 0:
         if rpm > 0 and requests + 1 > rpm:
             limited = 1
-            nth = r.zrange(K[8], requests - rpm, requests - rpm)
+            nth = r.zrange(rl_req_key, requests - rpm, requests - rpm)
             wait_ms = max(1, int(nth[0][1]) + WINDOW_MS - now_ms)
         elif tpm > 0 and call_tokens > tpm:
             limited = 3
         elif tpm > 0 and tokens + call_tokens > tpm:
             limited = 2
             freed = 0
-            for id_, at in r.zrange(K[9], 0, -1):
-                freed += num_or_0(r.hget(K[10], id_))
+            for id_, at in r.zrange(rl_tok_key, 0, -1):
+                freed += num_or_0(r.hget(rl_tok_n_key, id_))
                 if tokens - freed + call_tokens <= tpm:
                     wait_ms = max(1, int(at) + WINDOW_MS - now_ms)
                     break
 
-    def queue(event: str, period: str, period_id: str, spent: int, limit: int) -> None:
-        if A[10] != '1':
+    def queue(event: str, period: str, period_id: str, spent: int, limit: int, level: str | None = None) -> None:
+        if not queue_alerts:
             return
-        entry = r.xadd(K[14], ['event', event, 'tenant', A[11], 'period', period, 'period_id', period_id,
-                               'threshold', '', 'spent', spent, 'limit', limit, 'at_ms', now_ms], maxlen=10000)
-        r.zadd(K[15], now_ms, entry)
+        fields: list[Any] = ['event', event, 'tenant', tenant, 'period', period, 'period_id', period_id,
+                             'threshold', '', 'spent', spent, 'limit', limit, 'at_ms', now_ms]
+        if level is not None:
+            fields += ['level', level]
+        entry = r.xadd(alerts_key, fields, maxlen=10000)
+        r.zadd(alerts_due_key, now_ms, entry)
 
-    exhausted = 0
+    exhausted, refused_by = 0, 0
+    if chosen < 0:
+        for i in range(candidates):
+            if fits_v4(worst(i)):
+                refused_by = refusing_cap(i)
+                break
     job_refused = False
     if chosen < 0 and job_cap >= 0:
         for i in range(candidates):
-            if fits_tenant(num(A[first + i])):
+            if fits_tenant(worst(i)):
                 job_refused = True
-    if job_refused:
+    if refused_by > 0:
+        exhausted = 4
+        cap = caps[refused_by - 1]
+        if not provisional and r.hsetnx(cap['flags'], 'blocked_event:' + cap['scope'], now_ms) == 1:
+            r.expire(cap['flags'], cap['ttl'])
+            queue('blocked', cap['window'], cap['period'], cap_used[refused_by - 1], cap['limit'], cap['level'])
+    elif job_refused:
         exhausted = 3
     elif chosen < 0:
         exhausted = 1
-        if used_month + num(A[-1]) > hard_month:
+        if used_month + worst(candidates - 1) > hard_month:
             exhausted = 2
-        flags, ttl = K[12], A[16]
-        period, period_id, spent, limit = 'day', A[12], used_day - reserved, limit_day
+        flags, ttl = flags_day_key, day_ttl
+        period, period_id, spent, limit = 'day', day_id, used_day - reserved, limit_day
         if exhausted == 2:
-            flags, ttl = K[13], A[17]
-            period, period_id, spent, limit = 'month', A[13], used_month - reserved, limit_month
-        if A[20] != '1':
+            flags, ttl = flags_month_key, month_ttl
+            period, period_id, spent, limit = 'month', month_id, used_month - reserved, limit_month
+        if not provisional:
             r.hset(flags, 'blocked', now_ms)
             r.expire(flags, ttl)
             if r.hsetnx(flags, 'blocked_event', now_ms) == 1:
                 queue('blocked', period, period_id, spent, limit)
     elif settled == 0 and limited == 0:
-        worst = num(A[first + chosen])  # the Lua's local "amount"
-        r.zadd(K[3], now_ms + num(A[2]), A[1])
-        r.hset(K[4], A[1], worst)
-        r.incrby(K[5], worst)
+        amount = worst(chosen)
+        r.zadd(resv_key, now_ms + lease_ms, reservation_id)
+        r.hset(resv_amount_key, reservation_id, amount)
+        r.incrby(reserved_key, amount)
         if job != '':
-            r.hset(K[16], A[1], job)
-            r.hincrby(K[17], job, worst)
-        r.hdel(K[12], 'blocked')
-        r.hdel(K[13], 'blocked')
+            r.hset(resv_job_key, reservation_id, job)
+            r.hincrby(job_held_key, job, amount)
+        booked, seen = '', set()
+        for c, cap in enumerate(caps):
+            if applies(cap, chosen):
+                if cap['own'] == 1 and 'h ' + cap['held'] not in seen:
+                    seen.add('h ' + cap['held'])
+                    r.incrby(cap['held'], amount)
+                    booked += 'h ' + cap['held'] + '\n'
+                if 's ' + cap['spend'] not in seen:
+                    seen.add('s ' + cap['spend'])
+                    booked += 's ' + '\t'.join(str(cap[f]) for f in ('ttl', 'limit', 'level', 'window', 'period',
+                                                                     'scope', 'flags', 'spend')) + '\n'
+                cap_used[c] += amount
+        if booked != '':
+            r.hset(resv_levels_key, reservation_id, booked)
+            r.expire(resv_levels_key, day_ttl)
+        r.hdel(flags_day_key, 'blocked')
+        r.hdel(flags_month_key, 'blocked')
         if rpm > 0:
-            r.zadd(K[8], now_ms, A[1])
-            r.pexpire(K[8], WINDOW_MS * 2)
+            r.zadd(rl_req_key, now_ms, reservation_id)
+            r.pexpire(rl_req_key, WINDOW_MS * 2)
             requests += 1
         if tpm > 0:
-            r.zadd(K[9], now_ms, A[1])
-            r.hset(K[10], A[1], call_tokens)
-            tokens = r.incrby(K[11], call_tokens)
-            for k in (9, 10, 11):
-                r.pexpire(K[k], WINDOW_MS * 2)
-        # the period's first call sent to a cheaper tier by the tenant's budget (one downgraded by a job's
-        # cap alone says nothing of the tenant's day or month)
-        by_day = used_day >= soft_day or used_day + num(A[first]) > hard_day
-        by_month = used_month >= soft_month or used_month + num(A[first]) > hard_month
+            r.zadd(rl_tok_key, now_ms, reservation_id)
+            r.hset(rl_tok_n_key, reservation_id, call_tokens)
+            tokens = r.incrby(rl_tok_sum_key, call_tokens)
+            for key in (rl_tok_key, rl_tok_n_key, rl_tok_sum_key):
+                r.pexpire(key, WINDOW_MS * 2)
+        by_day = used_day >= soft_day or used_day + worst(0) > hard_day
+        by_month = used_month >= soft_month or used_month + worst(0) > hard_month
         if chosen > 0 and (by_day or by_month):
-            flags, ttl, period, period_id, spent, limit = (K[12], A[16], 'day', A[12], used_day - reserved,
-                                                           limit_day)
+            flags, ttl, period, period_id, spent, limit = (flags_day_key, day_ttl, 'day', day_id,
+                                                           used_day - reserved, limit_day)
             if not by_day:
-                flags, ttl, period, period_id, spent, limit = (K[13], A[17], 'month', A[13],
+                flags, ttl, period, period_id, spent, limit = (flags_month_key, month_ttl, 'month', month_id,
                                                                used_month - reserved, limit_month)
             if r.hsetnx(flags, 'downgrading', now_ms) == 1:
                 r.expire(flags, ttl)
                 queue('downgrading', period, period_id, spent, limit)
 
     blocked = 0
-    if r.hexists(K[12], 'blocked') == 1 or r.hexists(K[13], 'blocked') == 1:
+    if r.hexists(flags_day_key, 'blocked') == 1 or r.hexists(flags_month_key, 'blocked') == 1:
         blocked = 1
     return [chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
-            limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(8, rpm), leaves_at(9, tpm), blocked,
-            job_cap, job_used]
+            limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(rl_req_key, rpm), leaves_at(rl_tok_key, tpm),
+            blocked, job_cap, job_used, refused_by, *cap_used]
 
 
 def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
@@ -245,6 +331,29 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     charge = num(A[2])
     r.hset(K[7], A[1], charge)
     r.expire(K[7], A[3])
+
+    books = r.hget(K[19], A[1])
+    if books is not None:
+        alert_thresholds = num(A[12])
+        for line in text(books).split('\n'):
+            if line.startswith('h '):
+                if amount is not None and r.decrby(line[2:], amount) <= 0:
+                    r.delete(line[2:])
+            elif line and charge > 0:
+                ttl, cap_limit, level, window, period, scope, flags, key = line[2:].split('\t', 7)
+                spent = r.incrby(key, charge)
+                r.expire(key, ttl)
+                if alert_thresholds > 0 and int(cap_limit) > 0:
+                    at_ms = r.now_ms
+                    for i in range(13, 13 + alert_thresholds):
+                        if (spent * 1000000 >= int(cap_limit) * num(A[i])
+                                and r.hsetnx(flags, 'threshold:' + scope + ':' + A[i], at_ms) == 1):
+                            r.expire(flags, ttl)
+                            entry = r.xadd(K[13], ['event', 'threshold', 'tenant', A[7], 'period', window,
+                                                   'period_id', period, 'threshold', A[i], 'spent', spent,
+                                                   'limit', cap_limit, 'at_ms', at_ms, 'level', level], maxlen=10000)
+                            r.zadd(K[14], at_ms, entry)
+        r.hdel(K[19], A[1])
 
     if charge > 0:
         day = r.incrby(K[1], charge)
@@ -391,8 +500,8 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "af3a3380cceb131e3e2a58f5175cd0e9339dacc5": admit_v4,  # admit.v4.lua
-    "34ce43d1a471f9dc9ecedf2b185792d3251be9db": settle_v4,  # settle.v4.lua
+    "742e1191a86b853d9c0b6da29f1e5437f0e7c612": settle_v4,  # settle.v4.lua
+    "f0e3011a5023fff0171b65c28ed771bc66b025f7": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

@@ -65,8 +65,9 @@ def test_tenant_state_has_the_contract_shape_and_exact_figures(
     all_settled(redis_url)
     state = httpx.get(url + "/admin/tenants/acme", headers=ADMIN).json()
     assert set(state) == {"tenant", "state", "day", "month", "soft_cap", "hard_cap", "timezone", "overridden",
-                          "remaining_usd", "rate_limits", "job_usd", "burn_rate_usd_per_hour"}
+                          "remaining_usd", "rate_limits", "job_usd", "burn_rate_usd_per_hour", "levels"}
     assert state["tenant"] == "acme" and state["state"] == "active" and state["timezone"] == "UTC"
+    assert state["levels"] == []  # no level beside the day and month is configured
     assert state["soft_cap"] == 0.8 and state["hard_cap"] == 1.0
     day = state["day"]
     assert set(day) == {"period", "limit_usd", "spent_usd", "reserved_usd", "remaining_usd", "utilization",

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guardproxy.budget.decision import RateLimits, Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
 from guardproxy.store.redis import BudgetStore
@@ -36,7 +37,7 @@ from guardproxy.store.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
 TENANT = "acme"
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
 CLOCK_KEY = "test:clock"
-SCRIPTS = ("admit.v4.lua", "settle.v4.lua", "renew.v1.lua", "claim.v1.lua", "loop.v1.lua", "velocity.v1.lua")
+SCRIPTS = ("admit.v5.lua", "settle.v4.lua", "renew.v1.lua", "claim.v1.lua", "loop.v1.lua", "velocity.v1.lua")
 
 
 def source(name: str) -> str:
@@ -50,7 +51,7 @@ def test_every_script_has_a_transcription(tmp_path: Any) -> None:
     assert {s.sha for s in scripts} == set(TRANSCRIPTIONS)
     assert all("redis.call('TIME')" in source(name) for name in SCRIPTS)
     with pytest.raises(RuntimeError, match="no transcription"):
-        SqliteClient(tmp_path / "other.db").register_script(source("admit.v4.lua") + "\n-- edited")
+        SqliteClient(tmp_path / "other.db").register_script(source("admit.v5.lua") + "\n-- edited")
 
 
 # -- the two stores, recording every script reply ---------------------------------------------------------
@@ -126,6 +127,7 @@ class Admit:
     job: str
     job_cap: int | None
     provisional: bool
+    levels: LevelArgs = NO_LEVELS
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,23 @@ def thresholds(draw: st.DrawFn) -> Thresholds:
     return Thresholds(draw(st.integers(0, hard_day)), hard_day, draw(st.integers(0, hard_month)), hard_month)
 
 
+PERIOD_OF = {"hour": "2026-11-22T12", "day": "2026-11-22", "week": "2026-W47", "month": "2026-11"}
+SCOPES = {"global": ["global"], "tenant": ["tenant"], "key": ["key:k1", "key:k2"], "model": ["model:m1", "model:m2"]}
+
+
+@st.composite
+def level_caps(draw: st.DrawFn) -> LevelCap:
+    level = draw(st.sampled_from(list(SCOPES)))
+    scope = draw(st.sampled_from(SCOPES[level]))
+    window = draw(st.sampled_from(list(PERIOD_OF) if level != "tenant" else ["hour", "week"]))
+    hard = draw(st.integers(0, 1500))
+    return LevelCap(level, scope, window, PERIOD_OF[window], hard, draw(st.integers(0, hard)), hard,
+                    model=scope.removeprefix("model:") if level == "model" else "")
+
+
+# the caps of a call: mostly the same within one sequence (st.shared), so that they fill up
+LEVEL_ARGS = st.builds(LevelArgs, st.lists(level_caps(), max_size=4).map(tuple),
+                       st.lists(st.sampled_from(["m1", "m2", "m3"]), min_size=1, max_size=3).map(tuple))
 RATES = st.builds(RateLimits, st.sampled_from([0, 1, 2, 3]), st.sampled_from([0, 60, 100]))
 # mostly the same limits and rates within one sequence (st.shared), so windows and caps fill up
 ADMITS = st.builds(Admit, id=st.sampled_from(IDS), lease_ms=st.sampled_from([1, 2_000, 60_000]),
@@ -199,7 +218,8 @@ ADMITS = st.builds(Admit, id=st.sampled_from(IDS), lease_ms=st.sampled_from([1, 
                    rate=st.one_of(st.shared(RATES, key="rate"), RATES),
                    call_tokens=st.sampled_from([0, 1, 20, 30, 40, 59, 60, 61, 100, 120]), alerts=st.booleans(),
                    job=st.sampled_from(JOBS), job_cap=st.sampled_from([None, 0, 300, 1000]),
-                   provisional=st.booleans())
+                   provisional=st.booleans(),
+                   levels=st.one_of(st.just(NO_LEVELS), st.shared(LEVEL_ARGS, key="levels"), LEVEL_ARGS))
 ops = st.one_of(
     ADMITS, ADMITS,  # twice as likely: the scripts' state builds up through admissions
     st.builds(Settle, id=st.sampled_from(IDS), charge=st.sampled_from([0, 0, 1, 100, 450, 900]),
@@ -231,7 +251,7 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
     if isinstance(op, Admit):
         await store.admit(TENANT, PERIODS, op.limits, op.worst, op.id, op.lease_ms, rate=op.rate,
                           call_tokens=op.call_tokens, alerts=AlertArgs(1000, 3000, enabled=op.alerts),
-                          job=JobArgs(op.job, op.job_cap), provisional=op.provisional)
+                          job=JobArgs(op.job, op.job_cap), provisional=op.provisional, levels=op.levels)
     elif isinstance(op, Settle):
         reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job)
         await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s)
@@ -328,6 +348,13 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
 @example(sequence=[  # spend right at the day's soft cap: the downgrade is the day's event
     Admit("r0", 60_000, Thresholds(100, 1000, 10**6, 10**7), [100], RateLimits(), 0, True, "", None, False),
     Admit("r1", 60_000, Thresholds(100, 1000, 10**6, 10**7), [200, 50], RateLimits(), 0, True, "", None, False),
+])
+@example(sequence=[  # a key's hour holds, then refuses; a settlement charges the key's counter, once
+    Admit("r0", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
+          LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",))),
+    Admit("r1", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
+          LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",))),
+    Settle("r0", 90, None, (500_000,), "", 60), Settle("r0", 90, None, (500_000,), "", 60), Advance(61_000),
 ])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])

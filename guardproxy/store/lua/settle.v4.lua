@@ -6,6 +6,9 @@
 -- v3: the token window counts the call's real tokens instead of its worst case; a charge that
 -- takes the day's or month's spend to an alert threshold queues a "threshold" event, once per
 -- period and threshold (the flags hash records the ones fired; an override or a new period re-arms).
+-- levels (with admit.v5; budgets.global, the tenant's hour and week, keys, models): the reservation's books in
+-- resv:levels (written by admit.v5) name the holds to free and the spend counters to charge; both
+-- happen here, once, under the same settled marker. Block marked "levels (v5)".
 -- v4: jobs (work orders): a call that names a job frees the job's share of its reservation and
 -- adds its calls, tokens and cost (also per model) to the job's hash, which a per-tenant zset
 -- lists by last activity; both kept job_ttl s from the last call. Blocks marked "jobs (v4)".
@@ -14,6 +17,7 @@
 --       7 settled:<day>  8 rl:tok:n  9 rl:tok:sum  10 budget  11 flags:day:<day>
 --       12 flags:month:<month>  13 alerts (stream)  14 alerts:due
 --       15 resv:job  16 job:held  17 job:<job id>  18 jobs (zset job id -> last call at ms)
+--       19 resv:levels (hash id -> the reservation's books, see admit.v5)
 -- ARGV: 1 reservation id  2 charge micros (0: a release)  3 day key ttl s  4 month key ttl s
 --       5 calls kept (0: no log)  6 the call's real tokens  7 tenant  8 day  9 month
 --       10 limit_day micros  11 limit_month micros  12 number of thresholds n (0: no alerts)
@@ -54,6 +58,40 @@ end
 local charge = tonumber(ARGV[2])
 redis.call('HSET', KEYS[7], ARGV[1], charge)
 redis.call('EXPIRE', KEYS[7], ARGV[3])
+
+-- levels (v5): free the reservation's holds at every level and charge every level's window; a charge
+-- that takes a window to an alert threshold queues its event, once per scope, window and threshold
+local books = redis.call('HGET', KEYS[19], ARGV[1])
+if books then
+  local alert_thresholds = tonumber(ARGV[12])
+  for line in string.gmatch(books, '[^\n]+') do
+    if string.sub(line, 1, 2) == 'h ' then
+      if amount and redis.call('DECRBY', string.sub(line, 3), amount) <= 0 then redis.call('DEL', string.sub(line, 3)) end
+    elseif charge > 0 then
+      local ttl, limit, level, window, period, scope, flags, key =
+        string.match(line, '^s (%d+)\t(%d+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+      local spent = redis.call('INCRBY', key, charge)
+      redis.call('EXPIRE', key, ttl)
+      if alert_thresholds > 0 and tonumber(limit) > 0 then
+        local clock = redis.call('TIME')
+        local at_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+        for i = 13, 12 + alert_thresholds do
+          if spent * 1000000 >= tonumber(limit) * tonumber(ARGV[i])
+              and redis.call('HSETNX', flags, 'threshold:' .. scope .. ':' .. ARGV[i], at_ms) == 1 then
+            redis.call('EXPIRE', flags, ttl)
+            local id = redis.call('XADD', KEYS[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
+                                  'tenant', ARGV[7], 'period', window, 'period_id', period,
+                                  'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', at_ms,
+                                  'level', level)
+            redis.call('ZADD', KEYS[14], at_ms, id)
+          end
+        end
+      end
+    end
+  end
+  redis.call('HDEL', KEYS[19], ARGV[1])
+end
+-- end levels (v5)
 
 local day, month
 if charge > 0 then
