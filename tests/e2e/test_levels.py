@@ -16,9 +16,7 @@ import yaml
 
 from guardproxy.budget.fleet import key_fingerprint
 from guardproxy.config.settings import Config, hash_key, parse_config
-from tests.e2e.test_chat import HI, all_settled
-from tests.e2e.test_cli import guardproxy
-from tests.helpers import TENANT_KEY, config_dict, make_config, redis_int
+from tests.helpers import HI, TENANT_KEY, all_settled, config_dict, guardproxy, make_config, redis_int
 
 ADMIN_KEY = "adm-levels-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
