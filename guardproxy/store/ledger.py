@@ -65,6 +65,8 @@ SHUTDOWN_DRAIN_S = 5.0
 #: How often a tenant's last activity is written to the tenant index (per process).
 REGISTER_EVERY_S = 3600.0
 REGISTERED_KEPT = 100_000
+#: After the tenant index could not be written, how long before this process tries again for a tenant.
+REGISTER_RETRY_S = 10.0
 
 
 class Ledger:
@@ -125,7 +127,7 @@ class Ledger:
         configured to fail open."""
         refusal = None
         if self.health is not None:
-            await self.health.recheck()
+            await self.health.recheck(tenant)
             refusal = self.health.refusal()
         if refusal is not None:
             # Checked before fail_open: the store answers, but its counters cannot be trusted.
@@ -142,11 +144,16 @@ class Ledger:
             if tenant not in self._registered or now >= self._registered[tenant]:
                 # At most hourly per tenant and process: the index keeps tenants by last activity, for
                 # metrics and the admin API (service-key tenants too), and forgets idle ones.
-                await self.store.register_tenant(tenant, self.config.store.tenant_retention_days,
-                                                 self.config.store.tenant_index_max)
                 if len(self._registered) >= REGISTERED_KEPT:
                     self._registered.clear()  # arbitrary service-key tenant ids must not grow it either
-                self._registered[tenant] = now + REGISTER_EVERY_S
+                try:
+                    await self.store.register_tenant(tenant, self.config.store.tenant_retention_days,
+                                                     self.config.store.tenant_index_max)
+                    self._registered[tenant] = now + REGISTER_EVERY_S
+                except StoreUnavailable:
+                    # Not the call's business: on Cluster the index is one key on one shard, and a dead
+                    # shard must not refuse the tenants of the others. Tried again a little later.
+                    self._registered[tenant] = now + REGISTER_RETRY_S
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
@@ -154,7 +161,7 @@ class Ledger:
             )
         except StoreUnavailable as exc:
             if self.health is not None:
-                self.health.suspect()
+                self.health.suspect(tenant)
             # fail_open serves unbudgeted only while the journal can keep the charge.
             nowhere = self.journal is not None and not self.journal.writable
             if not self.config.store.fail_open or nowhere:
@@ -191,7 +198,7 @@ class Ledger:
             await self._apply(entry)
         except StoreUnavailable:
             if self.health is not None:
-                self.health.suspect()
+                self.health.suspect(reservation.tenant)
             await self._keep(entry)
 
     def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
