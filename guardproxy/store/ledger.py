@@ -11,9 +11,10 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
   them, and while neither can take a charge no call is admitted (503), not even with ``fail_open``;
 - every reservation of a running call has its lease renewed by one background task per process, so
   a long stream keeps its room and a crashed process's reservations free within one lease;
-- every running stream's charge so far is checkpointed beside the journal each
-  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges what it had relayed up to
-  its last checkpoint (its adopter settles them);
+- every running stream's charge so far is written beside the journal before each batch of frames
+  it relays (into the page cache, ``Journal.progress``), and checkpointed durably each
+  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges all it had relayed (its
+  adopter settles them);
 - behind Sentinel, every settlement the primary took is kept ``store.replay_window_s`` and written
   again when the primary changes (a former primary keeps acknowledging writes for seconds after a
   failover, and they are lost when it becomes a replica); the settled markers make replays of the
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import anyio
 
@@ -69,6 +70,16 @@ REGISTERED_KEPT = 100_000
 REGISTER_RETRY_S = 10.0
 
 
+class StreamCharge(Protocol):
+    """A running stream's charge so far (``http/progress.py``)."""
+
+    def entry(self) -> Entry:
+        """The settlement of what it has relayed until now."""
+
+    def grown(self) -> Entry | None:
+        """The same, when its charge may have grown since the last call (else ``None``)."""
+
+
 class Ledger:
     """Admission and settlement of every call of this process, and the background work they need.
 
@@ -94,7 +105,7 @@ class Ledger:
         #: Watches the store's eviction policy and resets (``store_health``); ``None``: not watched.
         self.health: StoreHealth | None = None
         #: Running streams: reservation id -> the settlement of what the stream has relayed so far.
-        self._streams: dict[str, Callable[[], Entry]] = {}
+        self._streams: dict[str, StreamCharge] = {}
         self._checkpointed = False
         #: Settlements the store took, with when (monotonic), kept for a replay after a failover.
         self._recent: collections.deque[tuple[float, Entry]] = collections.deque()
@@ -201,7 +212,7 @@ class Ledger:
                 self.health.suspect(reservation.tenant)
             await self._keep(entry)
 
-    def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
+    def track(self, reservation_id: str, so_far: StreamCharge) -> None:
         """Checkpoint a running stream: ``so_far`` gives the settlement of what it has relayed until now."""
         if self.journal is not None:
             self._streams[reservation_id] = so_far
@@ -210,11 +221,25 @@ class Ledger:
         """The stream ended (its settlement follows): no more checkpoints of it."""
         self._streams.pop(reservation_id, None)
 
+    def relaying(self, reservation_id: str) -> None:
+        """A tracked stream is about to relay what it has just read: its charge so far, when it grew,
+        goes beside the journal first (``Journal.progress``), so that a crash charges every frame relayed."""
+        if self.journal is None:
+            return
+        so_far = self._streams.get(reservation_id)
+        if so_far is None:
+            return
+        entry = so_far.grown()
+        if entry is not None:
+            self.journal.progress(entry)
+            self._checkpointed = True
+
     async def checkpoint(self) -> None:
-        """Write every running stream's charge so far beside the journal (nothing once none runs)."""
+        """Write every running stream's charge so far beside the journal (nothing once none runs and
+        nothing is left of earlier ones)."""
         if self.journal is None or not (self._streams or self._checkpointed):
             return
-        entries = [so_far() for so_far in list(self._streams.values())]
+        entries = [so_far.entry() for so_far in list(self._streams.values())]
         await self.journal.checkpoint(entries)
         self._checkpointed = bool(entries)
 
