@@ -226,9 +226,13 @@ class StoreHealth:
             return
         self._checking[scope] = done = anyio.Event()
         try:
-            with contextlib.suppress(StoreUnavailable):  # still failing: the admission says so itself
-                await self._check_marker(None if scope == WHOLE_STORE else scope)
-                self._suspects.discard(scope)
+            await self._check_marker(None if scope == WHOLE_STORE else scope)
+            self._suspects.discard(scope)
+        except StoreUnavailable:  # still failing: the admission says so itself
+            if self.cluster and scope == WHOLE_STORE:
+                # The shards that did not answer were marked suspect on their own: only their tenants
+                # check again (the others must not read every shard's markers at each admission).
+                self._suspects.discard(WHOLE_STORE)
         finally:
             done.set()
             del self._checking[scope]
@@ -435,10 +439,15 @@ class StoreHealth:
             return
         if laid != marker:
             client = self.store.client
-            async with translated():
-                for key in self.bucket_keys:
-                    await client.set(key, marker)
-                await client.set(self.laid_key, marker)
+            laid_now = False
+            with anyio.move_on_after(CHECK_TIMEOUT_S * 5):
+                async with translated():
+                    for key in self.bucket_keys:
+                        await client.set(key, marker)
+                    await client.set(self.laid_key, marker)
+                laid_now = True
+            if not laid_now:
+                raise StoreUnavailable("budget store unavailable: the cluster's markers could not be laid in time")
         self._laid_for = marker
 
     async def _lost(self, gone: str) -> None:
