@@ -280,10 +280,10 @@ async def test_progress_written_after_the_checkpoint_is_adopted_largest_charge_p
     assert first.progress(entry(1, charge=10))
     await first.checkpoint([entry(1, charge=20), entry(2, charge=30)])
     assert first.path is not None
-    assert sorted(p.name for p in tmp_path.glob("*.progress.*")) == []  # the one before it is gone
+    assert [n for n in os.listdir(tmp_path) if ".progress." in n] == []  # the one before it is gone
     assert first.progress(entry(1, charge=50)) and first.progress(entry(2, charge=35))
     assert first.progress(entry(1, charge=60)) and first.progress(entry(3, charge=5))
-    assert len(list(tmp_path.glob("*.progress.*"))) == 1
+    assert len([n for n in os.listdir(tmp_path) if ".progress." in n]) == 1
     first.close()  # as a crash would leave them
     assert first.path.exists()
 
