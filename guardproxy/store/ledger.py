@@ -162,8 +162,10 @@ class Ledger:
                                                      self.config.store.tenant_index_max)
                     self._registered[tenant] = now + REGISTER_EVERY_S
                 except StoreUnavailable:
-                    # Not the call's business: on Cluster the index is one key on one shard, and a dead
-                    # shard must not refuse the tenants of the others. Tried again a little later.
+                    if self.health is None or not self.health.cluster:
+                        raise  # one server: the admission would fail too, without waiting twice
+                    # On Cluster the index is one key on one shard, and a dead shard must not refuse
+                    # the tenants of the others. Tried again a little later.
                     self._registered[tenant] = now + REGISTER_RETRY_S
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
