@@ -486,7 +486,7 @@ def test_a_killed_shard_is_503_budget_store_unavailable_never_500(upstream_url: 
                 if round_ == 0:
                     time.sleep(2.5)  # the cluster marks the shard failed
             assert set(timings) == {200, 503}
-            assert max(timings[503]) < 1.5 and max(timings[200]) < 1.5
+            assert max(timings[503]) < 3 and max(timings[200]) < 3  # were 11-14 s with the old retries
             print(f"\nkilled shard: slowest 503 {max(timings[503]):.2f} s, slowest 200 {max(timings[200]):.2f} s")
 
             doomed.start()  # back without its data (no persistence), and its slots with it
