@@ -48,14 +48,15 @@ class StreamProgress:
         #: What ``grown`` last saw: the texts counted and the usage.
         self._seen: tuple[int, Usage | None] = (0, None)
 
-    def grown(self) -> Entry | None:
+    def grown(self) -> tuple[Entry, bool] | None:
         """``entry()`` when texts or a usage arrived since the last call, else ``None`` (a role chunk,
-        a keep-alive): what the relay writes before each batch of frames it sends."""
+        a keep-alive), and whether only texts did: what the relay writes before each batch it sends."""
         seen = (len(self.watcher.texts), self.watcher.usage)
         if seen == self._seen:
             return None
+        only_texts = seen[1] is None or seen[1] == self._seen[1]
         self._seen = seen
-        return self.entry()
+        return self.entry(), only_texts
 
     def entry(self) -> Entry:
         texts = self.watcher.texts

@@ -15,7 +15,8 @@ before a crash may be replayed again; the store's settled-marker makes that a no
 Running streams are checkpointed beside the file: ``<name>.checkpoint`` holds, for each stream still
 relaying, the settlement of what it has relayed so far (rewritten about every second, atomically and
 fsynced). Between two checkpoints, each stream's charge so far is appended to ``<name>.progress.<n>``
-before each batch of frames is relayed (``progress``: one ``write`` into the page cache, no fsync), and
+before each batch of frames is relayed (``progress``: one ``write`` into the page cache, no fsync; a
+stream's first line in a file is its whole entry, the next ones its charge and completion tokens), and
 each checkpoint starts a new progress file and removes the older ones once it is on disk. A process
 killed mid-stream (SIGKILL, a crash, the OOM killer) thus leaves every relayed frame's charge to its
 adopter, which settles, per stream, the largest charge found (after the dead process's own entries: a
@@ -114,6 +115,8 @@ class Journal:
         #: The progress file appended to now (``progress``), its number, and its descriptor once open.
         self._progress_number = 0
         self._progress_fd: int | None = None
+        #: The streams whose whole entry the current progress file holds (the others' lines are short).
+        self._progress_whole: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -199,18 +202,27 @@ class Journal:
             self._recovered()
         return self.problem
 
-    def progress(self, entry: Entry) -> bool:
+    def progress(self, entry: Entry, *, only_completion: bool = False) -> bool:
         """Note a running stream's charge so far before it relays more: appended to the current progress
         file, in the calling thread (one ``write`` into the page cache, a few microseconds; no fsync), so
-        that it survives the process, not the machine. ``False`` (and the journal marked unwritable)
-        when it could not be written."""
+        that it survives the process, not the machine. ``only_completion``: nothing but its charge and
+        its completion tokens changed since its last entry, which then takes a short line (its charge
+        and completion tokens) once the file has its whole entry. ``False`` (and the journal marked
+        unwritable) when it could not be written."""
+        reservation_id = entry.reservation.id
+        if only_completion and reservation_id in self._progress_whole:
+            completion = int((entry.record or {}).get("completion_tokens", 0))
+            data = orjson.dumps({"p": reservation_id, "charge": entry.charge, "completion_tokens": completion}) + b"\n"
+        else:
+            data = entry.to_line()
         try:
             if self._progress_fd is None:
                 self._own_fd()  # the progress files are ours while our journal file is locked
                 assert self.path is not None
                 self._progress_fd = os.open(_progress_of(self.path, self._progress_number),
                                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            data = entry.to_line()
+            if not data.startswith(b'{"p":'):
+                self._progress_whole.add(reservation_id)
             while data:
                 data = data[os.write(self._progress_fd, data):]
         except OSError as exc:
@@ -225,6 +237,7 @@ class Journal:
             os.close(self._progress_fd)
             self._progress_fd = None
         self._progress_number += 1
+        self._progress_whole.clear()
         return self._progress_number
 
     async def checkpoint(self, entries: list[Entry]) -> None:
@@ -406,11 +419,7 @@ class Journal:
                 # its full charge (its checkpoint's replay is then ignored as already settled). Per
                 # stream, the largest charge of its checkpoint and progress entries: what it relayed.
                 progress = _progress_files(path)
-                streams: dict[str, Entry] = {}
-                for e in _read_checkpoint(checkpoint) + [e for _, p in progress for e in _read_checkpoint(p)]:
-                    known = streams.get(e.reservation.id)
-                    if known is None or e.charge >= known.charge:
-                        streams[e.reservation.id] = e
+                streams = _largest_charges(_read_checkpoint(checkpoint), [p for _, p in progress])
                 entries += [e for i, e in streams.items() if i not in settled]
                 if entries:
                     # Into our own file first, durably; only then is the dead one removed.
@@ -479,6 +488,42 @@ def _progress_files(path: Path) -> list[tuple[int, Path]]:
         if number.isdigit():
             found.append((int(number), candidate))
     return sorted(found)
+
+
+def _largest_charges(checkpointed: list[Entry], progress: list[Path]) -> dict[str, Entry]:
+    """Per stream, its entry of largest charge among its checkpoint's and its progress files' (read in
+    order: a short line takes the stream's last whole entry, with its charge and completion tokens)."""
+    last: dict[str, Entry] = {}
+    largest: dict[str, Entry] = {}
+
+    def seen(e: Entry) -> None:
+        last[e.reservation.id] = e
+        known = largest.get(e.reservation.id)
+        if known is None or e.charge >= known.charge:
+            largest[e.reservation.id] = e
+
+    for checkpoint_entry in checkpointed:
+        seen(checkpoint_entry)
+    for path in progress:
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in content.splitlines():
+            if line.startswith(b'{"p":'):
+                try:
+                    short = orjson.loads(line)
+                    whole = last[str(short["p"])]
+                    charge, completion = int(short["charge"]), int(short["completion_tokens"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # torn by a failed write, or its stream's whole entry is missing
+                record = {**(whole.record or {}), "completion_tokens": completion, "cost_micros": charge}
+                seen(Entry(whole.reservation, charge, record))
+            elif line.strip():
+                entry = _entry_in(line)
+                if entry is not None:
+                    seen(entry)
+    return largest
 
 
 def _read_checkpoint(path: Path) -> list[Entry]:

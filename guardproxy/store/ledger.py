@@ -76,8 +76,9 @@ class StreamCharge(Protocol):
     def entry(self) -> Entry:
         """The settlement of what it has relayed until now."""
 
-    def grown(self) -> Entry | None:
-        """The same, when its charge may have grown since the last call (else ``None``)."""
+    def grown(self) -> tuple[Entry, bool] | None:
+        """The same, when its charge may have grown since the last call (else ``None``), and whether
+        only its completion grew (no usage arrived since)."""
 
 
 class Ledger:
@@ -231,9 +232,10 @@ class Ledger:
         so_far = self._streams.get(reservation_id)
         if so_far is None:
             return
-        entry = so_far.grown()
-        if entry is not None:
-            self.journal.progress(entry)
+        grown = so_far.grown()
+        if grown is not None:
+            entry, only_completion = grown
+            self.journal.progress(entry, only_completion=only_completion)
             self._checkpointed = True
 
     async def checkpoint(self) -> None:

@@ -303,3 +303,31 @@ async def test_a_journal_whose_streams_all_ended_leaves_no_progress_behind(tmp_p
     assert journal.path is not None and os.listdir(tmp_path) == [journal.path.name]
     journal.close()
     assert os.listdir(tmp_path) == []
+
+
+async def test_short_progress_lines_take_their_stream_s_whole_entry(tmp_path: Path) -> None:
+    """Once a progress file has a stream's whole entry, its next lines carry only the charge and the
+    completion tokens; adoption rebuilds the entry from the last whole one."""
+
+    def streamed(charge: int, completion: int) -> Entry:
+        record: dict[str, str | int] = {"request_id": "req_s", "outcome": "interrupted", "prompt_tokens": 9,
+                                        "completion_tokens": completion, "cost_micros": charge}
+        return Entry(Reservation("rs", "acme", "2026-11-22", "2026-11", 500), charge, record)
+
+    first = Journal(tmp_path)
+    assert first.progress(streamed(10, 1), only_completion=True)  # the file's first: whole
+    assert first.progress(streamed(20, 2), only_completion=True)
+    assert first.progress(streamed(30, 3), only_completion=True)
+    assert first.path is not None
+    written = [n for n in os.listdir(tmp_path) if ".progress." in n]
+    content = (tmp_path / written[0]).read_bytes().splitlines()
+    assert len(content) == 3 and content[0].startswith(b'{"id":') and content[2].startswith(b'{"p":')
+    assert len(content[2]) < len(content[0]) / 2
+    first.close()
+
+    second = Journal(tmp_path)
+    assert await second.adopt_orphans() == 1
+    store = Store()
+    await second.drain(store.apply)
+    assert store.written == [streamed(30, 3)]
+    second.close()
