@@ -197,7 +197,7 @@ class StoreHealth:
     def _node_name(client: RedisCluster, key: str) -> str | None:
         try:
             node = client.get_node_from_key(key)
-        except Exception:  # the slot map not learnt yet, or a slot uncovered
+        except (redis_errors.RedisClusterException, LookupError):  # no slot map yet, or the slot uncovered
             return None
         return None if node is None else str(node.name)
 
