@@ -197,12 +197,17 @@ class SentinelSet:
 
 
 class RedisCluster3:
-    """Three cluster-mode redis-server primaries, slots split evenly (no replicas)."""
+    """Three cluster-mode redis-server primaries, slots split evenly (no replicas).
 
-    def __init__(self) -> None:
+    ``full_coverage=False``: ``cluster-require-full-coverage no``, the shards that live keep serving
+    their slots while another is down (with ``yes``, Redis's default, the whole cluster answers CLUSTERDOWN).
+    """
+
+    def __init__(self, full_coverage: bool = True) -> None:
         self.nodes = [
             RedisProc("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                      "--cluster-node-timeout", "1000", "--appendonly", "no", port=cluster_port())
+                      "--cluster-node-timeout", "1000", "--appendonly", "no",
+                      "--cluster-require-full-coverage", "yes" if full_coverage else "no", port=cluster_port())
             for _ in range(3)
         ]
 

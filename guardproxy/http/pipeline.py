@@ -339,8 +339,10 @@ class BudgetedEndpoint:
                 capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
                 watcher = capture
 
-            # Checkpointed while it runs, so that a crash still charges what it relayed.
-            self.s.ledger.track(plan.reservation.id, StreamProgress(plan, watcher, request_id).entry)
+            # Checkpointed while it runs, and noted before each batch it relays, so that a crash still
+            # charges what it relayed.
+            ledger, reservation_id = self.s.ledger, plan.reservation.id
+            ledger.track(reservation_id, StreamProgress(plan, watcher, request_id))
 
             async def on_close(result: RelayResult) -> None:
                 self.s.ledger.untrack(plan.reservation.id)
@@ -360,7 +362,7 @@ class BudgetedEndpoint:
                                          plan.sent.upstream)
 
             return StreamRelay(upstream.name, response, headers, watcher, on_close,  # type: ignore[return-value]
-                               on_object)
+                               on_object, before_send=lambda: ledger.relaying(reservation_id))
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
         # The semantic entry is written once the answer is on its way (off the latency path), before
         # the settlement, so that a caller who waits for the settlement finds the entry.

@@ -1,9 +1,10 @@
 """What a call costs and how its audit entry reads, at its end or, for a running stream, so far.
 
 ``call_record`` is the audit-log entry of a settled attempt. ``StreamProgress`` follows a running
-stream for the ledger's checkpoints (``Ledger.track``): the settlement of what it has relayed until
-now, its completion tokens counted incrementally (the count of a stream's texts is the sum of its
-pieces' counts, so each piece is counted once).
+stream for the ledger's checkpoints (``Ledger.track``, ``Ledger.relaying`` before each batch of frames
+it relays): the settlement of what it has relayed until now, its completion tokens counted
+incrementally (the count of a stream's texts is the sum of its pieces' counts, so each piece is
+counted once).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ class StreamProgress:
         self._counter = TokenCounter(plan.sent.name)
         self._counted = 0
         self._tokens = 0
+        #: What ``grown`` last saw: the texts counted and the usage.
+        self._seen: tuple[int, Usage | None] = (0, None)
+
+    def grown(self) -> tuple[Entry, bool] | None:
+        """``entry()`` when texts or a usage arrived since the last call, else ``None`` (a role chunk,
+        a keep-alive), and whether only texts did: what the relay writes before each batch it sends."""
+        seen = (len(self.watcher.texts), self.watcher.usage)
+        if seen == self._seen:
+            return None
+        only_texts = seen[1] is None or seen[1] == self._seen[1]
+        self._seen = seen
+        return self.entry(), only_texts
 
     def entry(self) -> Entry:
         texts = self.watcher.texts

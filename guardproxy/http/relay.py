@@ -158,8 +158,12 @@ class StreamRelay:
         self, upstream: str, response: UpstreamResponse, headers: dict[str, str], watcher: StreamWatcher,
         on_close: Callable[[RelayResult], Awaitable[None]],
         on_object: Callable[[str], Awaitable[None]] | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> None:
         self.upstream = upstream
+        #: Called before each batch of frames is sent, once the watcher has read them: the ledger notes
+        #: the stream's charge so far, so that what the client gets is charged even if the process dies.
+        self.before_send = before_send
         #: Told the answer's id (``StreamWatcher.object_id``) before the frame showing it is relayed,
         #: so that the id is usable (retrieved, continued) as soon as the client has seen it.
         self.on_object = on_object
@@ -204,6 +208,8 @@ class StreamRelay:
                 on_object, self.on_object = self.on_object, None
                 await on_object(self.watcher.object_id)
             if body:
+                if self.before_send is not None:
+                    self.before_send()
                 message: Message = {"type": "http.response.body", "body": body, "more_body": True}
                 await send(message)
 

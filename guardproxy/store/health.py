@@ -16,6 +16,14 @@ Spend lives in Redis, so two server settings decide whether a cap holds (docs/op
   server's ``run_id`` changes, which is logged). The marker last seen is also kept in the journal
   directory, so a process restarted together with Redis still knows there was one.
 
+  On Redis Cluster each primary restarts on its own, so one marker would watch one shard only: the
+  marker is also written in ``MARKER_BUCKETS`` keys spread over the hash slots (``{prefix}:{gp-store-N}:marker``,
+  each in its own range of ``16384 / MARKER_BUCKETS`` slots, so every shard holding such a range holds
+  one and keeps it through a reshard), laid once per marker (``{prefix}:{gp-store}:marker-laid`` names
+  the marker they were laid for). A store failure makes only the admissions of tenants on the failing
+  shard check that shard's markers first; every check is bounded by ``CHECK_TIMEOUT_S``, so a dead
+  shard slows nobody else's calls.
+
 Each problem shows in ``/readyz`` (503 while admissions are refused; an evicting policy only warned
 about is a ``warnings`` entry), in the gauge ``guardproxy_store_problem{problem=...}``, in ``GET
 /admin/store`` and as a ``store`` alert event (once per problem); a Redis without persistence is logged,
@@ -24,7 +32,9 @@ in the gauge and in ``GET /admin/store``.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -51,6 +61,14 @@ log = logging.getLogger("guardproxy.store_health")
 
 #: How often the marker is looked for (one GET pair per process).
 MARKER_CHECK_S = 1.0
+#: No marker check (after a store failure or periodic) takes longer; a shard that does not answer by
+#: then is taken as failing (its tenants' admissions fail, the others go on).
+CHECK_TIMEOUT_S = 1.0
+#: On Redis Cluster, the marker is also kept in this many keys, one per range of hash slots.
+MARKER_BUCKETS = 64
+CLUSTER_SLOTS = 16384
+#: The scope of a plain Redis (or Sentinel) store: everything is on one server.
+WHOLE_STORE = ""
 #: How often ``INFO`` is read for the eviction policy, persistence and run id.
 POLICY_CHECK_S = 5.0
 #: Above this share of Redis's ``maxmemory`` the response cache stores nothing more.
@@ -60,6 +78,29 @@ STORE_ALERT_EVERY_S = 86400
 #: The problems ``guardproxy_store_problem`` reports, by label.
 PROBLEMS = ("evicting_policy", "reset", "no_persistence")
 FIX_POLICY = "CONFIG SET maxmemory-policy noeviction (and the same in redis.conf / your provider's settings)"
+
+
+def key_slot(tag: str) -> int:
+    """Redis Cluster's hash slot of a key whose hash tag is ``tag`` (CRC16/XMODEM, as the server)."""
+    return binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
+
+
+@functools.cache
+def bucket_tags() -> tuple[str, ...]:
+    """One hash tag per range of ``CLUSTER_SLOTS / MARKER_BUCKETS`` slots: the first ``gp-store-N`` in it."""
+    width = CLUSTER_SLOTS // MARKER_BUCKETS
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < MARKER_BUCKETS:
+        tag = f"gp-store-{n}"
+        found.setdefault(key_slot(tag) // width, tag)
+        n += 1
+    return tuple(found[b] for b in range(MARKER_BUCKETS))
+
+
+def bucket_marker_keys(prefix: str) -> list[str]:
+    """The cluster's per-slot-range copies of the store marker."""
+    return [f"{prefix}:{{{tag}}}:marker" for tag in bucket_tags()]
 
 
 @dataclass(frozen=True)
@@ -92,6 +133,11 @@ class StoreHealth:
         self.on_problem = on_problem
         self.marker_key = f"{store.prefix}:{{gp-store}}:marker"
         self.reset_key = f"{store.prefix}:{{gp-store}}:reset"
+        self.cluster = isinstance(store.client, RedisCluster)
+        #: Which marker the cluster's bucket markers were laid for (``marker-laid``), as last read.
+        self.laid_key = f"{store.prefix}:{{gp-store}}:marker-laid"
+        self.bucket_keys = bucket_marker_keys(store.prefix) if self.cluster else []
+        self._laid_for: str | None = None
         self.known_marker: str | None = self._remembered_marker()
         self.reset: str | None = None
         self.evicting: str | None = None
@@ -99,10 +145,11 @@ class StoreHealth:
         self.run_ids: dict[str, str] = {}
         self.memory_share = 0.0
         self._next_info = 0.0
-        #: The store failed a command since the marker was last checked (a restart breaks connections).
-        self._suspect = False
-        #: The marker check running after a store failure, which other admissions wait for.
-        self._checking: anyio.Event | None = None
+        #: Scopes (cluster node names; ``WHOLE_STORE`` elsewhere) that failed a command since their markers
+        #: were last checked (a restart breaks connections).
+        self._suspects: set[str] = set()
+        #: The marker check running after a store failure, per scope, which other admissions wait for.
+        self._checking: dict[str, anyio.Event] = {}
 
     # -- what the rest of the proxy reads ----------------------------------------------------------
 
@@ -138,30 +185,57 @@ class StoreHealth:
                                      "(admissions are then refused until acknowledged); enable appendonly yes")
         return out
 
-    def suspect(self) -> None:
-        """The store just failed a command: the next admission checks the marker first (``recheck``)."""
-        self._suspect = True
+    def scope_of(self, tenant: str | None) -> str:
+        """Where ``tenant``'s keys live: its cluster node's name, or ``WHOLE_STORE``; any node unknown yet
+        (or no tenant) is the whole store too."""
+        client = self.store.client
+        if not self.cluster or tenant is None or not isinstance(client, RedisCluster):
+            return WHOLE_STORE
+        return self._node_name(client, self.store.keys(tenant).base) or WHOLE_STORE
 
-    async def recheck(self) -> None:
-        """After a store failure, check the marker before admitting again, so that calls after a restart
-        are not admitted on reset counters until the next periodic check. One check at a time: callers
-        that arrive while it runs wait for its end and go on with its result (a reset found refuses them;
-        a store still failing fails their admission), instead of queueing a check each behind it, which
-        made every call of an outage wait for all the checks before it. Free (one attribute read) while
-        the store has not failed."""
-        if not self._suspect:
-            return
-        if self._checking is not None:
-            await self._checking.wait()
-            return
-        self._checking = anyio.Event()
+    @staticmethod
+    def _node_name(client: RedisCluster, key: str) -> str | None:
         try:
-            with contextlib.suppress(StoreUnavailable):  # still failing: the admission says so itself
-                await self._check_marker()
-                self._suspect = False
+            node = client.get_node_from_key(key)
+        except (redis_errors.RedisClusterException, LookupError):  # no slot map yet, or the slot uncovered
+            return None
+        return None if node is None else str(node.name)
+
+    def suspect(self, tenant: str | None = None) -> None:
+        """The store just failed a command of ``tenant`` (``None``: any): the next admission of a tenant in
+        the same scope checks the markers there first (``recheck``)."""
+        self._suspects.add(self.scope_of(tenant))
+
+    async def recheck(self, tenant: str | None = None) -> None:
+        """After a store failure, check the markers of ``tenant``'s scope before admitting it again, so that
+        calls after a restart are not admitted on reset counters until the next periodic check. One check
+        per scope at a time: callers that arrive while it runs wait for its end and go on with its result
+        (a reset found refuses them; a store still failing fails their admission), instead of queueing a
+        check each behind it. Free (a set lookup) while the store has not failed; on Cluster a tenant on a
+        shard that did not fail never waits for a check of another. Bounded by ``CHECK_TIMEOUT_S``."""
+        if not self._suspects:
+            return
+        scope = self.scope_of(tenant)
+        if scope not in self._suspects and WHOLE_STORE not in self._suspects:
+            return
+        if WHOLE_STORE in self._suspects:
+            scope = WHOLE_STORE
+        running = self._checking.get(scope)
+        if running is not None:
+            await running.wait()
+            return
+        self._checking[scope] = done = anyio.Event()
+        try:
+            await self._check_marker(None if scope == WHOLE_STORE else scope)
+            self._suspects.discard(scope)
+        except StoreUnavailable:  # still failing: the admission says so itself
+            if self.cluster and scope == WHOLE_STORE:
+                # The shards that did not answer were marked suspect on their own: only their tenants
+                # check again (the others must not read every shard's markers at each admission).
+                self._suspects.discard(WHOLE_STORE)
         finally:
-            self._checking.set()
-            self._checking = None
+            done.set()
+            del self._checking[scope]
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -183,17 +257,31 @@ class StoreHealth:
             try:
                 await self.check()
             except StoreUnavailable:
-                self.suspect()  # /readyz says so through its own check; tried again next tick
+                # /readyz says so through its own check; tried again next tick. On Cluster the markers
+                # that could not be read already marked their shards suspect, and only those.
+                if not self.cluster:
+                    self.suspect()
             except Exception:  # the watcher must outlive any one failure; it is logged
                 log.exception("store health: unexpected error (continuing)")
 
     async def check(self) -> None:
-        """One round: the marker every time, ``INFO`` every ``POLICY_CHECK_S``."""
+        """One round: the markers every time, ``INFO`` every ``POLICY_CHECK_S`` (a server that cannot
+        answer ``INFO``, e.g. a dead cluster shard, does not keep the others' markers from being read)."""
+        unanswered: StoreUnavailable | None = None
         if time.monotonic() >= self._next_info:
-            facts = await self.server_facts()
-            self._next_info = time.monotonic() + POLICY_CHECK_S
-            await self._judge(facts)
+            try:
+                facts = None
+                with anyio.move_on_after(CHECK_TIMEOUT_S):
+                    facts = await self.server_facts()
+                if facts is None:
+                    raise StoreUnavailable(f"budget store unavailable: no INFO within {CHECK_TIMEOUT_S} s")
+                self._next_info = time.monotonic() + POLICY_CHECK_S
+                await self._judge(facts)
+            except StoreUnavailable as exc:
+                unanswered = exc
         await self._check_marker()
+        if unanswered is not None:
+            raise unanswered
 
     async def server_facts(self) -> ServerFacts:
         client = self.store.client
@@ -260,14 +348,69 @@ class StoreHealth:
                 if unpersisted:
                     log.warning("store: %s: a restart of Redis would reset every tenant's spend", unpersisted)
 
-    async def _check_marker(self) -> None:
+    async def _read(self, keys: list[str]) -> dict[str, bytes | Exception | None]:
+        """Each key's value, or the error reading it; all within ``CHECK_TIMEOUT_S`` (a key not read by
+        then is a ``StoreUnavailable``)."""
         client = self.store.client
-        async with translated():
-            marker, reset = await client.get(self.marker_key), await client.get(self.reset_key)
-        if reset is not None:
-            self._enter_reset(text(reset))
+        out: dict[str, bytes | Exception | None] = {}
+
+        async def one(key: str) -> None:
+            try:
+                async with translated():
+                    value: bytes | None = await client.get(key)  # type: ignore[assignment]
+                out[key] = value
+            except StoreUnavailable as exc:
+                out[key] = exc
+
+        with anyio.move_on_after(CHECK_TIMEOUT_S):
+            async with anyio.create_task_group() as group:
+                for key in keys:
+                    group.start_soon(one, key)
+        for key in keys:
+            out.setdefault(key, StoreUnavailable(f"budget store unavailable: no answer for {key} "
+                                                 f"within {CHECK_TIMEOUT_S} s"))
+        return out
+
+    async def _check_marker(self, scope: str | None = None) -> None:
+        """Read the markers (and the reset record) of ``scope`` (a cluster node's name; ``None``: all) and
+        judge them; raises ``StoreUnavailable`` when some could not be read (after judging the others,
+        and marking their scopes suspect)."""
+        keys = [self.reset_key, self.marker_key, *([self.laid_key] if self.cluster else []), *self.bucket_keys]
+        client = self.store.client
+        if scope is not None and isinstance(client, RedisCluster):
+            keys = [k for k in keys if self._node_name(client, k) == scope]
+        read = await self._read(keys)
+        failed = [k for k, v in read.items() if isinstance(v, Exception)]
+        try:
+            await self._judge_markers({k: v for k, v in read.items() if not isinstance(v, Exception)})
+        finally:
+            if failed:
+                if isinstance(client, RedisCluster):
+                    self._suspects.update(self._node_name(client, k) or WHOLE_STORE for k in failed)
+                error = read[failed[0]]
+                assert isinstance(error, Exception)
+                raise error
+
+    async def _judge_markers(self, read: Mapping[str, bytes | None]) -> None:
+        client = self.store.client
+        if read.get(self.reset_key) is not None:
+            self._enter_reset(text(read[self.reset_key] or b""))
             return
-        if marker is not None:
+        if self.marker_key in read:
+            marker = read[self.marker_key]
+            if marker is None:
+                if self.known_marker is None:
+                    # Never seen one: a new store. NX: processes starting together agree on one marker.
+                    fresh = f"{uuid.uuid4().hex}:{int(time.time())}"
+                    async with translated():
+                        await client.set(self.marker_key, fresh, nx=True)
+                        seen_now = await client.get(self.marker_key)
+                    if seen_now is not None:
+                        self._remember(text(seen_now))
+                        await self._lay_buckets(text(seen_now), None)
+                    return
+                await self._lost(f"its marker {self.known_marker[:8]} is gone")
+                return
             seen = text(marker)
             if self.known_marker is not None and seen != self.known_marker:
                 log.warning("store: a new store marker (%s, was %s): a reset was acknowledged or this is another "
@@ -277,27 +420,53 @@ class StoreHealth:
                 log.warning("store: the reset was acknowledged; admitting again")
                 self.reset = None
                 self._tell("reset", False)
+            if self.laid_key in read:
+                laid = read[self.laid_key]
+                await self._lay_buckets(seen, None if laid is None else text(laid))
+        if self._laid_for is None or self._laid_for != self.known_marker:
+            return  # the bucket markers are not known to be there: nothing to judge by them
+        gone = [k for k in self.bucket_keys if k in read and read[k] is None]
+        if gone:
+            where = ""
+            if isinstance(client, RedisCluster):
+                where = " on " + ", ".join(sorted({self._node_name(client, k) or "?" for k in gone}))
+            await self._lost(f"its marker {self.known_marker[:8]}{where} is gone ({len(gone)} of "
+                             f"{len(self.bucket_keys)} slot ranges)")
+
+    async def _lay_buckets(self, marker: str, laid: str | None) -> None:
+        """On Cluster, write ``marker`` into every bucket key unless they were laid for it already."""
+        if not self.cluster:
             return
-        if self.known_marker is None:
-            # Never seen one: a new store. NX: processes starting together agree on one marker.
-            fresh = f"{uuid.uuid4().hex}:{int(time.time())}"
-            async with translated():
-                await client.set(self.marker_key, fresh, nx=True)
-                seen_now = await client.get(self.marker_key)
-            if seen_now is not None:
-                self._remember(text(seen_now))
-            return
+        if laid != marker:
+            client = self.store.client
+            laid_now = False
+            with anyio.move_on_after(CHECK_TIMEOUT_S * 5):
+                async with translated():
+                    for key in self.bucket_keys:
+                        await client.set(key, marker)
+                    await client.set(self.laid_key, marker)
+                laid_now = True
+            if not laid_now:
+                raise StoreUnavailable("budget store unavailable: the cluster's markers could not be laid in time")
+        self._laid_for = marker
+
+    async def _lost(self, gone: str) -> None:
+        """The store lost data: record the reset for every process, alert, refuse."""
+        client = self.store.client
         runs = ", ".join(f"run_id {r[:8]}" for r in self.run_ids.values())
-        what = (f"its marker {self.known_marker[:8]} is gone: Redis restarted without persistence, was flushed "
+        what = (f"{gone}: Redis restarted without persistence, was flushed "
                 f"or evicted it; detected {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by "
                 f"{socket.gethostname()} pid {os.getpid()}{'; ' + runs if runs else ''}")
-        async with translated():
-            first = await client.set(self.reset_key, what, nx=True)
-        if first:
-            await self._alert("reset", f"The budget store lost its data ({what}); admissions are refused until "
-                              "an operator rebuilds the spend and acknowledges the reset.", key="reset")
-        async with translated():
-            recorded = await client.get(self.reset_key)
+        try:
+            async with translated():
+                first = await client.set(self.reset_key, what, nx=True)
+            if first:
+                await self._alert("reset", f"The budget store lost its data ({what}); admissions are refused "
+                                  "until an operator rebuilds the spend and acknowledges the reset.", key="reset")
+            async with translated():
+                recorded = await client.get(self.reset_key)
+        except StoreUnavailable:  # the record's shard is down: this process refuses all the same
+            recorded = None
         self._enter_reset(text(recorded) if recorded is not None else what)
 
     def _enter_reset(self, what: str) -> None:
@@ -359,11 +528,16 @@ class StoreHealth:
 
 
 async def acknowledge_reset(store: BudgetStore) -> str:
-    """Write a new store marker and drop the reset record (one transaction); returns the new marker."""
+    """Write a new store marker (on Cluster, into every slot range too) and drop the reset record;
+    returns the new marker."""
     marker = f"{uuid.uuid4().hex}:{int(time.time())}"
     base = f"{store.prefix}:{{gp-store}}"
     async with translated():
         # In this order: a failure in between leaves the reset recorded (still refusing), never lost.
+        if isinstance(store.client, RedisCluster):
+            for key in bucket_marker_keys(store.prefix):
+                await store.client.set(key, marker)
+            await store.client.set(f"{base}:marker-laid", marker)
         await store.client.set(f"{base}:marker", marker)
         await store.client.delete(f"{base}:reset")
     return marker

@@ -13,10 +13,15 @@ that lock adopts the file's entries into its own journal, then deletes it. An en
 before a crash may be replayed again; the store's settled-marker makes that a no-op.
 
 Running streams are checkpointed beside the file: ``<name>.checkpoint`` holds, for each stream still
-relaying, the settlement of what it has relayed so far (rewritten about every second, atomically). A
-process killed mid-stream thus leaves its streams' charges to its adopter, which settles them after
-the dead process's own entries (a settled id is never charged twice, so a stream that did settle
-before the crash costs nothing more).
+relaying, the settlement of what it has relayed so far (rewritten about every second, atomically and
+fsynced). Between two checkpoints, each stream's charge so far is appended to ``<name>.progress.<n>``
+before each batch of frames is relayed (``progress``: one ``write`` into the page cache, no fsync; a
+stream's first line in a file is its whole entry, the next ones its charge and completion tokens), and
+each checkpoint starts a new progress file and removes the older ones once it is on disk. A process
+killed mid-stream (SIGKILL, a crash, the OOM killer) thus leaves every relayed frame's charge to its
+adopter, which settles, per stream, the largest charge found (after the dead process's own entries: a
+settled id is never charged twice, so a stream that did settle before the crash costs nothing more).
+A machine that loses power can lose what was relayed since the last checkpoint (at most a second).
 
 A journal that cannot be written (a full disk, a read-only mount) never drops a charge: the entry is
 kept in memory, retried on disk and in the store until one of them takes it, and ``writable`` says so
@@ -107,6 +112,11 @@ class Journal:
         #: Why the journal cannot be written (the last write or check failed), else ``None``.
         self.problem: str | None = None
         self._checked_at = -CHECK_EVERY_S
+        #: The progress file appended to now (``progress``), its number, and its descriptor once open.
+        self._progress_number = 0
+        self._progress_fd: int | None = None
+        #: The streams whose whole entry the current progress file holds (the others' lines are short).
+        self._progress_whole: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -192,13 +202,54 @@ class Journal:
             self._recovered()
         return self.problem
 
+    def progress(self, entry: Entry, *, only_completion: bool = False) -> bool:
+        """Note a running stream's charge so far before it relays more: appended to the current progress
+        file, in the calling thread (one ``write`` into the page cache, a few microseconds; no fsync), so
+        that it survives the process, not the machine. ``only_completion``: nothing but its charge and
+        its completion tokens changed since its last entry, which then takes a short line (its charge
+        and completion tokens) once the file has its whole entry. ``False`` (and the journal marked
+        unwritable) when it could not be written."""
+        reservation_id = entry.reservation.id
+        if only_completion and reservation_id in self._progress_whole:
+            completion = int((entry.record or {}).get("completion_tokens", 0))
+            data = orjson.dumps({"p": reservation_id, "charge": entry.charge, "completion_tokens": completion}) + b"\n"
+        else:
+            data = entry.to_line()
+        try:
+            if self._progress_fd is None:
+                self._own_fd()  # the progress files are ours while our journal file is locked
+                assert self.path is not None
+                self._progress_fd = os.open(_progress_of(self.path, self._progress_number),
+                                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            if not data.startswith(b'{"p":'):
+                self._progress_whole.add(reservation_id)
+            while data:
+                data = data[os.write(self._progress_fd, data):]
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def _next_progress(self) -> int:
+        """Start a new progress file (opened at its first entry); returns the number of the first one
+        the next checkpoint must keep."""
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
+        self._progress_number += 1
+        self._progress_whole.clear()
+        return self._progress_number
+
     async def checkpoint(self, entries: list[Entry]) -> None:
         """Replace this process's checkpoint with ``entries`` (the running streams' charges so far),
-        durably; an empty list removes it. A failure is logged and marks the journal unwritable."""
+        durably; an empty list removes it. The progress files written before ``entries`` were taken are
+        removed once it is on disk (call it right after taking them, with no await in between). A
+        failure is logged and marks the journal unwritable."""
         lines = [e.to_line() for e in entries]
+        keep_from = self._next_progress()
         async with self._write_lock:
             try:
-                await anyio.to_thread.run_sync(self._write_checkpoint, lines)
+                await anyio.to_thread.run_sync(self._write_checkpoint, lines, keep_from)
             except OSError as exc:
                 self._failed(exc)
 
@@ -251,7 +302,11 @@ class Journal:
                       self.directory, entry.to_line().decode().strip())
         if self._fd is None:
             return
-        checkpointed = self.path is not None and _checkpoint_of(self.path).exists()
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
+        checkpointed = self.path is not None and (
+            _checkpoint_of(self.path).exists() or bool(_progress_files(self.path)))
         if not self._pending and not self._queue and not checkpointed and self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -309,7 +364,14 @@ class Journal:
         except OSError as exc:  # the torn line stays; adoption reads past it to the next entry
             log.error("journal: could not cut %s back after a failed write: %s", self.path, exc)
 
-    def _write_checkpoint(self, lines: list[bytes]) -> None:
+    def _write_checkpoint(self, lines: list[bytes], keep_from: int = 0) -> None:
+        self._write_snapshot(lines)
+        if self.path is not None:
+            for number, path in _progress_files(self.path):
+                if number < keep_from:
+                    path.unlink(missing_ok=True)
+
+    def _write_snapshot(self, lines: list[bytes]) -> None:
         if not lines:
             if self.path is not None and _checkpoint_of(self.path).exists():
                 _checkpoint_of(self.path).unlink()
@@ -354,8 +416,11 @@ class Journal:
                 checkpoint = _checkpoint_of(path)
                 settled = {e.reservation.id for e in entries}
                 # After the dead process's own entries: a stream that settled before the crash keeps
-                # its full charge (its checkpoint's replay is then ignored as already settled).
-                entries += [e for e in _read_checkpoint(checkpoint) if e.reservation.id not in settled]
+                # its full charge (its checkpoint's replay is then ignored as already settled). Per
+                # stream, the largest charge of its checkpoint and progress entries: what it relayed.
+                progress = _progress_files(path)
+                streams = _largest_charges(_read_checkpoint(checkpoint), [p for _, p in progress])
+                entries += [e for i, e in streams.items() if i not in settled]
                 if entries:
                     # Into our own file first, durably; only then is the dead one removed.
                     try:
@@ -365,6 +430,8 @@ class Journal:
                         continue
                 # Removed while still locked, so no second adopter can read it.
                 checkpoint.unlink(missing_ok=True)
+                for _, progress_path in progress:
+                    progress_path.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
                 _fsync_directory(self.directory)
             finally:
@@ -407,6 +474,56 @@ def _read_entries(fd: int, path: Path) -> list[Entry]:
 
 def _checkpoint_of(path: Path) -> Path:
     return path.with_suffix(".checkpoint")
+
+
+def _progress_of(path: Path, number: int) -> Path:
+    return path.with_suffix(f".progress.{number}")
+
+
+def _progress_files(path: Path) -> list[tuple[int, Path]]:
+    """The progress files of the journal ``path``, by number."""
+    found = []
+    for candidate in path.parent.glob(f"{path.stem}.progress.*"):
+        number = candidate.name.rpartition(".")[2]
+        if number.isdigit():
+            found.append((int(number), candidate))
+    return sorted(found)
+
+
+def _largest_charges(checkpointed: list[Entry], progress: list[Path]) -> dict[str, Entry]:
+    """Per stream, its entry of largest charge among its checkpoint's and its progress files' (read in
+    order: a short line takes the stream's last whole entry, with its charge and completion tokens)."""
+    last: dict[str, Entry] = {}
+    largest: dict[str, Entry] = {}
+
+    def seen(e: Entry) -> None:
+        last[e.reservation.id] = e
+        known = largest.get(e.reservation.id)
+        if known is None or e.charge >= known.charge:
+            largest[e.reservation.id] = e
+
+    for checkpoint_entry in checkpointed:
+        seen(checkpoint_entry)
+    for path in progress:
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in content.splitlines():
+            if line.startswith(b'{"p":'):
+                try:
+                    short = orjson.loads(line)
+                    whole = last[str(short["p"])]
+                    charge, completion = int(short["charge"]), int(short["completion_tokens"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # torn by a failed write, or its stream's whole entry is missing
+                record = {**(whole.record or {}), "completion_tokens": completion, "cost_micros": charge}
+                seen(Entry(whole.reservation, charge, record))
+            elif line.strip():
+                entry = _entry_in(line)
+                if entry is not None:
+                    seen(entry)
+    return largest
 
 
 def _read_checkpoint(path: Path) -> list[Entry]:

@@ -11,9 +11,10 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
   them, and while neither can take a charge no call is admitted (503), not even with ``fail_open``;
 - every reservation of a running call has its lease renewed by one background task per process, so
   a long stream keeps its room and a crashed process's reservations free within one lease;
-- every running stream's charge so far is checkpointed beside the journal each
-  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges what it had relayed up to
-  its last checkpoint (its adopter settles them);
+- every running stream's charge so far is written beside the journal before each batch of frames
+  it relays (into the page cache, ``Journal.progress``), and checkpointed durably each
+  ``CHECKPOINT_INTERVAL_S``, so a process killed mid-stream still charges all it had relayed (its
+  adopter settles them);
 - behind Sentinel, every settlement the primary took is kept ``store.replay_window_s`` and written
   again when the primary changes (a former primary keeps acknowledging writes for seconds after a
   failover, and they are lost when it becomes a replica); the settled markers make replays of the
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import anyio
 
@@ -66,6 +67,19 @@ SHUTDOWN_DRAIN_S = 5.0
 #: How often a tenant's last activity is written to the tenant index (per process).
 REGISTER_EVERY_S = 3600.0
 REGISTERED_KEPT = 100_000
+#: After the tenant index could not be written, how long before this process tries again for a tenant.
+REGISTER_RETRY_S = 10.0
+
+
+class StreamCharge(Protocol):
+    """A running stream's charge so far (``http/progress.py``)."""
+
+    def entry(self) -> Entry:
+        """The settlement of what it has relayed until now."""
+
+    def grown(self) -> tuple[Entry, bool] | None:
+        """The same, when its charge may have grown since the last call (else ``None``), and whether
+        only its completion grew (no usage arrived since)."""
 
 
 def level_caps(
@@ -118,7 +132,7 @@ class Ledger:
         #: Watches the store's eviction policy and resets (``store_health``); ``None``: not watched.
         self.health: StoreHealth | None = None
         #: Running streams: reservation id -> the settlement of what the stream has relayed so far.
-        self._streams: dict[str, Callable[[], Entry]] = {}
+        self._streams: dict[str, StreamCharge] = {}
         self._checkpointed = False
         #: Settlements the store took, with when (monotonic), kept for a replay after a failover.
         self._recent: collections.deque[tuple[float, Entry]] = collections.deque()
@@ -158,7 +172,7 @@ class Ledger:
         configured to fail open."""
         refusal = None
         if self.health is not None:
-            await self.health.recheck()
+            await self.health.recheck(tenant)
             refusal = self.health.refusal()
         if refusal is not None:
             # Checked before fail_open: the store answers, but its counters cannot be trusted.
@@ -175,11 +189,18 @@ class Ledger:
             if tenant not in self._registered or now >= self._registered[tenant]:
                 # At most hourly per tenant and process: the index keeps tenants by last activity, for
                 # metrics and the admin API (service-key tenants too), and forgets idle ones.
-                await self.store.register_tenant(tenant, self.config.store.tenant_retention_days,
-                                                 self.config.store.tenant_index_max)
                 if len(self._registered) >= REGISTERED_KEPT:
                     self._registered.clear()  # arbitrary service-key tenant ids must not grow it either
-                self._registered[tenant] = now + REGISTER_EVERY_S
+                try:
+                    await self.store.register_tenant(tenant, self.config.store.tenant_retention_days,
+                                                     self.config.store.tenant_index_max)
+                    self._registered[tenant] = now + REGISTER_EVERY_S
+                except StoreUnavailable:
+                    if self.health is None or not self.health.cluster:
+                        raise  # one server: the admission would fail too, without waiting twice
+                    # On Cluster the index is one key on one shard, and a dead shard must not refuse
+                    # the tenants of the others. Tried again a little later.
+                    self._registered[tenant] = now + REGISTER_RETRY_S
             admission = await self.store.admit(
                 tenant, periods, limits, worst_cases, reservation_id, self.lease_ms,
                 rate=RateLimits(policy.rpm, policy.tpm), call_tokens=call_tokens, alerts=self.alert_args(tenant),
@@ -187,7 +208,7 @@ class Ledger:
             )
         except StoreUnavailable as exc:
             if self.health is not None:
-                self.health.suspect()
+                self.health.suspect(tenant)
             # fail_open serves unbudgeted only while the journal can keep the charge.
             nowhere = self.journal is not None and not self.journal.writable
             if not self.config.store.fail_open or nowhere:
@@ -224,10 +245,10 @@ class Ledger:
             await self._apply(entry)
         except StoreUnavailable:
             if self.health is not None:
-                self.health.suspect()
+                self.health.suspect(reservation.tenant)
             await self._keep(entry)
 
-    def track(self, reservation_id: str, so_far: Callable[[], Entry]) -> None:
+    def track(self, reservation_id: str, so_far: StreamCharge) -> None:
         """Checkpoint a running stream: ``so_far`` gives the settlement of what it has relayed until now."""
         if self.journal is not None:
             self._streams[reservation_id] = so_far
@@ -236,11 +257,26 @@ class Ledger:
         """The stream ended (its settlement follows): no more checkpoints of it."""
         self._streams.pop(reservation_id, None)
 
+    def relaying(self, reservation_id: str) -> None:
+        """A tracked stream is about to relay what it has just read: its charge so far, when it grew,
+        goes beside the journal first (``Journal.progress``), so that a crash charges every frame relayed."""
+        if self.journal is None:
+            return
+        so_far = self._streams.get(reservation_id)
+        if so_far is None:
+            return
+        grown = so_far.grown()
+        if grown is not None:
+            entry, only_completion = grown
+            self.journal.progress(entry, only_completion=only_completion)
+            self._checkpointed = True
+
     async def checkpoint(self) -> None:
-        """Write every running stream's charge so far beside the journal (nothing once none runs)."""
+        """Write every running stream's charge so far beside the journal (nothing once none runs and
+        nothing is left of earlier ones)."""
         if self.journal is None or not (self._streams or self._checkpointed):
             return
-        entries = [so_far() for so_far in list(self._streams.values())]
+        entries = [so_far.entry() for so_far in list(self._streams.values())]
         await self.journal.checkpoint(entries)
         self._checkpointed = bool(entries)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ from tests.helpers import reserved, wait_for
 
 @pytest.mark.slow
 def test_an_idle_tenants_dead_reservation_is_swept(
-    upstream_url: str, redis_url: str, proxies: Callable[[dict[str, Any]], ProxyProcess]
+    upstream_url: str, redis_url: str, proxies: Callable[[dict[str, Any]], ProxyProcess], tmp_path: Path,
 ) -> None:
     doomed = proxies(leased(upstream_url, redis_url))
     with httpx.stream("POST", doomed.url + "/v1/chat/completions", json=STREAM, timeout=30,
@@ -38,7 +39,11 @@ def test_an_idle_tenants_dead_reservation_is_swept(
     for entry in (old_id, new_id):
         client.xadd("gp:{globex}:alerts", {"event": "threshold"}, id=entry)
         client.hset("gp:{globex}:alerts:delivery", f"{entry}:state", "delivered")
-    sweeper = proxies(leased(upstream_url, redis_url))  # sweeps once at start-up
+    # Sweeps once at start-up. Its own journal directory: adopting the dead process's stream progress
+    # would settle the stream at once (test_stream_crash); here it is left to the lease and the sweeper.
+    elsewhere = leased(upstream_url, redis_url)
+    elsewhere["store"]["journal_dir"] = str(tmp_path / "another-host")
+    sweeper = proxies(elsewhere)
     sweeper.wait_until("/readyz")
     wait_for(lambda: client.exists("gp:{acme}:reserved", "gp:{acme}:resv", "gp:{acme}:resv:amount") == 0,
              timeout_s=10)

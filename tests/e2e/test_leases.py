@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,7 +35,7 @@ def held_micros(url: str, redis_url: str) -> int:
 @pytest.mark.slow
 def test_a_killed_process_reservation_frees_within_one_lease(
     upstream_url: str, redis_url: str, redis_server: RedisServer, serve_proxy: Callable[..., str],
-    proxies: Callable[[dict[str, Any]], ProxyProcess],
+    proxies: Callable[[dict[str, Any]], ProxyProcess], tmp_path: Path,
 ) -> None:
     doomed = proxies(leased(upstream_url, redis_url))
     with httpx.stream("POST", doomed.url + "/v1/chat/completions", json=STREAM, timeout=30,
@@ -44,7 +45,11 @@ def test_a_killed_process_reservation_frees_within_one_lease(
         assert reserved(redis_url) > 0
         doomed.kill()
         killed = time.monotonic()
-    survivor = serve_proxy(parse_config(leased(upstream_url, redis_url), {}))
+    # The survivor has its own journal directory: adopting the dead process's files would settle the
+    # stream at once (what it relayed, ``test_stream_crash``); here no one adopts them, and the lease frees it.
+    elsewhere = leased(upstream_url, redis_url)
+    elsewhere["store"]["journal_dir"] = str(tmp_path / "another-host")
+    survivor = serve_proxy(parse_config(elsewhere, {}))
     held = held_micros(survivor, redis_url)
     assert held == WORST_CASE or time.monotonic() - killed > LEASE_S  # still held, unless a lease passed already
     wait_for(lambda: held_micros(survivor, redis_url) == 0, timeout_s=LEASE_S + 2)

@@ -269,3 +269,63 @@ async def test_a_dead_process_checkpoint_is_adopted_after_its_own_entries(tmp_pa
     await second.checkpoint([])  # no stream runs any more: removed
     assert os.listdir(tmp_path) == [second.path.name]
     second.close()
+
+
+async def test_progress_written_after_the_checkpoint_is_adopted_largest_charge_per_stream(tmp_path: Path) -> None:
+    """What a stream relayed after the last checkpoint is in the progress file: the adopter settles, per
+    stream, the largest charge found; a checkpoint removes the progress files written before it."""
+    first = Journal(tmp_path)
+    assert first.progress(entry(1, charge=10))
+    await first.checkpoint([entry(1, charge=20), entry(2, charge=30)])
+    assert first.path is not None
+    assert [n for n in os.listdir(tmp_path) if ".progress." in n] == []  # the one before it is gone
+    assert first.progress(entry(1, charge=50)) and first.progress(entry(2, charge=35))
+    assert first.progress(entry(1, charge=60)) and first.progress(entry(3, charge=5))
+    assert len([n for n in os.listdir(tmp_path) if ".progress." in n]) == 1
+    first.close()  # as a crash would leave them
+    assert first.path.exists()
+
+    second = Journal(tmp_path)
+    assert await second.adopt_orphans() == 3
+    store = Store()
+    await second.drain(store.apply)
+    assert sorted((e.reservation.id, e.charge) for e in store.written) == [("r1", 60), ("r2", 35), ("r3", 5)]
+    assert second.path is not None and os.listdir(tmp_path) == [second.path.name]
+    second.close()
+
+
+async def test_a_journal_whose_streams_all_ended_leaves_no_progress_behind(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    assert journal.progress(entry(1, charge=10))
+    await journal.checkpoint([])  # the stream ended and settled
+    assert journal.path is not None and os.listdir(tmp_path) == [journal.path.name]
+    journal.close()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_short_progress_lines_take_their_stream_s_whole_entry(tmp_path: Path) -> None:
+    """Once a progress file has a stream's whole entry, its next lines carry only the charge and the
+    completion tokens; adoption rebuilds the entry from the last whole one."""
+
+    def streamed(charge: int, completion: int) -> Entry:
+        record: dict[str, str | int] = {"request_id": "req_s", "outcome": "interrupted", "prompt_tokens": 9,
+                                        "completion_tokens": completion, "cost_micros": charge}
+        return Entry(Reservation("rs", "acme", "2026-11-22", "2026-11", 500), charge, record)
+
+    first = Journal(tmp_path)
+    assert first.progress(streamed(10, 1), only_completion=True)  # the file's first: whole
+    assert first.progress(streamed(20, 2), only_completion=True)
+    assert first.progress(streamed(30, 3), only_completion=True)
+    assert first.path is not None
+    written = [n for n in os.listdir(tmp_path) if ".progress." in n]
+    content = (tmp_path / written[0]).read_bytes().splitlines()
+    assert len(content) == 3 and content[0].startswith(b'{"id":') and content[2].startswith(b'{"p":')
+    assert len(content[2]) < len(content[0]) / 2
+    first.close()
+
+    second = Journal(tmp_path)
+    assert await second.adopt_orphans() == 1
+    store = Store()
+    await second.drain(store.apply)
+    assert store.written == [streamed(30, 3)]
+    second.close()
