@@ -38,6 +38,8 @@ from servers import (  # noqa: E402
 from workload import MODES  # noqa: E402
 
 SETTLE_S = 2.0
+#: ``bench/run.py``'s line: the total PSS of this many workers.
+FOOTPRINT_WORKERS = 4
 #: The goals of the memory issue (#26).
 IDLE_RSS_GOAL_MB = 80.0
 TOTAL_PSS_GOAL_MB = 300.0
@@ -135,7 +137,7 @@ def line(f: Footprint) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--compare", metavar="GIT_REF", help="also measure this revision's code (before/after)")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=FOOTPRINT_WORKERS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_DIR))
     results: list[Footprint] = []
