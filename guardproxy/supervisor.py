@@ -32,6 +32,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import SIGNALS, Process
 
+from guardproxy.admin.reload import catch_early_sighup
 from guardproxy.budget import tokens
 from guardproxy.http.runtime import SUPERVISOR_ENV
 from guardproxy.http.workers import WORKERS_COUNT_ENV, WORKERS_DIR_ENV
@@ -47,6 +48,7 @@ def _forked_worker(worker: Process, sockets: list[socket]) -> None:
     """A forked worker's first steps, then uvicorn's: what spawning gave it fresh, it resets here."""
     for sig in SIGNALS:  # the supervisor's handlers only queue signals for the supervisor's loop
         signal.signal(sig, signal.SIG_DFL)
+    catch_early_sighup()  # a reload asked before the app serves is applied once it does
     metrics_after_fork()
     worker.config.configure_logging()
     try:
@@ -119,6 +121,7 @@ class ReloadingSupervisor(Multiprocess):
 def preload(models: Iterable[str]) -> None:
     """Build in the supervisor what every worker would build for itself: the models' token encodings."""
     tokens.warm_up(models)
+    gc.collect()  # what is garbage now is not frozen (``_new_worker``) for every worker's lifetime
 
 
 def run_workers(config: uvicorn.Config, models: Iterable[str] = ()) -> None:
