@@ -94,8 +94,9 @@ class ReloadingSupervisor(Multiprocess):
         the supervisor (it would fail the same way every time)."""
         if self.should_exit.is_set():
             return
+        timeout = getattr(self.config, "timeout_worker_healthcheck", 5)  # a setting of uvicorn 0.31+
         for index, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if process.is_alive(timeout=timeout):
                 continue
             process.kill()
             process.join()
