@@ -86,7 +86,8 @@ def test_a_caller_whose_loop_is_gone_does_not_stop_the_thread(tmp_path: Path) ->
     async def next_caller() -> bytes | None:
         try:
             await client.set("gp:after", "ok")
-            return await client.get("gp:after")
+            value: bytes | None = await client.get("gp:after")
+            return value
         finally:
             await client.aclose()
 
