@@ -246,8 +246,10 @@ class SqliteClient:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
             db.execute("PRAGMA busy_timeout=0")
-            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            # both need the file to themselves for a moment (another process may be starting too)
+            # Each reads the file (its schema), which another process starting at the same moment may
+            # hold for itself while it makes the file: the same short pauses as a transaction's. Workers
+            # forked together meet there (issue 26: before, spawning staggered them).
+            self.run_on(db, lambda: db.execute(f"PRAGMA synchronous={self.synchronous.upper()}"))
             self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
             self.run_on(db, lambda: db.executescript(SCHEMA))
             self._local.db = db
