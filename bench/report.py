@@ -14,6 +14,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from footprint import IDLE_RSS_GOAL_MB, TOTAL_PSS_GOAL_MB, Footprint  # noqa: E402
 from measure import Load, Memory  # noqa: E402
 from servers import BASELINE, GUARD  # noqa: E402
 from workload import MODES  # noqa: E402
@@ -45,6 +46,8 @@ class Report:
     first_frame_ms: dict[str, list[list[float]]] = field(default_factory=dict)  # target -> rounds -> samples
     memory: list[Memory] = field(default_factory=list)
     log_lines_per_request: dict[str, float] = field(default_factory=dict)
+    #: ``serve --workers N`` on the embedded store: PSS of every process (bench/footprint.py).
+    footprints: list[Footprint] = field(default_factory=list)
 
     def rounds_of(self, kind: str, mode: str, figure: str) -> list[dict[str, float]]:
         """Per round, target -> figure, in the order the loads ran (each target once per round)."""
@@ -173,6 +176,16 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
             out.append(f"{m.target:<28} {m.workers:>7} {m.idle_mb:>14.1f} {m.after_load_mb:>10.1f} "
                        f"{m.streams_open:>12} {_fmt(m.streams_mb, '.1f'):>15}")
 
+    data["footprint"] = []
+    if report.footprints:
+        out += ["", "Memory as the machine pays it: PSS (/proc/<pid>/smaps_rollup) of every process of "
+                "serve --workers N, embedded store, idle after a request of each kind per worker"]
+        for f in report.footprints:
+            data["footprint"].append(asdict(f) | {"total_pss_mb": f.total_pss_mb})
+            out.append(f"  {f.target:<36} total {f.total_pss_mb:6.1f} MB: supervisor {f.leader_pss_mb:.1f}, workers "
+                       f"{' '.join(f'{x:.1f}' for x in f.worker_pss_mb)}, other {f.others_pss_mb:.1f}; "
+                       f"RSS per worker {max(f.worker_rss_mb):.1f}")
+
     ratios: dict[str, Any] = data["ratios"]
     for mode in MODES:
         rounds = report.rounds_of("c32", mode, "requests_per_s")
@@ -225,6 +238,9 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
     if guard_memory.get("after_load_mb") is not None:
         idle = max(idle or 0.0, guard_memory["after_load_mb"])
     streams_mb = guard_memory.get("streams_mb") if guard_memory.get("streams_open", 0) >= 1000 else None
+    embedded_memory = memory.get("guardproxy-embedded", {})
+    embedded_idle = embedded_memory.get("idle_mb")
+    footprint = next((f for f in data.get("footprint", []) if "@" not in f["target"]), None)
     ratios = data["ratios"]
     embedded = [ratios.get(f"embedded_over_redis_{m}") for m in MODES]
     return [
@@ -243,6 +259,9 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
              min((e for e in embedded if e is not None), default=None), 1.0, True),
         Goal("embedded --workers 2 / --workers 1 req/s, plain", ratios.get("embedded_workers_2_over_1_plain"), 1.5,
              True),
+        Goal("idle RSS of one worker, embedded store, MB", embedded_idle, IDLE_RSS_GOAL_MB, False),
+        Goal(f"total PSS of --workers {footprint['workers'] if footprint else 4}, embedded store, MB",
+             footprint["total_pss_mb"] if footprint else None, TOTAL_PSS_GOAL_MB, False),
     ]
 
 

@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from footprint import FOOTPRINT_WORKERS, measure_serve  # noqa: E402
 from measure import Memory, first_frame, hold_streams, measure, wrk, wrk_script  # noqa: E402
 from report import Report, goals, goals_table, tables  # noqa: E402
 from servers import ALL_TARGETS, GUARD, missing_tools, servers, smoke  # noqa: E402
@@ -108,6 +109,16 @@ def run(plan: Plan, wanted: Sequence[str], tmp: Path, compare: str | None = None
                 streams_mb=mb if opened else None,
             ))
             time.sleep(1)
+        # What N workers cost the machine, as users start them (embedded store): PSS of every process.
+        upstream = next(t.base_url for t in targets if t.name == "upstream")
+        codes = [("guardproxy-embedded", REPO_DIR)]
+        if compare:
+            # servers() unpacked the revision there already
+            codes.append((f"guardproxy-embedded@{compare}", tmp / f"ref-{compare.replace('/', '_')}"))
+        for name, cwd in codes:
+            print(f"  memory: {name} --workers {FOOTPRINT_WORKERS}, PSS", flush=True)
+            report.footprints.append(measure_serve(procs, tmp, upstream, f"{name}-w{FOOTPRINT_WORKERS}",
+                                                   FOOTPRINT_WORKERS, cwd))
         errors = [f"--- {t.name} ---\n{procs.log_tail(t.name)}" for t in targets
                   if any(x.errors for x in report.loads if x.target == t.name)]
     return report, [t.name for t in targets] + errors

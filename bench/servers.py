@@ -155,7 +155,7 @@ def session_stats(session: int) -> list[ProcStat]:
     return stats
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -192,7 +192,7 @@ class Processes:
     def worker_rss(self, name: str) -> list[int]:
         """RSS of each serving process: the workers a supervisor forked, or the one process."""
         leader = self.started[name].pid
-        stats = [s for s in session_stats(leader) if "resource_tracker" not in _cmdline(s.pid)]
+        stats = [s for s in session_stats(leader) if "resource_tracker" not in cmdline(s.pid)]
         workers = [s.rss_bytes for s in stats if s.pid != leader]
         return workers or [s.rss_bytes for s in stats if s.pid == leader]
 
@@ -206,6 +206,16 @@ class Processes:
     def log_lines(self, name: str) -> int:
         with open(self.log_path(name), "rb") as f:
             return sum(1 for _ in f)
+
+    def stop(self, name: str) -> None:
+        """SIGTERM one session, SIGKILL it if it is still alive after a few seconds."""
+        proc = self.started.pop(name)
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
 
     def stop_all(self) -> None:
         """SIGTERM every session, then SIGKILL what is still alive after a few seconds."""

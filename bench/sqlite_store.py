@@ -76,9 +76,9 @@ async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dic
     await run(min(200, count))
     latencies.clear()
     tick = asyncio.create_task(ticker())
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     await run(count)
-    wall = time.perf_counter() - wall
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     done = True
     await tick
     longest = getattr(store.client, "longest_tx_ms", float("nan"))
@@ -86,7 +86,7 @@ async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dic
     latencies.sort()
     return {"pairs_per_s": count / wall, "p50_ms": statistics.median(latencies) * 1000,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "loop_lag_ms": lag * 1000,
-            "longest_tx_ms": longest}
+            "longest_tx_ms": longest, "cpu_ms_per_pair": cpu * 1000 / count}
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -136,14 +136,14 @@ def main() -> int:
     redis_proc, redis_url = start_redis(folder)
     try:
         print(f"{'engine':16} {'conc':>4} {'pairs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'loop lag ms':>11} "
-              f"{'longest tx ms':>13}")
+              f"{'longest tx ms':>13} {'CPU ms/pair':>11}")
         for concurrency in map(int, args.concurrency.split(",")):
             for name, url, sync in (("sqlite normal", f"sqlite://{folder}/n{concurrency}.db", "normal"),
                                     ("sqlite full", f"sqlite://{folder}/f{concurrency}.db", "full"),
                                     ("redis", redis_url, "normal")):
                 r = result(in_worker(url, args.pairs, concurrency, sync))
                 print(f"{name:16} {concurrency:>4} {r['pairs_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-                      f"{r['loop_lag_ms']:>11.2f} {r['longest_tx_ms']:>13.2f}")
+                      f"{r['loop_lag_ms']:>11.2f} {r['longest_tx_ms']:>13.2f} {r['cpu_ms_per_pair']:>11.3f}")
         if args.processes > 1:
             for sync in ("normal", "full"):
                 url = f"sqlite://{folder}/shared-{sync}.db"

@@ -173,7 +173,7 @@ def serve_command(config: Config, args: argparse.Namespace) -> int:
             from guardproxy.supervisor import run_workers
 
             run_workers(uvicorn_config("guardproxy.app:app_from_env", config.server, factory=True, host=host,
-                                       port=port, workers=args.workers, **uvicorn_options))
+                                       port=port, workers=args.workers, **uvicorn_options), models=list(config.models))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0

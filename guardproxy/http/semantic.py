@@ -18,6 +18,10 @@ rules meant to never serve a wrong answer:
 An embedding is a budgeted call charged to the tenant, so it is made only when it can pay for
 itself (``pays_off``). The index (``TenantIndex``) holds each entry's vector and what must match;
 the answers stay in the store.
+
+numpy is imported by the functions that use it, on first use, never at start-up: it costs a worker
+~12 MB and ~0.1 s, starts OpenBLAS's threads (which ``serve --workers`` must not have before it forks),
+and only tenants with ``cache: semantic`` need it (``tests/unit/test_startup_imports.py``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ import hashlib
 import re
 from collections.abc import KeysView, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 
 from guardproxy.budget.pricing import TOKENS_PER_PRICE_UNIT, Price, Usage, cost_micros
 from guardproxy.http import cache
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: The entry's format; a new one changes every prefix, so old entries are never misread.
 FORMAT = "sv1"
@@ -196,6 +202,8 @@ def safe_threshold(pairs: Sequence[Scored], *, guard: bool = False, margin: floa
 
 def normalised(vector: Sequence[float] | np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float32]]:
     """``vector`` as float32 of length 1 (a zero vector stays zero: it matches nothing)."""
+    import numpy as np  # here, not at the top: see the module's note on numpy
+
     array = np.asarray(vector, dtype=np.float32)
     norm = float(np.linalg.norm(array))
     return array / norm if norm > 0 else array
@@ -203,6 +211,8 @@ def normalised(vector: Sequence[float] | np.ndarray[Any, Any]) -> np.ndarray[Any
 
 def vector_from_wire(value: Any) -> np.ndarray[Any, np.dtype[np.float32]] | None:
     """An embedding as the upstream sent it (a list of floats, or base64 little-endian float32)."""
+    import numpy as np  # here, not at the top: see the module's note on numpy
+
     try:
         if isinstance(value, str):
             return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
@@ -215,6 +225,8 @@ def vector_from_wire(value: Any) -> np.ndarray[Any, np.dtype[np.float32]] | None
 
 def embedding_of(answer: Any, dimensions: int) -> np.ndarray[Any, np.dtype[np.float32]] | None:
     """The one vector of an embeddings answer, normalised; ``None`` unless it has ``dimensions`` finite numbers."""
+    import numpy as np  # here, not at the top: see the module's note on numpy
+
     data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
         return None
@@ -252,6 +264,8 @@ class IndexEntry:
     @classmethod
     def from_bytes(cls, entry_id: str, raw: bytes) -> IndexEntry | None:
         """``None`` for anything that is not an entry (never an error: a bad entry is no entry)."""
+        import numpy as np
+
         try:
             value = orjson.loads(raw)
             vector = np.frombuffer(base64.b64decode(value["v"], validate=True), dtype="<f4").astype(np.float32)
@@ -276,6 +290,8 @@ class TenantIndex:
     date (``None``: never)."""
 
     def __init__(self, capacity: int, dimensions: int) -> None:
+        import numpy as np
+
         self.capacity = capacity
         self.dimensions = dimensions
         self.version: int | None = None
@@ -307,6 +323,8 @@ class TenantIndex:
 
     def add(self, entry: IndexEntry) -> None:
         """Keep ``entry`` (a wrong-sized vector is not kept); when full, in place of the oldest one."""
+        import numpy as np
+
         if entry.id in self._slot or entry.vector.shape != (self.dimensions,):
             return
         if len(self._slot) < self.capacity:
@@ -345,6 +363,8 @@ class TenantIndex:
                not_before_ms: int) -> Found | None:
         """The most similar entry with the same prefix and marks, created at or after ``not_before_ms``,
         if its similarity reaches ``threshold``."""
+        import numpy as np
+
         code = self._codes.get(q.prefix)
         if code is None or vector.shape != (self.dimensions,):
             return None

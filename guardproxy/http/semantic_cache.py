@@ -14,15 +14,16 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from guardproxy.config.settings import SemanticCacheConfig
 from guardproxy.http import cache, semantic
 from guardproxy.http.semantic import Found, IndexEntry, Question, TenantIndex
 from guardproxy.observe.metrics import Metrics
 from guardproxy.store.protocol import Store
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("guardproxy.semantic")
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from guardproxy.budget.decision import STATES
@@ -27,6 +27,15 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 
 # `_created` series double the scrape for no use here.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def after_fork() -> None:
+    """In a worker forked by ``serve --workers``: keep counters in the multiprocess files.
+
+    prometheus-client picks in-process values or ``PROMETHEUS_MULTIPROC_DIR``'s files once, when it is
+    imported; the supervisor imported it before the CLI set that directory, and a forked worker inherits
+    the choice. Chosen again here (the same public function the import runs), before any metric exists."""
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

@@ -36,6 +36,7 @@ workload = _load("workload")
 servers = _load("servers")
 report = _load("report")
 clients = _load("clients")
+footprint = _load("footprint")
 
 
 def _nginx_unescape(quoted: str) -> bytes:
@@ -126,7 +127,10 @@ def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
         "latency_c1": [{"mode": "plain", "target": servers.GUARD, "added_p50_ms": 0.9}],
         "first_frame": [{"target": servers.GUARD, "added_p50_ms": 1.2}],
         "memory": [{"target": servers.GUARD, "idle_mb": 70.0, "after_load_mb": 85.0, "streams_open": 999,
-                    "streams_mb": 100.0}],
+                    "streams_mb": 100.0},
+                   {"target": "guardproxy-embedded", "idle_mb": 90.0, "after_load_mb": 95.0, "streams_open": 0}],
+        "footprint": [{"target": "guardproxy-embedded-w4", "workers": 4, "total_pss_mb": 210.0},
+                      {"target": "guardproxy-embedded@main-w4", "workers": 4, "total_pss_mb": 490.0}],
         "ratios": {"workers_2_over_1_plain": 1.9, "embedded_over_redis_plain": 1.2,
                    "embedded_over_redis_stream": 0.8, "embedded_workers_2_over_1_plain": 1.4},
     }
@@ -136,4 +140,16 @@ def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
         (85.0, False),  # the larger of fresh and after load
         (None, None),  # fewer than 1,000 streams were open: no figure
         (1.9, True), (0.8, False), (1.4, False),
+        (90.0, False),  # the embedded store's worker, fresh
+        (210.0, True),  # this code's --workers 4, not the compared revision's
     ]
+
+
+def test_smaps_rollup_figures_in_bytes_and_the_total_pss_of_every_process() -> None:
+    text = ("55d0c0a00000-7ffd4b5fe000 ---p 00000000 00:00 0                          [rollup]\n"
+            "Rss:              105852 kB\nPss:               45594 kB\nPss_Dirty:         43831 kB\n")
+    figures = footprint.parse_smaps_rollup(text)
+    assert figures == {"Rss": 105852 * 1024, "Pss": 45594 * 1024, "Pss_Dirty": 43831 * 1024}
+    f = footprint.Footprint(target="t", workers=2, worker_rss_mb=[100.0, 104.0], worker_pss_mb=[40.0, 41.5],
+                            leader_pss_mb=43.0, others_pss_mb=6.5)
+    assert (f.total_pss_mb, f.idle_rss_mb) == (131.0, 104.0)

@@ -1,0 +1,77 @@
+"""The SQLite store with ``synchronous=normal`` syncs its log at least every ``sync_every_s`` of writes.
+
+SQLite syncs a WAL log only when it checkpoints, which it does every 1,000 pages of log: at a few
+calls a minute that could leave hours of charges unsynced, for a power cut to take. The store
+checkpoints itself at the first writing commit ``sync_every_s`` after the last. Whether the log was
+checkpointed is read, without touching it, from the WAL index (the ``-shm`` file; its layout is
+SQLite's documented file format, https://www.sqlite.org/walformat.html): ``mxFrame``, the frames in
+the log, and ``nBackfill``, those already copied into the file (a checkpoint syncs the log first).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from pathlib import Path
+
+import pytest
+
+from guardproxy.store.sqlite import SqliteClient
+
+pytestmark = pytest.mark.anyio
+
+
+def log_frames(path: Path) -> tuple[int, int]:
+    """(frames in the log, frames checkpointed): the WAL index header's ``mxFrame`` (offset 16) and the
+    checkpoint info's ``nBackfill`` (offset 96), native byte order."""
+    shm = Path(f"{path}-shm").read_bytes()
+    return struct.unpack_from("=I", shm, 16)[0], struct.unpack_from("=I", shm, 96)[0]
+
+
+async def write_twice(client: SqliteClient) -> None:
+    await client.set("gp:first", "1")  # the first write checkpoints (nothing was synced yet)
+    await client.incrby("gp:counter", 5)
+
+
+async def test_a_write_after_the_interval_checkpoints_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path, sync_every_s=0.0)
+    keeper = sqlite3.connect(path)  # the file stays open: closing the client's connection must not checkpoint
+    keeper.execute("SELECT 1").fetchall()
+    try:
+        await write_twice(client)
+        frames, copied = log_frames(path)
+        assert frames > 0 and copied == frames  # everything committed went through a checkpoint
+        assert await client.get("gp:counter") == b"5"
+    finally:
+        await client.aclose()
+        keeper.close()
+
+
+async def test_within_the_interval_the_log_waits_for_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path, sync_every_s=3600.0)
+    keeper = sqlite3.connect(path)
+    keeper.execute("SELECT 1").fetchall()
+    try:
+        await write_twice(client)
+        frames, copied = log_frames(path)
+        # the first write checkpointed (so the second restarted the log); the second's frames wait
+        assert frames > 0 and copied == 0
+    finally:
+        await client.aclose()
+        keeper.close()
+
+
+async def test_full_syncs_every_commit_and_does_not_checkpoint_itself(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path, synchronous="full", sync_every_s=0.0)
+    keeper = sqlite3.connect(path)
+    keeper.execute("SELECT 1").fetchall()
+    try:
+        await write_twice(client)
+        frames, copied = log_frames(path)
+        assert frames > 0 and copied == 0
+    finally:
+        await client.aclose()
+        keeper.close()
