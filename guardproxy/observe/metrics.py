@@ -19,6 +19,7 @@ from guardproxy.budget.decision import STATES
 from guardproxy.budget.pricing import Usage, micros_to_usd
 from guardproxy.budget.records import Admission
 from guardproxy.observe.state import TenantState
+from guardproxy.store.compat import require
 from guardproxy.types import Micros
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -29,12 +30,23 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+#: The prometheus-client releases ``after_fork``'s reach into ``prometheus_client.values`` was tested on.
+PROMETHEUS_TESTED = ">=0.20,<1"
+
+
+def check_internals() -> None:
+    """``after_fork`` sets ``values.ValueClass`` from ``values.get_value_class()``, module names that are
+    not documented API: a release without them stops ``serve`` here, naming the library (compat.py)."""
+    require("prometheus-client", PROMETHEUS_TESTED, values=(values, ("ValueClass", "get_value_class")))
+
+
 def after_fork() -> None:
     """In a worker forked by ``serve --workers``: keep counters in the multiprocess files.
 
     prometheus-client picks in-process values or ``PROMETHEUS_MULTIPROC_DIR``'s files once, when it is
     imported; the supervisor imported it before the CLI set that directory, and a forked worker inherits
-    the choice. Chosen again here (the same public function the import runs), before any metric exists."""
+    the choice. Chosen again here (the function the import runs), before any metric exists."""
+    check_internals()
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 

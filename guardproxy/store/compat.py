@@ -1,9 +1,11 @@
 """Where guardproxy builds on a library's internals, and the one error that says so when an upgrade breaks them.
 
-guardproxy uses the private API of one library, from one module only (its seam):
+guardproxy uses the private API of three libraries, each from one module only (its seam):
 
-- redis-py, in ``store_client.py``: the pool's lean checkout, the Sentinel pool's connection lists, the
-  cluster client's connection class (speed and failover correctness, see that module).
+- redis-py, in ``store/client.py``: the pool's lean checkout, the Sentinel pool's connection lists, the
+  cluster client's connection class (speed and failover correctness, see that module);
+- uvicorn, in ``http/slow_clients.py``: the HTTP protocols' hooks (slow-client deadlines);
+- prometheus-client, in ``observe/metrics.py``: the value class chosen again in a forked worker.
 
 Each seam imports what it uses inside ``internals(...)`` and names the attributes it reaches for at run
 time with ``require(...)``. An upgrade that moves any of them then stops the import with

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import values as prometheus_values
 from redis.asyncio.connection import ConnectionPool
 
+from guardproxy.observe import metrics
 from guardproxy.store import client as store_client
 from guardproxy.store import compat
 
@@ -49,3 +51,12 @@ def test_a_release_that_breaks_on_import_stops_guardproxy_with_the_library_named
     assert last.startswith("guardproxy.store.compat.IncompatibleLibrary: redis 4.9.9 is not compatible"), run.stderr
     assert f"redis{store_client.REDIS_TESTED}" in last
     assert "__closure__" in last
+
+
+def test_the_metrics_seam_names_prometheus_client_when_a_release_drops_what_after_fork_uses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics.check_internals()
+    monkeypatch.delattr(prometheus_values, "get_value_class")
+    with pytest.raises(compat.IncompatibleLibrary) as caught:
+        metrics.after_fork()
+    assert "prometheus-client" in str(caught.value) and "values.get_value_class" in str(caught.value)
