@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from measure import Memory, first_frame, hold_streams, measure, wrk, wrk_script  # noqa: E402
 from report import Report, goals, goals_table, tables  # noqa: E402
-from servers import ALL_TARGETS, GUARD, missing_tools, servers, smoke  # noqa: E402
+from servers import ALL_TARGETS, GUARD, OPTIONAL_TARGETS, missing_tools, servers, smoke  # noqa: E402
 from workload import MODES, PY_ROUTE  # noqa: E402
 
 RESULTS_FILE = BENCH_DIR / "results" / "latest.json"
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     parser.add_argument("--duration", type=float, help="seconds of each -c32 run (default 5)")
     parser.add_argument("--streams", type=int, help="streams held open at once for the memory figure (default 1000)")
-    parser.add_argument("--targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)} (upstream always runs)")
+    parser.add_argument("--targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)} (upstream always runs), "
+                                          f"or of {','.join(OPTIONAL_TARGETS)}")
     parser.add_argument("--compare", metavar="GIT_REF",
                         help=f"also run {GUARD} on this revision's code, in the same rounds (before/after)")
     args = parser.parse_args(argv)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 warm_up_s=plan.warm_up_s, c1_duration_s=plan.c1_duration_s, first_frames=plan.first_frames,
                 streams=plan.streams if args.streams is None else args.streams, py_first_frames=plan.py_first_frames)
     wanted = ALL_TARGETS if not args.targets else ("upstream", *args.targets.split(","))
-    if unknown := set(wanted) - set(ALL_TARGETS):
+    if unknown := set(wanted) - set(ALL_TARGETS) - set(OPTIONAL_TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if plan.rounds < 1 or plan.duration_s <= 0 or plan.streams < 0:
         parser.error("--rounds and --duration must be positive, --streams at least 0")

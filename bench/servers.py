@@ -251,6 +251,10 @@ class Target:
 #: The Python upstream (``bench/py_upstream.py``): measured only for the first streamed frame, not under wrk.
 PY_UPSTREAM = "upstream-py"
 
+#: Only when asked (``--targets``): the bare relay with guardproxy's coalesced writes.
+COALESCED = "bare-aiohttp-coalesced"
+OPTIONAL_TARGETS = (COALESCED,)
+
 ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-embedded-w2",
                "guardproxy-redis-w2", "guardproxy-redis-quiet", "litellm")
 
@@ -296,12 +300,15 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         py_upstream = f"http://127.0.0.1:{port}"
         py_target = Target(PY_UPSTREAM, py_upstream, direct=True)
 
-        for name, client in ((BASELINE, "httpx-aiohttp"), ("bare-aiohttp", "aiohttp")):
+        bare = ((BASELINE, "httpx-aiohttp", []), ("bare-aiohttp", "aiohttp", []),
+                # the bare relay on guardproxy's uvicorn protocol: its writes coalesced (http/coalesce.py)
+                (COALESCED, "aiohttp", ["--http", "guardproxy.http.slow_clients:GuardedHttpToolsProtocol"]))
+        for name, client, extra in bare:
             if name in wanted:
                 port = free_port()
                 procs.start(name, [py, "-m", "uvicorn", "--factory", "bare_proxy:app_from_env", "--app-dir",
                                    str(BENCH_DIR), "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                   "warning", "--no-access-log"], port,
+                                   "warning", "--no-access-log", *extra], port,
                             {"BENCH_UPSTREAM_URL": upstream, "BENCH_CLIENT": client,
                              "BENCH_PY_UPSTREAM_URL": py_upstream})
                 targets.append(Target(name, f"http://127.0.0.1:{port}"))
