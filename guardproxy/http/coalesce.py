@@ -6,7 +6,9 @@ when it is waiting). A complete answer's head and body, and a stream's head and 
 frame is already there, are sent in the same iteration of the event loop: ``CoalescingTransport``
 keeps the writes of one iteration and sends them together at its end (``loop.call_soon``), so the
 client gets them in one packet. Nothing waits longer than the iteration that wrote it: a head whose
-first frame has not arrived still goes out at once. Measured with ``bench/ttfb.py``: see
+first frame has not arrived still goes out at once, and a complete response goes out as soon as its
+last write is made (the protocol calls ``flush`` when uvicorn reports the response complete), before
+the app goes on in the same iteration (settling the call). Measured with ``bench/ttfb.py``: see
 bench/README.md.
 """
 
@@ -34,14 +36,15 @@ class CoalescingTransport:
         if not data:
             return
         if not self._kept:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._kept.append(bytes(data))
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
             self.write(chunk)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what this iteration wrote, now."""
         if not self._kept:
             return
         data = self._kept[0] if len(self._kept) == 1 else b"".join(self._kept)
@@ -50,11 +53,11 @@ class CoalescingTransport:
             self._transport.write(data)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def abort(self) -> None:

@@ -126,6 +126,9 @@ class _Guarded:
             self._disarm()
 
     def on_response_complete(self) -> None:
+        # The response's last bytes leave now, not after what the app does next in this iteration.
+        if isinstance(self.transport, CoalescingTransport):
+            self.transport.flush()
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing():  # keep-alive: the next head has its own deadline
             self._head_bytes = 0

@@ -85,3 +85,36 @@ def test_close_sends_what_is_kept_and_abort_drops_it() -> None:
             assert await _read(client, 100) == []
 
     _run(test)
+
+
+def test_a_complete_response_leaves_before_the_app_goes_on() -> None:
+    """Served by guardproxy's uvicorn protocol: head and body arrive in one read, and as soon as the
+    response is complete, though the app then blocks its loop (as settling a call keeps it busy)."""
+    import time
+
+    from starlette.types import Receive, Scope, Send
+
+    from guardproxy.http.slow_clients import GuardedHttpToolsProtocol
+    from tests.servers import serve_in_thread
+
+    block_s = 2.0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+        time.sleep(block_s)  # noqa: ASYNC251 (on purpose: a busy loop, where nothing kept for later leaves)
+
+    with serve_in_thread(app, http=GuardedHttpToolsProtocol) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            started = time.monotonic()
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = client.recv(65536)
+            waited = time.monotonic() - started
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nhello")
+    assert waited < block_s / 2
