@@ -266,7 +266,7 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
 
 
 def goals_table(items: Sequence[Goal]) -> str:
-    lines = ["Goals (issue 10)"]
+    lines = ["Goals (issues 10 and 26)"]
     for g in items:
         verdict = "n/a" if g.met is None else "met" if g.met else "NOT met"
         op = ">=" if g.at_least else "<="
