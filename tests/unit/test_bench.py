@@ -143,3 +143,25 @@ def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
         (None, None),  # fewer than 1,000 streams were open: no figure
         (1.9, True), (0.8, False), (1.4, False),
     ]
+
+
+def test_first_frames_are_paired_with_the_bare_relay_on_both_upstreams() -> None:
+    """guardproxy's share over the bare relay is the median of same-round differences of round medians,
+    on nginx's stream and on the Python upstream's (whose direct figure is its own target)."""
+    rep = report.Report()
+    rep.first_frame_ms = {"upstream": [[0.1, 0.1], [0.1, 0.1]], "bare-aiohttp": [[0.5, 0.7], [0.9, 0.9]],
+                          servers.GUARD: [[1.0, 1.2], [1.3, 1.5]]}
+    rep.py_first_frame_ms = {servers.PY_UPSTREAM: [[0.4], [0.4]], "bare-aiohttp": [[1.6], [1.0]],
+                             servers.GUARD: [[2.0], [2.6]]}
+    text, data = report.tables(rep, ["upstream", "bare-aiohttp", servers.GUARD])
+    nginx = {row["target"]: row for row in data["first_frame"]}
+    python = {row["target"]: row for row in data["py_first_frame"]}
+    assert abs(nginx[servers.GUARD]["over_bare_p50_ms"] - 0.5) < 1e-9  # rounds: 1.1-0.6, 1.4-0.9
+    assert abs(nginx[servers.GUARD]["added_p50_ms"] - 1.15) < 1e-9
+    assert abs(python[servers.GUARD]["over_bare_p50_ms"] - 1.0) < 1e-9  # rounds: 0.4, 1.6
+    assert abs(python[servers.GUARD]["added_p50_ms"] - 1.9) < 1e-9
+    assert set(python) == {servers.PY_UPSTREAM, "bare-aiohttp", servers.GUARD}
+    assert "Python upstream" in text
+    goals = {g.line: g.value for g in report.goals(data)}
+    share = python[servers.GUARD]["over_bare_p50_ms"]
+    assert goals["first frame over the bare relay, Python upstream, p50 ms"] == share
