@@ -147,5 +147,22 @@ def caps_of(
     ]
 
 
+def booked_caps(caps: tuple[LevelCap, ...]) -> list[list[str | int]]:
+    """What a charge no admission booked keeps of its caps (``Reservation.levels``) to settle later: the
+    journal's and a deferred call's record (JSON)."""
+    return [[c.level, c.scope, c.window, c.period, c.limit, c.model] for c in caps]
+
+
+def caps_booked(data: object) -> tuple[LevelCap, ...]:
+    """``booked_caps``' caps back (``ValueError``/``TypeError`` for anything else; ``None``: none)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise TypeError("levels must be a list")
+    return tuple(LevelCap(str(level), str(scope), str(window), str(period), int(limit), int(limit), int(limit),
+                          model=str(model))
+                 for level, scope, window, period, limit, model in data)
+
+
 def _usd(micros: Micros) -> str:
     return str(Decimal(micros) / 1_000_000)

@@ -36,7 +36,7 @@ from guardproxy.budget.choice import Admit, Choice, choose
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
-from guardproxy.budget.levels import KeyBudget
+from guardproxy.budget.levels import KeyBudget, booked_caps
 from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
@@ -619,6 +619,8 @@ class BudgetedEndpoint:
             "model": plan.sent.name, "requested_model": plan.request.model, "prompt_tokens": plan.prompt_tokens,
             "request_id": request_id, "state": "open", "submitted_ms": int(time.time() * 1000),
         }
+        if reservation.levels:  # served unbudgeted (fail_open): the levels its charge goes to, kept with it
+            fields["levels"] = orjson.dumps(booked_caps(reservation.levels)).decode()
         self.s.metrics.requests.labels(plan.tenant, plan.requested.name,
                                        "downgraded" if plan.downgraded else "allowed").inc()
         with anyio.CancelScope(shield=True):

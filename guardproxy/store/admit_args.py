@@ -93,9 +93,7 @@ class AdmitArgs:
         caps: list[dict[str, str | int]] = []
         level_keys: set[str] = set()
         for cap in self.levels.caps:
-            where = global_keys if cap.level == "global" else k
-            spend, held, flags = (where.level_spend(cap.scope, cap.window, cap.period), where.level_held(cap.scope),
-                                  k.flags(cap.window, cap.period))
+            spend, held, flags = cap_keys(cap, k, global_keys)
             level_keys |= {spend, held, flags}
             caps.append({
                 "level": cap.level, "scope": cap.scope, "window": cap.window, "period": cap.period,
@@ -119,6 +117,26 @@ class AdmitArgs:
             orjson.dumps({"models": models, "caps": caps}).decode(), *self.worst_cases,
         ]
         return keys, args
+
+
+def cap_keys(cap: LevelCap, k: TenantKeys, global_keys: LevelKeys) -> tuple[str, str, str]:
+    """The spend, held and flags keys of one of tenant ``k``'s caps."""
+    where = global_keys if cap.level == "global" else k
+    return (where.level_spend(cap.scope, cap.window, cap.period), where.level_held(cap.scope),
+            k.flags(cap.window, cap.period))
+
+
+def settle_books(caps: Sequence[LevelCap], k: TenantKeys, global_keys: LevelKeys) -> tuple[str, list[str]]:
+    """The books of a charge no admission booked (settle.v4's "books" argument): a spend line per cap, as
+    admit.v5 writes them, and the keys they name (declared for Redis Cluster)."""
+    lines: dict[str, str] = {}  # spend key -> its line (one per counter, as admit.v5 books them)
+    keys: set[str] = set()
+    for cap in caps:
+        spend, _, flags = cap_keys(cap, k, global_keys)
+        fields = (WINDOW_TTL_S[cap.window], cap.limit, cap.level, cap.window, cap.period, cap.scope, flags, spend)
+        lines.setdefault(spend, "s " + "\t".join(str(f) for f in fields) + "\n")
+        keys |= {spend, flags}
+    return "".join(lines.values()), sorted(keys)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,14 @@ class Ledger:
         return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget)),
                          tuple(models))
 
+    def charge_levels(
+        self, tenant: str, model: str = "", key_id: str = "", key_budget: KeyBudget | None = None,
+    ) -> tuple[LevelCap, ...]:
+        """The caps a charge of ``tenant`` for ``model`` (``""``: none) made now goes to when no admission
+        booked it (``Reservation.levels``: external spend, a call served unbudgeted)."""
+        caps = level_caps(self.config, tenant, self.clock(), [model] if model else [], key_id, key_budget)
+        return tuple(cap for cap in caps if cap.binds(model))
+
     async def admit(
         self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = "", *,
         provisional: bool = False, levels: LevelArgs = NO_LEVELS,
@@ -205,8 +213,11 @@ class Ledger:
                     headers={"retry-after": "1"},
                 ) from None
             log.warning("budget store unavailable: serving tenant=%s unbudgeted (fail_open)", tenant)
-            # Not written anywhere; it settles (and charges) like any other, through the journal if need be.
-            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job)
+            # Not written anywhere; it settles (and charges) like any other, through the journal if need be,
+            # at every level it belongs to (the caps of its first candidate, the one it is sent to).
+            sent = levels.models[0] if levels.models else ""
+            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job,
+                                     tuple(cap for cap in levels.caps if cap.binds(sent)))
             return Admission(Decision(0, 0, 0), limits, unbudgeted, unbudgeted=True)
         if admission.already_settled:
             raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The reservation was released before it was made; "

@@ -333,6 +333,9 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     r.expire(K[7], A[3])
 
     books = r.hget(K[19], A[1])
+    given_books = A[15 + num(A[12])]
+    if books is None and given_books != '':
+        books = given_books
     if books is not None:
         alert_thresholds = num(A[12])
         for line in text(books).split('\n'):
@@ -366,7 +369,7 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
     thresholds = num(A[12])
     job_at = 13 + thresholds
-    log_from = job_at + 2
+    log_from = job_at + 3
     last = len(A) - 1  # Lua's #ARGV
     if charge > 0 and thresholds > 0:
         limit_day, limit_month = num(A[10]), num(A[11])
@@ -500,7 +503,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "742e1191a86b853d9c0b6da29f1e5437f0e7c612": settle_v4,  # settle.v4.lua
+    "9b4254455eb015774f4493662bcf0c8230bc529b": settle_v4,  # settle.v4.lua
     "f0e3011a5023fff0171b65c28ed771bc66b025f7": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua

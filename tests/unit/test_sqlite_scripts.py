@@ -138,6 +138,8 @@ class Settle:
     thresholds: tuple[int, ...]
     job: str
     job_ttl_s: int
+    #: The levels a charge no admission booked names (settle's "books" argument).
+    levels: tuple[LevelCap, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,8 @@ ops = st.one_of(
                   "model": st.sampled_from(["m1", "m2"]), "prompt_tokens": st.sampled_from([0, 10, 20, 30]),
                   "completion_tokens": st.sampled_from([0, 10, 30]), "outcome": st.just("ok")})),
               thresholds=st.sampled_from([(), (500_000,), (500_000, 1_000_000)]), job=st.sampled_from(JOBS),
-              job_ttl_s=st.sampled_from([60, 3600])),
+              job_ttl_s=st.sampled_from([60, 3600]),
+              levels=st.one_of(st.just(()), st.lists(level_caps(), max_size=3).map(tuple))),
     st.builds(Renew, ids=st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True),
               lease_ms=st.sampled_from([1, 60_000])),
     st.builds(Claim, lease_ms=st.sampled_from([0, 1_000]), limit=st.sampled_from([1, 5])),
@@ -253,7 +256,7 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
                           call_tokens=op.call_tokens, alerts=AlertArgs(1000, 3000, enabled=op.alerts),
                           job=JobArgs(op.job, op.job_cap), provisional=op.provisional, levels=op.levels)
     elif isinstance(op, Settle):
-        reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job)
+        reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job, op.levels)
         await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s)
     elif isinstance(op, Renew):
         await store.renew([Reservation(i, TENANT, PERIODS.day, PERIODS.month, 0) for i in op.ids], op.lease_ms)
@@ -355,6 +358,12 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
     Admit("r1", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
           LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",))),
     Settle("r0", 90, None, (500_000,), "", 60), Settle("r0", 90, None, (500_000,), "", 60), Advance(61_000),
+])
+@example(sequence=[  # a charge no admission booked: the levels it names, once (a replay charges nothing)
+    *[Settle("x1", 900, None, (500_000,), "", 60, (LevelCap("global", "global", "day", PERIOD_OF["day"], 1500, 1500,
+                                                            1500),
+                                                   LevelCap("tenant", "tenant", "hour", PERIOD_OF["hour"], 1000, 900,
+                                                            1000)))] * 2,
 ])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
