@@ -226,14 +226,15 @@ class BudgetedEndpoint:
         tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
         return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
 
-    async def quote(self, tenant: str, raw: bytes, admit: Admit) -> Quote:
+    async def quote(self, tenant: str, raw: bytes, admit_for: Callable[[Sequence[str]], Admit]) -> Quote:
         """What admission would decide for the request body ``raw`` now, through the same steps as a
-        call (parse, price, estimate, choose), with ``admit`` reading the spend instead of reserving."""
+        call (parse, price, estimate, choose), with ``admit_for(models of the chain)`` reading the spend
+        (at every level of those models) instead of reserving."""
         call = self.shape.parse(raw)
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         chain = self.s.config.downgrade_chain(requested)
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit_for([m.name for m in chain]))
         return Quote(call, chain, prompt_tokens, choice)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
