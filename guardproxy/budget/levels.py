@@ -139,12 +139,16 @@ def caps_of(
 ) -> list[LevelCap]:
     """The ``LevelCap`` of each window ``caps`` caps (soft and hard as ``Thresholds.from_limits``)."""
     return [
-        LevelCap(level, scope, window, ids.of(window),
-                 hard=int((hard_cap * limit).to_integral_value(rounding=ROUND_FLOOR)),
-                 soft=int((soft_cap * limit).to_integral_value(rounding=ROUND_CEILING)),
+        LevelCap(level, scope, window, ids.of(window), *bounds(limit, soft_cap, hard_cap),
                  limit=limit, model=model, resets_at=ids.resets_at[window])
         for window, limit in caps.items()
     ]
+
+
+def bounds(limit: Micros, soft_cap: Decimal = NO_RATIO, hard_cap: Decimal = NO_RATIO) -> tuple[Micros, Micros]:
+    """(hard, soft) of a cap of ``limit`` (rounded as ``Thresholds.from_limits`` rounds them)."""
+    return (int((hard_cap * limit).to_integral_value(rounding=ROUND_FLOOR)),
+            int((soft_cap * limit).to_integral_value(rounding=ROUND_CEILING)))
 
 
 def booked_caps(caps: tuple[LevelCap, ...]) -> list[list[str | int]]:

@@ -150,7 +150,7 @@ class _Reading:
             if self.job and policy.job_micros is not None:
                 job_room = max(0, policy.job_micros - await ledger.store.job_spent(tenant, self.job))
             self.snapshot = snapshot
-            levels = ledger.level_args(tenant, self.models, self.key_id, self.key_budget)
+            levels = ledger.level_args(tenant, self.models, self.key_id, self.key_budget, policy)
             used = [spent + held for spent, held in await ledger.store.level_usage(tenant, levels.caps)]
             self.admit = reading(snapshot.day.spent + snapshot.day.reserved,
                                  snapshot.month.spent + snapshot.month.reserved, limits, job_room,

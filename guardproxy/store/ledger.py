@@ -36,6 +36,7 @@ import anyio
 from guardproxy.budget.decision import Decision, RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, KeyBudget, LevelArgs, LevelCap, WindowCaps, caps_of, window_ids
 from guardproxy.budget.periods import Periods, periods_at
+from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.records import Admission, AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
@@ -70,12 +71,13 @@ REGISTERED_KEPT = 100_000
 
 def level_caps(
     config: Config, tenant: str, now: datetime, models: Sequence[str] | None = None, key_id: str = "",
-    key_budget: KeyBudget | None = None,
+    key_budget: KeyBudget | None = None, policy: BudgetPolicy | None = None,
 ) -> list[LevelCap]:
     """The caps of every level a call of ``tenant`` belongs to beside its day and month: global (UTC),
     the tenant's hour and week, its key's (``key_id``: ``fleet.key_fingerprint``) and those of the
-    candidate ``models`` (``None``: every model the tenant caps)."""
-    policy = config.policy_for(tenant)
+    candidate ``models`` (``None``: every model the tenant caps). ``policy``: the tenant's with its
+    runtime override (admission applies an override's hour and week in the script itself)."""
+    policy = policy or config.policy_for(tenant)
     caps: list[LevelCap] = []
     if config.global_caps:
         caps += caps_of("global", "global", config.global_caps, window_ids(now, UTC))
@@ -143,9 +145,10 @@ class Ledger:
 
     def level_args(
         self, tenant: str, models: Sequence[str], key_id: str = "", key_budget: KeyBudget | None = None,
+        policy: BudgetPolicy | None = None,
     ) -> LevelArgs:
         """The caps of every level a call of ``tenant`` belongs to (``level_caps``) now."""
-        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget)),
+        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget, policy)),
                          tuple(models))
 
     def charge_levels(

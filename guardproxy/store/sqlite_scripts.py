@@ -133,6 +133,13 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         return fits_tenant(w) and (job_cap < 0 or job_used + w <= job_cap)
 
     caps, models = levels['caps'], levels['models']
+    own = r.hmget(budget_key, 'hourly_micros', 'soft_hour', 'hard_hour', 'weekly_micros', 'soft_week', 'hard_week')
+    own_of = {'hour': 0, 'week': 3}
+    for cap in caps:
+        first = own_of.get(cap['window'])
+        overridden = own[first] if cap['level'] == 'tenant' and first is not None else None
+        if first is not None and overridden is not None:
+            cap['limit'], cap['soft'], cap['hard'] = text(overridden), num(own[first + 1]), num(own[first + 2])
     cap_used = [num_or_0(r.get(cap['spend'])) + num_or_0(r.get(cap['held'])) for cap in caps]
 
     def applies(cap: dict[str, Any], i: int) -> bool:
@@ -302,7 +309,8 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         blocked = 1
     return [chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
             limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(rl_req_key, rpm), leaves_at(rl_tok_key, tpm),
-            blocked, job_cap, job_used, refused_by, *cap_used]
+            blocked, job_cap, job_used, refused_by, *cap_used,
+            *[v for cap in caps for v in (cap['hard'], cap['soft'], num(cap['limit']))]]
 
 
 def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
@@ -504,7 +512,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
     "9b4254455eb015774f4493662bcf0c8230bc529b": settle_v4,  # settle.v4.lua
-    "f0e3011a5023fff0171b65c28ed771bc66b025f7": admit_v5,  # admit.v5.lua
+    "758800c215ccbed3c1f275691ed5b9b32b1a4978": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

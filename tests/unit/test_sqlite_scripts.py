@@ -237,7 +237,11 @@ ops = st.one_of(
     st.builds(Override, st.one_of(st.just({}), thresholds().map(lambda t: {
         "soft_day": str(t.soft_day), "hard_day": str(t.hard_day), "soft_month": str(t.soft_month),
         "hard_month": str(t.hard_month), "rpm": "2", "daily_micros": "1000", "monthly_micros": "3000",
-        "job_micros": "500"}))),
+        "job_micros": "500"}), thresholds().map(lambda t: {  # the tenant's hour and week overridden too
+        "soft_day": str(t.soft_day), "hard_day": str(t.hard_day), "soft_month": str(t.soft_month),
+        "hard_month": str(t.hard_month), "hourly_micros": str(t.hard_day), "hard_hour": str(t.hard_day),
+        "soft_hour": str(t.soft_day), "weekly_micros": str(t.hard_month), "hard_week": str(t.hard_month),
+        "soft_week": str(t.soft_month)}))),
     st.builds(Advance, st.sampled_from([0, 1, 999, 2_500, 30_000, 61_000, 1_800_000, 3_600_000])),
     # windows long in real time too: the keys' PEXPIRE runs on each server's own clock
     st.builds(Repeat, key=st.sampled_from(["k1", "k2"]), job=st.sampled_from(JOBS),
@@ -358,6 +362,13 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
     Admit("r1", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
           LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",))),
     Settle("r0", 90, None, (500_000,), "", 60), Settle("r0", 90, None, (500_000,), "", 60), Advance(61_000),
+])
+@example(sequence=[  # an override's hour replaces the tenant's hour cap: 150 -> 250 admits a second call
+    Override({"soft_day": "1000000", "hard_day": "1000000", "soft_month": "10000000", "hard_month": "10000000",
+              "hourly_micros": "250", "hard_hour": "250", "soft_hour": "200"}),
+    *[Admit(f"r{i}", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
+            LevelArgs((LevelCap("tenant", "tenant", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",)))
+      for i in range(3)],
 ])
 @example(sequence=[  # a charge no admission booked: the levels it names, once (a replay charges nothing)
     *[Settle("x1", 900, None, (500_000,), "", 60, (LevelCap("global", "global", "day", PERIOD_OF["day"], 1500, 1500,
