@@ -169,6 +169,12 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
             if fits(i):
                 chosen = i
                 break
+    downgraded_by, downgraded_used = 0, 0
+    if chosen > 0:
+        for c, cap in enumerate(caps):
+            if applies(cap, 0) and (cap_used[c] >= cap['soft'] or cap_used[c] + worst(0) > cap['hard']):
+                downgraded_by, downgraded_used = c + 1, cap_used[c]
+                break
 
     settled = 1 if r.hexists(settled_key, reservation_id) == 1 else 0
 
@@ -303,6 +309,11 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
             if r.hsetnx(flags, 'downgrading', now_ms) == 1:
                 r.expire(flags, ttl)
                 queue('downgrading', period, period_id, spent, limit)
+        elif downgraded_by > 0:
+            cap = caps[downgraded_by - 1]
+            if r.hsetnx(cap['flags'], 'downgrading:' + cap['scope'], now_ms) == 1:
+                r.expire(cap['flags'], cap['ttl'])
+                queue('downgrading', cap['window'], cap['period'], downgraded_used, num(cap['limit']), cap['level'])
 
     blocked = 0
     if r.hexists(flags_day_key, 'blocked') == 1 or r.hexists(flags_month_key, 'blocked') == 1:
@@ -512,7 +523,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
     "9b4254455eb015774f4493662bcf0c8230bc529b": settle_v4,  # settle.v4.lua
-    "758800c215ccbed3c1f275691ed5b9b32b1a4978": admit_v5,  # admit.v5.lua
+    "bf4a77cf63a2896a416ed36fe264c402cbea0d33": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

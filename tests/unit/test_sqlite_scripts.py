@@ -370,6 +370,11 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
             LevelArgs((LevelCap("tenant", "tenant", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",)))
       for i in range(3)],
 ])
+@example(sequence=[  # a key's soft cap sends calls to the cheaper tier: one "downgrading" event with its level
+    *[Admit(f"r{i}", 60_000, ROOMY, [100, 50], RateLimits(), 0, True, "", None, False,
+            LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 1000, 0, 1000),), ("m1", "m2")))
+      for i in range(2)],
+])
 @example(sequence=[  # a charge no admission booked: the levels it names, once (a replay charges nothing)
     *[Settle("x1", 900, None, (500_000,), "", 60, (LevelCap("global", "global", "day", PERIOD_OF["day"], 1500, 1500,
                                                             1500),

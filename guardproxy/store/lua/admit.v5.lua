@@ -14,7 +14,9 @@
 -- exhausted = 4 and names the first cap that refused it; its first refusal per scope and period
 -- queues a "blocked" event with the level (the tenant's blocked flag is left alone). A runtime override
 -- of the tenant's hour or week (budget hash: hourly_micros, soft_hour, hard_hour; the same for week)
--- replaces those caps' limits.
+-- replaces those caps' limits. The first call per scope and period that a level's cap (soft, or refusing
+-- the requested model) sends to a cheaper tier queues a "downgrading" event with the level, unless the
+-- tenant's day or month sent it there (their own event).
 -- v4: jobs (work orders): the job's cap (spent + live reservations + worst case <= cap), exhausted = 3.
 -- v3: per-minute request and token limits (sliding logs over the last 60 s of server time); a
 -- period's "blocked" flag (set by a budget refusal, cleared by the next admitted call); the alert
@@ -185,6 +187,17 @@ else
     end
   end
 end
+-- levels (v5): the first cap that sends the call to a cheaper tier (soft, or refusing the requested model)
+local downgraded_by, downgraded_used = 0, 0
+if chosen > 0 then
+  for c, cap in ipairs(caps) do
+    if applies(cap, 0) and (cap_used[c] >= cap.soft or cap_used[c] + worst(0) > cap.hard) then
+      downgraded_by, downgraded_used = c, cap_used[c]
+      break
+    end
+  end
+end
+-- end levels (v5)
 
 local settled = 0
 if redis.call('HEXISTS', settled_key, reservation_id) == 1 then
@@ -365,6 +378,13 @@ elseif settled == 0 and limited == 0 then
     if redis.call('HSETNX', flags, 'downgrading', now_ms) == 1 then
       redis.call('EXPIRE', flags, ttl)
       queue('downgrading', period, period_id, spent, limit)
+    end
+  elseif downgraded_by > 0 then
+    -- levels (v5): or by another level's cap: its first such call per scope and period
+    local cap = caps[downgraded_by]
+    if redis.call('HSETNX', cap.flags, 'downgrading:' .. cap.scope, now_ms) == 1 then
+      redis.call('EXPIRE', cap.flags, cap.ttl)
+      queue('downgrading', cap.window, cap.period, downgraded_used, cap.limit, cap.level)
     end
   end
 end
