@@ -236,9 +236,8 @@ class SqliteClient:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
             db.execute("PRAGMA busy_timeout=0")
-            # Each needs to read or change the file (another process may be creating it at this moment):
-            # tried again while it is locked, as transactions are, up to busy_timeout_ms.
-            self.run_on(db, lambda: db.execute(f"PRAGMA synchronous={self.synchronous.upper()}"))
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            # both need the file to themselves for a moment (another process may be starting too)
             self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
             self.run_on(db, lambda: db.executescript(SCHEMA))
             self._local.db = db
