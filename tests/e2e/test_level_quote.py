@@ -56,7 +56,7 @@ def test_a_quote_names_the_tightest_cap_and_the_level_that_refuses_and_the_call_
         assert refused["tightest"]["level"] == "global" and refused["tightest"]["remaining_usd"] == 0.0005
         assert reserved(redis_url) == 0  # a quote holds nothing
         try:
-            agent.chat.completions.create(**request)
+            agent.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1000)
             raise AssertionError("the call the quote refused was admitted")
         except openai.RateLimitError as exc:
             assert exc.response.headers["x-guardproxy-budget-level"] == "global"
