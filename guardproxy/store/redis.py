@@ -402,7 +402,9 @@ class BudgetStore:
         """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
         trip, applied at most once per reservation id (a charge of 0 is a release). The token window
         counts the record's real tokens; a threshold of ``alerts`` reached queues its event. The call's
-        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``."""
+        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``. Every level
+        the admission booked is charged too; a charge no admission booked names its levels itself
+        (``reservation.levels``)."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
