@@ -17,6 +17,7 @@ from guardproxy.budget import clamp
 from guardproxy.budget import decision as budget
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.budget.records import Admission
@@ -70,11 +71,11 @@ class Choice:
     def reason(self) -> str:
         """Why: ``within_budget``, ``soft_cap_downgrade``, ``downgraded_to_fit``, ``clamped``, or the
         period that refused (``daily_budget_exhausted``, ``monthly_budget_exhausted``,
-        ``job_budget_exhausted``)."""
+        ``job_budget_exhausted``, ``level_budget_exhausted``: another level's cap)."""
         decision, limits = self.deciding.decision, self.deciding.limits
         if decision.index is None:
-            return {"month": "monthly_budget_exhausted", "job": "job_budget_exhausted"}.get(
-                decision.exhausted or "day", "daily_budget_exhausted")
+            return {"month": "monthly_budget_exhausted", "job": "job_budget_exhausted",
+                    "level": "level_budget_exhausted"}.get(decision.exhausted or "day", "daily_budget_exhausted")
         if self.clamped_limits is not None:
             return CLAMPED
         if decision.index == 0:
@@ -118,12 +119,17 @@ def thresholds_in_force(base: Thresholds, override: Mapping[str, str]) -> Thresh
 
 
 def reading(used_day: Micros, used_month: Micros, limits: Thresholds, job_room: Micros | None = None,
-            job_cap: Micros | None = None) -> Admit:
-    """An ``Admit`` that decides with ``budget.decide`` on spend already read (and the call's job's
-    room under its cap, ``None``: no cap), and reserves nothing."""
+            job_cap: Micros | None = None, levels: LevelArgs = NO_LEVELS, caps_used: Sequence[Micros] = ()) -> Admit:
+    """An ``Admit`` that decides with ``budget.decide_levels`` on spend already read (and the call's
+    job's room under its cap, ``None``: no cap; what each of ``levels``' caps has used), and reserves
+    nothing."""
 
     async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
-        decision = budget.decide(used_day, used_month, limits, worst_cases, job_room)
-        return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap)
+        models = list(levels.models) + [""] * (len(worst_cases) - len(levels.models))
+        decision, refusing = budget.decide_levels(used_day, used_month, limits, worst_cases, models, levels.caps,
+                                                  caps_used, job_room)
+        return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap,
+                         refused_by=None if refusing is None else levels.caps[refusing],
+                         levels=tuple(zip(levels.caps, caps_used, strict=True)))
 
     return admit
