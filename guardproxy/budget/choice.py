@@ -24,8 +24,10 @@ from guardproxy.budget.records import Admission
 from guardproxy.types import Micros
 
 #: Decides (and, for a call, reserves) among worst cases for a tenant; the flag says the refusal is
-#: provisional (a clamped admission may follow), so the store records no blocked state for it.
-Admit = Callable[[str, Sequence[Micros], bool], Awaitable[Admission]]
+#: provisional (a clamped admission may follow), so the store records no blocked state for it; the
+#: last argument is the tier (index in the downgrade chain) of each worst case, so that the caps of
+#: that tier's model bind it (a clamped admission offers only some tiers).
+Admit = Callable[[str, Sequence[Micros], bool, Sequence[int]], Awaitable[Admission]]
 
 WITHIN_BUDGET = "within_budget"
 SOFT_CAP = "soft_cap_downgrade"
@@ -92,7 +94,7 @@ async def choose(
     ``policy.clamp_max_tokens`` is on, admit the clamped ones instead."""
     worst_cases = tuple(cost_micros(Usage(prompt_tokens, choices * t.limit_tokens), t.price) for t in tiers)
     unclamped = tuple(range(len(tiers)))
-    first = await admit(tenant, worst_cases, policy.clamp_max_tokens)
+    first = await admit(tenant, worst_cases, policy.clamp_max_tokens, unclamped)
     full = Choice(first, first, worst_cases, unclamped, first_worst_case=worst_cases[0])
     decision = first.decision
     if decision.admitted or not policy.clamp_max_tokens:
@@ -101,11 +103,12 @@ async def choose(
                              policy.min_completion_tokens, first.job_room)
     if not found:
         # Nothing to clamp to: the refusal stands, and is recorded this time (blocked state, alert).
-        final = await admit(tenant, worst_cases, False)
+        final = await admit(tenant, worst_cases, False, unclamped)
         return Choice(final, final, worst_cases, unclamped, first_worst_case=worst_cases[0])
     clamped = tuple(c.worst_case for c in found)
-    second = await admit(tenant, clamped, False)
-    return Choice(first, second, clamped, tuple(c.index for c in found), tuple(c.max_tokens for c in found),
+    indices = tuple(c.index for c in found)
+    second = await admit(tenant, clamped, False, indices)
+    return Choice(first, second, clamped, indices, tuple(c.max_tokens for c in found),
                   first_worst_case=worst_cases[0])
 
 
@@ -124,8 +127,10 @@ def reading(used_day: Micros, used_month: Micros, limits: Thresholds, job_room: 
     job's room under its cap, ``None``: no cap; what each of ``levels``' caps has used), and reserves
     nothing."""
 
-    async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
-        models = list(levels.models) + [""] * (len(worst_cases) - len(levels.models))
+    async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                    ) -> Admission:
+        models = levels.for_tiers(tiers).models
+        models = (*models, *[""] * (len(worst_cases) - len(models)))
         decision, refusing = budget.decide_levels(used_day, used_month, limits, worst_cases, models, levels.caps,
                                                   caps_used, job_room)
         return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap,

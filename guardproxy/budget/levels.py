@@ -12,6 +12,7 @@ the first cap that refused it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -83,6 +84,13 @@ class LevelArgs:
 
     caps: tuple[LevelCap, ...] = ()
     models: tuple[str, ...] = ()
+
+    def for_tiers(self, tiers: Sequence[int]) -> LevelArgs:
+        """The same caps for candidates that are the chain's ``tiers`` (a clamped admission offers
+        only some): each candidate's model is its tier's."""
+        if not self.models or tuple(tiers) == tuple(range(len(self.models))):
+            return self
+        return LevelArgs(self.caps, tuple(self.models[i] for i in tiers))
 
 
 NO_LEVELS = LevelArgs()

@@ -138,7 +138,8 @@ class _Reading:
         self.models = models
         return self
 
-    async def __call__(self, tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+    async def __call__(self, tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                       ) -> Admission:
         if self.admit is None:
             ledger = self.services.ledger
             (snapshot,) = await ledger.store.snapshots([(tenant, ledger.periods(tenant))])
@@ -155,7 +156,7 @@ class _Reading:
             self.admit = reading(snapshot.day.spent + snapshot.day.reserved,
                                  snapshot.month.spent + snapshot.month.reserved, limits, job_room,
                                  policy.job_micros if self.job else None, levels, used)
-        return await self.admit(tenant, worst_cases, provisional)
+        return await self.admit(tenant, worst_cases, provisional, tiers)
 
 
 def quote_json(tenant: str, quoted: Quote, *, refused: bool = False, rate_limited: str | None = None

@@ -187,9 +187,10 @@ class BudgetedEndpoint:
 
         levels = self.s.ledger.level_args(tenant, [m.name for m in chain], context.key_id, key_budget)
 
-        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                        ) -> Admission:
             return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
-                                             levels=levels)
+                                             levels=levels.for_tiers(tiers))
 
         choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
         admission = choice.deciding
