@@ -524,8 +524,8 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 SCRIPTS: dict[str, Script] = {
     "9b4254455eb015774f4493662bcf0c8230bc529b": settle_v4,  # settle.v4.lua
     "bf4a77cf63a2896a416ed36fe264c402cbea0d33": admit_v5,  # admit.v5.lua
-    "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
-    "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
+    "ebdc82125ab23882d50986659f7f4ed4ec9663be": renew_v1,  # renew.v1.lua
+    "89d3927d57d58ae30904a052cc73c25f5c173f28": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua
     "daa2702f77aea023bb135d283b04c7b62f4a798e": velocity_v1,  # velocity.v1.lua
 }

@@ -3,23 +3,27 @@
 -- takes it while this one delivers; the sender then marks it delivered (removed from the due set) or
 -- reschedules it. A sender that dies mid-delivery loses its claim when the lease runs out.
 --
--- KEYS: 1 alerts (stream)  2 alerts:due (zset entry id -> next delivery at ms)
---       3 alerts:delivery (hash: <id>:attempts, <id>:hooks (delivered webhook indexes), ...)
--- ARGV: 1 lease ms  2 at most this many events
 -- Returns a list of {entry id, attempts so far, delivered webhooks ("" or "0,2"), field, value, ...}
+
+local alerts = KEYS[1]        -- stream of the tenant's alert events
+local alerts_due = KEYS[2]    -- zset: entry id -> next delivery at ms
+local delivery = KEYS[3]      -- hash: <id>:attempts, <id>:hooks (indexes of the webhooks delivered to)
+
+local lease_ms = tonumber(ARGV[1])
+local at_most = tonumber(ARGV[2])
 
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', alerts_due, '-inf', now_ms, 'LIMIT', 0, at_most)
 local out = {}
 for _, id in ipairs(due) do
-  local entry = redis.call('XRANGE', KEYS[1], id, id)
+  local entry = redis.call('XRANGE', alerts, id, id)
   if #entry == 0 then
     -- trimmed from the stream (it keeps the latest 10000): nothing left to deliver
-    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', alerts_due, id)
   else
-    redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[1]), id)
-    local state = redis.call('HMGET', KEYS[3], id .. ':attempts', id .. ':hooks')
+    redis.call('ZADD', alerts_due, now_ms + lease_ms, id)
+    local state = redis.call('HMGET', delivery, id .. ':attempts', id .. ':hooks')
     local item = {id, state[1] or '0', state[2] or ''}
     for _, v in ipairs(entry[1][2]) do
       item[#item + 1] = v

@@ -2,16 +2,18 @@
 -- Only ids still in the set are renewed (ZADD XX): a reservation that expired and was swept, or
 -- was settled, is never brought back.
 --
--- KEYS: 1 resv (zset id -> lease expiry ms)
--- ARGV: 1 lease ms  2.. reservation ids
 -- Returns the ids that were no longer live.
 
+local leases = KEYS[1]        -- zset: reservation id -> lease expiry ms
+local lease_ms = tonumber(ARGV[1])
+-- ARGV[2..]: the reservation ids
+
 local time = redis.call('TIME')
-local expiry = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
+local expiry = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + lease_ms
 local lost = {}
 for i = 2, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  if redis.call('ZSCORE', leases, ARGV[i]) then
+    redis.call('ZADD', leases, 'XX', expiry, ARGV[i])
   else
     lost[#lost + 1] = ARGV[i]
   end
