@@ -111,7 +111,8 @@ def measure_serve(procs: Processes, tmp: Path, upstream: str, name: str, workers
     stop it."""
     config = tmp / "guardproxy-footprint.yaml"
     if not config.exists():
-        config.write_text(json.dumps(guardproxy_config(upstream, ""), indent=2))
+        # the Python upstream's route is not called here: the canned upstream stands in for it
+        config.write_text(json.dumps(guardproxy_config(upstream, "", upstream), indent=2))
     port = free_port()
     procs.start(name, [sys.executable, "-m", "guardproxy", "serve", "--config", str(config), "--port", str(port),
                        *(["--workers", str(workers)] if workers > 1 else [])], port, cwd=cwd,
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO_DIR))
     results: list[Footprint] = []
     with tempfile.TemporaryDirectory(prefix="guardproxy-footprint-") as tmp_dir, \
-            servers(Path(tmp_dir), ["upstream"]) as (targets, procs):
+            servers(Path(tmp_dir), ["upstream"]) as (targets, procs, _py_upstream):
         tmp = Path(tmp_dir)
         upstream = targets[0].base_url
         codes = [("guardproxy-embedded", REPO_DIR)]

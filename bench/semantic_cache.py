@@ -91,7 +91,7 @@ async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[s
     def question(i: int) -> semantic.Question:
         return semantic.Question(prefix, f"question {i}", (f"order{i}",))
 
-    def vector() -> np.ndarray:  # type: ignore[type-arg]
+    def vector() -> np.ndarray:
         return semantic.normalised(rng.standard_normal(dimensions).astype(np.float32))
 
     await writer.refresh("acme")
@@ -128,9 +128,9 @@ async def bench(url: str, entries: int, dimensions: int, lookups: int) -> dict[s
     rows = [[float(x) for x in vector()] for _ in range(entries)]
     plain: list[float] = []
     for _ in range(5):
-        probe = [float(x) for x in vector()]
+        listed = [float(x) for x in vector()]
         started = time.perf_counter()
-        max(sum(a * b for a, b in zip(row, probe, strict=True)) for row in rows)
+        max(sum(a * b for a, b in zip(row, listed, strict=True)) for row in rows)
         plain.append(time.perf_counter() - started)
     await store.aclose()
     return {"lookup": ms(lookup), "lookup, process CPU": (cpu / lookups * 1000,) * 2,

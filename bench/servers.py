@@ -310,7 +310,8 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
         py_upstream = f"http://127.0.0.1:{port}"
         py_target = Target(PY_UPSTREAM, py_upstream, direct=True)
 
-        bare = ((BASELINE, "httpx-aiohttp", []), ("bare-aiohttp", "aiohttp", []),
+        bare: tuple[tuple[str, str, list[str]], ...] = (
+                (BASELINE, "httpx-aiohttp", []), ("bare-aiohttp", "aiohttp", []),
                 # the bare relay on guardproxy's uvicorn protocol: its writes coalesced (http/coalesce.py)
                 (COALESCED, "aiohttp", ["--http", "guardproxy.http.slow_clients:GuardedHttpToolsProtocol"]))
         for name, client, extra in bare:

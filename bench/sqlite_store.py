@@ -24,8 +24,10 @@ import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-RECORD = {"request_id": "0" * 32, "requested_model": "gpt-4o-mini", "model": "gpt-4o-mini", "prompt_tokens": 12,
-          "completion_tokens": 30, "cached_tokens": 0, "cost_micros": 25, "outcome": "completed"}
+RECORD: dict[str, str | int] = {
+    "request_id": "0" * 32, "requested_model": "gpt-4o-mini", "model": "gpt-4o-mini", "prompt_tokens": 12,
+    "completion_tokens": 30, "cached_tokens": 0, "cost_micros": 25, "outcome": "completed",
+}
 
 
 async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dict[str, float]:

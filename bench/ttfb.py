@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                     samples = first_frame(target, args.streams, route)
                     per_route[route].setdefault(target.name, []).append(statistics.median(samples) * 1000)
     for route, figures in per_route.items():
-        direct = PY_UPSTREAM if route == PY_ROUTE else "upstream"
+        direct_name = PY_UPSTREAM if route == PY_ROUTE else "upstream"
         print(f"\n{route}: first data byte, p50 ms (median over {args.rounds} rounds of {args.streams} streams); "
-              f"added over {direct} and over {BARE}, paired by round")
+              f"added over {direct_name} and over {BARE}, paired by round")
         for name, values in figures.items():
             line = f"  {name:<28} {statistics.median(values):7.3f}"
-            bases = [direct, BARE] + ([f"{GUARD}@{args.compare}"] if args.compare else [])
+            bases = [direct_name, BARE] + ([f"{GUARD}@{args.compare}"] if args.compare else [])
             for base in bases:
                 if base in figures and name != base:
                     diff = statistics.median([a - b for a, b in zip(values, figures[base], strict=True)])
