@@ -111,7 +111,8 @@ for _name in SCRIPTS:
 
 # -- the operations ----------------------------------------------------------------------------------------
 
-IDS = [f"r{i}" for i in range(6)]
+# uuid-like ids (per-day markers) and ids <epoch>.<seq> (markers by epoch, raised by a settle's floor)
+IDS = [f"r{i}" for i in range(4)] + ["7.1", "7.2", "7.3", "7.4", "8.1"]
 JOBS = ["", "J1", "J2"]
 
 
@@ -138,6 +139,7 @@ class Settle:
     thresholds: tuple[int, ...]
     job: str
     job_ttl_s: int
+    floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ ops = st.one_of(
                   "model": st.sampled_from(["m1", "m2"]), "prompt_tokens": st.sampled_from([0, 10, 20, 30]),
                   "completion_tokens": st.sampled_from([0, 10, 30]), "outcome": st.just("ok")})),
               thresholds=st.sampled_from([(), (500_000,), (500_000, 1_000_000)]), job=st.sampled_from(JOBS),
-              job_ttl_s=st.sampled_from([60, 3600])),
+              job_ttl_s=st.sampled_from([60, 3600]), floor=st.sampled_from([0, 0, 1, 2, 3, 4, 6])),
     st.builds(Renew, ids=st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True),
               lease_ms=st.sampled_from([1, 60_000])),
     st.builds(Claim, lease_ms=st.sampled_from([0, 1_000]), limit=st.sampled_from([1, 5])),
@@ -254,7 +256,8 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
                           job=JobArgs(op.job, op.job_cap), provisional=op.provisional, levels=op.levels)
     elif isinstance(op, Settle):
         reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job)
-        await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s)
+        await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s,
+                           floor=op.floor)
     elif isinstance(op, Renew):
         await store.renew([Reservation(i, TENANT, PERIODS.day, PERIODS.month, 0) for i in op.ids], op.lease_ms)
     elif isinstance(op, Claim):
@@ -338,6 +341,9 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
 
 
 @example(sequence=[admit("r0", 1), admit("r1", 1), Advance(999), admit("r2")])  # two leases expire at once
+@example(sequence=[admit("7.1"), admit("7.2"), admit("7.3"), Settle("7.2", 100, None, (), "", 60, 1),
+                   Settle("7.1", 100, None, (), "", 60, 3), Settle("7.2", 100, None, (), "", 60, 4), admit("7.1"),
+                   Settle("7.3", 100, None, (), "", 60, 0), admit("7.4")])  # markers: a mark raised, then replays
 @example(sequence=[*[Repeat("k1", "", "d1", 2, 5_000, "refuse", True)] * 4, Advance(5_000),
                    Repeat("k1", "", "d1", 2, 5_000, "refuse", True)])  # over the limit, alerted once, then free
 @example(sequence=[Spend(100, 2_000_000, 2, 0, True), Advance(3_600_000), Advance(3_600_000),
