@@ -72,11 +72,12 @@ lock: | $(BIN)/python
 
 # Side by side against bare pass-throughs (and LiteLLM when installed) on a canned nginx upstream
 # (~12 min; needs nginx-light, wrk, redis-server). bench-quick: one short round, to see that it runs.
+# COMPARE=main: also guardproxy on that git revision's code, in the same rounds (before/after).
 bench: venv-test
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(COMPARE),--compare $(COMPARE))
 
 bench-quick: venv-test
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/python bench/run.py --quick $(if $(COMPARE),--compare $(COMPARE))
 
 clean:
 	rm -rf $(VENV) .venv-latest build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

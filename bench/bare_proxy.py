@@ -13,7 +13,11 @@ with the upstream's status and content type. guardproxy's overhead is measured a
 - ``httpx``: ``httpx.AsyncClient`` on its own pool (httpcore), for reference.
 
 The upstream path comes from the ``x-bench-route`` request header (``plain``, ``stream`` or ``slow``): the
-canned nginx upstream of ``bench/run.py`` serves each kind of answer under ``/<route>/v1/``.
+canned nginx upstream of ``bench/run.py`` serves each kind of answer under ``/<route>/v1/``. The route
+``pystream`` goes to the Python upstream (``bench/py_upstream.py``, root URL in ``BENCH_PY_UPSTREAM_URL``):
+with ``BENCH_CLIENT=aiohttp`` this is the bare chunk-by-chunk streaming relay (Starlette's
+``StreamingResponse`` over aiohttp's ``iter_any()``, nothing else) that guardproxy's time to first byte is
+measured against.
 
 Served by ``bench/run.py`` as ``uvicorn --factory bare_proxy:app_from_env --app-dir bench``, with the
 upstream's root URL (``http://127.0.0.1:PORT``) in ``BENCH_UPSTREAM_URL``.
@@ -34,9 +38,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 UPSTREAM_ENV = "BENCH_UPSTREAM_URL"
+PY_UPSTREAM_ENV = "BENCH_PY_UPSTREAM_URL"
 CLIENT_ENV = "BENCH_CLIENT"
 CLIENTS = ("httpx-aiohttp", "aiohttp", "httpx")
-ROUTES = frozenset({"plain", "stream", "slow"})
+ROUTES = frozenset({"plain", "stream", "slow", "pystream"})
 
 
 def _route(request: Request) -> str:
@@ -44,11 +49,18 @@ def _route(request: Request) -> str:
     return route if route in ROUTES else "plain"
 
 
-def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp") -> Starlette:
-    """A pass-through of ``POST /v1/chat/completions`` to ``{upstream_url}/<route>/v1/chat/completions``."""
+def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp", py_upstream_url: str | None = None,
+                      ) -> Starlette:
+    """A pass-through of ``POST /v1/chat/completions`` to ``{upstream_url}/<route>/v1/chat/completions``
+    (the ``pystream`` route to ``{py_upstream_url}/pystream/v1/chat/completions``)."""
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; one of {', '.join(CLIENTS)}")
-    root = upstream_url.rstrip("/")
+    roots = {route: upstream_url.rstrip("/") for route in ROUTES}
+    roots["pystream"] = (py_upstream_url or upstream_url).rstrip("/")
+
+    def upstream_of(request: Request) -> str:
+        route = _route(request)
+        return f"{roots[route]}/{route}/v1/chat/completions"
     handler: Callable[[Request], Awaitable[Response]]
 
     @contextlib.asynccontextmanager
@@ -81,7 +93,7 @@ def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp") -> Starl
     async def via_httpx(request: Request) -> Response:
         http: httpx.AsyncClient = request.app.state.client
         headers = {"content-type": request.headers.get("content-type", "application/json")}
-        url = f"{root}/{_route(request)}/v1/chat/completions"
+        url = upstream_of(request)
         upstream = http.build_request("POST", url, content=await request.body(), headers=headers)
         response = await http.send(upstream, stream=True)
         return StreamingResponse(
@@ -92,7 +104,7 @@ def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp") -> Starl
     async def via_aiohttp(request: Request) -> Response:
         session: aiohttp.ClientSession = request.app.state.session
         headers = {"content-type": request.headers.get("content-type", "application/json")}
-        url = f"{root}/{_route(request)}/v1/chat/completions"
+        url = upstream_of(request)
         response = await session.post(url, data=await request.body(), headers=headers)
         return StreamingResponse(
             response.content.iter_any(), response.status,
@@ -105,4 +117,5 @@ def create_bare_proxy(upstream_url: str, client: str = "httpx-aiohttp") -> Starl
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory``: the upstream from ``BENCH_UPSTREAM_URL``, the client from ``BENCH_CLIENT``."""
-    return create_bare_proxy(os.environ[UPSTREAM_ENV], os.environ.get(CLIENT_ENV, "httpx-aiohttp"))
+    return create_bare_proxy(os.environ[UPSTREAM_ENV], os.environ.get(CLIENT_ENV, "httpx-aiohttp"),
+                             os.environ.get(PY_UPSTREAM_ENV))

@@ -88,10 +88,10 @@ def measure(procs: Processes, target: Target, kind: str, mode: str, script: Path
     )
 
 
-def first_frame(target: Target, count: int) -> list[float]:
-    """Seconds to the first streamed frame, ``count`` requests one after another."""
-    body = dumps(request_body("stream")).encode()
-    return clients.first_frame_latencies(target.url("stream"), body, request_headers("stream"), count)
+def first_frame(target: Target, count: int, route: str = "stream") -> list[float]:
+    """Seconds to the first streamed frame, ``count`` requests one after another on one connection."""
+    body = dumps(request_body(route)).encode()
+    return clients.first_frame_latencies(target.url(route), body, request_headers(route), count)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="guardproxy-profile-") as tmp_dir:
         tmp = Path(tmp_dir)
         (tmp / "load.lua").write_text(measure.wrk_script(args.mode))
-        with servers.servers(tmp, ["upstream", args.target]) as (targets, procs):
+        with servers.servers(tmp, ["upstream", args.target]) as (targets, procs, _):
             target = next(t for t in targets if t.name == args.target)
             servers.smoke(target, args.mode)
             measure.wrk(target.url(args.mode), tmp / "load.lua", 2, 32, 2)

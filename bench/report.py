@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from footprint import IDLE_RSS_GOAL_MB, TOTAL_PSS_GOAL_MB, Footprint  # noqa: E402
 from measure import Load, Memory  # noqa: E402
-from servers import BASELINE, GUARD  # noqa: E402
+from servers import BASELINE, GUARD, PY_UPSTREAM  # noqa: E402
 from workload import MODES  # noqa: E402
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -44,6 +44,8 @@ def paired(rounds: Sequence[dict[str, float]], target: str, base: str, op: str) 
 class Report:
     loads: list[Load] = field(default_factory=list)
     first_frame_ms: dict[str, list[list[float]]] = field(default_factory=dict)  # target -> rounds -> samples
+    #: The same from the Python upstream (its head first, then each frame).
+    py_first_frame_ms: dict[str, list[list[float]]] = field(default_factory=dict)
     memory: list[Memory] = field(default_factory=list)
     log_lines_per_request: dict[str, float] = field(default_factory=dict)
     #: ``serve --workers N`` on the embedded store: PSS of every process (bench/footprint.py).
@@ -74,10 +76,10 @@ class Report:
             "wrk_cpu_ms_per_request": median([x.wrk_cpu_ms_per_request for x in runs]),
         }
 
-    def first_frame_rounds(self, figure: str) -> list[dict[str, float]]:
+    def first_frame_rounds(self, figure: str, python: bool = False) -> list[dict[str, float]]:
         pick = (lambda s: statistics.median(s)) if figure == "p50" else (lambda s: _percentile(s, 0.99))
         rounds: list[dict[str, float]] = []
-        for target, per_round in self.first_frame_ms.items():
+        for target, per_round in (self.py_first_frame_ms if python else self.first_frame_ms).items():
             for i, samples in enumerate(per_round):
                 while len(rounds) <= i:
                     rounds.append({})
@@ -97,7 +99,8 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """The printed tables, and the same figures as data."""
     out: list[str] = []
-    data: dict[str, Any] = {"throughput": [], "latency_c1": [], "first_frame": [], "memory": [], "ratios": {}}
+    data: dict[str, Any] = {"throughput": [], "latency_c1": [], "first_frame": [], "py_first_frame": [], "memory": [],
+                            "ratios": {}}
 
     header = (f"{'mode':<7} {'target':<28} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms/req':>10} "
               f"{'+redis':>7} {'errors':>6} {'vs ' + BASELINE:>22} {'vs bare-aiohttp':>16} {'vs upstream':>11}")
@@ -152,20 +155,30 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
                        f"{_fmt(row['added_p50_ms'], '+.3f'):>9} {_fmt(row['added_p99_ms'], '+.3f'):>9} "
                        f"{row['cpu_ms_per_request']:>10.3f}")
 
-    if report.first_frame_ms:
-        header = f"{'target':<28} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9}"
-        out += ["", "Streaming: time to the first data frame, one request at a time", header, "-" * len(header)]
-        p50_rounds, p99_rounds = report.first_frame_rounds("p50"), report.first_frame_rounds("p99")
-        for target in targets:
-            if target not in report.first_frame_ms:
+    for python in (False, True):
+        samples = report.py_first_frame_ms if python else report.first_frame_ms
+        if not samples:
+            continue
+        direct = PY_UPSTREAM if python else "upstream"
+        header = (f"{'target':<28} {'p50 ms':>7} {'p99 ms':>7} {'added p50':>9} {'added p99':>9} "
+                  f"{'over bare-aiohttp p50':>21}")
+        title = ("Streaming from a Python upstream (aiohttp: the head, then 4 frames 50 ms apart): time to the first "
+                 "data frame" if python else "Streaming: time to the first data frame, one request at a time")
+        out += ["", title + f" (added: over {direct}; over bare-aiohttp: the bare chunk-by-chunk relay, same round)",
+                header, "-" * len(header)]
+        p50_rounds, p99_rounds = report.first_frame_rounds("p50", python), report.first_frame_rounds("p99", python)
+        for target in [PY_UPSTREAM, *targets] if python else targets:
+            if target not in samples:
                 continue
-            row = {"target": target, "p50_ms": median([r[target] for r in p50_rounds]),
-                   "p99_ms": median([r[target] for r in p99_rounds]),
-                   "added_p50_ms": paired(p50_rounds, target, "upstream", "diff"),
-                   "added_p99_ms": paired(p99_rounds, target, "upstream", "diff")}
-            data["first_frame"].append(row)
+            row = {"target": target, "p50_ms": median([r[target] for r in p50_rounds if target in r]),
+                   "p99_ms": median([r[target] for r in p99_rounds if target in r]),
+                   "added_p50_ms": paired(p50_rounds, target, direct, "diff"),
+                   "added_p99_ms": paired(p99_rounds, target, direct, "diff"),
+                   "over_bare_p50_ms": paired(p50_rounds, target, "bare-aiohttp", "diff")}
+            data["py_first_frame" if python else "first_frame"].append(row)
             out.append(f"{target:<28} {_fmt(row['p50_ms'], '.3f'):>7} {_fmt(row['p99_ms'], '.3f'):>7} "
-                       f"{_fmt(row['added_p50_ms'], '+.3f'):>9} {_fmt(row['added_p99_ms'], '+.3f'):>9}")
+                       f"{_fmt(row['added_p50_ms'], '+.3f'):>9} {_fmt(row['added_p99_ms'], '+.3f'):>9} "
+                       f"{_fmt(row['over_bare_p50_ms'], '+.3f'):>21}")
 
     if report.memory:
         header = (f"{'target':<28} {'workers':>7} {'idle MB/worker':>14} {'after load':>10} {'streams open':>12} "
@@ -194,6 +207,7 @@ def tables(report: Report, targets: Sequence[str]) -> tuple[str, dict[str, Any]]
         ratios[f"embedded_over_redis_{mode}"] = paired(rounds, "guardproxy-embedded", GUARD, "ratio")
         ratios[f"embedded_workers_2_over_1_{mode}"] = paired(rounds, "guardproxy-embedded-w2", "guardproxy-embedded",
                                                              "ratio")
+        ratios[f"over_litellm_{mode}"] = paired(rounds, GUARD, "litellm", "ratio")
         for other in targets:
             if other.startswith(f"{GUARD}@"):
                 ratios[f"this_over_{other.partition('@')[2]}_{mode}"] = paired(rounds, GUARD, other, "ratio")
@@ -252,6 +266,11 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
              1.0, False),
         Goal("streaming time to first frame added, p50 ms", pick("first_frame", "added_p50_ms", target=guard),
              1.0, False),
+        Goal("first frame over the bare relay (bare-aiohttp), nginx stream, p50 ms",
+             pick("first_frame", "over_bare_p50_ms", target=guard), 0.5, False),
+        Goal("first frame over the bare relay, Python upstream, p50 ms",
+             pick("py_first_frame", "over_bare_p50_ms", target=guard), 0.5, False),
+        Goal(f"{guard} / litellm req/s, plain", ratios.get("over_litellm_plain"), 10.0, True),
         Goal("idle RSS per worker, MB (the larger of fresh and after load)", idle, 80.0, False),
         Goal("RSS with 1,000 streams open, MB", streams_mb, 150.0, False),
         Goal("--workers 2 / --workers 1 req/s, plain", ratios.get("workers_2_over_1_plain"), 1.85, True),
@@ -266,7 +285,7 @@ def goals(data: dict[str, Any], guard: str = GUARD) -> list[Goal]:
 
 
 def goals_table(items: Sequence[Goal]) -> str:
-    lines = ["Goals (issue 10)"]
+    lines = ["Goals (issues 10 and 26)"]
     for g in items:
         verdict = "n/a" if g.met is None else "met" if g.met else "NOT met"
         op = ">=" if g.at_least else "<="

@@ -34,8 +34,8 @@ sys.path.insert(0, str(BENCH_DIR))
 from footprint import FOOTPRINT_WORKERS, measure_serve  # noqa: E402
 from measure import Memory, first_frame, hold_streams, measure, wrk, wrk_script  # noqa: E402
 from report import Report, goals, goals_table, tables  # noqa: E402
-from servers import ALL_TARGETS, GUARD, missing_tools, servers, smoke  # noqa: E402
-from workload import MODES  # noqa: E402
+from servers import ALL_TARGETS, GUARD, OPTIONAL_TARGETS, missing_tools, servers, smoke  # noqa: E402
+from workload import MODES, PY_ROUTE  # noqa: E402
 
 RESULTS_FILE = BENCH_DIR / "results" / "latest.json"
 
@@ -52,11 +52,15 @@ class Plan:
     c1_duration_s: float
     first_frames: int
     streams: int
+    #: Streams from the Python upstream (headers first, 4 frames 50 ms apart) per target and round.
+    py_first_frames: int = 20
 
 
 PLANS = {
-    "full": Plan(rounds=3, duration_s=5, warm_up_s=2, c1_duration_s=3, first_frames=200, streams=1000),
-    "quick": Plan(rounds=1, duration_s=1, warm_up_s=1, c1_duration_s=1, first_frames=20, streams=100),
+    "full": Plan(rounds=3, duration_s=5, warm_up_s=2, c1_duration_s=3, first_frames=200, streams=1000,
+                 py_first_frames=20),
+    "quick": Plan(rounds=1, duration_s=1, warm_up_s=1, c1_duration_s=1, first_frames=20, streams=100,
+                  py_first_frames=10),
 }
 
 
@@ -64,7 +68,7 @@ def run(plan: Plan, wanted: Sequence[str], tmp: Path, compare: str | None = None
     report = Report()
     for mode in MODES:
         (tmp / f"{mode}.lua").write_text(wrk_script(mode))
-    with servers(tmp, wanted, compare) as (targets, procs):
+    with servers(tmp, wanted, compare) as (targets, procs, py_upstream):
         names = [t.name for t in targets]
         print(f"up: {', '.join(names)}; {plan.rounds} round(s) of {plan.duration_s:g} s per run", flush=True)
         for target in targets:
@@ -94,6 +98,11 @@ def run(plan: Plan, wanted: Sequence[str], tmp: Path, compare: str | None = None
                 samples = first_frame(target, plan.first_frames)
                 requests_seen[target.name] += len(samples)
                 report.first_frame_ms.setdefault(target.name, []).append([s * 1000 for s in samples])
+            # The Python upstream: its head first, then each frame (the direct figure, then each proxy).
+            for target in [py_upstream, *targets[1:]]:
+                print(f"  round {round_ + 1}: first frame, Python upstream {target.name}", flush=True)
+                samples = first_frame(target, plan.py_first_frames, PY_ROUTE)
+                report.py_first_frame_ms.setdefault(target.name, []).append([s * 1000 for s in samples])
         for target in targets:
             lines = procs.log_lines(target.name) - log_start[target.name]
             if target.name.startswith("guardproxy") and requests_seen[target.name]:
@@ -130,16 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     parser.add_argument("--duration", type=float, help="seconds of each -c32 run (default 5)")
     parser.add_argument("--streams", type=int, help="streams held open at once for the memory figure (default 1000)")
-    parser.add_argument("--targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)} (upstream always runs)")
+    parser.add_argument("--targets", help=f"comma-separated subset of {','.join(ALL_TARGETS)} (upstream always runs), "
+                                          f"or of {','.join(OPTIONAL_TARGETS)}")
     parser.add_argument("--compare", metavar="GIT_REF",
                         help=f"also run {GUARD} on this revision's code, in the same rounds (before/after)")
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     plan = Plan(rounds=args.rounds or plan.rounds, duration_s=args.duration or plan.duration_s,
                 warm_up_s=plan.warm_up_s, c1_duration_s=plan.c1_duration_s, first_frames=plan.first_frames,
-                streams=plan.streams if args.streams is None else args.streams)
+                streams=plan.streams if args.streams is None else args.streams, py_first_frames=plan.py_first_frames)
     wanted = ALL_TARGETS if not args.targets else ("upstream", *args.targets.split(","))
-    if unknown := set(wanted) - set(ALL_TARGETS):
+    if unknown := set(wanted) - set(ALL_TARGETS) - set(OPTIONAL_TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if plan.rounds < 1 or plan.duration_s <= 0 or plan.streams < 0:
         parser.error("--rounds and --duration must be positive, --streams at least 0")
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "python": platform.python_version(), **data,
         "goals": [asdict(g) | {"met": g.met} for g in goal_items],
         "loads": [asdict(x) for x in report.loads], "first_frame_ms": report.first_frame_ms,
+        "py_first_frame_ms": report.py_first_frame_ms,
     }, indent=2) + "\n")
     print(f"\nwritten to {RESULTS_FILE.relative_to(REPO_DIR)}")
     return 0

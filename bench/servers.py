@@ -28,6 +28,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from workload import (  # noqa: E402
     COMPLETE_MARKERS,
     MODELS,
+    PY_ROUTE,
     SLOW_HEAD_ALLOWANCE_BYTES,
     SLOW_RATE_BYTES_S,
     TENANT,
@@ -68,7 +69,12 @@ def nginx_conf(tmp: Path, port: int) -> str:
 # -- configs of the proxies under test ------------------------------------------------------------------
 
 
-def guardproxy_config(upstream: str, redis_url: str) -> dict[str, Any]:
+def upstream_roots(upstream: str, py_upstream: str) -> dict[str, str]:
+    """Where each route's answers come from: nginx, and the Python upstream for ``pystream``."""
+    return {route: py_upstream if route == PY_ROUTE else upstream for route in MODELS}
+
+
+def guardproxy_config(upstream: str, redis_url: str, py_upstream: str) -> dict[str, Any]:
     """One upstream per kind of answer, a model on each (bench-plain downgrading to bench-plain-mini), one
     tenant whose budget nothing here can reach. Every model counts tokens with o200k_base."""
     from guardproxy.config.settings import hash_key  # after sys.path holds the repository
@@ -77,23 +83,25 @@ def guardproxy_config(upstream: str, redis_url: str) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": 8080},
         "store": {"redis_url": redis_url, "key_prefix": "gpbench"},
-        "upstreams": {route: {"base_url": f"{upstream}/{route}/v1", "api_key": "sk-bench-upstream", "timeout_s": 600}
-                      for route in MODELS},
+        "upstreams": {route: {"base_url": f"{root}/{route}/v1", "api_key": "sk-bench-upstream", "timeout_s": 600}
+                      for route, root in upstream_roots(upstream, py_upstream).items()},
         "models": {
             "bench-plain": {"upstream": "plain", **gpt_4o, "downgrade_to": "bench-plain-mini"},
             "bench-plain-mini": {"upstream": "plain", "input": "0.15", "cached_input": "0.075", "output": "0.60"},
             "bench-stream": {"upstream": "stream", **gpt_4o},
             "bench-slow": {"upstream": "slow", **gpt_4o},
+            "bench-pystream": {"upstream": PY_ROUTE, **gpt_4o},
         },
         "tenants": {TENANT: {"api_keys": [hash_key(TENANT_KEY)], "daily_usd": 1_000_000, "monthly_usd": 10_000_000}},
     }
 
 
-def litellm_config(upstream: str) -> dict[str, Any]:
+def litellm_config(upstream: str, py_upstream: str) -> dict[str, Any]:
     """LiteLLM's proxy on the same routes, no database, no budgets; the tenant key is its master key (recent
     releases refuse to start without one)."""
+    roots = upstream_roots(upstream, py_upstream)
     return {"general_settings": {"master_key": TENANT_KEY}, "model_list": [
-        {"model_name": model, "litellm_params": {"model": f"openai/{model}", "api_base": f"{upstream}/{route}/v1",
+        {"model_name": model, "litellm_params": {"model": f"openai/{model}", "api_base": f"{roots[route]}/{route}/v1",
                                                  "api_key": "sk-bench-upstream"}}
         for route, model in MODELS.items()
     ]}
@@ -250,6 +258,13 @@ class Target:
         return f"{self.base_url}/{route}/v1/chat/completions" if self.direct else f"{self.base_url}/v1/chat/completions"
 
 
+#: The Python upstream (``bench/py_upstream.py``): measured only for the first streamed frame, not under wrk.
+PY_UPSTREAM = "upstream-py"
+
+#: Only when asked (``--targets``): the bare relay with guardproxy's coalesced writes.
+COALESCED = "bare-aiohttp-coalesced"
+OPTIONAL_TARGETS = (COALESCED,)
+
 ALL_TARGETS = ("upstream", BASELINE, "bare-aiohttp", GUARD, "guardproxy-embedded", "guardproxy-embedded-w2",
                "guardproxy-redis-w2", "guardproxy-redis-quiet", "litellm")
 
@@ -275,9 +290,10 @@ def checkout(ref: str, tmp: Path) -> Path:
 
 @contextlib.contextmanager
 def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
-            ) -> Iterator[tuple[list[Target], Processes]]:
-    """Start nginx, redis-server and every wanted target; yields the targets that are up. With ``compare``
-    (a git ref), also ``guardproxy-redis@<ref>``: the same command on that revision's code."""
+            ) -> Iterator[tuple[list[Target], Processes, Target]]:
+    """Start nginx, the Python upstream, redis-server and every wanted target; yields the targets that are
+    up, the processes and the Python upstream (not a wrk target). With ``compare`` (a git ref), also
+    ``guardproxy-redis@<ref>``: the same command on that revision's code."""
     procs = Processes(tmp)
     py = sys.executable
     targets: list[Target] = []
@@ -289,14 +305,22 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
                                  str(tmp / "nginx-error.log")], port)
         upstream = f"http://127.0.0.1:{port}"
         targets.append(Target("upstream", upstream, direct=True))
+        port = free_port()
+        procs.start(PY_UPSTREAM, [py, str(BENCH_DIR / "py_upstream.py"), str(port)], port)
+        py_upstream = f"http://127.0.0.1:{port}"
+        py_target = Target(PY_UPSTREAM, py_upstream, direct=True)
 
-        for name, client in ((BASELINE, "httpx-aiohttp"), ("bare-aiohttp", "aiohttp")):
+        bare = ((BASELINE, "httpx-aiohttp", []), ("bare-aiohttp", "aiohttp", []),
+                # the bare relay on guardproxy's uvicorn protocol: its writes coalesced (http/coalesce.py)
+                (COALESCED, "aiohttp", ["--http", "guardproxy.http.slow_clients:GuardedHttpToolsProtocol"]))
+        for name, client, extra in bare:
             if name in wanted:
                 port = free_port()
                 procs.start(name, [py, "-m", "uvicorn", "--factory", "bare_proxy:app_from_env", "--app-dir",
                                    str(BENCH_DIR), "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                   "warning", "--no-access-log"], port,
-                            {"BENCH_UPSTREAM_URL": upstream, "BENCH_CLIENT": client})
+                                   "warning", "--no-access-log", *extra], port,
+                            {"BENCH_UPSTREAM_URL": upstream, "BENCH_CLIENT": client,
+                             "BENCH_PY_UPSTREAM_URL": py_upstream})
                 targets.append(Target(name, f"http://127.0.0.1:{port}"))
 
         redis_port = free_port()
@@ -305,7 +329,8 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
                               "--loglevel", "warning", "--dir", str(tmp)], redis_port)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         for store, url in (("redis", redis_url), ("embedded", "")):
-            (tmp / f"guardproxy-{store}.yaml").write_text(json.dumps(guardproxy_config(upstream, url), indent=2))
+            (tmp / f"guardproxy-{store}.yaml").write_text(json.dumps(guardproxy_config(upstream, url, py_upstream),
+                                                                                  indent=2))
         # guardproxy as users start it: `guardproxy serve --config ...`, default settings.
         variants: list[tuple[str, str, list[str], Path]] = [
             (GUARD, "redis", [], REPO_DIR), ("guardproxy-embedded", "embedded", [], REPO_DIR),
@@ -338,7 +363,7 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
                       flush=True)
             else:
                 port = free_port()
-                (tmp / "litellm.yaml").write_text(json.dumps(litellm_config(upstream), indent=2))
+                (tmp / "litellm.yaml").write_text(json.dumps(litellm_config(upstream, py_upstream), indent=2))
                 try:
                     procs.start("litellm", [command, "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1",
                                             "--port", str(port), "--num_workers", "1"], port,
@@ -346,7 +371,7 @@ def servers(tmp: Path, wanted: Sequence[str], compare: str | None = None,
                     targets.append(Target("litellm", f"http://127.0.0.1:{port}"))
                 except RuntimeError as exc:
                     print(f"note: LiteLLM did not start; its rows are left out: {exc}", flush=True)
-        yield targets, procs
+        yield targets, procs, py_target
     finally:
         procs.stop_all()
 

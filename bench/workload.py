@@ -14,7 +14,9 @@ MESSAGES = [
 MODES = ("plain", "stream")
 # Each kind of answer has its own model on guardproxy and LiteLLM (each model its own upstream base URL),
 # and its own path on nginx; the bare proxies pick the path from the x-bench-route header.
-MODELS = {"plain": "bench-plain", "stream": "bench-stream", "slow": "bench-slow"}
+MODELS = {"plain": "bench-plain", "stream": "bench-stream", "slow": "bench-slow", "pystream": "bench-pystream"}
+#: The route served by the Python upstream (``bench/py_upstream.py``), not by nginx.
+PY_ROUTE = "pystream"
 COMPLETE_MARKERS = {"plain": '"stop"', "stream": "[DONE]"}
 # A stream's words: one SSE frame each.
 WORDS = ["Hello", ",", " bench", "mark", "!", " Nice", " to", " meet", " you", "."]

@@ -23,6 +23,7 @@ from guardproxy.admin.keys import key_routes
 from guardproxy.admin.page import render_page
 from guardproxy.admin.reload import reload_routes
 from guardproxy.budget.periods import iso_utc
+from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import micros_to_usd
 from guardproxy.budget.records import JobUsage
 from guardproxy.config.settings import TENANT_ID, merge_policy
@@ -78,7 +79,8 @@ async def get_tenant(request: Request) -> Response:
 
 
 async def put_budget(request: Request) -> Response:
-    """Override any of daily_usd, monthly_usd, soft_cap, hard_cap; the rest stays as it is."""
+    """Override any of ``OVERRIDE_FIELDS`` (daily_usd, monthly_usd, hourly_usd, weekly_usd, soft_cap,
+    hard_cap, rpm, tpm, job_usd); the rest stays as it is."""
     services = _services(request)
     tenant = valid_tenant(request.path_params["tenant"])
     body = parse_json_object(await read_body(request, 64 * 1024))
@@ -87,6 +89,7 @@ async def put_budget(request: Request) -> Response:
         allowed = ", ".join(OVERRIDE_FIELDS)
         raise GuardError(ErrorKind.INVALID_FIELD, f"Unknown field {unknown[0]!r}; allowed: {allowed}.",
                          param=unknown[0])
+    _check_own_windows(body, services.config.policy_for(tenant), tenant)
     current = await tenant_state(services, tenant)
     try:
         policy = merge_policy(Fields(body, ""), current.policy)
@@ -95,6 +98,21 @@ async def put_budget(request: Request) -> Response:
     # Re-arms the period's alerts and lists the tenant (a tenant may exist only through its override).
     await services.ledger.store.set_override(tenant, override_record(policy), services.ledger.periods(tenant))
     return _json((await tenant_state(services, tenant)).as_json())
+
+
+def _check_own_windows(body: dict[str, object], configured: BudgetPolicy, tenant: str) -> None:
+    """``hourly_usd`` and ``weekly_usd`` change a cap proxy.yaml gives the tenant (only then is that
+    window's spend counted): a number, for a window the config caps."""
+    for field, limit in (("hourly_usd", configured.hourly_micros), ("weekly_usd", configured.weekly_micros)):
+        if field not in body:
+            continue
+        if limit is None:
+            raise GuardError(ErrorKind.INVALID_FIELD, f"Invalid budget: {field} can be overridden only for a tenant "
+                             f"whose proxy.yaml caps that window (budgets.defaults.{field} or "
+                             f"tenants.{tenant}.{field}): only then is its spend counted.", param=field)
+        if body[field] is None:
+            raise GuardError(ErrorKind.INVALID_FIELD, f"Invalid budget: {field} must be a number of USD (>= 0); "
+                             "DELETE the override to go back to proxy.yaml's.", param=field)
 
 
 async def delete_budget(request: Request) -> Response:

@@ -194,8 +194,11 @@ async def _book(services: Services, tenant: str, spend: ExternalSpend) -> tuple[
         "day": periods.day,  # the budget day charged, for the chargeback export
     }
     # Its threshold alerts fire like a call's: external spend counts towards the same budget.
-    settlement = await store.settle(Reservation(rid, tenant, periods.day, periods.month, 0), spend.cost_micros,
-                                    record, services.ledger.alert_args(tenant))
+    # Every level it belongs to is charged too (global, the tenant's hour and week, its model's caps).
+    entry = lookup_model(spend.model, services.config.models) if spend.model else None
+    levels = services.ledger.charge_levels(tenant, entry.name if entry is not None else "")
+    settlement = await store.settle(Reservation(rid, tenant, periods.day, periods.month, 0, levels=levels),
+                                    spend.cost_micros, record, services.ledger.alert_args(tenant))
     if settlement.applied:
         return spend.cost_micros, False, periods.day
     return await store.settled_charge(tenant, periods.day, rid), True, periods.day

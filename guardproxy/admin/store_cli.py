@@ -27,6 +27,7 @@ from guardproxy.budget.records import Outcome, Reservation
 from guardproxy.config.settings import TENANT_ID, Config
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.health import StoreHealth, acknowledge_reset
+from guardproxy.store.ledger import level_caps
 from guardproxy.store.redis import BudgetStore, text
 
 
@@ -102,8 +103,10 @@ async def rebuild(store: BudgetStore, config: Config, calls: list[LoggedCall], d
                   "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
                   "cached_tokens": 0, "cost_micros": call.cost_micros, "outcome": Outcome.EXTERNAL.value,
                   "description": "rebuilt after a store reset"}
-        settled = await store.settle(Reservation(rid, call.tenant, periods.day, periods.month, 0), call.cost_micros,
-                                     record)
+        # every level of its time it belongs to (the global cap, the tenant's hour and week, its model's)
+        levels = tuple(cap for cap in level_caps(config, call.tenant, call.at, [call.model]) if cap.binds(call.model))
+        settled = await store.settle(Reservation(rid, call.tenant, periods.day, periods.month, 0, levels=levels),
+                                     call.cost_micros, record)
         if settled.applied:
             booked[call.tenant] = booked.get(call.tenant, 0) + call.cost_micros
     return booked

@@ -17,14 +17,17 @@ from guardproxy.budget import clamp
 from guardproxy.budget import decision as budget
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.levels import NO_LEVELS, LevelArgs
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import Usage, cost_micros
 from guardproxy.budget.records import Admission
 from guardproxy.types import Micros
 
 #: Decides (and, for a call, reserves) among worst cases for a tenant; the flag says the refusal is
-#: provisional (a clamped admission may follow), so the store records no blocked state for it.
-Admit = Callable[[str, Sequence[Micros], bool], Awaitable[Admission]]
+#: provisional (a clamped admission may follow), so the store records no blocked state for it; the
+#: last argument is the tier (index in the downgrade chain) of each worst case, so that the caps of
+#: that tier's model bind it (a clamped admission offers only some tiers).
+Admit = Callable[[str, Sequence[Micros], bool, Sequence[int]], Awaitable[Admission]]
 
 WITHIN_BUDGET = "within_budget"
 SOFT_CAP = "soft_cap_downgrade"
@@ -70,11 +73,11 @@ class Choice:
     def reason(self) -> str:
         """Why: ``within_budget``, ``soft_cap_downgrade``, ``downgraded_to_fit``, ``clamped``, or the
         period that refused (``daily_budget_exhausted``, ``monthly_budget_exhausted``,
-        ``job_budget_exhausted``)."""
+        ``job_budget_exhausted``, ``level_budget_exhausted``: another level's cap)."""
         decision, limits = self.deciding.decision, self.deciding.limits
         if decision.index is None:
-            return {"month": "monthly_budget_exhausted", "job": "job_budget_exhausted"}.get(
-                decision.exhausted or "day", "daily_budget_exhausted")
+            return {"month": "monthly_budget_exhausted", "job": "job_budget_exhausted",
+                    "level": "level_budget_exhausted"}.get(decision.exhausted or "day", "daily_budget_exhausted")
         if self.clamped_limits is not None:
             return CLAMPED
         if decision.index == 0:
@@ -91,7 +94,7 @@ async def choose(
     ``policy.clamp_max_tokens`` is on, admit the clamped ones instead."""
     worst_cases = tuple(cost_micros(Usage(prompt_tokens, choices * t.limit_tokens), t.price) for t in tiers)
     unclamped = tuple(range(len(tiers)))
-    first = await admit(tenant, worst_cases, policy.clamp_max_tokens)
+    first = await admit(tenant, worst_cases, policy.clamp_max_tokens, unclamped)
     full = Choice(first, first, worst_cases, unclamped, first_worst_case=worst_cases[0])
     decision = first.decision
     if decision.admitted or not policy.clamp_max_tokens:
@@ -100,11 +103,12 @@ async def choose(
                              policy.min_completion_tokens, first.job_room)
     if not found:
         # Nothing to clamp to: the refusal stands, and is recorded this time (blocked state, alert).
-        final = await admit(tenant, worst_cases, False)
+        final = await admit(tenant, worst_cases, False, unclamped)
         return Choice(final, final, worst_cases, unclamped, first_worst_case=worst_cases[0])
     clamped = tuple(c.worst_case for c in found)
-    second = await admit(tenant, clamped, False)
-    return Choice(first, second, clamped, tuple(c.index for c in found), tuple(c.max_tokens for c in found),
+    indices = tuple(c.index for c in found)
+    second = await admit(tenant, clamped, False, indices)
+    return Choice(first, second, clamped, indices, tuple(c.max_tokens for c in found),
                   first_worst_case=worst_cases[0])
 
 
@@ -118,12 +122,19 @@ def thresholds_in_force(base: Thresholds, override: Mapping[str, str]) -> Thresh
 
 
 def reading(used_day: Micros, used_month: Micros, limits: Thresholds, job_room: Micros | None = None,
-            job_cap: Micros | None = None) -> Admit:
-    """An ``Admit`` that decides with ``budget.decide`` on spend already read (and the call's job's
-    room under its cap, ``None``: no cap), and reserves nothing."""
+            job_cap: Micros | None = None, levels: LevelArgs = NO_LEVELS, caps_used: Sequence[Micros] = ()) -> Admit:
+    """An ``Admit`` that decides with ``budget.decide_levels`` on spend already read (and the call's
+    job's room under its cap, ``None``: no cap; what each of ``levels``' caps has used), and reserves
+    nothing."""
 
-    async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
-        decision = budget.decide(used_day, used_month, limits, worst_cases, job_room)
-        return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap)
+    async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                    ) -> Admission:
+        models = levels.for_tiers(tiers).models
+        models = (*models, *[""] * (len(worst_cases) - len(models)))
+        decision, refusing = budget.decide_levels(used_day, used_month, limits, worst_cases, models, levels.caps,
+                                                  caps_used, job_room)
+        return Admission(decision, limits, None, job_room=job_room, job_cap=job_cap,
+                         refused_by=None if refusing is None else levels.caps[refusing],
+                         levels=tuple(zip(levels.caps, caps_used, strict=True)))
 
     return admit

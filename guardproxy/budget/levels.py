@@ -12,6 +12,7 @@ the first cap that refused it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -84,6 +85,13 @@ class LevelArgs:
     caps: tuple[LevelCap, ...] = ()
     models: tuple[str, ...] = ()
 
+    def for_tiers(self, tiers: Sequence[int]) -> LevelArgs:
+        """The same caps for candidates that are the chain's ``tiers`` (a clamped admission offers
+        only some): each candidate's model is its tier's."""
+        if not self.models or tuple(tiers) == tuple(range(len(self.models))):
+            return self
+        return LevelArgs(self.caps, tuple(self.models[i] for i in tiers))
+
 
 NO_LEVELS = LevelArgs()
 
@@ -139,12 +147,33 @@ def caps_of(
 ) -> list[LevelCap]:
     """The ``LevelCap`` of each window ``caps`` caps (soft and hard as ``Thresholds.from_limits``)."""
     return [
-        LevelCap(level, scope, window, ids.of(window),
-                 hard=int((hard_cap * limit).to_integral_value(rounding=ROUND_FLOOR)),
-                 soft=int((soft_cap * limit).to_integral_value(rounding=ROUND_CEILING)),
+        LevelCap(level, scope, window, ids.of(window), *bounds(limit, soft_cap, hard_cap),
                  limit=limit, model=model, resets_at=ids.resets_at[window])
         for window, limit in caps.items()
     ]
+
+
+def bounds(limit: Micros, soft_cap: Decimal = NO_RATIO, hard_cap: Decimal = NO_RATIO) -> tuple[Micros, Micros]:
+    """(hard, soft) of a cap of ``limit`` (rounded as ``Thresholds.from_limits`` rounds them)."""
+    return (int((hard_cap * limit).to_integral_value(rounding=ROUND_FLOOR)),
+            int((soft_cap * limit).to_integral_value(rounding=ROUND_CEILING)))
+
+
+def booked_caps(caps: tuple[LevelCap, ...]) -> list[list[str | int]]:
+    """What a charge no admission booked keeps of its caps (``Reservation.levels``) to settle later: the
+    journal's and a deferred call's record (JSON)."""
+    return [[c.level, c.scope, c.window, c.period, c.limit, c.model] for c in caps]
+
+
+def caps_booked(data: object) -> tuple[LevelCap, ...]:
+    """``booked_caps``' caps back (``ValueError``/``TypeError`` for anything else; ``None``: none)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise TypeError("levels must be a list")
+    return tuple(LevelCap(str(level), str(scope), str(window), str(period), int(limit), int(limit), int(limit),
+                          model=str(model))
+                 for level, scope, window, period, limit, model in data)
 
 
 def _usd(micros: Micros) -> str:

@@ -27,6 +27,9 @@ class Reservation:
     amount: Micros
     #: The job (work order) the call belongs to, or ``""``.
     job: str = ""
+    #: The caps whose windows its charge goes to when no admission booked them (a call served
+    #: unbudgeted, a batch or external spend booked after the fact); an admitted call's own books win.
+    levels: tuple[LevelCap, ...] = ()
 
 
 @dataclass(frozen=True)

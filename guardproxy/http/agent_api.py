@@ -25,10 +25,14 @@ from starlette.routing import Route
 from guardproxy.budget import decision as budget
 from guardproxy.budget.choice import Admit, reading, thresholds_in_force
 from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.fleet import key_fingerprint
+from guardproxy.budget.levels import KeyBudget
 from guardproxy.budget.pricing import micros_to_usd
 from guardproxy.budget.records import Admission, Snapshot
+from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import app_state
+from guardproxy.http.auth import presented_key
 from guardproxy.http.pipeline import BudgetedEndpoint, Quote, Services
 from guardproxy.http.requests import parse_json_object, read_body
 from guardproxy.observe.state import effective_policy, read_states
@@ -74,9 +78,11 @@ async def quote(request: Request) -> Response:
     if not isinstance(call, dict):
         raise GuardError(ErrorKind.INVALID_FIELD if call is not None else ErrorKind.MISSING_FIELD,
                          "'request' must be the JSON object the endpoint would be sent.", param="request")
-    read = _Reading(services, services.tenants.job_of(request.headers))
+    key = presented_key(request.headers)
+    read = _Reading(services, services.tenants.job_of(request.headers),
+                    key_fingerprint(hash_key(key) if key else None), services.tenants.key_budget(request.headers))
     async with _store_errors():
-        quoted = await endpoint.quote(tenant, orjson.dumps(call), read)
+        quoted = await endpoint.quote(tenant, orjson.dumps(call), read.for_models)
     limited = None
     if quoted.choice.index is not None and read.snapshot is not None:
         # The admission script checks the per-minute windows of an admitted call: so does the quote.
@@ -111,16 +117,29 @@ def _endpoint(endpoints: dict[str, BudgetedEndpoint], value: Any) -> BudgetedEnd
 
 class _Reading:
     """An ``Admit`` that reads the tenant's spend once, when first asked (so a bad body never waits on
-    the store), and decides like admit.v2.lua without writing anything."""
+    the store), and decides like admit.v5.lua without writing anything: at every level the call
+    belongs to (the global cap, the tenant's hour and week, the caller's key ``key_id`` with its
+    ``key_budget``, the chain's models)."""
 
-    def __init__(self, services: Services, job: str = "") -> None:
+    def __init__(
+        self, services: Services, job: str = "", key_id: str = "", key_budget: KeyBudget | None = None,
+    ) -> None:
         self.services = services
         self.job = job
+        self.key_id = key_id
+        self.key_budget = key_budget
+        self.models: Sequence[str] = ()
         self.admit: Admit | None = None
         self.snapshot: Snapshot | None = None
         self.policy_rpm_tpm = (0, 0)
 
-    async def __call__(self, tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+    def for_models(self, models: Sequence[str]) -> Admit:
+        """This reading, for a call whose downgrade chain is ``models``."""
+        self.models = models
+        return self
+
+    async def __call__(self, tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                       ) -> Admission:
         if self.admit is None:
             ledger = self.services.ledger
             (snapshot,) = await ledger.store.snapshots([(tenant, ledger.periods(tenant))])
@@ -132,10 +151,12 @@ class _Reading:
             if self.job and policy.job_micros is not None:
                 job_room = max(0, policy.job_micros - await ledger.store.job_spent(tenant, self.job))
             self.snapshot = snapshot
+            levels = ledger.level_args(tenant, self.models, self.key_id, self.key_budget, policy)
+            used = [spent + held for spent, held in await ledger.store.level_usage(tenant, levels.caps)]
             self.admit = reading(snapshot.day.spent + snapshot.day.reserved,
                                  snapshot.month.spent + snapshot.month.reserved, limits, job_room,
-                                 policy.job_micros if self.job else None)
-        return await self.admit(tenant, worst_cases, provisional)
+                                 policy.job_micros if self.job else None, levels, used)
+        return await self.admit(tenant, worst_cases, provisional, tiers)
 
 
 def quote_json(tenant: str, quoted: Quote, *, refused: bool = False, rate_limited: str | None = None
@@ -149,6 +170,15 @@ def quote_json(tenant: str, quoted: Quote, *, refused: bool = False, rate_limite
     sent = None if choice.index is None or rate_limited else quoted.chain[choice.index]
     budget_refused = choice.index is None and choice.deciding.decision.exhausted in ("day", "month")
     reason = f"rate_limited_{rate_limited}" if rate_limited else choice.reason
+    # Every cap of the model it would be sent to (refused: the requested one), the tenant's day and month
+    # included: what is left of each, the tightest, and the level that refuses the call.
+    model = (sent or quoted.chain[0]).name
+    caps = [("tenant", "day", limits.hard_day, decision.used_day),
+            ("tenant", "month", limits.hard_month, decision.used_month),
+            *((cap.level, cap.window, cap.hard, used) for cap, used in choice.first.levels if cap.binds(model))]
+    levels = [{"level": level, "window": window, "limit_usd": micros_to_usd(hard),
+               "remaining_usd": micros_to_usd(max(0, hard - used))} for level, window, hard, used in caps]
+    tightest = levels[min(range(len(caps)), key=lambda i: caps[i][2] - caps[i][3])]
     return {
         "object": "guardproxy.quote",
         "tenant": tenant,
@@ -164,9 +194,23 @@ def quote_json(tenant: str, quoted: Quote, *, refused: bool = False, rate_limite
             "month": micros_to_usd(max(0, limits.hard_month - decision.used_month)),
         },
         # The budget refusing this call makes the tenant blocked, as the 429 says (budget.state_of).
+        "levels": levels,
+        "tightest": tightest,
+        "refused_by": _refused_by(choice.deciding) if choice.index is None else None,
         "state": budget.state_of(decision.used_day, decision.used_month, limits, refused or budget_refused),
         "reason": reason,
     }
+
+
+def _refused_by(admission: Admission) -> dict[str, str] | None:
+    """The level and window that refuse the call (as the 429's ``x-guardproxy-budget-level`` names it)."""
+    cap = admission.refused_by
+    if cap is not None:
+        return {"level": cap.level, "window": cap.window}
+    exhausted = admission.decision.exhausted
+    if exhausted == "job":
+        return {"level": "job", "window": "job"}
+    return {"level": "tenant", "window": exhausted or "day"}
 
 
 def agent_routes() -> list[Route]:

@@ -35,16 +35,22 @@ from urllib.parse import quote
 
 import anyio
 import orjson
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from guardproxy.budget.decision import Thresholds
+from guardproxy.budget.fleet import key_fingerprint
+from guardproxy.budget.levels import KeyBudget, caps_booked
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model
 from guardproxy.budget.records import Reservation
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.models import ModelConfig
+from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import background, objects
+from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import BUDGETED, ApiShape
+from guardproxy.http.levels import check_key_models, level_over_budget
 from guardproxy.http.models import model_not_found
 from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object
@@ -162,8 +168,11 @@ class Batches:
     def __init__(self, services: Services) -> None:
         self.s = services
 
-    async def submit(self, tenant: str, raw: bytes, headers: list[tuple[str, str]], out: dict[str, str]) -> Response:
-        """``POST /v1/batches``: reserve the batch's worst case, then create it upstream."""
+    async def submit(
+        self, tenant: str, raw: bytes, headers: list[tuple[str, str]], out: dict[str, str], incoming: Headers,
+    ) -> Response:
+        """``POST /v1/batches``: reserve the batch's worst case, then create it upstream (``incoming``: the
+        client's request headers, whose key's budget the batch counts against)."""
         body = parse_json_object(raw)
         file_id = body.get("input_file_id")
         endpoint = body.get("endpoint")
@@ -180,7 +189,11 @@ class Batches:
         content = await self._read(upstream, f"files/{quote(file_id, safe='')}/content",
                                    upstream.request_headers((), frozenset()), self.s.config.batches.max_input_bytes)
         plan = await anyio.to_thread.run_sync(plan_batch, content, endpoint, self.s.config.models, holder)
-        reservation = await self._reserve(tenant, plan)
+        key_budget = self.s.tenants.key_budget(incoming)
+        for model in plan.models:
+            check_key_models(key_budget, model, model)
+        key = presented_key(incoming)
+        reservation = await self._reserve(tenant, plan, key_fingerprint(hash_key(key) if key else None), key_budget)
         try:
             response = await upstream.send(upstream.passthrough_path("batches", ""), raw, headers)
             answer_bytes = await response.read()
@@ -216,10 +229,21 @@ class Batches:
                        f"{plan.worst_micros // 1_000_000}.{plan.worst_micros % 1_000_000:06d}"}
         return Response(answer_bytes, response.status_code, headers=headers_out)
 
-    async def _reserve(self, tenant: str, plan: BatchPlan) -> Reservation:
+    async def _reserve(
+        self, tenant: str, plan: BatchPlan, key_id: str, key_budget: KeyBudget | None,
+    ) -> Reservation:
         """The batch's worst case reserved in one admission (no rate window: a batch is not per-minute
-        traffic), held for ``BATCH_LEASE_MS``; 429 when it does not fit."""
+        traffic), held for ``BATCH_LEASE_MS``, at every level it belongs to (global, the tenant's hour
+        and week, the caller's key, and its model's caps: a batch has one model, as the upstream asks);
+        429 when it does not fit."""
         ledger = self.s.ledger
+        capped = {model for model, _ in self.s.config.policy_for(tenant).model_caps}
+        if len(plan.models) > 1 and capped & set(plan.models):
+            # its charge could not be told apart per model: each capped model's batches go on their own
+            raise GuardError(ErrorKind.INVALID_FIELD, f"Tenant {tenant!r} caps the spend of "
+                             f"{', '.join(sorted(capped & set(plan.models)))}: a batch using it may use no other "
+                             f"model (this one uses {', '.join(plan.models)}).", param="input_file_id")
+        levels = ledger.level_args(tenant, list(plan.models), key_id, key_budget)
         store = ledger.store
         periods = ledger.periods(tenant)
         policy = self.s.config.policy_for(tenant)
@@ -227,12 +251,15 @@ class Batches:
         await store.register_tenant(tenant)
         try:
             admission = await store.admit(tenant, periods, Thresholds.for_policy(policy), [plan.worst_micros],
-                                          reservation_id, BATCH_LEASE_MS, alerts=ledger.alert_args(tenant))
+                                          reservation_id, BATCH_LEASE_MS, alerts=ledger.alert_args(tenant),
+                                          levels=levels)
         except StoreUnavailable as exc:
             if reply_lost(exc):  # the script may have run: release the id, so that a late admit holds nothing
                 with anyio.CancelScope(shield=True):
                     await ledger.settle(Reservation(reservation_id, tenant, periods.day, periods.month, 0), 0)
             raise
+        if admission.reservation is None and admission.refused_by is not None:
+            raise level_over_budget(tenant, admission.refused_by, admission, self.s.clock())
         if admission.reservation is None:
             period = admission.decision.exhausted or "day"
             raise GuardError(
@@ -265,7 +292,8 @@ class Batches:
         """A background response that ended: its usage at the price of the model it was sent to."""
         model = self.s.config.models.get(record["model"])
         reservation = Reservation(record["reservation"], tenant, record["day"], record["month"],
-                                  int(record["reserved_micros"]), record.get("job", ""))
+                                  int(record["reserved_micros"]), record.get("job", ""),
+                                  caps_booked(orjson.loads(record["levels"])) if record.get("levels") else ())
         if model is None:  # the model left the config: the worst case reserved is what it may have cost
             usage, charge = None, reservation.amount
         else:

@@ -74,7 +74,7 @@ class ScopedObjects:
         if where.object_id is None and method == "GET":
             return await self._list(upstream, path, query, headers, tenant, out)
         if creating and where.collection in objects.BUDGETED_CREATION:
-            return await self.batches.submit(tenant, body, headers, out)
+            return await self.batches.submit(tenant, body, headers, out, request.headers)
         response = await upstream.send(upstream.passthrough_path(path, query), body, headers, method=method)
         log.info("scoped object tenant=%s %s /v1/%s -> %s %d", tenant, method, path, upstream.name,
                  response.status_code)

@@ -36,7 +36,7 @@ from guardproxy.budget.choice import Admit, Choice, choose
 from guardproxy.budget.clamp import Tier
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
-from guardproxy.budget.levels import KeyBudget
+from guardproxy.budget.levels import KeyBudget, booked_caps
 from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
@@ -189,9 +189,10 @@ class BudgetedEndpoint:
         # a background response is settled by whichever process sees it end: per-day markers (store.markers)
         settled_later = background.requested(self.shape.path, call.body)
 
-        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool) -> Admission:
+        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
+                        ) -> Admission:
             return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
-                                             levels=levels, settled_later=settled_later)
+                                             levels=levels.for_tiers(tiers), settled_later=settled_later)
 
         choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
         admission = choice.deciding
@@ -228,14 +229,15 @@ class BudgetedEndpoint:
         tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
         return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
 
-    async def quote(self, tenant: str, raw: bytes, admit: Admit) -> Quote:
+    async def quote(self, tenant: str, raw: bytes, admit_for: Callable[[Sequence[str]], Admit]) -> Quote:
         """What admission would decide for the request body ``raw`` now, through the same steps as a
-        call (parse, price, estimate, choose), with ``admit`` reading the spend instead of reserving."""
+        call (parse, price, estimate, choose), with ``admit_for(models of the chain)`` reading the spend
+        (at every level of those models) instead of reserving."""
         call = self.shape.parse(raw)
         requested = self._price(call.model)
         prompt_tokens = await self._estimate(call)
         chain = self.s.config.downgrade_chain(requested)
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
+        choice = await self._choose(tenant, call, chain, prompt_tokens, admit_for([m.name for m in chain]))
         return Quote(call, chain, prompt_tokens, choice)
 
     def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
@@ -623,6 +625,8 @@ class BudgetedEndpoint:
             "model": plan.sent.name, "requested_model": plan.request.model, "prompt_tokens": plan.prompt_tokens,
             "request_id": request_id, "state": "open", "submitted_ms": int(time.time() * 1000),
         }
+        if reservation.levels:  # served unbudgeted (fail_open): the levels its charge goes to, kept with it
+            fields["levels"] = orjson.dumps(booked_caps(reservation.levels)).decode()
         self.s.metrics.requests.labels(plan.tenant, plan.requested.name,
                                        "downgraded" if plan.downgraded else "allowed").inc()
         with anyio.CancelScope(shield=True):

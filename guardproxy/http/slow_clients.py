@@ -32,6 +32,7 @@ import uvicorn
 
 from guardproxy.config.settings import ServerConfig
 from guardproxy.errors import error_body
+from guardproxy.http.coalesce import CoalescingTransport
 from guardproxy.store.compat import internals, require
 
 log = logging.getLogger("guardproxy.server")
@@ -97,7 +98,9 @@ class _Guarded:
         self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
+        # The writes of one loop iteration (a head and its body) leave as one packet (``coalesce``).
+        coalescing = CoalescingTransport(transport, self.loop)  # type: ignore[arg-type]
+        super().connection_made(coalescing)  # type: ignore[misc]
         if len(self.connections) > self.limits.max_connections:
             log.warning("connection refused: %d open, server.max_connections is %d", len(self.connections) - 1,
                         self.limits.max_connections)
@@ -123,6 +126,9 @@ class _Guarded:
             self._disarm()
 
     def on_response_complete(self) -> None:
+        # The response's last bytes leave now, not after what the app does next in this iteration.
+        if isinstance(self.transport, CoalescingTransport):
+            self.transport.flush()
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing():  # keep-alive: the next head has its own deadline
             self._head_bytes = 0

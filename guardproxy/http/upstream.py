@@ -252,9 +252,20 @@ class Upstream:
             self._session = self._open()
         try:
             with translated(self.name):
-                response = await self._session.request(
-                    method, url, data=body or None, headers=headers, allow_redirects=False,
-                )
+                try:
+                    response = await self._session.request(
+                        method, url, data=body or None, headers=headers, allow_redirects=False,
+                    )
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        raise
+                    # Not a failed connect: the upstream closed the (pooled) connection before any
+                    # byte of an answer, as a server does when its keep-alive timeout runs out while
+                    # the request is on its way. Sent once more (aiohttp dropped that connection), as
+                    # the OpenAI SDK does on a connection error; a second failure is the 502.
+                    response = await self._session.request(
+                        method, url, data=body or None, headers=headers, allow_redirects=False,
+                    )
         except GuardError:
             self.breaker.failure()
             raise

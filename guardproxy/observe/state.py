@@ -18,7 +18,7 @@ from typing import Any
 from guardproxy.budget import decision as budget
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.forecast import SAMPLE_CALLS, Forecast, Spent, burn_rate, project
-from guardproxy.budget.levels import LevelCap
+from guardproxy.budget.levels import LevelCap, bounds
 from guardproxy.budget.periods import Periods, iso_utc, periods_at
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import micros_to_usd
@@ -28,7 +28,8 @@ from guardproxy.store.ledger import level_caps
 from guardproxy.store.protocol import Store
 from guardproxy.types import Micros
 
-OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "soft_cap", "hard_cap", "rpm", "tpm", "job_usd")
+OVERRIDE_FIELDS = ("daily_usd", "monthly_usd", "hourly_usd", "weekly_usd", "soft_cap", "hard_cap", "rpm", "tpm",
+                   "job_usd")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def effective_policy(base: BudgetPolicy, override: Mapping[str, str]) -> BudgetP
         rpm=int(override.get("rpm", base.rpm)),
         tpm=int(override.get("tpm", base.tpm)),
         job_micros=_job_micros(override["job_micros"]) if "job_micros" in override else base.job_micros,
+        hourly_micros=int(override["hourly_micros"]) if "hourly_micros" in override else base.hourly_micros,
+        weekly_micros=int(override["weekly_micros"]) if "weekly_micros" in override else base.weekly_micros,
     )
 
 
@@ -138,8 +141,15 @@ def _job_micros(value: str) -> Micros | None:
 
 
 def override_record(policy: BudgetPolicy) -> dict[str, str]:
-    """What the store keeps for an override: the policy, and the thresholds and limits admit.v4.lua reads."""
+    """What the store keeps for an override: the policy, and the thresholds and limits admit.v5.lua reads
+    (the tenant's hour and week as ``hourly_micros``, ``hard_hour``, ``soft_hour`` and the same for week)."""
     limits = Thresholds.for_policy(policy)
+    own: dict[str, str] = {}
+    for window, field, limit in (("hour", "hourly_micros", policy.hourly_micros),
+                                 ("week", "weekly_micros", policy.weekly_micros)):
+        if limit is not None:
+            hard, soft = bounds(limit, policy.soft_cap, policy.hard_cap)
+            own |= {field: str(limit), f"hard_{window}": str(hard), f"soft_{window}": str(soft)}
     return {
         "daily_micros": str(policy.daily_micros), "monthly_micros": str(policy.monthly_micros),
         "rpm": str(policy.rpm), "tpm": str(policy.tpm),
@@ -147,6 +157,7 @@ def override_record(policy: BudgetPolicy) -> dict[str, str]:
         "soft_day": str(limits.soft_day), "hard_day": str(limits.hard_day),
         "soft_month": str(limits.soft_month), "hard_month": str(limits.hard_month),
         "job_micros": str(-1 if policy.job_micros is None else policy.job_micros),
+        **own,
     }
 
 
@@ -175,7 +186,7 @@ async def read_states(
         for tenant, p, snap in zip(tenants, periods, snapshots, strict=True)
     ]
     if config.global_caps or any(_has_levels(config.policy_for(t)) for t in tenants):
-        found = await asyncio.gather(*(_levels(store, config, state.tenant, now) for state in states))
+        found = await asyncio.gather(*(_levels(store, config, state.tenant, now, state.policy) for state in states))
         states = [dataclasses.replace(state, levels=levels) for state, levels in zip(states, found, strict=True)]
     if not store.calls_kept or not tenants:
         return states
@@ -188,8 +199,10 @@ def _has_levels(policy: BudgetPolicy) -> bool:
     return policy.hourly_micros is not None or policy.weekly_micros is not None or bool(policy.model_caps)
 
 
-async def _levels(store: Store, config: Config, tenant: str, now: datetime) -> tuple[LevelState, ...]:
-    caps = level_caps(config, tenant, now)
+async def _levels(
+    store: Store, config: Config, tenant: str, now: datetime, policy: BudgetPolicy,
+) -> tuple[LevelState, ...]:
+    caps = level_caps(config, tenant, now, policy=policy)
     usage = await store.level_usage(tenant, caps)
     return tuple(LevelState(cap, spent, held) for cap, (spent, held) in zip(caps, usage, strict=True))
 

@@ -8,6 +8,7 @@ their number varies per call, and their fields are named on both sides.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -95,9 +96,7 @@ class AdmitArgs:
         caps: list[dict[str, str | int]] = []
         level_keys: set[str] = set()
         for cap in self.levels.caps:
-            where = global_keys if cap.level == "global" else k
-            spend, held, flags = (where.level_spend(cap.scope, cap.window, cap.period), where.level_held(cap.scope),
-                                  k.flags(cap.window, cap.period))
+            spend, held, flags = cap_keys(cap, k, global_keys)
             level_keys |= {spend, held, flags}
             caps.append({
                 "level": cap.level, "scope": cap.scope, "window": cap.window, "period": cap.period,
@@ -122,6 +121,26 @@ class AdmitArgs:
             orjson.dumps({"models": models, "caps": caps}).decode(), *self.worst_cases,
         ]
         return keys, args
+
+
+def cap_keys(cap: LevelCap, k: TenantKeys, global_keys: LevelKeys) -> tuple[str, str, str]:
+    """The spend, held and flags keys of one of tenant ``k``'s caps."""
+    where = global_keys if cap.level == "global" else k
+    return (where.level_spend(cap.scope, cap.window, cap.period), where.level_held(cap.scope),
+            k.flags(cap.window, cap.period))
+
+
+def settle_books(caps: Sequence[LevelCap], k: TenantKeys, global_keys: LevelKeys) -> tuple[str, list[str]]:
+    """The books of a charge no admission booked (settle.v4's "books" argument): a spend line per cap, as
+    admit.v5 writes them, and the keys they name (declared for Redis Cluster)."""
+    lines: dict[str, str] = {}  # spend key -> its line (one per counter, as admit.v5 books them)
+    keys: set[str] = set()
+    for cap in caps:
+        spend, _, flags = cap_keys(cap, k, global_keys)
+        fields = (WINDOW_TTL_S[cap.window], cap.limit, cap.level, cap.window, cap.period, cap.scope, flags, spend)
+        lines.setdefault(spend, "s " + "\t".join(str(f) for f in fields) + "\n")
+        keys |= {spend, flags}
+    return "".join(lines.values()), sorted(keys)
 
 
 @dataclass(frozen=True)
@@ -149,15 +168,20 @@ class AdmitReply:
     refused_by: int
     #: What each cap has used (settled + held; after this call when it was admitted).
     caps_used: tuple[Micros, ...]
+    #: Each cap's (hard, soft, limit) in force: a runtime override's for the tenant's hour and week.
+    caps_in_force: tuple[tuple[Micros, Micros, Micros], ...] = ()
 
     @classmethod
     def decode(cls, reply: Sequence[Any]) -> AdmitReply:
         v = [int(x) for x in reply]
+        tail = v[21:]
+        n = len(tail) // 4
         return cls(
             index=v[0], used_day=v[1], used_month=v[2], exhausted=v[3], effective=Thresholds(*v[4:8]),
             already_settled=v[8] == 1, limited=v[9], rpm=v[10], tpm=v[11], requests=v[12], tokens=v[13],
             wait_ms=v[14], requests_reset_ms=v[15], tokens_reset_ms=v[16], blocked=v[17] == 1, job_cap=v[18],
-            job_used=v[19], refused_by=v[20], caps_used=tuple(v[21:]),
+            job_used=v[19], refused_by=v[20], caps_used=tuple(tail[:n]),
+            caps_in_force=tuple((tail[n + 3 * c], tail[n + 3 * c + 1], tail[n + 3 * c + 2]) for c in range(n)),
         )
 
     def admission(self, call: AdmitArgs) -> Admission:
@@ -176,7 +200,9 @@ class AdmitReply:
             p = call.periods
             reservation = Reservation(call.reservation_id, call.tenant, p.day, p.month,
                                       call.worst_cases[decision.index], call.job.id)
-        caps = call.levels.caps
+        caps = tuple(cap if (cap.hard, cap.soft, cap.limit) == in_force else
+                     dataclasses.replace(cap, hard=in_force[0], soft=in_force[1], limit=in_force[2])
+                     for cap, in_force in zip(call.levels.caps, self.caps_in_force, strict=True))
         refused_by: LevelCap | None = caps[self.refused_by - 1] if self.refused_by > 0 else None
         return Admission(
             decision, self.effective, reservation, self.already_settled, rate=window, refused=self.blocked,

@@ -47,6 +47,7 @@ from typing import Any
 import anyio
 import orjson
 
+from guardproxy.budget.levels import booked_caps, caps_booked
 from guardproxy.budget.records import Reservation
 from guardproxy.errors import StoreUnavailable
 from guardproxy.types import Micros
@@ -72,10 +73,13 @@ class Entry:
 
     def to_line(self) -> bytes:
         r = self.reservation
-        return orjson.dumps({
+        line: dict[str, Any] = {
             "id": r.id, "tenant": r.tenant, "day": r.day, "month": r.month, "amount": r.amount, "job": r.job,
             "charge": self.charge, "record": dict(self.record) if self.record is not None else None,
-        }) + b"\n"
+        }
+        if r.levels:  # a charge no admission booked: the caps it goes to (what settle needs of each)
+            line["levels"] = booked_caps(r.levels)
+        return orjson.dumps(line) + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> Entry:
@@ -83,7 +87,7 @@ class Entry:
         data: dict[str, Any] = orjson.loads(line)
         record = data.get("record")
         reservation = Reservation(str(data["id"]), str(data["tenant"]), str(data["day"]), str(data["month"]),
-                                  int(data["amount"]), str(data.get("job") or ""))
+                                  int(data["amount"]), str(data.get("job") or ""), caps_booked(data.get("levels")))
         return cls(reservation, int(data["charge"]), dict(record) if isinstance(record, dict) else None)
 
 

@@ -41,6 +41,7 @@ import anyio
 from guardproxy.budget.decision import Decision, RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, KeyBudget, LevelArgs, LevelCap, WindowCaps, caps_of, window_ids
 from guardproxy.budget.periods import Periods, periods_at
+from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.records import Admission, AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
@@ -89,12 +90,13 @@ class StreamCharge(Protocol):
 
 def level_caps(
     config: Config, tenant: str, now: datetime, models: Sequence[str] | None = None, key_id: str = "",
-    key_budget: KeyBudget | None = None,
+    key_budget: KeyBudget | None = None, policy: BudgetPolicy | None = None,
 ) -> list[LevelCap]:
     """The caps of every level a call of ``tenant`` belongs to beside its day and month: global (UTC),
     the tenant's hour and week, its key's (``key_id``: ``fleet.key_fingerprint``) and those of the
-    candidate ``models`` (``None``: every model the tenant caps)."""
-    policy = config.policy_for(tenant)
+    candidate ``models`` (``None``: every model the tenant caps). ``policy``: the tenant's with its
+    runtime override (admission applies an override's hour and week in the script itself)."""
+    policy = policy or config.policy_for(tenant)
     caps: list[LevelCap] = []
     if config.global_caps:
         caps += caps_of("global", "global", config.global_caps, window_ids(now, UTC))
@@ -167,10 +169,19 @@ class Ledger:
 
     def level_args(
         self, tenant: str, models: Sequence[str], key_id: str = "", key_budget: KeyBudget | None = None,
+        policy: BudgetPolicy | None = None,
     ) -> LevelArgs:
         """The caps of every level a call of ``tenant`` belongs to (``level_caps``) now."""
-        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget)),
+        return LevelArgs(tuple(level_caps(self.config, tenant, self.clock(), models, key_id, key_budget, policy)),
                          tuple(models))
+
+    def charge_levels(
+        self, tenant: str, model: str = "", key_id: str = "", key_budget: KeyBudget | None = None,
+    ) -> tuple[LevelCap, ...]:
+        """The caps a charge of ``tenant`` for ``model`` (``""``: none) made now goes to when no admission
+        booked it (``Reservation.levels``: external spend, a call served unbudgeted)."""
+        caps = level_caps(self.config, tenant, self.clock(), [model] if model else [], key_id, key_budget)
+        return tuple(cap for cap in caps if cap.binds(model))
 
     async def _epoch_seqs(self) -> Seqs | None:
         """This process's epoch and seqs, asked of the store at the first call (after any fork); ``None``
@@ -257,8 +268,11 @@ class Ledger:
                     headers={"retry-after": "1"},
                 ) from None
             log.warning("budget store unavailable: serving tenant=%s unbudgeted (fail_open)", tenant)
-            # Not written anywhere; it settles (and charges) like any other, through the journal if need be.
-            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job)
+            # Not written anywhere; it settles (and charges) like any other, through the journal if need be,
+            # at every level it belongs to (the caps of its first candidate, the one it is sent to).
+            sent = levels.models[0] if levels.models else ""
+            unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job,
+                                     tuple(cap for cap in levels.caps if cap.binds(sent)))
             may_settle = True
             return Admission(Decision(0, 0, 0), limits, unbudgeted, unbudgeted=True)
         else:

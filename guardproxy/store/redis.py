@@ -55,7 +55,7 @@ from guardproxy.budget.records import (
 from guardproxy.config.settings import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
-from guardproxy.store.admit_args import AdmitArgs, AdmitReply
+from guardproxy.store.admit_args import AdmitArgs, AdmitReply, settle_books
 from guardproxy.store.client import StoreClient, StoreConnection
 from guardproxy.store.markers import epoch_of
 from guardproxy.store.sqlite import Script as SqliteScript
@@ -408,9 +408,10 @@ class BudgetStore:
         """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
         trip, applied at most once per reservation id (a charge of 0 is a release). The token window
         counts the record's real tokens; a threshold of ``alerts`` reached queues its event. The call's
-        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``. For an id
-        ``<epoch>.<seq>``, ``floor`` (> 0 only from the process owning the epoch) raises the epoch's
-        high-water mark to ``floor - 1`` (``store.markers``)."""
+        job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``. Every level
+        the admission booked is charged too; a charge no admission booked names its levels itself
+        (``reservation.levels``). For an id ``<epoch>.<seq>``, ``floor`` (> 0 only from the process owning the
+        epoch) raises the epoch's high-water mark to ``floor - 1`` (``store.markers``)."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
@@ -423,7 +424,11 @@ class BudgetStore:
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
                                  self.calls_kept if record else 0, tokens, reservation.tenant, reservation.day,
                                  reservation.month, a.limit_day, a.limit_month, len(a.thresholds_ppm),
-                                 *a.thresholds_ppm, reservation.job, job_ttl_s, floor]
+                                 *a.thresholds_ppm, reservation.job, job_ttl_s]
+        # levels (settle.v4's "books"): a charge no admission booked names the caps it goes to
+        books, level_keys = settle_books(reservation.levels, k, GlobalKeys(self.prefix, self.hash_tag))
+        keys += level_keys
+        args += [books, floor]  # markers: the floor after the books
         for name, value in (record or {}).items():
             args += [name, value]
         async with translated():

@@ -147,6 +147,13 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         return fits_tenant(w) and (job_cap < 0 or job_used + w <= job_cap)
 
     caps, models = levels['caps'], levels['models']
+    own = r.hmget(budget_key, 'hourly_micros', 'soft_hour', 'hard_hour', 'weekly_micros', 'soft_week', 'hard_week')
+    own_of = {'hour': 0, 'week': 3}
+    for cap in caps:
+        first = own_of.get(cap['window'])
+        overridden = own[first] if cap['level'] == 'tenant' and first is not None else None
+        if first is not None and overridden is not None:
+            cap['limit'], cap['soft'], cap['hard'] = text(overridden), num(own[first + 1]), num(own[first + 2])
     cap_used = [num_or_0(r.get(cap['spend'])) + num_or_0(r.get(cap['held'])) for cap in caps]
 
     def applies(cap: dict[str, Any], i: int) -> bool:
@@ -175,6 +182,12 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         for i in range(1, candidates):
             if fits(i):
                 chosen = i
+                break
+    downgraded_by, downgraded_used = 0, 0
+    if chosen > 0:
+        for c, cap in enumerate(caps):
+            if applies(cap, 0) and (cap_used[c] >= cap['soft'] or cap_used[c] + worst(0) > cap['hard']):
+                downgraded_by, downgraded_used = c + 1, cap_used[c]
                 break
 
     # markers (epochs)
@@ -317,13 +330,19 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
             if r.hsetnx(flags, 'downgrading', now_ms) == 1:
                 r.expire(flags, ttl)
                 queue('downgrading', period, period_id, spent, limit)
+        elif downgraded_by > 0:
+            cap = caps[downgraded_by - 1]
+            if r.hsetnx(cap['flags'], 'downgrading:' + cap['scope'], now_ms) == 1:
+                r.expire(cap['flags'], cap['ttl'])
+                queue('downgrading', cap['window'], cap['period'], downgraded_used, num(cap['limit']), cap['level'])
 
     blocked = 0
     if r.hexists(flags_day_key, 'blocked') == 1 or r.hexists(flags_month_key, 'blocked') == 1:
         blocked = 1
     return [chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
             limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(rl_req_key, rpm), leaves_at(rl_tok_key, tpm),
-            blocked, job_cap, job_used, refused_by, *cap_used]
+            blocked, job_cap, job_used, refused_by, *cap_used,
+            *[v for cap in caps for v in (cap['hard'], cap['soft'], num(cap['limit']))]]
 
 
 def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
@@ -360,7 +379,7 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     # markers (epochs)
     if marker_seq is not None:
         r.zadd(K[20], marker_seq, marker_seq)
-        raised = num(A[15 + num(A[12])]) - 1
+        raised = num(A[16 + num(A[12])]) - 1
         if raised > marker_mark:
             r.zremrangebyscore(K[20], '-inf', raised)
             r.zadd(K[20], raised, 'mark')
@@ -371,6 +390,9 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     # end markers
 
     books = r.hget(K[19], A[1])
+    given_books = A[15 + num(A[12])]
+    if books is None and given_books != '':
+        books = given_books
     if books is not None:
         alert_thresholds = num(A[12])
         for line in text(books).split('\n'):
@@ -404,7 +426,7 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
     thresholds = num(A[12])
     job_at = 13 + thresholds
-    log_from = job_at + 3  # markers: after the floor
+    log_from = job_at + 4  # markers: after the floor
     last = len(A) - 1  # Lua's #ARGV
     if charge > 0 and thresholds > 0:
         limit_day, limit_month = num(A[10]), num(A[11])
@@ -538,8 +560,8 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "04a5c2ce69d9a32b0ca4d48aa55798884175d806": settle_v4,  # settle.v4.lua
-    "d82fc72e4d615427bd3a93c8097d3304031d001a": admit_v5,  # admit.v5.lua
+    "46d0c8e0cf6f0a1156b2c25df8c2b3cf22bf25f6": settle_v4,  # settle.v4.lua
+    "bba554fa5d3f5867050bf4ba4e1c9ccb13146645": admit_v5,  # admit.v5.lua
     "7322ef8d3a9e153870c4d861e1ec3a74a9657e58": renew_v1,  # renew.v1.lua
     "eafc744244492addcca55033717156bebf097d85": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

@@ -81,12 +81,15 @@ def test_nginx_serves_each_route_from_memory_with_the_bodies_escaped(tmp_path: P
 def test_every_route_has_a_model_and_upstream_on_guardproxy_and_litellm() -> None:
     from guardproxy.config.settings import parse_config
 
-    config = parse_config(servers.guardproxy_config("http://127.0.0.1:1", ""), {})
+    config = parse_config(servers.guardproxy_config("http://127.0.0.1:1", "", "http://127.0.0.1:2"), {})
     for route, model in workload.MODELS.items():
-        assert config.upstreams[config.models[model].upstream].base_url.rstrip("/").endswith(f"/{route}/v1")
+        root = "http://127.0.0.1:2" if route == workload.PY_ROUTE else "http://127.0.0.1:1"
+        assert config.upstreams[config.models[model].upstream].base_url.rstrip("/") == f"{root}/{route}/v1"
         assert workload.request_body(route)["model"] == model
-    litellm = {m["model_name"]: m["litellm_params"]["api_base"] for m in servers.litellm_config("http://n")["model_list"]}
-    assert litellm == {model: f"http://n/{route}/v1" for route, model in workload.MODELS.items()}
+    litellm = {m["model_name"]: m["litellm_params"]["api_base"]
+               for m in servers.litellm_config("http://n", "http://p")["model_list"]}
+    assert litellm == {model: f"http://{'p' if route == workload.PY_ROUTE else 'n'}/{route}/v1"
+                       for route, model in workload.MODELS.items()}
 
 
 def test_proc_stat_of_this_process() -> None:
@@ -125,18 +128,21 @@ def test_goals_read_the_guardproxy_rows_and_judge_each_line() -> None:
         "throughput": [{"mode": "plain", "target": servers.GUARD, "vs_baseline": 0.7},
                        {"mode": "stream", "target": servers.GUARD, "vs_baseline": 0.5}],
         "latency_c1": [{"mode": "plain", "target": servers.GUARD, "added_p50_ms": 0.9}],
-        "first_frame": [{"target": servers.GUARD, "added_p50_ms": 1.2}],
+        "first_frame": [{"target": servers.GUARD, "added_p50_ms": 1.2, "over_bare_p50_ms": 0.4}],
+        "py_first_frame": [{"target": servers.GUARD, "added_p50_ms": 2.0, "over_bare_p50_ms": 0.7}],
         "memory": [{"target": servers.GUARD, "idle_mb": 70.0, "after_load_mb": 85.0, "streams_open": 999,
                     "streams_mb": 100.0},
                    {"target": "guardproxy-embedded", "idle_mb": 90.0, "after_load_mb": 95.0, "streams_open": 0}],
         "footprint": [{"target": "guardproxy-embedded-w4", "workers": 4, "total_pss_mb": 210.0},
                       {"target": "guardproxy-embedded@main-w4", "workers": 4, "total_pss_mb": 490.0}],
         "ratios": {"workers_2_over_1_plain": 1.9, "embedded_over_redis_plain": 1.2,
-                   "embedded_over_redis_stream": 0.8, "embedded_workers_2_over_1_plain": 1.4},
+                   "embedded_over_redis_stream": 0.8, "embedded_workers_2_over_1_plain": 1.4,
+                   "over_litellm_plain": 10.5},
     }
     verdicts = [(g.value, g.met) for g in report.goals(data)]
     assert verdicts == [
         (0.7, True), (0.5, False), (0.9, True), (1.2, False),
+        (0.4, True), (0.7, False), (10.5, True),  # over the bare relay (nginx, Python upstream); over LiteLLM
         (85.0, False),  # the larger of fresh and after load
         (None, None),  # fewer than 1,000 streams were open: no figure
         (1.9, True), (0.8, False), (1.4, False),
@@ -153,3 +159,25 @@ def test_smaps_rollup_figures_in_bytes_and_the_total_pss_of_every_process() -> N
     f = footprint.Footprint(target="t", workers=2, worker_rss_mb=[100.0, 104.0], worker_pss_mb=[40.0, 41.5],
                             leader_pss_mb=43.0, others_pss_mb=6.5)
     assert (f.total_pss_mb, f.idle_rss_mb) == (131.0, 104.0)
+
+
+def test_first_frames_are_paired_with_the_bare_relay_on_both_upstreams() -> None:
+    """guardproxy's share over the bare relay is the median of same-round differences of round medians,
+    on nginx's stream and on the Python upstream's (whose direct figure is its own target)."""
+    rep = report.Report()
+    rep.first_frame_ms = {"upstream": [[0.1, 0.1], [0.1, 0.1]], "bare-aiohttp": [[0.5, 0.7], [0.9, 0.9]],
+                          servers.GUARD: [[1.0, 1.2], [1.3, 1.5]]}
+    rep.py_first_frame_ms = {servers.PY_UPSTREAM: [[0.4], [0.4]], "bare-aiohttp": [[1.6], [1.0]],
+                             servers.GUARD: [[2.0], [2.6]]}
+    text, data = report.tables(rep, ["upstream", "bare-aiohttp", servers.GUARD])
+    nginx = {row["target"]: row for row in data["first_frame"]}
+    python = {row["target"]: row for row in data["py_first_frame"]}
+    assert abs(nginx[servers.GUARD]["over_bare_p50_ms"] - 0.5) < 1e-9  # rounds: 1.1-0.6, 1.4-0.9
+    assert abs(nginx[servers.GUARD]["added_p50_ms"] - 1.15) < 1e-9
+    assert abs(python[servers.GUARD]["over_bare_p50_ms"] - 1.0) < 1e-9  # rounds: 0.4, 1.6
+    assert abs(python[servers.GUARD]["added_p50_ms"] - 1.9) < 1e-9
+    assert set(python) == {servers.PY_UPSTREAM, "bare-aiohttp", servers.GUARD}
+    assert "Python upstream" in text
+    goals = {g.line: g.value for g in report.goals(data)}
+    share = python[servers.GUARD]["over_bare_p50_ms"]
+    assert goals["first frame over the bare relay, Python upstream, p50 ms"] == share

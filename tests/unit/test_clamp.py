@@ -26,8 +26,9 @@ from guardproxy.budget.choice import (
     reading,
     thresholds_in_force,
 )
-from guardproxy.budget.clamp import Tier, candidates, largest_output_tokens
+from guardproxy.budget.clamp import Candidate, Tier, candidates, largest_output_tokens
 from guardproxy.budget.decision import Thresholds, decide
+from guardproxy.budget.levels import LevelArgs, LevelCap
 from guardproxy.budget.policy import BudgetPolicy
 from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.budget.records import Admission
@@ -127,7 +128,8 @@ def run_choose(
             await store.client.set(k.spend_month(PERIODS.month), spend_month)
             ids = iter(range(100))
 
-            async def lua(tenant: str, worst_cases: Sequence[int], provisional: bool) -> Admission:
+            async def lua(tenant: str, worst_cases: Sequence[int], provisional: bool, tiers: Sequence[int]
+                          ) -> Admission:
                 return await store.admit(tenant, PERIODS, limits, worst_cases, f"r{next(ids)}", HOUR_MS,
                                          provisional=provisional)
 
@@ -243,3 +245,43 @@ def test_the_lowered_limit_goes_in_the_fields_the_request_used() -> None:
     assert COMPLETIONS.lowered_limit({}, 300) == {"max_tokens": 300}
     assert RESPONSES.lowered_limit({}, 300) == {"max_output_tokens": 300}
     assert EMBEDDINGS.lowered_limit({}, 300) == {}
+
+
+def test_a_clamped_admission_binds_each_candidate_by_its_own_models_caps() -> None:
+    """Only the cheaper tier can be clamped to fit (the expensive one's prompt alone is over the room):
+    the second admission offers that tier alone, and its model's cap (spent) must refuse it, in the
+    script and in a quote alike; were the candidates' models taken from the whole chain, the cheaper
+    tier would be judged by the expensive model's caps (none) and admitted."""
+    mini_cap = LevelCap("model", "model:mini", "day", "d", hard=10, soft=10, limit=10, model="mini")
+    levels = LevelArgs((mini_cap,), ("gpt-4o", "mini"))
+    tiers = [Tier(GPT4O, 4000), Tier(MINI, 4000)]
+    prompt, spend = 2000, 19_000  # room 1,000: gpt-4o's prompt is 5,000, mini's 300
+
+    async def go() -> tuple[Choice, Choice]:
+        store: BudgetStore = new_store()
+        try:
+            k = store.keys(TENANT)
+            await store.client.set(k.spend_day(PERIODS.day), spend)
+            ids = iter(range(100))
+
+            async def lua(tenant: str, worst_cases: Sequence[int], provisional: bool, tiers: Sequence[int]
+                          ) -> Admission:
+                return await store.admit(tenant, PERIODS, LIMITS, worst_cases, f"r{next(ids)}", HOUR_MS,
+                                         provisional=provisional, levels=levels.for_tiers(tiers))
+
+            real = await choose(TENANT, tiers, prompt, 1, CLAMPING, lua)
+            quoted = await choose(TENANT, tiers, prompt, 1, CLAMPING, reading(spend, 0, LIMITS, levels=levels,
+                                                                               caps_used=[0]))
+            return real, quoted
+        finally:
+            await store.aclose()
+
+    real, quoted = asyncio.run(go())
+    assert [c.index for c in clamp_candidates(spend, prompt, tiers)] == [1]
+    for choice in (real, quoted):
+        assert choice.index is None
+        assert choice.deciding.refused_by == mini_cap
+
+
+def clamp_candidates(spend: int, prompt: int, tiers: Sequence[Tier]) -> list[Candidate]:
+    return candidates(spend, 0, LIMITS, prompt, 1, tiers, CLAMPING.min_completion_tokens)

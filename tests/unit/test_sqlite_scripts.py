@@ -139,6 +139,8 @@ class Settle:
     thresholds: tuple[int, ...]
     job: str
     job_ttl_s: int
+    #: The levels a charge no admission booked names (settle's "books" argument).
+    levels: tuple[LevelCap, ...] = ()
     floor: int = 0
 
 
@@ -229,14 +231,20 @@ ops = st.one_of(
                   "model": st.sampled_from(["m1", "m2"]), "prompt_tokens": st.sampled_from([0, 10, 20, 30]),
                   "completion_tokens": st.sampled_from([0, 10, 30]), "outcome": st.just("ok")})),
               thresholds=st.sampled_from([(), (500_000,), (500_000, 1_000_000)]), job=st.sampled_from(JOBS),
-              job_ttl_s=st.sampled_from([60, 3600]), floor=st.sampled_from([0, 0, 1, 2, 3, 4, 6])),
+              job_ttl_s=st.sampled_from([60, 3600]),
+              levels=st.one_of(st.just(()), st.lists(level_caps(), max_size=3).map(tuple)),
+              floor=st.sampled_from([0, 0, 1, 2, 3, 4, 6])),
     st.builds(Renew, ids=st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True),
               lease_ms=st.sampled_from([1, 60_000])),
     st.builds(Claim, lease_ms=st.sampled_from([0, 1_000]), limit=st.sampled_from([1, 5])),
     st.builds(Override, st.one_of(st.just({}), thresholds().map(lambda t: {
         "soft_day": str(t.soft_day), "hard_day": str(t.hard_day), "soft_month": str(t.soft_month),
         "hard_month": str(t.hard_month), "rpm": "2", "daily_micros": "1000", "monthly_micros": "3000",
-        "job_micros": "500"}))),
+        "job_micros": "500"}), thresholds().map(lambda t: {  # the tenant's hour and week overridden too
+        "soft_day": str(t.soft_day), "hard_day": str(t.hard_day), "soft_month": str(t.soft_month),
+        "hard_month": str(t.hard_month), "hourly_micros": str(t.hard_day), "hard_hour": str(t.hard_day),
+        "soft_hour": str(t.soft_day), "weekly_micros": str(t.hard_month), "hard_week": str(t.hard_month),
+        "soft_week": str(t.soft_month)}))),
     st.builds(Advance, st.sampled_from([0, 1, 999, 2_500, 30_000, 61_000, 1_800_000, 3_600_000])),
     # windows long in real time too: the keys' PEXPIRE runs on each server's own clock
     st.builds(Repeat, key=st.sampled_from(["k1", "k2"]), job=st.sampled_from(JOBS),
@@ -255,7 +263,7 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
                           call_tokens=op.call_tokens, alerts=AlertArgs(1000, 3000, enabled=op.alerts),
                           job=JobArgs(op.job, op.job_cap), provisional=op.provisional, levels=op.levels)
     elif isinstance(op, Settle):
-        reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job)
+        reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job, op.levels)
         await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s,
                            floor=op.floor)
     elif isinstance(op, Renew):
@@ -341,9 +349,10 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
 
 
 @example(sequence=[admit("r0", 1), admit("r1", 1), Advance(999), admit("r2")])  # two leases expire at once
-@example(sequence=[admit("7.1"), admit("7.2"), admit("7.3"), Settle("7.2", 100, None, (), "", 60, 1),
-                   Settle("7.1", 100, None, (), "", 60, 3), Settle("7.2", 100, None, (), "", 60, 4), admit("7.1"),
-                   Settle("7.3", 100, None, (), "", 60, 0), admit("7.4")])  # markers: a mark raised, then replays
+# markers: a mark raised, then replays under and above it
+@example(sequence=[admit("7.1"), admit("7.2"), admit("7.3"), Settle("7.2", 100, None, (), "", 60, floor=1),
+                   Settle("7.1", 100, None, (), "", 60, floor=3), Settle("7.2", 100, None, (), "", 60, floor=4),
+                   admit("7.1"), Settle("7.3", 100, None, (), "", 60, floor=0), admit("7.4")])
 @example(sequence=[*[Repeat("k1", "", "d1", 2, 5_000, "refuse", True)] * 4, Advance(5_000),
                    Repeat("k1", "", "d1", 2, 5_000, "refuse", True)])  # over the limit, alerted once, then free
 @example(sequence=[Spend(100, 2_000_000, 2, 0, True), Advance(3_600_000), Advance(3_600_000),
@@ -361,6 +370,24 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
     Admit("r1", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
           LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",))),
     Settle("r0", 90, None, (500_000,), "", 60), Settle("r0", 90, None, (500_000,), "", 60), Advance(61_000),
+])
+@example(sequence=[  # an override's hour replaces the tenant's hour cap: 150 -> 250 admits a second call
+    Override({"soft_day": "1000000", "hard_day": "1000000", "soft_month": "10000000", "hard_month": "10000000",
+              "hourly_micros": "250", "hard_hour": "250", "soft_hour": "200"}),
+    *[Admit(f"r{i}", 60_000, ROOMY, [100], RateLimits(), 0, True, "", None, False,
+            LevelArgs((LevelCap("tenant", "tenant", "hour", PERIOD_OF["hour"], 150, 150, 150),), ("m1",)))
+      for i in range(3)],
+])
+@example(sequence=[  # a key's soft cap sends calls to the cheaper tier: one "downgrading" event with its level
+    *[Admit(f"r{i}", 60_000, ROOMY, [100, 50], RateLimits(), 0, True, "", None, False,
+            LevelArgs((LevelCap("key", "key:k1", "hour", PERIOD_OF["hour"], 1000, 0, 1000),), ("m1", "m2")))
+      for i in range(2)],
+])
+@example(sequence=[  # a charge no admission booked: the levels it names, once (a replay charges nothing)
+    *[Settle("x1", 900, None, (500_000,), "", 60, (LevelCap("global", "global", "day", PERIOD_OF["day"], 1500, 1500,
+                                                            1500),
+                                                   LevelCap("tenant", "tenant", "hour", PERIOD_OF["hour"], 1000, 900,
+                                                            1000)))] * 2,
 ])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])

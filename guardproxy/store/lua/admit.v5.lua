@@ -12,7 +12,11 @@
 -- those counters (and queues their threshold alerts) and the lease sweep frees exactly those holds.
 -- A call refused by a level alone (some candidate fits the tenant's day, month and the job) has
 -- exhausted = 4 and names the first cap that refused it; its first refusal per scope and period
--- queues a "blocked" event with the level (the tenant's blocked flag is left alone).
+-- queues a "blocked" event with the level (the tenant's blocked flag is left alone). A runtime override
+-- of the tenant's hour or week (budget hash: hourly_micros, soft_hour, hard_hour; the same for week)
+-- replaces those caps' limits. The first call per scope and period that a level's cap (soft, or refusing
+-- the requested model) sends to a cheaper tier queues a "downgrading" event with the level, unless the
+-- tenant's day or month sent it there (their own event).
 -- v4: jobs (work orders): the job's cap (spent + live reservations + worst case <= cap), exhausted = 3.
 -- v3: per-minute request and token limits (sliding logs over the last 60 s of server time); a
 -- period's "blocked" flag (set by a budget refusal, cleared by the next admitted call); the alert
@@ -133,6 +137,16 @@ end
 
 -- levels (v5): what each cap has used (settled in its window + held by its scope's live reservations)
 local caps, models = levels.caps, levels.models
+-- a runtime override of the tenant's hour or week (PUT /admin/tenants/{t}/budget) replaces that cap
+local own = redis.call('HMGET', budget_key, 'hourly_micros', 'soft_hour', 'hard_hour',
+                       'weekly_micros', 'soft_week', 'hard_week')
+local own_of = {hour = 1, week = 4}
+for _, cap in ipairs(caps) do
+  local at = own_of[cap.window]
+  if cap.level == 'tenant' and at and own[at] then
+    cap.limit, cap.soft, cap.hard = own[at], tonumber(own[at + 1]), tonumber(own[at + 2])
+  end
+end
 local cap_used = {}
 for i, cap in ipairs(caps) do
   cap_used[i] = tonumber(redis.call('GET', cap.spend) or '0') + tonumber(redis.call('GET', cap.held) or '0')
@@ -174,6 +188,17 @@ else
     end
   end
 end
+-- levels (v5): the first cap that sends the call to a cheaper tier (soft, or refusing the requested model)
+local downgraded_by, downgraded_used = 0, 0
+if chosen > 0 then
+  for c, cap in ipairs(caps) do
+    if applies(cap, 0) and (cap_used[c] >= cap.soft or cap_used[c] + worst(0) > cap.hard) then
+      downgraded_by, downgraded_used = c, cap_used[c]
+      break
+    end
+  end
+end
+-- end levels (v5)
 
 local settled = 0
 -- markers (epochs): an id '<epoch>.<seq>' is settled at or under its epoch's mark or in its set
@@ -363,6 +388,13 @@ elseif settled == 0 and limited == 0 then
       redis.call('EXPIRE', flags, ttl)
       queue('downgrading', period, period_id, spent, limit)
     end
+  elseif downgraded_by > 0 then
+    -- levels (v5): or by another level's cap: its first such call per scope and period
+    local cap = caps[downgraded_by]
+    if redis.call('HSETNX', cap.flags, 'downgrading:' .. cap.scope, now_ms) == 1 then
+      redis.call('EXPIRE', cap.flags, cap.ttl)
+      queue('downgrading', cap.window, cap.period, downgraded_used, cap.limit, cap.level)
+    end
   end
 end
 
@@ -371,9 +403,15 @@ if redis.call('HEXISTS', flags_day_key, 'blocked') == 1 or redis.call('HEXISTS',
   blocked = 1
 end
 -- The reply, decoded by AdmitReply.decode: 20 values as in v4, the cap that refused (0: none), then
--- what each cap has used (after this call, if it was admitted).
+-- what each cap has used (after this call, if it was admitted), then each cap's hard, soft and limit
+-- in force (an override's).
 local reply = {chosen, used_day, used_month, exhausted, soft_day, hard_day, soft_month, hard_month, settled,
                limited, rpm, tpm, requests, tokens, wait_ms, leaves_at(rl_req_key, rpm), leaves_at(rl_tok_key, tpm),
                blocked, job_cap, job_used, refused_by}
 for c = 1, #caps do reply[#reply + 1] = cap_used[c] end
+for c = 1, #caps do
+  reply[#reply + 1] = caps[c].hard
+  reply[#reply + 1] = caps[c].soft
+  reply[#reply + 1] = tonumber(caps[c].limit)
+end
 return reply

@@ -8,7 +8,9 @@
 -- period and threshold (the flags hash records the ones fired; an override or a new period re-arms).
 -- levels (with admit.v5; budgets.global, the tenant's hour and week, keys, models): the reservation's books in
 -- resv:levels (written by admit.v5) name the holds to free and the spend counters to charge; both
--- happen here, once, under the same settled marker. Block marked "levels (v5)".
+-- happen here, once, under the same settled marker. Block marked "levels (v5)". A charge no admission
+-- booked (served unbudgeted under fail_open, a batch or external spend booked after the fact) brings
+-- its own books (spend lines only, argument "books"): used when resv:levels has none for the id.
 -- v4: jobs (work orders): a call that names a job frees the job's share of its reservation and
 -- adds its calls, tokens and cost (also per model) to the job's hash, which a per-tenant zset
 -- lists by last activity; both kept job_ttl s from the last call. Blocks marked "jobs (v4)".
@@ -18,12 +20,12 @@
 --       12 flags:month:<month>  13 alerts (stream)  14 alerts:due
 --       15 resv:job  16 job:held  17 job:<job id>  18 jobs (zset job id -> last call at ms)
 --       19 resv:levels (hash id -> the reservation's books, see admit.v5)
---       20 done:<epoch> (markers, below)
+--       20 done:<epoch> (markers, below); 21.. the keys the given books name (declared for Redis Cluster)
 -- ARGV: 1 reservation id  2 charge micros (0: a release)  3 day key ttl s  4 month key ttl s
 --       5 calls kept (0: no log)  6 the call's real tokens  7 tenant  8 day  9 month
 --       10 limit_day micros  11 limit_month micros  12 number of thresholds n (0: no alerts)
 --       13..12+n thresholds in parts per million (750000 = 75%)
---       then the job id ('' none) and the job's ttl s
+--       then the job id ('' none), the job's ttl s and the books of a charge no admission booked ('' none)
 --       then the markers' floor (0: this settle raises no mark)
 --       then field, value pairs of the call's log entry (the job's tokens and model are read from it)
 -- Returns {day spend, month spend, 1 if the reservation was still live else 0,
@@ -74,7 +76,7 @@ local charge = tonumber(ARGV[2])
 -- markers (epochs): mark the id, then raise the epoch's mark to the floor the settling process passed
 if marker_seq then
   redis.call('ZADD', KEYS[20], marker_seq, marker_seq)
-  local raised = tonumber(ARGV[15 + tonumber(ARGV[12])]) - 1
+  local raised = tonumber(ARGV[16 + tonumber(ARGV[12])]) - 1
   if raised > marker_mark then
     redis.call('ZREMRANGEBYSCORE', KEYS[20], '-inf', raised)
     redis.call('ZADD', KEYS[20], raised, 'mark')
@@ -89,6 +91,8 @@ end
 -- levels (v5): free the reservation's holds at every level and charge every level's window; a charge
 -- that takes a window to an alert threshold queues its event, once per scope, window and threshold
 local books = redis.call('HGET', KEYS[19], ARGV[1])
+local given_books = ARGV[15 + tonumber(ARGV[12])]
+if not books and given_books ~= '' then books = given_books end
 if books then
   local alert_thresholds = tonumber(ARGV[12])
   for line in string.gmatch(books, '[^\n]+') do
@@ -133,7 +137,7 @@ end
 
 local thresholds = tonumber(ARGV[12])
 local job_at = 13 + thresholds
-local log_from = job_at + 3  -- markers: after the floor
+local log_from = job_at + 4  -- markers: after the floor
 if charge > 0 and thresholds > 0 then
   local limit_day, limit_month = tonumber(ARGV[10]), tonumber(ARGV[11])
   local override = redis.call('HMGET', KEYS[10], 'daily_micros', 'monthly_micros')
