@@ -1,6 +1,7 @@
 """Redis memory the ledger keeps per call: admit + settle pairs through ``BudgetStore``, then what stays.
 
     python bench/ledger_memory.py [--calls 1000000] [--tenants 1000] [--concurrency 64] [--jobs-every 10]
+                                  [--ids epoch|uuid]
 
 Starts a ``redis-server`` on a free loopback port (no persistence), pushes ``--calls`` budgeted calls of one
 day through ``--tenants`` tenants (every ``--jobs-every``-th call names a job of its own), as a serving
@@ -8,6 +9,11 @@ process does (``BudgetStore.from_config`` on uvloop, ``--concurrency`` at a time
 ``used_memory`` growth per call and per tenant-day, and ``MEMORY USAGE`` summed by kind of key: the
 settled markers (``settled:<day>``), the call logs (capped at ``store.call_log_size`` per tenant), the
 job hashes, and the rest. Everything listens on 127.0.0.1.
+
+``--ids epoch`` (the default) gives the calls ids ``<epoch>.<seq>`` and each settlement the floor, as the
+``Ledger`` does (``store/markers.py``): the markers are the epoch sets (``done:<epoch>``). ``--ids uuid``
+gives them random ids, as calls settled later by another process have (background responses, batches):
+every one of them stays marked in ``settled:<day>`` for 40 days.
 """
 
 from __future__ import annotations
@@ -41,18 +47,20 @@ def free_port() -> int:
 
 def kind_of(key: bytes) -> str:
     name = key.decode(errors="replace")
-    for marker, kind in ((":settled:", "settled markers"), (":calls", "call logs"), (":job:", "job hashes"),
+    for marker, kind in ((":settled:", "settled markers"), (":done:", "epoch markers"), (":calls", "call logs"),
+                         (":job:", "job hashes"),
                          (":jobs", "job indexes"), (":booked:", "booking days")):
         if marker in name:
             return kind
     return "other"
 
 
-async def push(url: str, calls: int, tenants: int, concurrency: int, jobs_every: int) -> float:
+async def push(url: str, calls: int, tenants: int, concurrency: int, jobs_every: int, epoch_ids: bool) -> float:
     from guardproxy.budget.decision import RateLimits, Thresholds
     from guardproxy.budget.periods import periods_at
     from guardproxy.budget.records import AlertArgs, JobArgs
     from guardproxy.config.settings import StoreConfig
+    from guardproxy.store.markers import Seqs
     from guardproxy.store.redis import BudgetStore
 
     store = BudgetStore.from_config(StoreConfig(redis_url=url))
@@ -61,14 +69,19 @@ async def push(url: str, calls: int, tenants: int, concurrency: int, jobs_every:
     periods = periods_at(datetime.now(UTC), ZoneInfo("UTC"))
     rate = RateLimits(0, 0)
     queue = iter(range(calls))
+    seqs = Seqs(await store.new_epoch(), time.monotonic()) if epoch_ids else None
 
     async def worker() -> None:
         for i in queue:
             job = JobArgs(f"job{i}", None, 90 * 86400) if jobs_every and i % jobs_every == 0 else JobArgs()
-            admission = await store.admit(f"t{i % tenants}", periods, limits, [2_000, 500], os.urandom(16).hex(),
+            rid = seqs.take() if seqs is not None else os.urandom(16).hex()
+            admission = await store.admit(f"t{i % tenants}", periods, limits, [2_000, 500], rid,
                                           60_000, rate=rate, call_tokens=42, alerts=alerts, job=job)
             assert admission.reservation is not None
-            await store.settle(admission.reservation, 25, RECORD, alerts, 90 * 86400)
+            floor = seqs.floor(time.monotonic(), rid) if seqs is not None else 0
+            await store.settle(admission.reservation, 25, RECORD, alerts, 90 * 86400, floor=floor)
+            if seqs is not None:
+                seqs.release(rid)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--jobs-every", type=int, default=10, help="every n-th call names a new job (0: none)")
+    parser.add_argument("--ids", choices=("epoch", "uuid"), default="epoch",
+                        help="the calls' ids: <epoch>.<seq> as the ledger gives (default), or uuids")
     args = parser.parse_args(argv)
 
     import redis
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
         before = int(client.info("memory")["used_memory"])
         wall = uvloop.run(push(f"redis://127.0.0.1:{port}/0", args.calls, args.tenants, args.concurrency,
-                               args.jobs_every))
+                               args.jobs_every, args.ids == "epoch"))
         after = int(client.info("memory")["used_memory"])
         by_kind: Counter[str] = Counter()
         keys_by_kind: Counter[str] = Counter()
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait(timeout=10)
     grown = after - before
     print(f"{args.calls} calls through {args.tenants} tenants in {wall:.0f} s "
-          f"({args.calls / wall:.0f} calls/s), jobs every {args.jobs_every or '-'} calls")
+          f"({args.calls / wall:.0f} calls/s), jobs every {args.jobs_every or '-'} calls, {args.ids} ids")
     print(f"used_memory grew {grown / 1e6:.1f} MB: {grown / args.calls:.0f} B per call, "
           f"{grown / args.tenants / 1e3:.1f} KB per tenant-day")
     print(f"{'kind of key':<18}{'keys':>10}{'MB':>10}{'B/call':>10}{'KB/tenant':>11}")

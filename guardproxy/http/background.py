@@ -24,9 +24,14 @@ BACKGROUND_LEASE_MS = 24 * 3_600_000
 TERMINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 
 
+def requested(endpoint: str, body: JSONObject) -> bool:
+    """The call asks for a background response (which may be settled later, by another process)."""
+    return endpoint == "responses" and body.get("background") is True
+
+
 def pending(endpoint: str, body: JSONObject, answer: Any) -> str | None:
     """The id of a background response that the answer shows still to run, else ``None``."""
-    if endpoint != "responses" or body.get("background") is not True or not isinstance(answer, dict):
+    if not requested(endpoint, body) or not isinstance(answer, dict):
         return None
     ident = answer.get("id")
     return ident if isinstance(ident, str) and ident and answer.get("status") not in TERMINAL else None

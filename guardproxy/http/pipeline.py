@@ -186,11 +186,13 @@ class BudgetedEndpoint:
         call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
 
         levels = self.s.ledger.level_args(tenant, [m.name for m in chain], context.key_id, key_budget)
+        # a background response is settled by whichever process sees it end: per-day markers (store.markers)
+        settled_later = background.requested(self.shape.path, call.body)
 
         async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
                         ) -> Admission:
             return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
-                                             levels=levels.for_tiers(tiers))
+                                             levels=levels.for_tiers(tiers), settled_later=settled_later)
 
         choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
         admission = choice.deciding

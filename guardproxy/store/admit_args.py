@@ -19,6 +19,7 @@ from guardproxy.budget.decision import REQUESTS, TOKENS, Decision, RateLimits, T
 from guardproxy.budget.levels import WINDOW_TTL_S, LevelArgs, LevelCap
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import Admission, AlertArgs, JobArgs, RateWindow, Reservation
+from guardproxy.store.markers import epoch_of
 from guardproxy.types import Micros
 
 #: Tenant spend counters' lifetimes (kept in step with ``redis.DAY_KEY_TTL_S`` / ``MONTH_KEY_TTL_S``).
@@ -43,6 +44,7 @@ class TenantKeys(LevelKeys, Protocol):
     def settled(self, day: str) -> str: ...
     def flags(self, period: str, period_id: str) -> str: ...
     def job(self, job: str) -> str: ...
+    def done(self, epoch: int) -> str: ...
 
     @property
     def reservations(self) -> str: ...
@@ -107,7 +109,8 @@ class AdmitArgs:
         keys = [k.spend_day(p.day), k.spend_month(p.month), k.reservations, k.reservation_amounts, k.reserved,
                 k.budget, k.settled(p.day), k.rate_requests, k.rate_tokens, k.rate_token_counts, k.rate_token_sum,
                 k.flags("day", p.day), k.flags("month", p.month), k.alerts, k.alerts_due, k.reservation_jobs,
-                k.job_held, k.job(job.id), k.reservation_levels, *sorted(level_keys)]
+                k.job_held, k.job(job.id), k.reservation_levels, k.done(epoch_of(self.reservation_id)),
+                *sorted(level_keys)]
         models = list(self.levels.models) + [""] * (len(self.worst_cases) - len(self.levels.models))
         args: list[str | int] = [
             self.reservation_id, self.lease_ms,

@@ -18,7 +18,10 @@ Wraps ``BudgetStore`` with what keeps the books right when the store is unreacha
 - behind Sentinel, every settlement the primary took is kept ``store.replay_window_s`` and written
   again when the primary changes (a former primary keeps acknowledging writes for seconds after a
   failover, and they are lost when it becomes a replica); the settled markers make replays of the
-  ones the new primary has harmless.
+  ones the new primary has harmless;
+- each call's id is ``<epoch>.<seq>`` of this process (``markers``), and each settlement tells the store
+  the lowest seq that can still settle, so its exactly-once markers hold what is in flight, not history
+  (calls another process may settle later, such as background responses, keep per-day markers).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -42,6 +46,7 @@ from guardproxy.budget.records import Admission, AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import Config
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.store.journal import Entry, Journal
+from guardproxy.store.markers import Seqs, epoch_from
 from guardproxy.store.protocol import Store
 from guardproxy.store.redis import reply_lost
 from guardproxy.store.velocity import count_velocity
@@ -141,6 +146,11 @@ class Ledger:
         self._keeps_recent = store.follows_failovers and config.store.replay_window_s > 0
         self._primary: str | None = None
         self._replay_again_at: float | None = None
+        #: This process's epoch and the seqs that can still settle (``markers``); ``None`` until the store
+        #: gave an epoch (meanwhile ids are uuids with per-day markers).
+        self.seqs: Seqs | None = None
+        self._epoch_retry_at = 0.0
+        self._epoch_pid = os.getpid()
 
     def periods(self, tenant: str) -> Periods:
         return periods_at(self.clock(), self.config.policy_for(tenant).zone)
@@ -173,14 +183,32 @@ class Ledger:
         caps = level_caps(self.config, tenant, self.clock(), [model] if model else [], key_id, key_budget)
         return tuple(cap for cap in caps if cap.binds(model))
 
+    async def _epoch_seqs(self) -> Seqs | None:
+        """This process's epoch and seqs, asked of the store at the first call (after any fork); ``None``
+        while the store cannot give one (tried again a second later)."""
+        if self.seqs is not None and self._epoch_pid != os.getpid():
+            self.seqs = None  # a forked child: its parent's epoch is not its own
+        if self.seqs is None and time.monotonic() >= self._epoch_retry_at:
+            try:
+                epoch = epoch_from(await self.store.new_epoch())
+            except StoreUnavailable:
+                self._epoch_retry_at = time.monotonic() + 1.0
+                return None
+            if self.seqs is None:  # another call may have been given one meanwhile
+                window = self.config.store.replay_window_s if self._keeps_recent else 0.0
+                self.seqs = Seqs(epoch, time.monotonic(), window)
+                self._epoch_pid = os.getpid()
+        return self.seqs
+
     async def admit(
         self, tenant: str, worst_cases: Sequence[Micros], call_tokens: int = 0, job: str = "", *,
-        provisional: bool = False, levels: LevelArgs = NO_LEVELS,
+        provisional: bool = False, levels: LevelArgs = NO_LEVELS, settled_later: bool = False,
     ) -> Admission:
         """Decide and reserve (``call_tokens``: the call's worst-case tokens, for the tenant's tpm;
         ``job``: the work order it belongs to, whose cap it must fit too; ``provisional``: a refusal is
-        not recorded, as a clamped admission may follow); raises 503 while the store is down, unless
-        configured to fail open."""
+        not recorded, as a clamped admission may follow; ``settled_later``: another process may settle
+        the call long after it answered, e.g. a background response); raises 503 while the store is
+        down, unless configured to fail open."""
         refusal = None
         if self.health is not None:
             await self.health.recheck(tenant)
@@ -191,10 +219,12 @@ class Ledger:
         periods = self.periods(tenant)
         policy = self.config.policy_for(tenant)
         limits = Thresholds.for_policy(policy)
-        reservation_id = uuid.uuid4().hex
         if self.journal is not None and self.journal.unwritten:
             # The store refused charges and the journal could not keep them: nothing could keep this one.
             raise _nowhere_to_charge()
+        seqs = None if settled_later else await self._epoch_seqs()
+        reservation_id = uuid.uuid4().hex if seqs is None else seqs.take()
+        may_settle = False  # markers: the id may still settle when this returns (its seq stays held)
         try:
             now = time.monotonic()
             if tenant not in self._registered or now >= self._registered[tenant]:
@@ -228,6 +258,7 @@ class Ledger:
                     # (A call served with fail_open needs no release: its own settlement of this id does it.)
                     with anyio.CancelScope(shield=True):
                         lost = Reservation(reservation_id, tenant, periods.day, periods.month, 0, job)
+                        may_settle = True  # markers: by this release
                         await self._keep(Entry(lost, 0))
                 if nowhere:
                     raise _nowhere_to_charge() from None
@@ -242,13 +273,18 @@ class Ledger:
             sent = levels.models[0] if levels.models else ""
             unbudgeted = Reservation(reservation_id, tenant, periods.day, periods.month, worst_cases[0], job,
                                      tuple(cap for cap in levels.caps if cap.binds(sent)))
+            may_settle = True
             return Admission(Decision(0, 0, 0), limits, unbudgeted, unbudgeted=True)
-        if admission.already_settled:
-            raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The reservation was released before it was made; "
-                             "try again.", headers={"retry-after": "1"})
-        if admission.reservation is not None:
-            self._live[reservation_id] = admission.reservation
-        return admission
+        else:
+            if admission.already_settled:
+                raise GuardError(ErrorKind.STORE_UNAVAILABLE, "The reservation was released before it was made; "
+                                 "try again.", headers={"retry-after": "1"})
+            if admission.reservation is not None:
+                self._live[reservation_id] = admission.reservation
+            return admission
+        finally:
+            if seqs is not None and not may_settle and reservation_id not in self._live:
+                seqs.release(reservation_id)  # never reserved: nothing can settle it
 
     async def settle(self, reservation: Reservation, charge: Micros, record: CallRecord | None = None) -> None:
         """Release the reservation, charge and log the call, once; never raises for an unreachable store
@@ -326,9 +362,16 @@ class Ledger:
         return await self.journal.drain(self._apply)
 
     async def _apply(self, entry: Entry) -> None:
+        # markers: only the process owning the id's epoch raises its mark (an adopter never does)
+        seqs = self.seqs if self.seqs is not None and self.seqs.owns(entry.reservation.id) is not None else None
+        if self._epoch_pid != os.getpid():
+            seqs = None  # a forked child settling its parent's id is an adopter
+        floor = seqs.floor(time.monotonic(), entry.reservation.id) if seqs is not None else 0
         settlement = await self.store.settle(entry.reservation, entry.charge, entry.record,
                                              self.alert_args(entry.reservation.tenant),
-                                             self.config.store.job_retention_days * 86400)
+                                             self.config.store.job_retention_days * 86400, floor=floor)
+        if seqs is not None:
+            seqs.release(entry.reservation.id)
         if self._keeps_recent:
             self._recent.append((time.monotonic(), entry))
         if settlement.applied:
@@ -344,6 +387,8 @@ class Ledger:
         if self.journal is None:
             log.error("budget store unavailable: charge of %d micro-USD for tenant=%s lost (no journal)",
                       entry.charge, entry.reservation.tenant)
+            if self.seqs is not None:
+                self.seqs.release(entry.reservation.id)  # nothing will settle it
             return
         if not await self.journal.append(entry):  # a full or read-only disk: kept in memory, retried
             log.error("journal unwritable (%s): charge of %d micro-USD for tenant=%s (reservation %s) kept in "

@@ -73,8 +73,10 @@ class Store(Protocol):
 
     async def settle(
         self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
-        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s,
+        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s, floor: int = 0,
     ) -> Settlement: ...
+
+    async def new_epoch(self) -> int: ...
 
     async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]: ...
 

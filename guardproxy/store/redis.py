@@ -57,6 +57,7 @@ from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
 from guardproxy.store.admit_args import AdmitArgs, AdmitReply, settle_books
 from guardproxy.store.client import StoreClient, StoreConnection
+from guardproxy.store.markers import epoch_of
 from guardproxy.store.sqlite import Script as SqliteScript
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.types import Micros
@@ -101,6 +102,11 @@ class Keys:
     def settled(self, day: str) -> str:
         """Ids settled or released for reservations admitted on ``day`` (id -> charge micros)."""
         return f"{self.base}:settled:{day}"
+
+    def done(self, epoch: int) -> str:
+        """The exactly-once markers of ids ``<epoch>.<seq>`` (``store.markers``): a zset of the epoch's
+        high-water mark (member ``mark``) and the seqs settled above it."""
+        return f"{self.base}:done:{epoch}"
 
     @property
     def budget(self) -> str:
@@ -397,20 +403,22 @@ class BudgetStore:
 
     async def settle(
         self, reservation: Reservation, charge: Micros, record: Mapping[str, str | int] | None = None,
-        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s,
+        alerts: AlertArgs | None = None, job_ttl_s: int = NO_JOB.ttl_s, floor: int = 0,
     ) -> Settlement:
         """Release ``reservation``, add ``charge`` to its day and month and log ``record``: one round
         trip, applied at most once per reservation id (a charge of 0 is a release). The token window
         counts the record's real tokens; a threshold of ``alerts`` reached queues its event. The call's
         job (``reservation.job``) gets the record's tokens and the charge, kept ``job_ttl_s``. Every level
         the admission booked is charged too; a charge no admission booked names its levels itself
-        (``reservation.levels``)."""
+        (``reservation.levels``). For an id ``<epoch>.<seq>``, ``floor`` (> 0 only from the process owning the
+        epoch) raises the epoch's high-water mark to ``floor - 1`` (``store.markers``)."""
         k = self.keys(reservation.tenant)
         keys = [k.spend_day(reservation.day), k.spend_month(reservation.month), k.reservations,
                 k.reservation_amounts, k.reserved, k.calls, k.settled(reservation.day),
                 k.rate_token_counts, k.rate_token_sum, k.budget, k.flags("day", reservation.day),
                 k.flags("month", reservation.month), k.alerts, k.alerts_due,
-                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs, k.reservation_levels]
+                k.reservation_jobs, k.job_held, k.job(reservation.job), k.jobs, k.reservation_levels,
+                k.done(epoch_of(reservation.id))]
         tokens = int((record or {}).get("prompt_tokens", 0)) + int((record or {}).get("completion_tokens", 0))
         a = alerts or AlertArgs(0, 0)
         args: list[str | int] = [reservation.id, max(0, charge), DAY_KEY_TTL_S, MONTH_KEY_TTL_S,
@@ -420,7 +428,7 @@ class BudgetStore:
         # levels (settle.v4's "books"): a charge no admission booked names the caps it goes to
         books, level_keys = settle_books(reservation.levels, k, GlobalKeys(self.prefix, self.hash_tag))
         keys += level_keys
-        args.append(books)
+        args += [books, floor]  # markers: the floor after the books
         for name, value in (record or {}).items():
             args += [name, value]
         async with translated():
@@ -428,6 +436,11 @@ class BudgetStore:
                 lambda client: client.evalsha(self._settle.sha, len(keys), *keys, *args), self._settle
             )
         return Settlement(applied=int(result[3]) == 1, released=int(result[2]) == 1)
+
+    async def new_epoch(self) -> int:
+        """A number no other process (of any host) has been given: the epoch of this process's ids."""
+        async with translated():
+            return int(await self.client.incr(f"{self.prefix}:{{gp-store}}:epoch"))
 
     async def renew(self, reservations: Sequence[Reservation], lease_ms: int) -> set[str]:
         """Extend the lease of live ``reservations`` to ``lease_ms`` from now: one script call per tenant

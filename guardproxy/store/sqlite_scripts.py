@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from guardproxy.store.sqlite_data import Tx, Value
 
 WINDOW_MS = 60000
+_EPOCH_ID = re.compile(r'[0-9]+\.([0-9]+)')
 Script = Callable[[Tx, list[Any], list[Any]], Any]
 
 
@@ -36,6 +38,17 @@ def num_or_0(value: Value | None) -> int:
 
 def text(value: Value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _marker_seq(reservation_id: Value) -> str | None:
+    """markers: the seq of an id ``<epoch>.<seq>`` (``string.match(id, '^%d+%.(%d+)$')``), else ``None``."""
+    matched = _EPOCH_ID.fullmatch(text(reservation_id))
+    return None if matched is None else matched.group(1)
+
+
+def _score_or_0(score: float | None) -> int:
+    """``tonumber(redis.call('ZSCORE', ...) or '0')`` of an integer score."""
+    return 0 if score is None else int(score)
 
 
 def _release_held(r: Tx, books: str, amount: int) -> str:
@@ -60,6 +73,7 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     alerts_key, alerts_due_key = K[14], K[15]
     resv_job_key, job_held_key, job_key = K[16], K[17], K[18]
     resv_levels_key = K[19]
+    done_key = K[20]  # markers
 
     reservation_id, lease_ms = A[1], num(A[2])
     arg_soft_day, arg_hard_day, arg_soft_month, arg_hard_month = A[3], A[4], A[5], A[6]
@@ -176,7 +190,14 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
                 downgraded_by, downgraded_used = c + 1, cap_used[c]
                 break
 
-    settled = 1 if r.hexists(settled_key, reservation_id) == 1 else 0
+    # markers (epochs)
+    marker_seq = _marker_seq(reservation_id)
+    if marker_seq is not None:
+        settled = 1 if (int(marker_seq) <= _score_or_0(r.zscore(done_key, 'mark'))
+                        or r.zscore(done_key, marker_seq) is not None) else 0
+    else:
+        settled = 1 if r.hexists(settled_key, reservation_id) == 1 else 0
+    # end markers
 
     cutoff = now_ms - WINDOW_MS
     requests, tokens = 0, 0
@@ -325,8 +346,15 @@ def admit_v5(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
 
 def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
-    if r.hexists(K[7], A[1]) == 1:
+    # markers (epochs)
+    marker_seq = _marker_seq(A[1])
+    marker_mark = 0
+    if marker_seq is not None:
+        marker_mark = _score_or_0(r.zscore(K[20], 'mark'))
+    if ((marker_seq is not None and (int(marker_seq) <= marker_mark or r.zscore(K[20], marker_seq) is not None))
+            or (marker_seq is None and r.hexists(K[7], A[1]) == 1)):
         return [num_or_0(r.get(K[1])), num_or_0(r.get(K[2])), 0, 0]
+    # end markers
 
     live = 0
     amount = r.hget(K[4], A[1])
@@ -348,8 +376,18 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
         r.incrby(K[9], real - num(counted))
 
     charge = num(A[2])
-    r.hset(K[7], A[1], charge)
-    r.expire(K[7], A[3])
+    # markers (epochs)
+    if marker_seq is not None:
+        r.zadd(K[20], marker_seq, marker_seq)
+        raised = num(A[16 + num(A[12])]) - 1
+        if raised > marker_mark:
+            r.zremrangebyscore(K[20], '-inf', raised)
+            r.zadd(K[20], raised, 'mark')
+        r.expire(K[20], A[3])
+    else:
+        r.hset(K[7], A[1], charge)
+        r.expire(K[7], A[3])
+    # end markers
 
     books = r.hget(K[19], A[1])
     given_books = A[15 + num(A[12])]
@@ -388,7 +426,7 @@ def settle_v4(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
     thresholds = num(A[12])
     job_at = 13 + thresholds
-    log_from = job_at + 3
+    log_from = job_at + 4  # markers: after the floor
     last = len(A) - 1  # Lua's #ARGV
     if charge > 0 and thresholds > 0:
         limit_day, limit_month = num(A[10]), num(A[11])
@@ -522,8 +560,8 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "9b4254455eb015774f4493662bcf0c8230bc529b": settle_v4,  # settle.v4.lua
-    "bf4a77cf63a2896a416ed36fe264c402cbea0d33": admit_v5,  # admit.v5.lua
+    "46d0c8e0cf6f0a1156b2c25df8c2b3cf22bf25f6": settle_v4,  # settle.v4.lua
+    "bba554fa5d3f5867050bf4ba4e1c9ccb13146645": admit_v5,  # admit.v5.lua
     "ebdc82125ab23882d50986659f7f4ed4ec9663be": renew_v1,  # renew.v1.lua
     "89d3927d57d58ae30904a052cc73c25f5c173f28": claim_v1,  # claim.v1.lua
     "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua

@@ -18,7 +18,7 @@ import redis
 
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.periods import periods_at
-from guardproxy.budget.records import AlertArgs, JobArgs
+from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import StoreConfig
 from guardproxy.store.copy import copy_store, open_store
 from guardproxy.store.keys import KeyRing
@@ -45,6 +45,12 @@ async def fill(store: BudgetStore) -> None:
     await store.booking_day("acme", "ext:1", PERIODS.day)
     await KeyRing(store).create("acme", "night shift")
     await store.register_tenant("acme")
+    # ids <epoch>.<seq> (store.markers): released, one under the mark, one above it
+    epoch = await store.new_epoch()
+    for seq, floor in ((1, 2), (2, 0), (3, 3)):
+        admitted = await store.admit("acme", PERIODS, LIMITS, [100], f"{epoch}.{seq}", HOUR_MS)
+        assert admitted.reservation is not None
+        await store.settle(admitted.reservation, 0, floor=floor)
 
 
 async def dump(store: BudgetStore) -> dict[str, Any]:
@@ -100,6 +106,13 @@ async def test_sqlite_to_redis_and_back_keeps_every_budget(tmp_path: Path, redis
         assert await last.settled_charge("acme", PERIODS.day, "r3") == 1_200
         assert (await last.job_usage("acme", "J7")) == (await on_redis.job_usage("acme", "J7"))
         assert [k.name for k in await KeyRing(last).list("acme")] == ["night shift"]
+        # the epoch counter and the epoch's markers came along: no new process reuses the epoch, and no
+        # id of it settles twice
+        assert await last.new_epoch() == 2 == await on_redis.new_epoch()
+        for seq in (1, 2, 3):
+            replay = Reservation(f"1.{seq}", "acme", PERIODS.day, PERIODS.month, 100)
+            assert not (await last.settle(replay, 100)).applied
+            assert not (await on_redis.settle(replay, 100)).applied
     finally:
         await on_redis.aclose()
         await last.aclose()

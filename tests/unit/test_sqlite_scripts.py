@@ -111,7 +111,8 @@ for _name in SCRIPTS:
 
 # -- the operations ----------------------------------------------------------------------------------------
 
-IDS = [f"r{i}" for i in range(6)]
+# uuid-like ids (per-day markers) and ids <epoch>.<seq> (markers by epoch, raised by a settle's floor)
+IDS = [f"r{i}" for i in range(4)] + ["7.1", "7.2", "7.3", "7.4", "8.1"]
 JOBS = ["", "J1", "J2"]
 
 
@@ -140,6 +141,7 @@ class Settle:
     job_ttl_s: int
     #: The levels a charge no admission booked names (settle's "books" argument).
     levels: tuple[LevelCap, ...] = ()
+    floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,8 @@ ops = st.one_of(
                   "completion_tokens": st.sampled_from([0, 10, 30]), "outcome": st.just("ok")})),
               thresholds=st.sampled_from([(), (500_000,), (500_000, 1_000_000)]), job=st.sampled_from(JOBS),
               job_ttl_s=st.sampled_from([60, 3600]),
-              levels=st.one_of(st.just(()), st.lists(level_caps(), max_size=3).map(tuple))),
+              levels=st.one_of(st.just(()), st.lists(level_caps(), max_size=3).map(tuple)),
+              floor=st.sampled_from([0, 0, 1, 2, 3, 4, 6])),
     st.builds(Renew, ids=st.lists(st.sampled_from(IDS), min_size=1, max_size=3, unique=True),
               lease_ms=st.sampled_from([1, 60_000])),
     st.builds(Claim, lease_ms=st.sampled_from([0, 1_000]), limit=st.sampled_from([1, 5])),
@@ -261,7 +264,8 @@ async def apply(store: BudgetStore, clock: Clock, op: Any) -> None:
                           job=JobArgs(op.job, op.job_cap), provisional=op.provisional, levels=op.levels)
     elif isinstance(op, Settle):
         reservation = Reservation(op.id, TENANT, PERIODS.day, PERIODS.month, 0, op.job, op.levels)
-        await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s)
+        await store.settle(reservation, op.charge, op.record, AlertArgs(1000, 3000, op.thresholds), op.job_ttl_s,
+                           floor=op.floor)
     elif isinstance(op, Renew):
         await store.renew([Reservation(i, TENANT, PERIODS.day, PERIODS.month, 0) for i in op.ids], op.lease_ms)
     elif isinstance(op, Claim):
@@ -345,6 +349,10 @@ def admit(id_: str, lease_ms: int = 60_000, call_tokens: int = 0, tpm: int = 0) 
 
 
 @example(sequence=[admit("r0", 1), admit("r1", 1), Advance(999), admit("r2")])  # two leases expire at once
+# markers: a mark raised, then replays under and above it
+@example(sequence=[admit("7.1"), admit("7.2"), admit("7.3"), Settle("7.2", 100, None, (), "", 60, floor=1),
+                   Settle("7.1", 100, None, (), "", 60, floor=3), Settle("7.2", 100, None, (), "", 60, floor=4),
+                   admit("7.1"), Settle("7.3", 100, None, (), "", 60, floor=0), admit("7.4")])
 @example(sequence=[*[Repeat("k1", "", "d1", 2, 5_000, "refuse", True)] * 4, Advance(5_000),
                    Repeat("k1", "", "d1", 2, 5_000, "refuse", True)])  # over the limit, alerted once, then free
 @example(sequence=[Spend(100, 2_000_000, 2, 0, True), Advance(3_600_000), Advance(3_600_000),

@@ -26,7 +26,7 @@
 --
 -- Arguments and reply are built and decoded in one place: guardproxy/store/admit_args.py.
 
--- KEYS (20.. : the levels' own keys, declared for Redis Cluster; the levels argument names them)
+-- KEYS (21.. : the levels' own keys, declared for Redis Cluster; the levels argument names them)
 local spend_day_key, spend_month_key = KEYS[1], KEYS[2]
 local resv_key, resv_amount_key, reserved_key = KEYS[3], KEYS[4], KEYS[5]  -- zset id -> lease expiry ms; hash id -> micros; micros held
 local budget_key, settled_key = KEYS[6], KEYS[7]   -- runtime overrides; settled:<day> (id -> charge)
@@ -35,6 +35,7 @@ local flags_day_key, flags_month_key = KEYS[12], KEYS[13]  -- blocked, blocked_e
 local alerts_key, alerts_due_key = KEYS[14], KEYS[15]
 local resv_job_key, job_held_key, job_key = KEYS[16], KEYS[17], KEYS[18]
 local resv_levels_key = KEYS[19]
+local done_key = KEYS[20]  -- markers: done:<epoch> (see settle.v4)
 
 -- ARGV
 local reservation_id, lease_ms = ARGV[1], tonumber(ARGV[2])
@@ -200,9 +201,17 @@ end
 -- end levels (v5)
 
 local settled = 0
-if redis.call('HEXISTS', settled_key, reservation_id) == 1 then
+-- markers (epochs): an id '<epoch>.<seq>' is settled at or under its epoch's mark or in its set
+local marker_seq = string.match(reservation_id, '^%d+%.(%d+)$')
+if marker_seq then
+  if tonumber(marker_seq) <= tonumber(redis.call('ZSCORE', done_key, 'mark') or '0')
+      or redis.call('ZSCORE', done_key, marker_seq) then
+    settled = 1
+  end
+elseif redis.call('HEXISTS', settled_key, reservation_id) == 1 then
   settled = 1
 end
+-- end markers
 
 -- The sliding windows: what was admitted in the last 60 s (kept only for the limits a tenant has).
 local cutoff = now_ms - WINDOW_MS

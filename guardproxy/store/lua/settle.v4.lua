@@ -20,18 +20,33 @@
 --       12 flags:month:<month>  13 alerts (stream)  14 alerts:due
 --       15 resv:job  16 job:held  17 job:<job id>  18 jobs (zset job id -> last call at ms)
 --       19 resv:levels (hash id -> the reservation's books, see admit.v5)
+--       20 done:<epoch> (markers, below); 21.. the keys the given books name (declared for Redis Cluster)
 -- ARGV: 1 reservation id  2 charge micros (0: a release)  3 day key ttl s  4 month key ttl s
 --       5 calls kept (0: no log)  6 the call's real tokens  7 tenant  8 day  9 month
 --       10 limit_day micros  11 limit_month micros  12 number of thresholds n (0: no alerts)
 --       13..12+n thresholds in parts per million (750000 = 75%)
 --       then the job id ('' none), the job's ttl s and the books of a charge no admission booked ('' none)
+--       then the markers' floor (0: this settle raises no mark)
 --       then field, value pairs of the call's log entry (the job's tokens and model are read from it)
 -- Returns {day spend, month spend, 1 if the reservation was still live else 0,
 --          1 if this settle was applied else 0 (the id was settled before)}
-
-if redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1 then
+--
+-- markers (epochs): an id '<epoch>.<seq>' (a process's epoch, its call's sequence number) is marked in
+-- the zset KEYS[20] (done:<epoch>): member 'mark' scored with the epoch's high-water mark (every seq up
+-- to it is settled, released or can never be reserved) and each seq settled above it, scored with itself.
+-- The settling process passes a floor (the lowest seq of its own that can still settle): the mark rises
+-- to floor - 1 and the seqs under it leave the set, so it holds what is in flight, not history. Any
+-- other id (background responses, batches, rebuild:, ext:) is marked in settled:<day> as before.
+local marker_seq = string.match(ARGV[1], '^%d+%.(%d+)$')
+local marker_mark = 0
+if marker_seq then
+  marker_mark = tonumber(redis.call('ZSCORE', KEYS[20], 'mark') or '0')
+end
+if (marker_seq and (tonumber(marker_seq) <= marker_mark or redis.call('ZSCORE', KEYS[20], marker_seq)))
+    or (not marker_seq and redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1) then
   return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'), 0, 0}
 end
+-- end markers
 
 local live = 0
 local amount = redis.call('HGET', KEYS[4], ARGV[1])
@@ -58,8 +73,20 @@ if counted then
 end
 
 local charge = tonumber(ARGV[2])
-redis.call('HSET', KEYS[7], ARGV[1], charge)
-redis.call('EXPIRE', KEYS[7], ARGV[3])
+-- markers (epochs): mark the id, then raise the epoch's mark to the floor the settling process passed
+if marker_seq then
+  redis.call('ZADD', KEYS[20], marker_seq, marker_seq)
+  local raised = tonumber(ARGV[16 + tonumber(ARGV[12])]) - 1
+  if raised > marker_mark then
+    redis.call('ZREMRANGEBYSCORE', KEYS[20], '-inf', raised)
+    redis.call('ZADD', KEYS[20], raised, 'mark')
+  end
+  redis.call('EXPIRE', KEYS[20], ARGV[3])
+else
+  redis.call('HSET', KEYS[7], ARGV[1], charge)
+  redis.call('EXPIRE', KEYS[7], ARGV[3])
+end
+-- end markers
 
 -- levels (v5): free the reservation's holds at every level and charge every level's window; a charge
 -- that takes a window to an alert threshold queues its event, once per scope, window and threshold
@@ -110,7 +137,7 @@ end
 
 local thresholds = tonumber(ARGV[12])
 local job_at = 13 + thresholds
-local log_from = job_at + 3
+local log_from = job_at + 4  -- markers: after the floor
 if charge > 0 and thresholds > 0 then
   local limit_day, limit_month = tonumber(ARGV[10]), tonumber(ARGV[11])
   local override = redis.call('HMGET', KEYS[10], 'daily_micros', 'monthly_micros')
