@@ -5,7 +5,11 @@ process's journal file and fsynced before the call ends, so neither a restart no
 it. The ledger replays the journal at start-up and drains it in the background as soon as the store
 answers again; replays are exactly-once because the settle script ignores an id it already settled.
 
-Layout: one file per process, ``<dir>/journal-<pid>-<random>.jsonl``, one JSON settlement per line.
+Layout: one file per process, ``<dir>/journal2-<pid>-<random>.jsonl``, one JSON settlement per line.
+The ``2`` is the format of the ids it holds (``<epoch>.<seq>``, whose exactly-once markers an earlier
+settle script cannot read): a process of an earlier version globs ``journal-*.jsonl`` only, so during a
+rolling upgrade it never adopts, and so never charges again, what this version journaled; this version
+adopts both (an earlier version's ids are uuids, marked as before).
 The owning process holds an exclusive ``flock`` on its file for its whole life, so files of live
 processes (``--workers``, or several apps in one process) are never touched by another, and the lock
 of a dead process (even one killed with -9) is released by the kernel: any process that can take
@@ -54,7 +58,8 @@ from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.journal")
 
-_PATTERN = "journal-*.jsonl"
+#: This version's files, then an earlier version's (adopted; never written).
+_PATTERNS = ("journal2-*.jsonl", "journal-*.jsonl")
 #: The start of every entry's line (``Entry.to_line``): adoption finds an entry joined to a torn line by it.
 _ENTRY_START = b'{"id":'
 #: Room a write check asks of the disk: a few entries' worth (an entry is ~300-600 bytes).
@@ -329,7 +334,7 @@ class Journal:
     def _own_fd(self) -> int:
         if self._fd is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            name = f"journal-{os.getpid()}-{secrets.token_hex(6)}"
+            name = f"journal2-{os.getpid()}-{secrets.token_hex(6)}"
             # Locked under a name no other process adopts, then renamed: never seen unlocked.
             temporary = self.directory / f".{name}.tmp"
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -409,7 +414,7 @@ class Journal:
         if not self.directory.is_dir():
             return []
         adopted: list[Entry] = []
-        for path in sorted(self.directory.glob(_PATTERN)):
+        for path in sorted(p for pattern in _PATTERNS for p in self.directory.glob(pattern)):
             if path == self.path:
                 continue
             fd = _lock_orphan(path)

@@ -169,12 +169,12 @@ def test_guardproxy_killed_while_redis_is_down_loses_no_charge(
     with paused(own_redis):
         assert asyncio.run(served_while_down()) == [200] * 6  # fail_open: served, charges journaled
         first.kill()
-        left = [p for p in journal_home.glob("journal-*.jsonl") if p.stat().st_size]
+        left = [p for p in journal_home.glob("journal2-*.jsonl") if p.stat().st_size]
         assert len(left) == 1 and len(left[0].read_bytes().splitlines()) == 6
     assert len(fake_state.billed) == 7
     second = proxies(raw)  # adopts the dead process's journal at start-up and replays it
     billed = assert_books_balance(own_redis.url, fake_state, second.url)
-    assert not [p for p in journal_home.glob("journal-*.jsonl") if p.stat().st_size]
+    assert not [p for p in journal_home.glob("journal2-*.jsonl") if p.stat().st_size]
     # served unbudgeted while the store could not be asked (fail_open), and recorded as such
     assert sorted(e["outcome"] for e in audit_log(own_redis.url)) == ["completed"] + ["store_unavailable"] * 6
     print(f"kill -9 while Redis down: billed={billed} settled={redis_int(own_redis.url, keys()[0])}")

@@ -72,7 +72,7 @@ async def calls(url: str, count: int, concurrency: int) -> list[httpx.Response]:
 
 
 def journal_lines(disk: Path) -> list[bytes]:
-    return [line for p in disk.glob("journal-*.jsonl") for line in p.read_bytes().splitlines() if line.strip()]
+    return [line for p in disk.glob("journal2-*.jsonl") for line in p.read_bytes().splitlines() if line.strip()]
 
 
 @pytest.mark.slow

@@ -83,10 +83,10 @@ def test_a_proxy_killed_mid_stream_charges_what_it_relayed(
     first.process.wait(timeout=10)
     wait_for(lambda: len(fake_state.unfinished) == STREAMS, timeout_s=10)  # the provider saw each one dropped
     assert not fake_state.billed
-    checkpoints = list(journal_home.glob("journal-*.checkpoint"))
+    checkpoints = list(journal_home.glob("journal2-*.checkpoint"))
     assert len(checkpoints) == 1
     assert len(checkpoints[0].read_bytes().splitlines()) == STREAMS
-    assert list(journal_home.glob("journal-*.progress.*"))  # what was relayed since the checkpoint
+    assert list(journal_home.glob("journal2-*.progress.*"))  # what was relayed since the checkpoint
 
     second = proxies(raw)  # adopts the dead process's checkpoint at start-up and settles it
     second.wait_until("/readyz")

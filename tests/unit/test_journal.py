@@ -63,6 +63,27 @@ async def test_appends_are_on_disk_when_append_returns_and_drain_empties_the_fil
     assert not journal.path.exists()  # nothing waits: removed at shutdown
 
 
+def test_this_versions_journal_is_out_of_an_earlier_versions_sight_and_adopts_an_earlier_ones(
+        tmp_path: Path) -> None:
+    """A rolling upgrade: an earlier version adopts ``journal-*.jsonl`` only and its settle script knows
+    nothing of ``<epoch>.<seq>`` markers, so it must never see this version's entries (it would charge
+    them again); this version adopts an earlier version's file (uuid ids, marked as before)."""
+    live = Journal(tmp_path)
+    asyncio.run(live.append(entry(0)))
+    assert live.path is not None and live.path.name.startswith("journal2-")
+    assert not list(tmp_path.glob("journal-*.jsonl"))  # what an earlier version adopts
+    (tmp_path / "journal2-2-dead.jsonl").write_bytes(live.path.read_bytes())  # this version's, dead
+    asyncio.run(live.drain(Store().apply))
+    live.close()
+    (tmp_path / "journal-1-dead.jsonl").write_bytes(entry(1).to_line())  # an earlier version's, dead
+    adopter = Journal(tmp_path)
+    assert asyncio.run(adopter.adopt_orphans()) == 2
+    store = Store()
+    asyncio.run(adopter.drain(store.apply))
+    assert sorted(e.reservation.id for e in store.written) == sorted([entry(0).reservation.id, entry(1).reservation.id])
+    adopter.close()
+
+
 async def test_a_drain_stops_at_the_first_failure_and_resumes_in_order(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     for i in range(3):
@@ -212,7 +233,7 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line_and_loses_no_entry
         child.wait(timeout=10)
         if child.stdout is not None:
             child.stdout.close()
-    (left,) = tmp_path.glob("journal-*.jsonl")
+    (left,) = tmp_path.glob("journal2-*.jsonl")
     assert lines(left) == [entry(0), entry(1), entry(2)]
     adopter = Journal(tmp_path)
     assert asyncio.run(adopter.adopt_orphans()) == 3
