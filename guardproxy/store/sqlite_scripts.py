@@ -560,7 +560,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "46d0c8e0cf6f0a1156b2c25df8c2b3cf22bf25f6": settle_v4,  # settle.v4.lua
+    "b4b5fa043642eca788e5384b41d664097d2a1942": settle_v4,  # settle.v4.lua
     "bba554fa5d3f5867050bf4ba4e1c9ccb13146645": admit_v5,  # admit.v5.lua
     "ebdc82125ab23882d50986659f7f4ed4ec9663be": renew_v1,  # renew.v1.lua
     "89d3927d57d58ae30904a052cc73c25f5c173f28": claim_v1,  # claim.v1.lua

@@ -31,70 +31,85 @@
 -- Returns {day spend, month spend, 1 if the reservation was still live else 0,
 --          1 if this settle was applied else 0 (the id was settled before)}
 --
+-- KEYS, named once (21.. : the keys the given books name, declared for Redis Cluster)
+local spend_day_key, spend_month_key = KEYS[1], KEYS[2]
+local resv_key, resv_amount_key, reserved_key = KEYS[3], KEYS[4], KEYS[5]  -- zset id -> lease expiry ms; hash id -> micros; micros held
+local calls_key, settled_key = KEYS[6], KEYS[7]  -- the call log (stream); settled:<day> (id -> charge)
+local rl_tok_n_key, rl_tok_sum_key = KEYS[8], KEYS[9]
+local budget_key, flags_day_key, flags_month_key = KEYS[10], KEYS[11], KEYS[12]
+local alerts_key, alerts_due_key = KEYS[13], KEYS[14]
+local resv_job_key, job_held_key, job_key, jobs_key = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
+local resv_levels_key, done_key = KEYS[19], KEYS[20]
+
+-- ARGV, the fixed part named once (as strings; the part after the thresholds is read where it is used)
+local reservation_id, arg_charge, day_ttl, month_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local calls_kept, real_tokens, tenant_name, day_id, month_id = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local arg_limit_day, arg_limit_month, arg_thresholds = ARGV[10], ARGV[11], ARGV[12]
+
 -- markers (epochs): an id '<epoch>.<seq>' (a process's epoch, its call's sequence number) is marked in
--- the zset KEYS[20] (done:<epoch>): member 'mark' scored with the epoch's high-water mark (every seq up
+-- the zset done_key (done:<epoch>): member 'mark' scored with the epoch's high-water mark (every seq up
 -- to it is settled, released or can never be reserved) and each seq settled above it, scored with itself.
 -- The settling process passes a floor (the lowest seq of its own that can still settle): the mark rises
 -- to floor - 1 and the seqs under it leave the set, so it holds what is in flight, not history. Any
 -- other id (background responses, batches, rebuild:, ext:) is marked in settled:<day> as before.
-local marker_seq = string.match(ARGV[1], '^%d+%.(%d+)$')
+local marker_seq = string.match(reservation_id, '^%d+%.(%d+)$')
 local marker_mark = 0
 if marker_seq then
-  marker_mark = tonumber(redis.call('ZSCORE', KEYS[20], 'mark') or '0')
+  marker_mark = tonumber(redis.call('ZSCORE', done_key, 'mark') or '0')
 end
-if (marker_seq and (tonumber(marker_seq) <= marker_mark or redis.call('ZSCORE', KEYS[20], marker_seq)))
-    or (not marker_seq and redis.call('HEXISTS', KEYS[7], ARGV[1]) == 1) then
-  return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'), 0, 0}
+if (marker_seq and (tonumber(marker_seq) <= marker_mark or redis.call('ZSCORE', done_key, marker_seq)))
+    or (not marker_seq and redis.call('HEXISTS', settled_key, reservation_id) == 1) then
+  return {tonumber(redis.call('GET', spend_day_key) or '0'), tonumber(redis.call('GET', spend_month_key) or '0'), 0, 0}
 end
 -- end markers
 
 local live = 0
-local amount = redis.call('HGET', KEYS[4], ARGV[1])
+local amount = redis.call('HGET', resv_amount_key, reservation_id)
 if amount then
   live = 1
-  redis.call('DECRBY', KEYS[5], amount)
-  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('DECRBY', reserved_key, amount)
+  redis.call('HDEL', resv_amount_key, reservation_id)
   -- jobs (v4): the job's share of the reservation goes with it
-  local held_by = redis.call('HGET', KEYS[15], ARGV[1])
+  local held_by = redis.call('HGET', resv_job_key, reservation_id)
   if held_by then
-    if redis.call('HINCRBY', KEYS[16], held_by, 0 - tonumber(amount)) <= 0 then redis.call('HDEL', KEYS[16], held_by) end
-    redis.call('HDEL', KEYS[15], ARGV[1])
+    if redis.call('HINCRBY', job_held_key, held_by, 0 - tonumber(amount)) <= 0 then redis.call('HDEL', job_held_key, held_by) end
+    redis.call('HDEL', resv_job_key, reservation_id)
   end
   -- end jobs (v4)
 end
-redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', resv_key, reservation_id)
 
 -- The token window (if the call is still in it) holds its real tokens from now on.
-local counted = redis.call('HGET', KEYS[8], ARGV[1])
+local counted = redis.call('HGET', rl_tok_n_key, reservation_id)
 if counted then
-  local real = tonumber(ARGV[6])
-  redis.call('HSET', KEYS[8], ARGV[1], real)
-  redis.call('INCRBY', KEYS[9], real - tonumber(counted))
+  local real = tonumber(real_tokens)
+  redis.call('HSET', rl_tok_n_key, reservation_id, real)
+  redis.call('INCRBY', rl_tok_sum_key, real - tonumber(counted))
 end
 
-local charge = tonumber(ARGV[2])
+local charge = tonumber(arg_charge)
 -- markers (epochs): mark the id, then raise the epoch's mark to the floor the settling process passed
 if marker_seq then
-  redis.call('ZADD', KEYS[20], marker_seq, marker_seq)
-  local raised = tonumber(ARGV[16 + tonumber(ARGV[12])]) - 1
+  redis.call('ZADD', done_key, marker_seq, marker_seq)
+  local raised = tonumber(ARGV[16 + tonumber(arg_thresholds)]) - 1
   if raised > marker_mark then
-    redis.call('ZREMRANGEBYSCORE', KEYS[20], '-inf', raised)
-    redis.call('ZADD', KEYS[20], raised, 'mark')
+    redis.call('ZREMRANGEBYSCORE', done_key, '-inf', raised)
+    redis.call('ZADD', done_key, raised, 'mark')
   end
-  redis.call('EXPIRE', KEYS[20], ARGV[3])
+  redis.call('EXPIRE', done_key, day_ttl)
 else
-  redis.call('HSET', KEYS[7], ARGV[1], charge)
-  redis.call('EXPIRE', KEYS[7], ARGV[3])
+  redis.call('HSET', settled_key, reservation_id, charge)
+  redis.call('EXPIRE', settled_key, day_ttl)
 end
 -- end markers
 
 -- levels (v5): free the reservation's holds at every level and charge every level's window; a charge
 -- that takes a window to an alert threshold queues its event, once per scope, window and threshold
-local books = redis.call('HGET', KEYS[19], ARGV[1])
-local given_books = ARGV[15 + tonumber(ARGV[12])]
+local books = redis.call('HGET', resv_levels_key, reservation_id)
+local given_books = ARGV[15 + tonumber(arg_thresholds)]
 if not books and given_books ~= '' then books = given_books end
 if books then
-  local alert_thresholds = tonumber(ARGV[12])
+  local alert_thresholds = tonumber(arg_thresholds)
   for line in string.gmatch(books, '[^\n]+') do
     if string.sub(line, 1, 2) == 'h ' then
       if amount and redis.call('DECRBY', string.sub(line, 3), amount) <= 0 then redis.call('DEL', string.sub(line, 3)) end
@@ -110,45 +125,45 @@ if books then
           if spent * 1000000 >= tonumber(limit) * tonumber(ARGV[i])
               and redis.call('HSETNX', flags, 'threshold:' .. scope .. ':' .. ARGV[i], at_ms) == 1 then
             redis.call('EXPIRE', flags, ttl)
-            local id = redis.call('XADD', KEYS[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
-                                  'tenant', ARGV[7], 'period', window, 'period_id', period,
+            local id = redis.call('XADD', alerts_key, 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
+                                  'tenant', tenant_name, 'period', window, 'period_id', period,
                                   'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', at_ms,
                                   'level', level)
-            redis.call('ZADD', KEYS[14], at_ms, id)
+            redis.call('ZADD', alerts_due_key, at_ms, id)
           end
         end
       end
     end
   end
-  redis.call('HDEL', KEYS[19], ARGV[1])
+  redis.call('HDEL', resv_levels_key, reservation_id)
 end
 -- end levels (v5)
 
 local day, month
 if charge > 0 then
-  day = redis.call('INCRBY', KEYS[1], charge)
-  month = redis.call('INCRBY', KEYS[2], charge)
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  day = redis.call('INCRBY', spend_day_key, charge)
+  month = redis.call('INCRBY', spend_month_key, charge)
+  redis.call('EXPIRE', spend_day_key, day_ttl)
+  redis.call('EXPIRE', spend_month_key, month_ttl)
 else
-  day = tonumber(redis.call('GET', KEYS[1]) or '0')
-  month = tonumber(redis.call('GET', KEYS[2]) or '0')
+  day = tonumber(redis.call('GET', spend_day_key) or '0')
+  month = tonumber(redis.call('GET', spend_month_key) or '0')
 end
 
-local thresholds = tonumber(ARGV[12])
+local thresholds = tonumber(arg_thresholds)
 local job_at = 13 + thresholds
 local log_from = job_at + 4  -- markers: after the floor
 if charge > 0 and thresholds > 0 then
-  local limit_day, limit_month = tonumber(ARGV[10]), tonumber(ARGV[11])
-  local override = redis.call('HMGET', KEYS[10], 'daily_micros', 'monthly_micros')
+  local limit_day, limit_month = tonumber(arg_limit_day), tonumber(arg_limit_month)
+  local override = redis.call('HMGET', budget_key, 'daily_micros', 'monthly_micros')
   if override[1] then
     limit_day, limit_month = tonumber(override[1]), tonumber(override[2])
   end
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   local periods = {
-    {'day', ARGV[8], day, limit_day, KEYS[11], ARGV[3]},
-    {'month', ARGV[9], month, limit_month, KEYS[12], ARGV[4]},
+    {'day', day_id, day, limit_day, flags_day_key, day_ttl},
+    {'month', month_id, month, limit_month, flags_month_key, month_ttl},
   }
   for _, p in ipairs(periods) do
     local name, period_id, spent, limit, flags, ttl = p[1], p[2], p[3], p[4], p[5], p[6]
@@ -157,10 +172,10 @@ if charge > 0 and thresholds > 0 then
       if limit > 0 and spent * 1000000 >= limit * tonumber(ARGV[i]) then
         if redis.call('HSETNX', flags, 'threshold:' .. ARGV[i], now_ms) == 1 then
           redis.call('EXPIRE', flags, ttl)
-          local id = redis.call('XADD', KEYS[13], 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
-                                'tenant', ARGV[7], 'period', name, 'period_id', period_id,
+          local id = redis.call('XADD', alerts_key, 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
+                                'tenant', tenant_name, 'period', name, 'period_id', period_id,
                                 'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', now_ms)
-          redis.call('ZADD', KEYS[14], now_ms, id)
+          redis.call('ZADD', alerts_due_key, now_ms, id)
         end
       end
     end
@@ -180,30 +195,30 @@ if job ~= '' and #ARGV >= log_from then
   local now = redis.call('TIME')
   local at_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   local job_ttl = tonumber(ARGV[job_at + 1])
-  redis.call('HINCRBY', KEYS[17], 'calls', 1)
-  redis.call('HINCRBY', KEYS[17], 'prompt_tokens', prompt)
-  redis.call('HINCRBY', KEYS[17], 'completion_tokens', completion)
-  redis.call('HINCRBY', KEYS[17], 'cost_micros', charge)
-  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':calls', 1)
-  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':prompt_tokens', prompt)
-  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':completion_tokens', completion)
-  redis.call('HINCRBY', KEYS[17], 'model:' .. model .. ':cost_micros', charge)
-  redis.call('HSETNX', KEYS[17], 'first_at', at_ms)
-  redis.call('HSET', KEYS[17], 'last_at', at_ms)
-  redis.call('EXPIRE', KEYS[17], job_ttl)
-  redis.call('ZADD', KEYS[18], at_ms, job)
-  redis.call('ZREMRANGEBYSCORE', KEYS[18], '-inf', at_ms - job_ttl * 1000)
-  redis.call('EXPIRE', KEYS[18], job_ttl)
+  redis.call('HINCRBY', job_key, 'calls', 1)
+  redis.call('HINCRBY', job_key, 'prompt_tokens', prompt)
+  redis.call('HINCRBY', job_key, 'completion_tokens', completion)
+  redis.call('HINCRBY', job_key, 'cost_micros', charge)
+  redis.call('HINCRBY', job_key, 'model:' .. model .. ':calls', 1)
+  redis.call('HINCRBY', job_key, 'model:' .. model .. ':prompt_tokens', prompt)
+  redis.call('HINCRBY', job_key, 'model:' .. model .. ':completion_tokens', completion)
+  redis.call('HINCRBY', job_key, 'model:' .. model .. ':cost_micros', charge)
+  redis.call('HSETNX', job_key, 'first_at', at_ms)
+  redis.call('HSET', job_key, 'last_at', at_ms)
+  redis.call('EXPIRE', job_key, job_ttl)
+  redis.call('ZADD', jobs_key, at_ms, job)
+  redis.call('ZREMRANGEBYSCORE', jobs_key, '-inf', at_ms - job_ttl * 1000)
+  redis.call('EXPIRE', jobs_key, job_ttl)
 end
 -- end jobs (v4)
 
-local kept = tonumber(ARGV[5])
+local kept = tonumber(calls_kept)
 if kept > 0 and #ARGV >= log_from then
   local entry = {}
   for i = log_from, #ARGV do
     entry[#entry + 1] = ARGV[i]
   end
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', kept, '*', unpack(entry))
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
+  redis.call('XADD', calls_key, 'MAXLEN', '~', kept, '*', unpack(entry))
+  redis.call('EXPIRE', calls_key, month_ttl)
 end
 return {day, month, live, 1}
