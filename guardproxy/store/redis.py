@@ -285,8 +285,11 @@ class GlobalKeys:
         return f"{self.base}:lvl:{scope}:held"
 
 
-def _script_source(name: str) -> str:
-    return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
+def script_source(name: str) -> str:
+    """What the store sends for the script ``lua/<name>``: ``lua/shared.lua`` (the steps several
+    scripts take, written once), then the script's own text; one script, atomic as before."""
+    lua = resources.files("guardproxy.store").joinpath("lua")
+    return lua.joinpath("shared.lua").read_text(encoding="utf-8") + lua.joinpath(name).read_text(encoding="utf-8")
 
 
 #: ``async with translated():`` turns the store's "unavailable" errors into ``StoreUnavailable``.
@@ -315,12 +318,12 @@ class BudgetStore:
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.prefix = prefix
         self.calls_kept = calls_kept
-        self._admit = client.register_script(_script_source("admit.v5.lua"))
-        self._settle = client.register_script(_script_source("settle.v4.lua"))
-        self._renew = client.register_script(_script_source("renew.v1.lua"))
-        self._claim = client.register_script(_script_source("claim.v1.lua"))
-        self._loop = client.register_script(_script_source("loop.v1.lua"))
-        self._velocity = client.register_script(_script_source("velocity.v1.lua"))
+        self._admit = client.register_script(script_source("admit.v5.lua"))
+        self._settle = client.register_script(script_source("settle.v4.lua"))
+        self._renew = client.register_script(script_source("renew.v1.lua"))
+        self._claim = client.register_script(script_source("claim.v1.lua"))
+        self._loop = client.register_script(script_source("loop.v1.lua"))
+        self._velocity = client.register_script(script_source("velocity.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:

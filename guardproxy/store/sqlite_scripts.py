@@ -556,14 +556,15 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
     return [last_hour, average, queued]
 
 
-#: The SHA1 of the script each function transcribes (as ``register_script`` computes it) -> the function.
+#: The SHA1 of the script each function transcribes (as ``register_script`` computes it: ``lua/shared.lua``
+#: followed by the script's file, ``redis.script_source``) -> the function.
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {
-    "b4b5fa043642eca788e5384b41d664097d2a1942": settle_v4,  # settle.v4.lua
-    "bba554fa5d3f5867050bf4ba4e1c9ccb13146645": admit_v5,  # admit.v5.lua
-    "ebdc82125ab23882d50986659f7f4ed4ec9663be": renew_v1,  # renew.v1.lua
-    "89d3927d57d58ae30904a052cc73c25f5c173f28": claim_v1,  # claim.v1.lua
-    "71a9dbdd588a0ece07db234cdd9877c00d852234": loop_v1,  # loop.v1.lua
-    "daa2702f77aea023bb135d283b04c7b62f4a798e": velocity_v1,  # velocity.v1.lua
+    "61c012c6776cb241b4bbd541b6bdd5912eb7c209": settle_v4,  # settle.v4.lua
+    "da3e016500064e9d77965eb0dded2df2b5cc70ce": admit_v5,  # admit.v5.lua
+    "722f10b539391b0c33ce915f4aa3ccba5b01a1ca": renew_v1,  # renew.v1.lua
+    "d574ea4ca531557e03532e19bd3073651ab4e569": claim_v1,  # claim.v1.lua
+    "7a18016cd6cef422a087648719a67616c4a16644": loop_v1,  # loop.v1.lua
+    "187e200913be798c2416fb13d195974650a34a93": velocity_v1,  # velocity.v1.lua
 }

@@ -17,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
@@ -30,7 +29,7 @@ from guardproxy.budget.decision import RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
-from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis import BudgetStore, script_source
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.store.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
 
@@ -41,7 +40,7 @@ SCRIPTS = ("admit.v5.lua", "settle.v4.lua", "renew.v1.lua", "claim.v1.lua", "loo
 
 
 def source(name: str) -> str:
-    return resources.files("guardproxy.store").joinpath("lua", name).read_text(encoding="utf-8")
+    return script_source(name)
 
 
 def test_every_script_has_a_transcription(tmp_path: Any) -> None:

@@ -74,14 +74,7 @@ for _, id in ipairs(expired) do
   if amount then
     redis.call('DECRBY', reserved_key, amount)
     redis.call('HDEL', resv_amount_key, id)
-    -- jobs (v4): the job's share of the reservation frees with it
-    local held_by = redis.call('HGET', resv_job_key, id)
-    if held_by then
-      if redis.call('HINCRBY', job_held_key, held_by, 0 - tonumber(amount)) <= 0 then
-        redis.call('HDEL', job_held_key, held_by)
-      end
-      redis.call('HDEL', resv_job_key, id)
-    end
+    free_job_hold(resv_job_key, job_held_key, id, amount)  -- jobs (v4), shared.lua
     -- levels (v5): so do its holds at every level
     local books = redis.call('HGET', resv_levels_key, id)
     if books then
@@ -275,8 +268,7 @@ local function queue(event, period, period_id, spent, limit, level)
     fields[#fields + 1] = 'level'
     fields[#fields + 1] = level
   end
-  local id = redis.call('XADD', alerts_key, 'MAXLEN', '~', 10000, '*', unpack(fields))
-  redis.call('ZADD', alerts_due_key, now_ms, id)
+  queue_alert(alerts_key, alerts_due_key, now_ms, unpack(fields))
 end
 
 local exhausted, refused_by = 0, 0

@@ -33,9 +33,8 @@ end
 local oldest = redis.call('ZRANGE', hits, 0, 0, 'WITHSCORES')
 local retry_ms = math.max(1, tonumber(oldest[2]) + window_ms - now_ms)
 if alerts_on and redis.call('SET', alerted, now_ms, 'NX', 'PX', window_ms) then
-  local id = redis.call('XADD', alerts, 'MAXLEN', '~', 10000, '*', 'event', 'loop', 'tenant', tenant,
-                        'key', key_id, 'job', job, 'digest', digest, 'repeats', seen + 1,
-                        'max_repeats', max_repeats, 'window_ms', window_ms, 'action', action, 'at_ms', now_ms)
-  redis.call('ZADD', alerts_due, now_ms, id)
+  queue_alert(alerts, alerts_due, now_ms, 'event', 'loop', 'tenant', tenant, 'key', key_id, 'job', job,
+              'digest', digest, 'repeats', seen + 1, 'max_repeats', max_repeats, 'window_ms', window_ms,
+              'action', action, 'at_ms', now_ms)
 end
 return {1, seen + 1, retry_ms}

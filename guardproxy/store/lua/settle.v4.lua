@@ -69,13 +69,7 @@ if amount then
   live = 1
   redis.call('DECRBY', reserved_key, amount)
   redis.call('HDEL', resv_amount_key, reservation_id)
-  -- jobs (v4): the job's share of the reservation goes with it
-  local held_by = redis.call('HGET', resv_job_key, reservation_id)
-  if held_by then
-    if redis.call('HINCRBY', job_held_key, held_by, 0 - tonumber(amount)) <= 0 then redis.call('HDEL', job_held_key, held_by) end
-    redis.call('HDEL', resv_job_key, reservation_id)
-  end
-  -- end jobs (v4)
+  free_job_hold(resv_job_key, job_held_key, reservation_id, amount)  -- jobs (v4), shared.lua
 end
 redis.call('ZREM', resv_key, reservation_id)
 
@@ -125,11 +119,9 @@ if books then
           if spent * 1000000 >= tonumber(limit) * tonumber(ARGV[i])
               and redis.call('HSETNX', flags, 'threshold:' .. scope .. ':' .. ARGV[i], at_ms) == 1 then
             redis.call('EXPIRE', flags, ttl)
-            local id = redis.call('XADD', alerts_key, 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
-                                  'tenant', tenant_name, 'period', window, 'period_id', period,
-                                  'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', at_ms,
-                                  'level', level)
-            redis.call('ZADD', alerts_due_key, at_ms, id)
+            queue_alert(alerts_key, alerts_due_key, at_ms, 'event', 'threshold', 'tenant', tenant_name,
+                        'period', window, 'period_id', period, 'threshold', ARGV[i], 'spent', spent,
+                        'limit', limit, 'at_ms', at_ms, 'level', level)
           end
         end
       end
@@ -172,10 +164,9 @@ if charge > 0 and thresholds > 0 then
       if limit > 0 and spent * 1000000 >= limit * tonumber(ARGV[i]) then
         if redis.call('HSETNX', flags, 'threshold:' .. ARGV[i], now_ms) == 1 then
           redis.call('EXPIRE', flags, ttl)
-          local id = redis.call('XADD', alerts_key, 'MAXLEN', '~', 10000, '*', 'event', 'threshold',
-                                'tenant', tenant_name, 'period', name, 'period_id', period_id,
-                                'threshold', ARGV[i], 'spent', spent, 'limit', limit, 'at_ms', now_ms)
-          redis.call('ZADD', alerts_due_key, now_ms, id)
+          queue_alert(alerts_key, alerts_due_key, now_ms, 'event', 'threshold', 'tenant', tenant_name,
+                      'period', name, 'period_id', period_id, 'threshold', ARGV[i], 'spent', spent,
+                      'limit', limit, 'at_ms', now_ms)
         end
       end
     end

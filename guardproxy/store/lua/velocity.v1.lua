@@ -47,11 +47,10 @@ if baseline > 0 and last_hour >= min_micros and last_hour * baseline_hours * 100
    and redis.call('GET', fired) ~= tostring(hour) then
   redis.call('SET', fired, hour, 'EX', 7200)
   if alerts_on then
-    local id = redis.call('XADD', alerts, 'MAXLEN', '~', 10000, '*', 'event', 'velocity', 'tenant', tenant,
-                          'period', 'hour', 'hour', hour, 'spent', last_hour, 'baseline', average,
-                          'limit', math.floor(factor_ppm * baseline / baseline_hours / 1000000),
-                          'factor_ppm', factor_ppm, 'at_ms', now_ms)
-    redis.call('ZADD', alerts_due, now_ms, id)
+    queue_alert(alerts, alerts_due, now_ms, 'event', 'velocity', 'tenant', tenant, 'period', 'hour',
+                'hour', hour, 'spent', last_hour, 'baseline', average,
+                'limit', math.floor(factor_ppm * baseline / baseline_hours / 1000000),
+                'factor_ppm', factor_ppm, 'at_ms', now_ms)
   end
   queued = 1
 end
