@@ -10,9 +10,12 @@ the log, and ``nBackfill``, those already copied into the file (a checkpoint syn
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,45 +36,41 @@ async def write_twice(client: SqliteClient) -> None:
     await client.incrby("gp:counter", 5)
 
 
-async def test_a_write_after_the_interval_checkpoints_the_log(tmp_path: Path) -> None:
-    path = tmp_path / "spend.db"
-    client = SqliteClient(path, sync_every_s=0.0)
-    keeper = sqlite3.connect(path)  # the file stays open: closing the client's connection must not checkpoint
+@contextlib.asynccontextmanager
+async def kept_open(path: Path, **options: Any) -> AsyncIterator[SqliteClient]:
+    """A client on ``path``, beside a connection that keeps the file open (closing the client's
+    connection must not checkpoint)."""
+    client = SqliteClient(path, **options)
+    keeper = sqlite3.connect(path)
     keeper.execute("SELECT 1").fetchall()
     try:
+        yield client
+    finally:
+        await client.aclose()
+        keeper.close()
+
+
+async def test_a_write_after_the_interval_checkpoints_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    async with kept_open(path, sync_every_s=0.0) as client:
         await write_twice(client)
         frames, copied = log_frames(path)
         assert frames > 0 and copied == frames  # everything committed went through a checkpoint
         assert await client.get("gp:counter") == b"5"
-    finally:
-        await client.aclose()
-        keeper.close()
 
 
 async def test_within_the_interval_the_log_waits_for_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "spend.db"
-    client = SqliteClient(path, sync_every_s=3600.0)
-    keeper = sqlite3.connect(path)
-    keeper.execute("SELECT 1").fetchall()
-    try:
+    async with kept_open(path, sync_every_s=3600.0) as client:
         await write_twice(client)
         frames, copied = log_frames(path)
         # the first write checkpointed (so the second restarted the log); the second's frames wait
         assert frames > 0 and copied == 0
-    finally:
-        await client.aclose()
-        keeper.close()
 
 
 async def test_full_syncs_every_commit_and_does_not_checkpoint_itself(tmp_path: Path) -> None:
     path = tmp_path / "spend.db"
-    client = SqliteClient(path, synchronous="full", sync_every_s=0.0)
-    keeper = sqlite3.connect(path)
-    keeper.execute("SELECT 1").fetchall()
-    try:
+    async with kept_open(path, synchronous="full", sync_every_s=0.0) as client:
         await write_twice(client)
         frames, copied = log_frames(path)
         assert frames > 0 and copied == 0
-    finally:
-        await client.aclose()
-        keeper.close()
