@@ -19,6 +19,7 @@ a settlement that takes spend to a threshold, each once per period.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -285,9 +286,11 @@ class GlobalKeys:
         return f"{self.base}:lvl:{scope}:held"
 
 
+@functools.cache
 def script_source(name: str) -> str:
     """What the store sends for the script ``lua/<name>``: ``lua/shared.lua`` (the steps several
-    scripts take, written once), then the script's own text; one script, atomic as before."""
+    scripts take, written once), then the script's own text; one script, atomic as before. Read once
+    per process, not per store."""
     lua = resources.files("guardproxy.store").joinpath("lua")
     return lua.joinpath("shared.lua").read_text(encoding="utf-8") + lua.joinpath(name).read_text(encoding="utf-8")
 
