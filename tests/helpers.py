@@ -281,29 +281,36 @@ CALL = {"model": "gpt-4o", "messages": HI, "max_tokens": 50}
 FULL_LENGTH = {"x-fake-completion-tokens": "1000"}
 
 
-async def burst(urls: list[str], count: int) -> tuple[list[int], int]:
-    """``count`` concurrent calls spread over ``urls``; the cost of each admitted call, and the 429 count."""
+async def sdk_calls(urls: list[str], count: int, headers: dict[str, str] = FULL_LENGTH
+                    ) -> list[int | openai.RateLimitError]:
+    """``count`` concurrent gpt-4o calls spread over ``urls`` with the real SDK (no retries): each
+    admitted call's cost (its usage at the price of the model that answered), or the 429 it got."""
     clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
 
-    async def one(i: int) -> int | None:
+    async def one(i: int) -> int | openai.RateLimitError:
         try:
             raw = await clients[i % len(clients)].chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=HI, max_tokens=50, extra_headers=FULL_LENGTH
+                model="gpt-4o", messages=HI, max_tokens=50, extra_headers=headers
             )
-        except openai.RateLimitError:
-            return None
+        except openai.RateLimitError as exc:
+            return exc
         usage = raw.parse().usage
         assert usage is not None
         price: Price = PRICES[raw.headers["x-guardproxy-model"]]
         return cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), price)
 
     try:
-        results = await asyncio.gather(*(one(i) for i in range(count)))
+        return await asyncio.gather(*(one(i) for i in range(count)))
     finally:
         for client in clients:
             await client.close()
         await asyncio.sleep(0.1)  # let the closed transports release their sockets before the loop ends
-    return [r for r in results if r is not None], sum(1 for r in results if r is None)
+
+
+async def burst(urls: list[str], count: int) -> tuple[list[int], int]:
+    """``count`` concurrent calls spread over ``urls``; the cost of each admitted call, and the 429 count."""
+    results = await sdk_calls(urls, count)
+    return [r for r in results if isinstance(r, int)], sum(1 for r in results if not isinstance(r, int))
 
 
 @contextlib.contextmanager

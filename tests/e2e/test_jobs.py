@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from guardproxy.admin.status import main as status_main
-from guardproxy.budget.pricing import Price, Usage, cost_micros, format_usd
+from guardproxy.budget.pricing import format_usd
 from guardproxy.config.settings import parse_config
 from tests.helpers import (
     FULL_LENGTH,
@@ -28,6 +27,7 @@ from tests.helpers import (
     proxy_process,
     redis_int,
     reserved,
+    sdk_calls,
 )
 
 PRICES = {"gpt-4o": GPT4O, "gpt-4o-mini": MINI}
@@ -46,28 +46,11 @@ def job_config(upstream_url: str, redis_url: str, job_usd: float | None = None) 
 async def job_burst(urls: list[str], count: int, job: str) -> tuple[list[int], list[str]]:
     """``count`` concurrent calls for ``job`` spread over ``urls``: each admitted call's cost, and the
     error codes of the refused ones."""
-    clients = [openai.AsyncOpenAI(base_url=u + "/v1", api_key=TENANT_KEY, max_retries=0) for u in urls]
-
-    async def one(i: int) -> int | str:
-        try:
-            raw = await clients[i % len(clients)].chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=HI, max_tokens=50, extra_headers={**FULL_LENGTH, "x-guardproxy-job": job}
-            )
-        except openai.RateLimitError as exc:
-            assert exc.response.headers["x-should-retry"] == "false"
-            return str(exc.code)
-        usage = raw.parse().usage
-        assert usage is not None
-        price: Price = PRICES[raw.headers["x-guardproxy-model"]]
-        return cost_micros(Usage(usage.prompt_tokens, usage.completion_tokens), price)
-
-    try:
-        results = await asyncio.gather(*(one(i) for i in range(count)))
-    finally:
-        for client in clients:
-            await client.close()
-        await asyncio.sleep(0.1)
-    return [r for r in results if isinstance(r, int)], [r for r in results if isinstance(r, str)]
+    results = await sdk_calls(urls, count, {**FULL_LENGTH, "x-guardproxy-job": job})
+    refused = [r for r in results if not isinstance(r, int)]
+    for exc in refused:
+        assert exc.response.headers["x-should-retry"] == "false"
+    return [r for r in results if isinstance(r, int)], [str(r.code) for r in refused]
 
 
 def admin_get(url: str, path: str) -> Any:
