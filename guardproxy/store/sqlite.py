@@ -11,19 +11,25 @@ it read in another.
 The file is in WAL mode: readers never wait for the writer, and a committed transaction survives the
 process being killed. ``synchronous`` decides what a power cut may take: ``full`` syncs the log at every
 commit (nothing committed is lost), ``normal`` syncs at checkpoints (the last commits before the cut may
-be lost, the file stays consistent): SQLite's own every 1,000 pages of log, and one at the first
-writing commit ``SYNC_EVERY_S`` after the last. docs/store.md has the measured cost of each.
+be lost, the file stays consistent): one every ``SYNC_EVERY_COMMITS`` writing commits, and one after the
+first writing commit ``SYNC_EVERY_S`` after the last. docs/store.md has the measured cost of each.
 
-Transactions run on one thread per client (its own connection), so the event loop never waits for the
-disk or for another process's lock: it waits only for the reply. A transaction that finds the write lock
-taken by another process retries after a short random pause (instead of SQLite's busy handler, which
+With ``normal`` a transaction runs on the event loop, on a connection of its own: a commit syncs
+nothing, so it costs only CPU, less than handing it to a thread (``SqliteClient.transact``); what may
+wait on the disk (opening the file, checkpoints, the sweep of expired keys) runs on the client's one
+thread, nobody waiting for it. With ``full`` (a sync at every commit) every transaction runs on that
+thread, the event loop waiting only for the reply. A transaction that finds the write lock taken by
+another process is tried again after a short random pause (instead of SQLite's busy handler, which
 sleeps in steps of 1 to 100 ms) until ``busy_timeout_ms``, then fails as ``StoreUnavailable``.
+Between its transactions a connection keeps what it read and wrote (``sqlite_data.Known``) for as long
+as no other connection commits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import queue
@@ -38,7 +44,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from guardproxy.config.store_url import sqlite_path as sqlite_path
-from guardproxy.store.sqlite_data import SCHEMA, Tx, Value, sweep
+from guardproxy.store.sqlite_data import SCHEMA, Known, Tx, Value, sweep
 from guardproxy.store.sqlite_scripts import SCRIPTS
 
 log = logging.getLogger("guardproxy.store.sqlite")
@@ -46,9 +52,12 @@ log = logging.getLogger("guardproxy.store.sqlite")
 Clock = Callable[[], float]
 #: How often a writing transaction also deletes a batch of expired keys.
 SWEEP_EVERY_S = 10.0
-#: With ``synchronous=normal``: the first commit this long after the last checkpoint checkpoints
-#: (syncing the log), so a power cut takes at most about this much activity (docs/store.md).
+#: With ``synchronous=normal``: the first commit this long after the last checkpoint starts one
+#: (syncing the log), so a power cut takes at most about this much activity (docs/store.md)...
 SYNC_EVERY_S = 1.0
+#: ... and every this many writing commits on the event loop's connection, whose automatic checkpoint
+#: (SQLite's, every 1,000 pages of log: ~140 transactions of ~7 pages) is off, so the log stays as short.
+SYNC_EVERY_COMMITS = 128
 SYNCHRONOUS = ("normal", "full")
 
 
@@ -229,10 +238,14 @@ class SqliteClient:
         self.ttl_clock = ttl_clock
         self._thread = _StoreThread()
         self._local = threading.local()
+        #: The event loop's connection (``transact``), opened by the thread, used by the loop only.
+        self._loop_db: sqlite3.Connection | None = None
+        self._loop_known = Known()
         self._next_sweep = 0.0
         self.sweep_every_s = sweep_every_s
         self._next_sync = 0.0
         self.sync_every_s = sync_every_s
+        self._commits_unsynced = 0  # writing commits on the loop's connection since its last checkpoint
         #: The longest a transaction has held the file (ms), for the bench and docs/store.md.
         self.longest_tx_ms = 0.0
         if str(path) != ":memory:":  # ":memory:": a store of the client's own, gone when it closes (tests)
@@ -241,18 +254,24 @@ class SqliteClient:
     # -- the thread's connection and transactions -------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        """The calling thread's connection (the store thread's), opened on first use."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-            # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
-            db.execute("PRAGMA busy_timeout=0")
-            # Each reads the file (its schema), which another process starting at the same moment may
-            # hold for itself while it makes the file: the same short pauses as a transaction's. Workers
-            # forked together meet there (issue 26: before, spawning staggered them).
-            self.run_on(db, lambda: db.execute(f"PRAGMA synchronous={self.synchronous.upper()}"))
-            self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
-            self.run_on(db, lambda: db.executescript(SCHEMA))
+            db = self._open(check_same_thread=True)
             self._local.db = db
+            self._local.known = Known()
+        return db
+
+    def _open(self, *, check_same_thread: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=check_same_thread)
+        # No busy handler: ``run_on`` waits for another process's lock itself, in short pauses.
+        db.execute("PRAGMA busy_timeout=0")
+        # Each reads the file (its schema), which another process starting at the same moment may
+        # hold for itself while it makes the file: the same short pauses as a transaction's. Workers
+        # forked together meet there (issue 26: before, spawning staggered them).
+        self.run_on(db, lambda: db.execute(f"PRAGMA synchronous={self.synchronous.upper()}"))
+        self.run_on(db, lambda: db.execute("PRAGMA journal_mode=WAL"))
+        self.run_on(db, lambda: db.executescript(SCHEMA))
         return db
 
     def run_on(self, db: sqlite3.Connection, work: Callable[[], Any]) -> Any:
@@ -279,24 +298,30 @@ class SqliteClient:
         up to ``busy_timeout_ms``; a transaction that met the lock mid-way was rolled back whole first.
         """
         db = self._connection()
-        return self.run_on(db, lambda: self._once(db, work, writes))
+        known: Known = self._local.known
+        return self.run_on(db, lambda: self._once(db, known, work, writes, upkeep=True))
 
-    def _once(self, db: sqlite3.Connection, work: Callable[[Tx], Any], writes: bool) -> Any:
+    def _once(self, db: sqlite3.Connection, known: Known, work: Callable[[Tx], Any], writes: bool, *,
+              upkeep: bool) -> Any:
+        """One try of a transaction; with ``upkeep``, the sweep and the checkpoint when they are due."""
         db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         started = time.perf_counter()
         try:
+            if writes:
+                known.follow(db)
             now_ms = self._now_ms(self.clock)
             ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
-            result = work(Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms))
-            if writes and time.monotonic() >= self._next_sweep:
+            result = work(Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms, known=known if writes else None))
+            if upkeep and writes and time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + self.sweep_every_s
-                sweep(db, ttl_now_ms)
+                sweep(db, ttl_now_ms, known=known)
             db.execute("COMMIT")
         except BaseException:
+            known.forget()
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if writes and self.synchronous == "normal" and time.monotonic() >= self._next_sync:
+        if upkeep and writes and self.synchronous == "normal" and time.monotonic() >= self._next_sync:
             self._next_sync = time.monotonic() + self.sync_every_s
             self._sync_log(db)
         self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
@@ -316,8 +341,72 @@ class SqliteClient:
                 log.warning("SQLite store: checkpoint failed (tried again at the next write): %s", exc)
 
     async def transact(self, work: Callable[[Tx], Any], *, writes: bool) -> Any:
-        """``run`` on the client's thread; the event loop waits only for the reply."""
-        return await self._thread.call(lambda: self.run(work, writes=writes))
+        """``work`` as one transaction, on the event loop's own connection with ``synchronous=normal``,
+        on the client's thread with ``full`` (the event loop then waits only for the reply).
+
+        With ``normal`` a commit writes the log into the page cache and syncs nothing, so a transaction
+        costs only its CPU (about 0.15 ms for an admission; bench/sqlite_store.py), less than the two
+        hops to a thread and back and the GIL handed between them. While another connection holds the
+        file's write lock (another process, or this client's thread) SQLite answers busy at once (no
+        busy handler); the transaction, rolled back whole, is tried again after a pause the loop spends
+        on other work (0.25 ms growing to 5 ms), up to ``busy_timeout_ms``. What may wait on the disk
+        never runs on the loop: opening the file, the sweep of expired keys and the checkpoint that
+        syncs the log (the loop's connection has SQLite's automatic checkpoint off; the thread runs it
+        when due), and with ``full`` every transaction, since each of its commits syncs.
+        """
+        if self.synchronous == "full":
+            return await self._thread.call(lambda: self.run(work, writes=writes))
+        if self._loop_db is None:
+            self._loop_db = await self._thread.call(lambda: self._open_for_loop())
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        pause = 0.0005
+        while True:
+            try:
+                result = self._once(self._loop_db, self._loop_known, work, writes, upkeep=False)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            else:
+                if writes:
+                    self._commits_unsynced += 1
+                    if (self._commits_unsynced >= SYNC_EVERY_COMMITS
+                            or time.monotonic() >= min(self._next_sweep, self._next_sync)):
+                        self._thread.post(functools.partial(self._upkeep, self._due()))  # nobody waits for it
+                return result
+            await asyncio.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 2, 0.005)
+
+    def _open_for_loop(self) -> sqlite3.Connection:
+        if self._loop_db is None:
+            db = self._open(check_same_thread=False)
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the thread checkpoints (``_upkeep``)
+            self._loop_db = db
+        return self._loop_db
+
+    def _due(self) -> tuple[bool, bool]:
+        """Whether the sweep and the checkpoint are due, each moved on to its next time if so."""
+        now = time.monotonic()
+        sweep_due = now >= self._next_sweep
+        sync_due = now >= self._next_sync or self._commits_unsynced >= SYNC_EVERY_COMMITS
+        if sweep_due:
+            self._next_sweep = now + self.sweep_every_s
+        if sync_due:
+            self._next_sync = now + self.sync_every_s
+            self._commits_unsynced = 0
+        return sweep_due, sync_due
+
+    def _upkeep(self, due: tuple[bool, bool]) -> None:
+        """On the thread, after a commit on the loop: the sweep of expired keys and the checkpoint, as
+        ``_due`` found them due. Nobody waits for it; a failure is logged (and a failed checkpoint is
+        tried again at the next commit)."""
+        sweep_due, sync_due = due
+        try:
+            if sweep_due:
+                self.run(lambda t: sweep(t.db, t.ttl_now_ms, known=t.known), writes=True)
+            if sync_due:
+                self._sync_log(self._connection())
+        except sqlite3.Error as exc:
+            log.warning("SQLite store: the sweep of expired keys failed (tried again later): %s", exc)
 
     # -- redis-py's interface ---------------------------------------------------------------------------
 
@@ -367,13 +456,17 @@ class SqliteClient:
             if db is not None:
                 db.close()
                 self._local.db = None
+            if self._loop_db is not None:
+                self._loop_db.close()
+                self._loop_db = None
 
         await self._thread.call(close)
         self._thread.stop()
 
 
 
-Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
+#: (the waiting loop, its future, the job); (None, None, job) for a job nobody waits for.
+Job = tuple[asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None", Callable[[], Any]]
 
 
 class _StoreThread:
@@ -391,15 +484,24 @@ class _StoreThread:
     async def call(self, fn: Callable[[], Any]) -> Any:
         if self._stopped:
             raise RuntimeError("the SQLite store is closed")
+        self._start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((loop, future, fn))
+        return await future
+
+    def _start(self) -> None:
         if self._thread is None:
             with self._lock:  # started on first use, never before: a process may fork until then
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._serve, name="guardproxy-sqlite", daemon=True)
                     self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((loop, future, fn))
-        return await future
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the thread, after the jobs queued; nobody waits for it (its errors are its own)."""
+        if not self._stopped:
+            self._start()
+            self._jobs.put((None, None, fn))
 
     def stop(self) -> None:
         """No more jobs; the thread ends after those queued."""
@@ -411,6 +513,12 @@ class _StoreThread:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, future, fn = job
+            if loop is None or future is None:  # posted: nobody waits
+                try:
+                    fn()
+                except Exception:
+                    log.exception("SQLite store: a background job failed")
+                continue
             if future.cancelled():
                 continue
             try:

@@ -62,53 +62,147 @@ def _bound(value: Value) -> tuple[float, bool]:
     return float(text.replace("+inf", "inf")), exclusive
 
 
+class Known:
+    """What a connection knows of the file's keys: their kind, TTL, string values and hash fields.
+
+    A budget script reads the same few dozen rows it or the last call wrote (a tenant's counters, its
+    override hash, its reservation hashes); reading each from SQLite was most of a transaction's cost
+    (bench/sqlite_store.py: ~100 statements per admit + settle, 60 of them reads). What a transaction
+    reads or writes is kept here and stays true for as long as no other connection commits: the store
+    checks ``PRAGMA data_version`` (which changes only when another connection commits) at the start of
+    each writing transaction, once it holds the write lock, and forgets everything when it moved, when a
+    transaction rolls back, and when more than ``LIMIT`` keys are known. Every write of ``Tx`` updates it
+    in the same step as the row, so a read served from here is the row SQLite would return.
+    """
+
+    LIMIT = 50_000
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.kinds: dict[str, str] = {}  # key -> "string", "hash", "zset", "set", "stream" or "none"
+        self.expiry: dict[str, int | None] = {}  # key -> its TTL's end (ms), None: no TTL
+        self.strings: dict[str, bytes | None] = {}
+        self.fields: dict[str, dict[str, bytes | None]] = {}  # hash -> the fields read or written so far
+        self.complete: set[str] = set()  # the hashes all of whose fields are in ``fields`` (absent if not)
+        self.field_count = 0  # fields remembered (an upper bound: counted when first remembered)
+        self.ends: dict[str, tuple[int, int, int] | None] = {}  # stream -> its last (ms, seq, position)
+
+    def forget(self) -> None:
+        self.version = None
+        self.kinds.clear()
+        self.expiry.clear()
+        self.strings.clear()
+        self.fields.clear()
+        self.complete.clear()
+        self.field_count = 0
+        self.ends.clear()
+
+    def remember(self, key: str, field: str, value: bytes | None) -> None:
+        fields = self.fields.get(key)
+        if fields is None:
+            fields = self.fields[key] = {}
+        if field not in fields:
+            self.field_count += 1
+        fields[field] = value
+
+    def follow(self, db: sqlite3.Connection) -> None:
+        """At the start of a writing transaction (the write lock held): forget what another connection
+        may have changed since this one's last transaction."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self.version or len(self.expiry) + len(self.strings) + self.field_count > self.LIMIT:
+            self.forget()
+            self.version = version
+
+    def gone(self, key: str) -> None:
+        """``key`` holds nothing now (dropped, or its container emptied)."""
+        self.kinds[key] = "none"
+        self.expiry[key] = None
+        self.strings[key] = None
+        self.fields[key] = {}
+        self.complete.add(key)
+        self.ends[key] = None
+
+
 class Tx:
     """One transaction's commands on the store's connection; ``now_ms`` is fixed at its start. TTLs count
-    from ``ttl_now_ms`` (the same time, but for tests that move the scripts' clock and not the TTLs')."""
+    from ``ttl_now_ms`` (the same time, but for tests that move the scripts' clock and not the TTLs').
+    ``known`` is the connection's knowledge of its keys (``Known``), kept between its transactions by a
+    writing connection; a transaction without one starts from nothing."""
 
-    def __init__(self, db: sqlite3.Connection, now_ms: int, *, writes: bool, ttl_now_ms: int | None = None) -> None:
+    def __init__(self, db: sqlite3.Connection, now_ms: int, *, writes: bool, ttl_now_ms: int | None = None,
+                 known: Known | None = None) -> None:
         self.db = db
         self.now_ms = now_ms
         self.ttl_now_ms = now_ms if ttl_now_ms is None else ttl_now_ms
         self.writes = writes
-        self._live: dict[str, bool] = {}
+        self.known = Known() if known is None else known
 
     # -- keys and TTLs ----------------------------------------------------------------------------------
 
     def alive(self, key: str) -> bool:
         """False when ``key`` has expired (a writing transaction deletes it on the way)."""
-        known = self._live.get(key)
-        if known is not None:
-            return known
-        row = self.db.execute("SELECT at_ms FROM expiry WHERE key = ?", (key,)).fetchone()
-        live = row is None or row[0] > self.ttl_now_ms
-        if not live and self.writes:
+        expiry = self.known.expiry
+        if key in expiry:
+            at_ms = expiry[key]
+        else:
+            row = self.db.execute("SELECT at_ms FROM expiry WHERE key = ?", (key,)).fetchone()
+            at_ms = expiry[key] = None if row is None else row[0]
+        if at_ms is None or at_ms > self.ttl_now_ms:
+            return True
+        if self.writes:
             self._drop(key)
-            live = True  # gone now: later commands see (and may create) a fresh key
-        self._live[key] = live
-        return live
+            return True  # gone now: later commands see (and may create) a fresh key
+        return False
+
+    def _no_ttl(self, key: str) -> None:
+        if self.known.expiry.get(key, 0) is not None:
+            self.db.execute("DELETE FROM expiry WHERE key = ?", (key,))
+            self.known.expiry[key] = None
+
+    def _ttl_at(self, key: str, at_ms: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO expiry (key, at_ms) VALUES (?, ?)", (key, at_ms))
+        self.known.expiry[key] = at_ms
 
     def _drop(self, key: str) -> None:
-        for table, _ in DATA_TABLES:
-            self.db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
-        self.db.execute("DELETE FROM stream_ends WHERE key = ?", (key,))
-        self.db.execute("DELETE FROM expiry WHERE key = ?", (key,))
+        kind = self.known.kinds.get(key)
+        if kind != "none":
+            for table, table_kind in DATA_TABLES:
+                if kind is None or kind == table_kind:
+                    self.db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+            if kind in (None, "stream"):
+                self.db.execute("DELETE FROM stream_ends WHERE key = ?", (key,))
+        self._no_ttl(key)
+        self.known.gone(key)
 
     def _emptied(self, table: str, key: str) -> None:
         """A container with nothing left is no key any more (and keeps no TTL), as in Redis."""
-        if self.db.execute(f"SELECT 1 FROM {table} WHERE key = ? LIMIT 1", (key,)).fetchone() is None:
-            self.db.execute("DELETE FROM expiry WHERE key = ?", (key,))
+        if table == "hashes" and key in self.known.complete:
+            left = any(v is not None for v in self.known.fields.get(key, {}).values())
+        else:
+            left = self.db.execute(f"SELECT 1 FROM {table} WHERE key = ? LIMIT 1", (key,)).fetchone() is not None
+        if not left:
+            self._no_ttl(key)
+            self.known.gone(key)
+
+    def _is(self, key: str, kind: str) -> None:
+        self.known.kinds[key] = kind
 
     def type(self, key: str) -> str:
         if not self.alive(key):
             return "none"
-        for table, kind in DATA_TABLES:
+        known = self.known.kinds.get(key)
+        if known is not None:
+            return known
+        kind = "none"
+        for table, table_kind in DATA_TABLES:
             if self.db.execute(f"SELECT 1 FROM {table} WHERE key = ? LIMIT 1", (key,)).fetchone():
-                return kind
-        # a stream trimmed to nothing is still a stream
-        if self.db.execute("SELECT 1 FROM stream_ends WHERE key = ?", (key,)).fetchone():
-            return "stream"
-        return "none"
+                kind = table_kind
+                break
+        else:  # a stream trimmed to nothing is still a stream
+            if self.db.execute("SELECT 1 FROM stream_ends WHERE key = ?", (key,)).fetchone():
+                kind = "stream"
+        self.known.kinds[key] = kind
+        return kind
 
     def exists(self, *keys: str) -> int:
         return sum(1 for key in keys if self.type(key) != "none")
@@ -124,7 +218,7 @@ class Tx:
     def expire_ms(self, key: str, ms: int) -> int:
         if self.type(key) == "none":
             return 0
-        self.db.execute("INSERT OR REPLACE INTO expiry (key, at_ms) VALUES (?, ?)", (key, self.ttl_now_ms + ms))
+        self._ttl_at(key, self.ttl_now_ms + ms)
         return 1
 
     def expire(self, key: str, seconds: Value) -> int:
@@ -136,8 +230,8 @@ class Tx:
     def pttl(self, key: str) -> int:
         if self.type(key) == "none":
             return -2
-        row = self.db.execute("SELECT at_ms FROM expiry WHERE key = ?", (key,)).fetchone()
-        return -1 if row is None else max(0, row[0] - self.ttl_now_ms)
+        at_ms = self.known.expiry[key]  # alive() read it
+        return -1 if at_ms is None else max(0, at_ms - self.ttl_now_ms)
 
     def ttl(self, key: str) -> int:
         ms = self.pttl(key)
@@ -157,23 +251,36 @@ class Tx:
     def get(self, key: str) -> bytes | None:
         if not self.alive(key):
             return None
+        strings = self.known.strings
+        if key in strings:
+            return strings[key]
+        if self.known.kinds.get(key, "string") != "string":
+            return None
         row = self.db.execute("SELECT value FROM strings WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+        value = strings[key] = None if row is None else bytes(row[0])
+        return value
+
+    def _put(self, key: str, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO strings (key, value) VALUES (?, ?)", (key, value))
+        self.known.strings[key] = value
+        self.known.kinds[key] = "string"
 
     def set(self, key: str, value: Value, *, ex_ms: int | None = None, nx: bool = False) -> bool:
         if nx and self.type(key) != "none":
             return False
         self.alive(key)
-        self.db.execute("INSERT OR REPLACE INTO strings (key, value) VALUES (?, ?)", (key, as_bytes(value)))
+        if self.known.kinds.get(key) not in (None, "none", "string"):
+            self._drop(key)  # SET replaces a key of any kind
+        self._put(key, as_bytes(value))
         if ex_ms is None:
-            self.db.execute("DELETE FROM expiry WHERE key = ?", (key,))
+            self._no_ttl(key)
         else:
-            self.db.execute("INSERT OR REPLACE INTO expiry (key, at_ms) VALUES (?, ?)", (key, self.ttl_now_ms + ex_ms))
+            self._ttl_at(key, self.ttl_now_ms + ex_ms)
         return True
 
     def incrby(self, key: str, amount: Value) -> int:
         total = int(self.get(key) or 0) + int(as_text(amount))
-        self.db.execute("INSERT OR REPLACE INTO strings (key, value) VALUES (?, ?)", (key, str(total).encode()))
+        self._put(key, str(total).encode())
         return total
 
     def decrby(self, key: str, amount: Value) -> int:
@@ -184,8 +291,21 @@ class Tx:
     def hget(self, key: str, field: Value) -> bytes | None:
         if not self.alive(key):
             return None
-        row = self.db.execute("SELECT value FROM hashes WHERE key = ? AND field = ?", (key, as_text(field))).fetchone()
-        return None if row is None else bytes(row[0])
+        name = as_text(field)
+        known = self.known
+        fields = known.fields.get(key)
+        if fields is not None and (name in fields or key in known.complete):
+            return fields.get(name)
+        if known.kinds.get(key, "hash") != "hash":
+            return None
+        found, any_field = self.db.execute(
+            "SELECT (SELECT value FROM hashes WHERE key = ? AND field = ?), "
+            "EXISTS (SELECT 1 FROM hashes WHERE key = ?)", (key, name, key)).fetchone()
+        value = None if found is None else bytes(found)
+        known.remember(key, name, value)
+        if not any_field:
+            known.complete.add(key)  # no field at all: every other is known absent too
+        return value
 
     def hmget(self, key: str, *fields: Value) -> list[bytes | None]:
         return [self.hget(key, f) for f in fields]
@@ -197,7 +317,11 @@ class Tx:
         if not self.alive(key):
             return {}
         rows = self.db.execute("SELECT field, value FROM hashes WHERE key = ? ORDER BY field", (key,))
-        return {field: bytes(value) for field, value in rows}
+        found = {field: bytes(value) for field, value in rows}
+        self.known.fields[key] = dict(found)
+        self.known.field_count += len(found)
+        self.known.complete.add(key)
+        return found
 
     def hkeys(self, key: str) -> list[str]:
         return list(self.hgetall(key))
@@ -207,8 +331,10 @@ class Tx:
 
     def hset(self, key: str, field: Value, value: Value) -> int:
         added = self.hget(key, field) is None
-        self.db.execute("INSERT OR REPLACE INTO hashes (key, field, value) VALUES (?, ?, ?)",
-                        (key, as_text(field), as_bytes(value)))
+        name, data = as_text(field), as_bytes(value)
+        self.db.execute("INSERT OR REPLACE INTO hashes (key, field, value) VALUES (?, ?, ?)", (key, name, data))
+        self.known.remember(key, name, data)
+        self.known.kinds[key] = "hash"
         return int(added)
 
     def hsetnx(self, key: str, field: Value, value: Value) -> int:
@@ -225,8 +351,13 @@ class Tx:
         if not self.alive(key):
             return 0
         deleted = 0
+        known = self.known.fields.get(key, {})
         for field in fields:
-            deleted += self.db.execute("DELETE FROM hashes WHERE key = ? AND field = ?", (key, as_text(field))).rowcount
+            name = as_text(field)
+            if name in known and known[name] is None:
+                continue  # known absent
+            deleted += self.db.execute("DELETE FROM hashes WHERE key = ? AND field = ?", (key, name)).rowcount
+            known.pop(name, None)  # mostly a finished call's id, not read again: forgotten, not kept as absent
         if deleted:
             self._emptied("hashes", key)
         return deleted
@@ -239,6 +370,7 @@ class Tx:
             return 0
         self.db.execute("INSERT OR REPLACE INTO zsets (key, member, score) VALUES (?, ?, ?)",
                         (key, as_text(member), float(as_text(score))))
+        self._is(key, "zset")
         return 0 if exists else 1
 
     def zscore(self, key: str, member: Value) -> float | None:
@@ -310,8 +442,11 @@ class Tx:
 
     def sadd(self, key: str, *members: Value) -> int:
         self.alive(key)
-        return sum(self.db.execute("INSERT OR IGNORE INTO sets (key, member) VALUES (?, ?)",
-                                   (key, as_text(m))).rowcount for m in members)
+        added = sum(self.db.execute("INSERT OR IGNORE INTO sets (key, member) VALUES (?, ?)",
+                                    (key, as_text(m))).rowcount for m in members)
+        if members:
+            self._is(key, "set")
+        return added
 
     def smembers(self, key: str) -> builtins.set[str]:
         if not self.alive(key):
@@ -333,7 +468,12 @@ class Tx:
         """Append an entry (``fields``: field, value, ...) under a new id (or ``entry_id``, which must be
         above the stream's last); with ``maxlen``, keep about the latest that many."""
         self.alive(key)
-        end = self.db.execute("SELECT ms, seq, pos FROM stream_ends WHERE key = ?", (key,)).fetchone()
+        ends = self.known.ends
+        if key in ends:
+            end = ends[key]
+        else:
+            row = self.db.execute("SELECT ms, seq, pos FROM stream_ends WHERE key = ?", (key,)).fetchone()
+            end = None if row is None else (row[0], row[1], row[2])
         last_ms, last_seq, last_pos = end if end is not None else (0, -1, 0)
         if entry_id != "*":
             ms, seq = _entry_id(entry_id, 0)
@@ -346,6 +486,8 @@ class Tx:
                         (key, pos, ms, seq, json.dumps([as_text(v) for v in fields])))
         self.db.execute("INSERT OR REPLACE INTO stream_ends (key, ms, seq, pos) VALUES (?, ?, ?, ?)",
                         (key, ms, seq, pos))
+        ends[key] = (ms, seq, pos)
+        self._is(key, "stream")
         if maxlen is not None and pos % TRIM_SLACK == 0:
             self.db.execute("DELETE FROM streams WHERE key = ? AND pos <= ?", (key, pos - maxlen))
         return f"{ms}-{seq}"
@@ -387,10 +529,10 @@ def _entry_id(text: str, default_seq: int) -> tuple[int, int]:
     return int(ms), int(seq) if seq else default_seq
 
 
-def sweep(db: sqlite3.Connection, now_ms: int, limit: int = 500) -> int:
+def sweep(db: sqlite3.Connection, now_ms: int, limit: int = 500, known: Known | None = None) -> int:
     """Delete up to ``limit`` expired keys (call inside a writing transaction); returns how many."""
     expired = [row[0] for row in db.execute("SELECT key FROM expiry WHERE at_ms <= ? LIMIT ?", (now_ms, limit))]
-    tx = Tx(db, now_ms, writes=True)
+    tx = Tx(db, now_ms, writes=True, known=known)
     for key in expired:
         tx._drop(key)
     return len(expired)

@@ -3,6 +3,7 @@ file locked by another connection past the timeout is "store unavailable" with n
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from guardproxy.budget.periods import periods_at
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.redis import BudgetStore
 from guardproxy.store.sqlite import SqliteClient
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 PERIODS = periods_at(datetime(2026, 11, 22, 12, tzinfo=UTC), ZoneInfo("UTC"))
@@ -41,8 +43,8 @@ async def test_cached_responses_past_their_ttl_are_swept_from_the_file(tmp_path:
         assert rows(path, "strings") == 51
         now[0] += 61
         assert await store.cached_response("acme", "d7") is None  # gone for reads at once
-        await store.register_tenant("acme")  # any write sweeps (every sweep_every_s)
-        assert rows(path, "strings") == 1 and rows(path, "expiry") == 1
+        await store.register_tenant("acme")  # any write sweeps (every sweep_every_s), on the store's thread
+        await asyncio.to_thread(wait_for, lambda: rows(path, "strings") == 1 and rows(path, "expiry") == 1)
         assert await store.cache_get("st:job:1") == "acme"
     finally:
         await store.aclose()

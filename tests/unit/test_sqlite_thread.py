@@ -1,8 +1,9 @@
 """The SQLite store's thread (``_StoreThread``): what ``run_in_executor`` gave the store, kept.
 
-Each transaction runs on the client's one thread and its reply (or its exception) reaches the waiting
-event loop; a caller cancelled before its transaction started does not run it; a caller whose loop is
-gone does not stop the thread for the next ones.
+With ``synchronous=full`` (each commit syncs the disk) every transaction runs on the client's one
+thread (with ``normal`` they run on the event loop: tests/unit/test_sqlite_loop.py).
+Its reply (or its exception) reaches the waiting event loop; a caller cancelled before its transaction
+started does not run it; a caller whose loop is gone does not stop the thread for the next ones.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from guardproxy.store.sqlite import SqliteClient
 
 
 def test_replies_and_exceptions_reach_the_caller_from_one_thread(tmp_path: Path) -> None:
-    client = SqliteClient(tmp_path / "spend.db")
+    client = SqliteClient(tmp_path / "spend.db", synchronous="full")
     threads: set[int] = set()
 
     def note(_tx: object) -> int:
@@ -41,7 +42,7 @@ def test_replies_and_exceptions_reach_the_caller_from_one_thread(tmp_path: Path)
 
 
 def test_a_caller_cancelled_before_its_transaction_started_does_not_run_it(tmp_path: Path) -> None:
-    client = SqliteClient(tmp_path / "spend.db")
+    client = SqliteClient(tmp_path / "spend.db", synchronous="full")
     started, release = threading.Event(), threading.Event()
 
     def hold(_tx: object) -> None:
@@ -67,7 +68,7 @@ def test_a_caller_cancelled_before_its_transaction_started_does_not_run_it(tmp_p
 
 
 def test_a_caller_whose_loop_is_gone_does_not_stop_the_thread(tmp_path: Path) -> None:
-    client = SqliteClient(tmp_path / "spend.db")
+    client = SqliteClient(tmp_path / "spend.db", synchronous="full")
     started, release = threading.Event(), threading.Event()
 
     def hold(_tx: object) -> str:

@@ -1,0 +1,182 @@
+"""The SQLite store's transactions on the event loop, and what a connection knows between them.
+
+With ``synchronous=normal`` a transaction runs on the event loop's own connection (a commit syncs
+nothing, so it costs only its CPU); while another connection holds the file's write lock it is tried
+again after short pauses, and the loop keeps serving. Between its transactions a connection keeps
+what it read and wrote (``Known``) for as long as no other connection commits: these tests change the
+file behind its back (another client, another process's plain sqlite3 connection, a rolled-back
+transaction, an expired TTL) and check that every read is the file's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from guardproxy.store.sqlite import SqliteClient
+from guardproxy.store.sqlite_data import Known, Tx
+
+
+def test_a_transaction_runs_on_the_loop_s_thread(tmp_path: Path) -> None:
+    client = SqliteClient(tmp_path / "spend.db")
+    threads: set[int] = set()
+
+    def note(tx: Tx) -> int:
+        threads.add(threading.get_ident())
+        return tx.incrby("gp:n", 1)
+
+    async def main() -> list[int]:
+        try:
+            return list(await asyncio.gather(*(client.transact(note, writes=True) for _ in range(5))))
+        finally:
+            await client.aclose()
+
+    assert sorted(asyncio.run(main())) == [1, 2, 3, 4, 5]
+    assert threads == {threading.get_ident()}
+
+
+def test_a_write_meeting_another_connection_s_lock_waits_and_the_loop_keeps_serving(
+        tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path)
+    ticks = 0
+
+    async def ticker(stop: asyncio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        try:
+            await client.set("gp:k", "before")  # the file and its schema exist
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+            stop = asyncio.Event()
+            ticking = asyncio.create_task(ticker(stop))
+            write = asyncio.create_task(client.set("gp:k", "after"))
+            await asyncio.sleep(0.3)
+            assert not write.done()  # it waits for the lock...
+            held_ticks = ticks
+            assert held_ticks >= 10  # ...and the loop served the ticker meanwhile (60 ticks if idle)
+            other.execute("ROLLBACK")
+            other.close()
+            assert await asyncio.wait_for(write, 5) is True
+            stop.set()
+            await ticking
+            assert await client.get("gp:k") == b"after"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_read_follows_what_another_client_committed(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    first, second = SqliteClient(path), SqliteClient(path)
+
+    async def main() -> None:
+        try:
+            assert await first.incrby("gp:spent", 5) == 5
+            await first.hset("gp:budget", "hard_day", "100")
+            assert await first.hget("gp:budget", "hard_day") == b"100"  # known to the first now
+            assert await second.incrby("gp:spent", 7) == 12
+            await second.hset("gp:budget", "hard_day", "50")
+            await second.delete("gp:gone")
+            await first.set("gp:gone", "x")
+            await second.delete("gp:gone")
+            # every write below reads first: each must see the other client's commits
+            assert await first.incrby("gp:spent", 1) == 13
+            assert await first.hincrby("gp:budget", "hard_day", 1) == 51
+            assert await first.set("gp:gone", "y", nx=True) is True
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_write_by_a_plain_sqlite_connection_is_seen(tmp_path: Path) -> None:
+    """Another program (``guardproxy store copy``, an operator's sqlite3 shell) editing the file."""
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path)
+
+    async def main() -> None:
+        try:
+            assert await client.incrby("gp:spent", 5) == 5
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("UPDATE strings SET value = ? WHERE key = 'gp:spent'", (b"40",))
+            other.close()
+            assert await client.incrby("gp:spent", 2) == 42
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_rolled_back_transaction_leaves_nothing_known(tmp_path: Path) -> None:
+    client = SqliteClient(tmp_path / "spend.db")
+
+    def write_then_fail(tx: Tx) -> None:
+        tx.incrby("gp:spent", 100)
+        tx.hset("gp:budget", "hard_day", "1")
+        raise ValueError("the script failed after writing")
+
+    async def main() -> None:
+        try:
+            await client.incrby("gp:spent", 5)
+            await client.hset("gp:budget", "hard_day", "9")
+            with pytest.raises(ValueError, match="after writing"):
+                await client.transact(write_then_fail, writes=True)
+            assert await client.incrby("gp:spent", 0) == 5
+            assert await client.hincrby("gp:budget", "hard_day", 0) == 9
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_known_key_expires_on_time(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    client = SqliteClient(tmp_path / "spend.db", clock=lambda: now[0])
+
+    async def main() -> None:
+        try:
+            await client.set("gp:hold", "5", ex=10)
+            assert await client.incrby("gp:hold", 1) == 6  # known, TTL kept
+            now[0] += 9.9
+            assert await client.get("gp:hold") == b"6"
+            now[0] += 0.2
+            assert await client.get("gp:hold") is None
+            assert await client.incrby("gp:hold", 1) == 1  # a fresh key, no TTL
+            assert await client.ttl("gp:hold") == -1
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_known_forgets_when_another_connection_committed_or_it_grew_past_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    db.execute("CREATE TABLE t (x)")
+    known = Known()
+    known.follow(db)
+    known.strings["gp:a"] = b"1"
+    known.follow(db)
+    assert known.strings == {"gp:a": b"1"}  # nobody else committed
+    other = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    other.execute("INSERT INTO t VALUES (1)")
+    known.follow(db)
+    assert known.strings == {}
+    monkeypatch.setattr(Known, "LIMIT", 3)
+    for i in range(4):
+        known.remember("gp:h", str(i), b"v")
+    known.follow(db)
+    assert known.fields == {} and known.field_count == 0
+    other.close()
+    db.close()
