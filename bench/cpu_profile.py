@@ -1,6 +1,6 @@
 """guardproxy's CPU per request, and where it goes: a deterministic profile (cProfile) of one worker.
 
-    python bench/cpu_profile.py [--mode plain] [--seconds 8] [--top 25] [--compare main]
+    python bench/cpu_profile.py [--mode plain] [--store redis] [--seconds 8] [--top 25] [--compare main]
 
 Starts the bench's servers (canned nginx, the Python upstream, redis-server), then ``guardproxy serve`` as
 users start it (default settings) twice: once plain, loaded by ``wrk -t1 -c4`` for the CPU per request from
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compare", metavar="GIT_REF")
+    parser.add_argument("--store", choices=("redis", "embedded"), default="redis",
+                        help="the store guardproxy runs on: the bench's redis-server, or the embedded SQLite file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_DIR))
     with tempfile.TemporaryDirectory(prefix="guardproxy-cpu-") as tmp_dir:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         script = tmp / "load.lua"
         script.write_text(wrk_script(args.mode))
         with servers(tmp, ["upstream"]) as (_, procs, _py):
-            config = str(tmp / "guardproxy-redis.yaml")
+            config = str(tmp / f"guardproxy-{args.store}.yaml")
             trees = {"this": REPO_DIR}
             if args.compare:
                 trees[f"@{args.compare}"] = checkout(args.compare, tmp)

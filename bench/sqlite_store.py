@@ -52,6 +52,7 @@ async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dic
         admission = await store.admit(f"t{i % 8}", periods, limits, [2_000, 500], os.urandom(16).hex(), 60_000,
                                       call_tokens=200, alerts=alerts)
         assert admission.reservation is not None
+        await asyncio.sleep(0)  # the upstream's answer, which a request awaits between the two
         await store.settle(admission.reservation, 25, RECORD, alerts)
         latencies.append(time.perf_counter() - started)
 
@@ -71,6 +72,7 @@ async def pairs(url: str, count: int, concurrency: int, synchronous: str) -> dic
         async def worker() -> None:
             for i in queue:
                 await pair(i)
+                await asyncio.sleep(0)  # the next request's bytes
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
