@@ -65,6 +65,17 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
+#: A writing transaction waiting for its commit: the work, its caller's future, when it gives up.
+_Write = tuple[Callable[[Tx], Any], "asyncio.Future[Any]", float]
+
+
+class _Failed(Exception):
+    """The transaction at ``index`` of a shared commit failed with ``error``."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        self.index, self.error = index, error
+
+
 class Script:
     """What ``register_script`` returns: called like redis-py's, run as one transaction."""
 
@@ -241,6 +252,8 @@ class SqliteClient:
         #: The event loop's connection (``transact``), opened by the thread, used by the loop only.
         self._loop_db: sqlite3.Connection | None = None
         self._loop_known = Known()
+        self._writes: list[_Write] = []  # the writing transactions waiting for the next ``_flush``
+        self._flush_pending = False
         self._next_sweep = 0.0
         self.sweep_every_s = sweep_every_s
         self._next_sync = 0.0
@@ -346,35 +359,119 @@ class SqliteClient:
 
         With ``normal`` a commit writes the log into the page cache and syncs nothing, so a transaction
         costs only its CPU (about 0.15 ms for an admission; bench/sqlite_store.py), less than the two
-        hops to a thread and back and the GIL handed between them. While another connection holds the
-        file's write lock (another process, or this client's thread) SQLite answers busy at once (no
-        busy handler); the transaction, rolled back whole, is tried again after a pause the loop spends
-        on other work (0.25 ms growing to 5 ms), up to ``busy_timeout_ms``. What may wait on the disk
-        never runs on the loop: opening the file, the sweep of expired keys and the checkpoint that
-        syncs the log (the loop's connection has SQLite's automatic checkpoint off; the thread runs it
-        when due), and with ``full`` every transaction, since each of its commits syncs.
+        hops to a thread and back and the GIL handed between them. The writing transactions asked for
+        within one turn of the event loop commit together (``_flush``); each is still atomic and
+        isolated, run whole, one after the other, under the one write lock. While another connection
+        holds that lock (another process, or this client's thread) SQLite answers busy at once (no
+        busy handler); the transactions, rolled back whole, are tried again after a pause the loop
+        spends on other work (0.25 ms growing to 5 ms), each up to ``busy_timeout_ms``. What may wait
+        on the disk never runs on the loop: opening the file, the sweep of expired keys and the
+        checkpoint that syncs the log (the loop's connection has SQLite's automatic checkpoint off; the
+        thread runs it when due), and with ``full`` every transaction, since each of its commits syncs.
         """
         if self.synchronous == "full":
             return await self._thread.call(lambda: self.run(work, writes=writes))
         if self._loop_db is None:
             self._loop_db = await self._thread.call(lambda: self._open_for_loop())
+        if writes:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self._writes.append((work, future, time.monotonic() + self.busy_timeout_ms / 1000))
+            if not self._flush_pending:
+                self._flush_pending = True
+                loop.call_soon(self._flush, 0.0005)
+            return await future
         deadline = time.monotonic() + self.busy_timeout_ms / 1000
         pause = 0.0005
         while True:
             try:
-                result = self._once(self._loop_db, self._loop_known, work, writes, upkeep=False)
+                return self._once(self._loop_db, self._loop_known, work, False, upkeep=False)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() > deadline:
                     raise
-            else:
-                if writes:
-                    self._commits_unsynced += 1
-                    if (self._commits_unsynced >= SYNC_EVERY_COMMITS
-                            or time.monotonic() >= min(self._next_sweep, self._next_sync)):
-                        self._thread.post(functools.partial(self._upkeep, self._due()))  # nobody waits for it
-                return result
             await asyncio.sleep(random.uniform(pause / 2, pause))
             pause = min(pause * 2, 0.005)
+
+    def _flush(self, pause: float) -> None:
+        """On the loop: the writing transactions asked for since the last flush, in one commit.
+
+        Committing costs more than a budget script's statements (the lock, a log frame for every page
+        written, ~40 µs), and a burst of calls writes the same pages (a tenant's counters and holds): a
+        commit shared by the transactions of one turn of the loop pays that once. A transaction that
+        fails (its script's error) rolls the commit back whole; it gets its error and the others run
+        again, without it, at once."""
+        self._flush_pending = False
+        jobs = [job for job in self._writes if not job[1].cancelled()]
+        self._writes = []
+        if not jobs:
+            return
+        try:
+            replies = self._commit(jobs)
+        except _Failed as failed:
+            jobs[failed.index][1].set_exception(failed.error)
+            self._retry(jobs[:failed.index] + jobs[failed.index + 1:], 0.0, pause)
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                self._fail(jobs, exc)
+                return
+            now = time.monotonic()
+            self._fail([job for job in jobs if now > job[2]], exc)
+            self._retry([job for job in jobs if now <= job[2]], random.uniform(pause / 2, pause),
+                        min(pause * 2, 0.005))
+            return
+        except Exception as exc:  # the commit itself failed (disk full, I/O error): nothing was written
+            self._fail(jobs, exc)
+            return
+        for (_, future, _), reply in zip(jobs, replies, strict=True):
+            if not future.cancelled():
+                future.set_result(reply)
+        self._commits_unsynced += len(jobs)
+        if self._commits_unsynced >= SYNC_EVERY_COMMITS or time.monotonic() >= min(self._next_sweep,
+                                                                                   self._next_sync):
+            self._thread.post(functools.partial(self._upkeep, self._due()))  # nobody waits for it
+
+    def _commit(self, jobs: list[_Write]) -> list[Any]:
+        db, known = self._loop_db, self._loop_known
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        started = time.perf_counter()
+        replies: list[Any] = []
+        try:
+            known.follow(db)
+            for index, (work, _, _) in enumerate(jobs):
+                now_ms = self._now_ms(self.clock)
+                ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
+                try:
+                    replies.append(work(Tx(db, now_ms, writes=True, ttl_now_ms=ttl_now_ms, known=known)))
+                except sqlite3.OperationalError as exc:
+                    if _is_busy(exc):
+                        raise
+                    raise _Failed(index, exc) from exc
+                except Exception as exc:
+                    raise _Failed(index, exc) from exc
+            db.execute("COMMIT")
+        except BaseException:
+            known.forget()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
+        return replies
+
+    def _retry(self, jobs: list[_Write], delay: float, pause: float) -> None:
+        if not jobs:
+            return
+        self._writes = jobs + self._writes
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_later(delay, self._flush, pause)
+
+    @staticmethod
+    def _fail(jobs: list[_Write], error: BaseException) -> None:
+        for _, future, _ in jobs:
+            if not future.cancelled():
+                future.set_exception(error)
 
     def _open_for_loop(self) -> sqlite3.Connection:
         if self._loop_db is None:

@@ -2,7 +2,8 @@
 
 With ``synchronous=normal`` a transaction runs on the event loop's own connection (a commit syncs
 nothing, so it costs only its CPU); while another connection holds the file's write lock it is tried
-again after short pauses, and the loop keeps serving. Between its transactions a connection keeps
+again after short pauses, and the loop keeps serving. The writing transactions of one turn of the loop
+share one commit, each whole and in turn, a failing one alone. Between its transactions a connection keeps
 what it read and wrote (``Known``) for as long as no other connection commits: these tests change the
 file behind its back (another client, another process's plain sqlite3 connection, a rolled-back
 transaction, an expired TTL) and check that every read is the file's.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 import threading
 from pathlib import Path
 
@@ -180,3 +182,71 @@ def test_known_forgets_when_another_connection_committed_or_it_grew_past_its_lim
     assert known.fields == {} and known.field_count == 0
     other.close()
     db.close()
+
+
+def log_frames(path: Path) -> int:
+    """The frames in the WAL log (the WAL index header's ``mxFrame``; see tests/unit/test_sqlite_sync.py)."""
+    return int(struct.unpack_from("=I", Path(f"{path}-shm").read_bytes(), 16)[0])
+
+
+def test_the_writes_of_one_turn_of_the_loop_share_one_commit_each_whole_and_in_turn(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path, sync_every_s=3600.0)
+
+    async def main() -> tuple[list[int], int, int]:
+        try:
+            await client.set("gp:warm", "1")  # the file made, its first checkpoint posted
+            await asyncio.sleep(0.3)
+            before = log_frames(path)
+            replies = await asyncio.gather(*(client.incrby("gp:n", 1) for _ in range(40)))
+            shared = log_frames(path) - before
+            before = log_frames(path)
+            for _ in range(10):
+                await client.incrby("gp:m", 1)
+            return list(replies), shared, log_frames(path) - before
+        finally:
+            await client.aclose()
+
+    replies, shared, ten_alone = asyncio.run(main())
+    assert sorted(replies) == list(range(1, 41))  # each increment whole, one after the other
+    assert ten_alone >= 10  # a commit writes at least one frame
+    assert shared < 10  # 40 transactions, one commit: the pages once
+
+
+def test_a_failing_transaction_in_a_shared_commit_fails_alone(tmp_path: Path) -> None:
+    client = SqliteClient(tmp_path / "spend.db")
+
+    def write_then_fail(tx: Tx) -> None:
+        tx.incrby("gp:a", 1000)
+        raise ValueError("this script failed")
+
+    async def main() -> None:
+        try:
+            outcomes = await asyncio.gather(
+                client.incrby("gp:a", 1), client.transact(write_then_fail, writes=True), client.incrby("gp:a", 2),
+                client.incrby("gp:b", 5), return_exceptions=True)
+            assert outcomes[0] == 1 and outcomes[2] == 3 and outcomes[3] == 5  # the others ran again, in turn
+            assert isinstance(outcomes[1], ValueError)
+            assert await client.get("gp:a") == b"3" and await client.get("gp:b") == b"5"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_caller_cancelled_before_the_commit_writes_nothing(tmp_path: Path) -> None:
+    client = SqliteClient(tmp_path / "spend.db")
+
+    async def main() -> None:
+        try:
+            await client.set("gp:k", "0")
+            kept = asyncio.ensure_future(client.incrby("gp:k", 1))
+            dropped = asyncio.ensure_future(client.incrby("gp:k", 100))
+            await asyncio.sleep(0)  # both queued for the next turn's commit
+            dropped.cancel()
+            assert await kept == 1
+            assert await client.get("gp:k") == b"1"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
