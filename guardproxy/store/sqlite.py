@@ -433,7 +433,8 @@ class SqliteClient:
 
     def _commit(self, jobs: list[_Write]) -> list[Any]:
         db, known = self._loop_db, self._loop_known
-        assert db is not None
+        if db is None:
+            raise RuntimeError("the SQLite store is closed")
         db.execute("BEGIN IMMEDIATE")
         started = time.perf_counter()
         replies: list[Any] = []
