@@ -28,7 +28,7 @@ import uvicorn
 from guardproxy.app import create_app
 from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import parse_config
-from guardproxy.store.redis import Keys
+from guardproxy.store.layout import Keys
 
 
 def free_port() -> int:

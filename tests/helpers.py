@@ -37,7 +37,8 @@ from guardproxy.budget.pricing import Price, Usage, cost_micros
 from guardproxy.budget.records import Reservation
 from guardproxy.config.settings import Config, hash_key, parse_config
 from guardproxy.store.journal import Entry
-from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.layout import Keys
+from guardproxy.store.redis import BudgetStore
 from guardproxy.store.sqlite import SqliteClient
 from tests.servers import free_port, no_proxy_env, running_proxy, serve_in_thread
 

@@ -29,7 +29,7 @@ EXHAUSTED = {1: "day", 2: "month", 3: "job", 4: "level"}
 
 
 class LevelKeys(Protocol):
-    """``redis.Keys`` or ``redis.GlobalKeys``: where a level's counters live."""
+    """``layout.Keys`` or ``layout.GlobalKeys``: where a level's counters live."""
 
     def level_spend(self, scope: str, window: str, period: str) -> str: ...
 
@@ -37,7 +37,7 @@ class LevelKeys(Protocol):
 
 
 class TenantKeys(LevelKeys, Protocol):
-    """The tenant's keys admission touches (``redis.Keys``)."""
+    """The tenant's keys admission touches (``layout.Keys``)."""
 
     def spend_day(self, day: str) -> str: ...
     def spend_month(self, month: str) -> str: ...

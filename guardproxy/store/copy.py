@@ -1,6 +1,6 @@
 """``guardproxy store copy --from URL --to URL``: move every budget from one store to another, mid-month.
 
-Both stores keep the same keys in the same shapes (``store.Keys``), so a copy is key by key: each live
+Both stores keep the same keys in the same shapes (``layout.Keys``), so a copy is key by key: each live
 key under the prefix (the current and earlier periods' spend and settled-markers, overrides, runtime
 keys, jobs, external spend's booking days, the call log, alert events, known tenants) is written to the
 destination with its value and its remaining TTL; stream entries keep their ids. Run it with the proxies

@@ -15,7 +15,8 @@ from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.levels import LevelArgs, LevelCap
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import AlertArgs, Reservation
-from guardproxy.store.redis import BudgetStore, GlobalKeys
+from guardproxy.store.layout import GlobalKeys
+from guardproxy.store.redis import BudgetStore
 from tests.stores import PREFIX
 
 pytestmark = pytest.mark.anyio

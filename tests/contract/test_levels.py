@@ -22,7 +22,8 @@ from guardproxy.budget.levels import LevelArgs, LevelCap
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import Admission
 from guardproxy.config.settings import StoreConfig
-from guardproxy.store.redis import BudgetStore, GlobalKeys
+from guardproxy.store.layout import GlobalKeys
+from guardproxy.store.redis import BudgetStore
 from guardproxy.store.sqlite import SqliteClient
 from tests.stores import BACKENDS, PREFIX
 

@@ -20,7 +20,7 @@ import redis
 
 from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import Config, hash_key, parse_config
-from guardproxy.store.redis import Keys
+from guardproxy.store.layout import Keys
 from tests.helpers import WINDOW, chromium, config_dict, make_config, run_chromium
 
 ADMIN_KEY = "adm-page-secret"

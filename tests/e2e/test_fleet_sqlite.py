@@ -21,7 +21,8 @@ import yaml
 
 from guardproxy.cli import main as cli_main
 from guardproxy.observe.export import COLUMNS
-from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.layout import Keys
+from guardproxy.store.redis import BudgetStore
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.helpers import (
     ADMIN,

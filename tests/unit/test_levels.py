@@ -1,7 +1,7 @@
 """Budget levels and windows: their config, their periods, and admit.v5 against ``decide_levels``.
 
 The differential test sets each cap's settled spend and its scope's live holds directly in the
-(SQLite) store under ``store.Keys``' names, and checks that the script and the pure twin
+(SQLite) store under ``layout.Keys``' names, and checks that the script and the pure twin
 (``decision.decide_levels``) pick the same candidate and name the same refusing cap;
 ``test_sqlite_scripts.py`` holds the transcription to the Lua on a real redis-server.
 """
@@ -23,7 +23,8 @@ from guardproxy.budget.levels import KeyBudget, LevelArgs, LevelCap, WindowCaps,
 from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import hash_key, parse_config
 from guardproxy.config.validation import ConfigError
-from guardproxy.store.redis import BudgetStore, GlobalKeys
+from guardproxy.store.layout import GlobalKeys
+from guardproxy.store.redis import BudgetStore
 from guardproxy.store.sqlite import SqliteClient
 from tests.helpers import TENANT_KEY, minimal
 

@@ -3,7 +3,7 @@
 The script is what runs in production (its Lua on Redis, its transcription on SQLite, which
 ``test_sqlite_scripts.py`` holds to the Lua); ``budget.decide`` is its readable reference. The
 differential test sets spend and live reservations directly in the store under the key names
-of ``store.Keys`` and checks that both pick the same candidate and report the same figures. The
+of ``layout.Keys`` and checks that both pick the same candidate and report the same figures. The
 scripts' whole contract (settlement, exactly-once, leases, overrides) runs on every backend in
 ``tests/contract/test_store.py``.
 """
@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from guardproxy.budget.decision import RateLimits, Thresholds, decide, rate_verdict
 from guardproxy.budget.records import JobArgs, Reservation
-from guardproxy.store.redis import BudgetStore, Keys
+from guardproxy.store.layout import Keys
+from guardproxy.store.redis import BudgetStore
 from tests.helpers import HOUR_MS, PERIODS, TENANT, new_store
 
 T = TypeVar("T")
