@@ -261,7 +261,10 @@ class SqliteClient:
         self._commits_unsynced = 0  # writing commits on the loop's connection since its last checkpoint
         #: The longest a transaction has held the file (ms), for the bench and docs/store.md.
         self.longest_tx_ms = 0.0
-        if str(path) != ":memory:":  # ":memory:": a store of the client's own, gone when it closes (tests)
+        # ":memory:": a store of the client's own, gone when it closes (tests). A connection of its own
+        # would be another store, so everything runs on the thread's one connection.
+        self._on_loop = synchronous == "normal" and str(path) != ":memory:"
+        if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     # -- the thread's connection and transactions -------------------------------------------------------
@@ -369,7 +372,7 @@ class SqliteClient:
         checkpoint that syncs the log (the loop's connection has SQLite's automatic checkpoint off; the
         thread runs it when due), and with ``full`` every transaction, since each of its commits syncs.
         """
-        if self.synchronous == "full":
+        if not self._on_loop:
             return await self._thread.call(lambda: self.run(work, writes=writes))
         if self._loop_db is None:
             self._loop_db = await self._thread.call(lambda: self._open_for_loop())
