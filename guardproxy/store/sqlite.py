@@ -200,6 +200,11 @@ _OPS: dict[str, tuple[bool, Callable[..., Any]]] = {
         _text(k), *map(int, _text(minid).partition("-")[::2]))),
     "flushall": (True, lambda t: t.delete(*t.keys()) >= 0),
 }
+#: Reads whose size has no bound but the data's (a prefix's keys, a whole hash, set or stream): on the
+#: store's thread, never on the event loop, as a pipeline of more than ``LOOP_PIPELINE`` commands is.
+UNBOUNDED_READS = frozenset({"keys", "hgetall", "hkeys", "smembers", "xrange", "xrevrange", "zrange", "zrevrange",
+                             "zrangebyscore"})
+LOOP_PIPELINE = 16
 
 
 class Pipeline:
@@ -222,8 +227,9 @@ class Pipeline:
     async def execute(self) -> list[Any]:
         queued, self._queued = self._queued, []
         writes = any(_OPS[name][0] for name, _, _ in queued)
+        unbounded = len(queued) > LOOP_PIPELINE or (not writes and any(n in UNBOUNDED_READS for n, _, _ in queued))
         replies: list[Any] = await self._client.transact(
-            lambda t: [_OPS[n][1](t, *a, **kw) for n, a, kw in queued], writes=writes)
+            lambda t: [_OPS[n][1](t, *a, **kw) for n, a, kw in queued], writes=writes, unbounded=unbounded)
         return replies
 
     async def __aenter__(self) -> Pipeline:
@@ -356,7 +362,7 @@ class SqliteClient:
                 self._next_sync = 0.0
                 log.warning("SQLite store: checkpoint failed (tried again at the next write): %s", exc)
 
-    async def transact(self, work: Callable[[Tx], Any], *, writes: bool) -> Any:
+    async def transact(self, work: Callable[[Tx], Any], *, writes: bool, unbounded: bool = False) -> Any:
         """``work`` as one transaction, on the event loop's own connection with ``synchronous=normal``,
         on the client's thread with ``full`` (the event loop then waits only for the reply).
 
@@ -371,8 +377,10 @@ class SqliteClient:
         on the disk never runs on the loop: opening the file, the sweep of expired keys and the
         checkpoint that syncs the log (the loop's connection has SQLite's automatic checkpoint off; the
         thread runs it when due), and with ``full`` every transaction, since each of its commits syncs.
+        A transaction that may be long (``unbounded``: a scan, a whole hash or stream, a long pipeline;
+        status pages, exports and housekeeping ask for those, calls do not) runs on the thread too.
         """
-        if not self._on_loop:
+        if not self._on_loop or unbounded:
             return await self._thread.call(lambda: self.run(work, writes=writes))
         if self._loop_db is None:
             self._loop_db = await self._thread.call(lambda: self._open_for_loop())
@@ -515,9 +523,10 @@ class SqliteClient:
         if name not in _OPS:
             raise AttributeError(f"the SQLite store has no command {name!r}")
         writes, op = _OPS[name]
+        unbounded = name in UNBOUNDED_READS
 
         async def command(*args: Any, **kwargs: Any) -> Any:
-            return await self.transact(lambda t: op(t, *args, **kwargs), writes=writes)
+            return await self.transact(lambda t: op(t, *args, **kwargs), writes=writes, unbounded=unbounded)
 
         return command
 

@@ -250,3 +250,30 @@ def test_a_caller_cancelled_before_the_commit_writes_nothing(tmp_path: Path) -> 
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_reads_without_a_bound_and_long_pipelines_run_on_the_thread(tmp_path: Path) -> None:
+    """A scan or a status page's long pipeline would hold the event loop for as long as the data is
+    big; calls' own reads and writes are short and stay on the loop."""
+    client = SqliteClient(tmp_path / "spend.db")
+    threads: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        try:
+            await client.set("gp:a", "1")
+            note = threading.get_ident
+            await client.transact(lambda _t: threads.append(("short", note())), writes=False)
+            await client.transact(lambda _t: threads.append(("scan", note())), writes=False, unbounded=True)
+            assert await client.keys("gp:*") == [b"gp:a"]
+            pipe = client.pipeline()
+            for i in range(20):
+                pipe.set(f"gp:p{i}", i)
+            assert await pipe.execute() == [True] * 20
+            assert await client.get("gp:p19") == b"19"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    loop_thread = threading.get_ident()
+    assert threads[0] == ("short", loop_thread)
+    assert threads[1][0] == "scan" and threads[1][1] != loop_thread
