@@ -48,9 +48,13 @@ lint: venv-test
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mkdocs build --strict --quiet
 
+# The suite in 3 processes (pytest-xdist): most tests wait on subprocesses and sockets, so 3 workers
+# keep 2 cores busy; the `slow` tests run one at a time in one of them (tests/conftest.py).
+PYTEST_WORKERS := -n 3 --dist loadgroup
+
 # Lint, type-check, check the layers (.importlinter), build the manual (strict: no broken links), then the whole suite (it starts its own redis-server and fake upstreams).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 # The suite on the newest versions pyproject.toml allows (not the lock): an upgrade tried on purpose.
 # Its venv is .venv-latest, made anew each time.
@@ -61,7 +65,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	@echo "test-latest: versions in .venv-latest/versions.txt"
-	.venv-latest/bin/pytest
+	.venv-latest/bin/pytest $(PYTEST_WORKERS)
 
 # Refresh both locks from pyproject.toml's ranges (newest allowed versions); review the diff, then
 # `make test` before committing it.

@@ -25,6 +25,16 @@ from tests.servers import serve_in_thread
 from tests.stores import BACKENDS, Backend
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``slow`` tests (load, soak and fault tests: failovers, SIGSTOP, kill -9, leases, with bounds on
+    time) form one ``xdist_group``: under ``make test``'s ``-n 3 --dist loadgroup`` they run one after
+    the other in one worker, so no two of them compete for the 2 cores; the other workers run the rest."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -171,6 +171,7 @@ def test_readyz_is_503_on_a_replica_and_on_a_primary_short_of_replicas(
         assert httpx.get(url + "/readyz", timeout=30).json() == {"status": "ready"}
 
 
+@pytest.mark.slow
 def test_sentinel_failover_under_load_loses_no_acknowledged_charge(
     upstream_url: str, fake_state: FakeUpstreamState, sentinel_set: SentinelSet, sentinel_url: str
 ) -> None:
@@ -456,6 +457,7 @@ def test_servicetitan_jobs_resolve_and_cache_on_a_cluster(upstream_url: str, clu
     assert fake.calls["jobs"] == 1  # the second call was answered from the cache on the cluster
 
 
+@pytest.mark.slow
 def test_a_killed_shard_is_503_budget_store_unavailable_never_500(upstream_url: str, tmp_path: Path) -> None:
     # `guardproxy serve` as its own process: redis-py's cluster client leaves sockets to a dead shard
     # open at shutdown, which would trip this suite's ResourceWarning check in an in-process server.
