@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,36 @@ from tests.servers import serve_in_thread
 from tests.stores import BACKENDS, Backend
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def timed(item: pytest.Item) -> bool:
+    """A test whose faults or assertions hang on wall-clock time: a ``slow`` test (soak, failover, SIGSTOP,
+    kill -9, leases, deadlines) unless it asserts only counts (``counts_only``: a cap under a burst)."""
+    return item.get_closest_marker("slow") is not None and item.get_closest_marker("counts_only") is None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests (load, soak and fault tests: failovers, SIGSTOP, kill -9, leases, with bounds on
-    time) form one ``xdist_group``: under ``make test``'s ``-n 3 --dist loadgroup`` they run one after
-    the other in one worker, so no two of them compete for the 2 cores; the other workers run the rest."""
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(pytest.mark.xdist_group("slow"))
+    """Under pytest-xdist (``make test``: ``-n 3 --dist worksteal``), the timed tests first: the first
+    worker's share begins with all of them (work is stolen from the end of a share), so they run one
+    after the other from the start while the other workers run the rest. Every worker sorts alike."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not timed(item))  # stable: the suite's order otherwise
+
+
+@pytest.fixture(autouse=True)
+def one_timed_test_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist, a timed test holds a lock shared by the run's workers, from before its fixtures
+    start a process until after they stopped it: no two of them compete for the 2 cores."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and timed(request.node)):
+        yield
+        return
+    lock = tmp_path_factory.getbasetemp().parent / "timed-tests.lock"  # each worker's basetemp is in the run's
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 @pytest.fixture

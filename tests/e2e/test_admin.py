@@ -151,6 +151,7 @@ def test_metrics_equal_what_the_ledger_settled(config: Config, serve_proxy: Call
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_two_workers_add_up(upstream_url: str, redis_url: str, tmp_path: Path) -> None:
     raw = config_dict(upstream_url, store={"redis_url": redis_url})
     with proxy_process(raw, tmp_path, workers=2) as url:

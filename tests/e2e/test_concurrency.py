@@ -45,6 +45,7 @@ def tight_config(upstream_url: str, redis_url: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_200_concurrent_calls_never_pass_the_hard_cap(
     upstream_url: str, redis_url: str, serve_proxy: Callable[..., str]
 ) -> None:
@@ -59,6 +60,7 @@ def test_200_concurrent_calls_never_pass_the_hard_cap(
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_two_processes_sharing_redis_never_pass_the_hard_cap(
     upstream_url: str, redis_url: str, tmp_path: Path
 ) -> None:

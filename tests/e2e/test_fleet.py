@@ -233,6 +233,7 @@ def test_a_spending_spike_fires_one_velocity_alert(
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_concurrent_repeats_over_two_replicas_pass_exactly_max_repeats(
     upstream_url: str, redis_url: str, tmp_path: Path, fake_state: FakeUpstreamState,
 ) -> None:

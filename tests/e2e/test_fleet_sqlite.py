@@ -60,6 +60,7 @@ def rows(text: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_two_processes_on_one_file_pass_exactly_max_repeats_of_40_concurrent_repeats(
     upstream_url: str, tmp_path: Path, fake_state: FakeUpstreamState,
 ) -> None:

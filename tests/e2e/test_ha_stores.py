@@ -308,6 +308,7 @@ async def burst(urls: list[str], tenants: list[str], count: int) -> dict[str, tu
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_200_concurrent_calls_over_two_processes_on_a_3_shard_cluster(
     upstream_url: str, fake_state: FakeUpstreamState, redis_cluster: RedisCluster3, cluster_url: str,
     tmp_path: Path,

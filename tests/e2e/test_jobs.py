@@ -60,6 +60,7 @@ def admin_get(url: str, path: str) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_20_concurrent_calls_of_one_job_over_two_processes_sum_exactly(
     upstream_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -86,6 +87,7 @@ def test_20_concurrent_calls_of_one_job_over_two_processes_sum_exactly(
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_the_job_cap_holds_over_two_processes(upstream_url: str, redis_url: str, tmp_path: Path) -> None:
     raw = job_config(upstream_url, redis_url, job_usd=JOB_CAP_MICROS / 1e6)
     with proxy_process(raw, tmp_path) as first, proxy_process(raw, tmp_path) as second:

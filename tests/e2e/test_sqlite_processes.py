@@ -50,6 +50,7 @@ def assert_cap_held(path: Path, costs: list[int], rejected: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_two_serve_processes_on_one_file_hold_the_cap_under_400_concurrent_calls(
     upstream_url: str, tmp_path: Path
 ) -> None:
@@ -64,6 +65,7 @@ def test_two_serve_processes_on_one_file_hold_the_cap_under_400_concurrent_calls
 
 
 @pytest.mark.slow
+@pytest.mark.counts_only
 def test_serve_with_two_workers_shares_the_file(upstream_url: str, tmp_path: Path) -> None:
     path = tmp_path / "spend.db"
     with running_proxy(sqlite_config(upstream_url, path), tmp_path, "--log-level", "warning", "--workers", "2") as p:
