@@ -5,9 +5,10 @@ the bytes the client gets. ``ChatStreamWatcher`` serves chat and legacy completi
 usage chunk from clients that did not ask for it (the Responses API has its own watcher,
 ``responses_stream``). ``StreamRelay`` is the ASGI response that pumps frames from upstream to
 client; whatever happens (client gone, upstream cut), it closes the upstream request and hands the
-result to the settlement callback exactly once: as soon as the upstream has ended and the last frame
-is sent (before the response's closing bytes), else in its ``finally``. The outcome is the pump's own: a stream that was
-fully relayed is ``completed`` even though the server reports the client's disconnect right after.
+result to the settlement callback exactly once: as the stream's end (``[DONE]``,
+``response.completed``) is relayed, else in its ``finally``. The outcome is the pump's own: a
+stream that was fully relayed is ``completed`` even though the server reports the client's
+disconnect right after.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,12 +34,15 @@ from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.relay")
 
-#: Settlements running in tasks of their own (``StreamRelay``): held here until done, as the event
-#: loop keeps only weak references to tasks.
+#: Settlements running in tasks of their own (``start_settling``): held here until done, as the
+#: event loop keeps only weak references to tasks.
 _SETTLING: set[asyncio.Task[None]] = set()
 
 
-def _settling(task: asyncio.Task[None]) -> asyncio.Task[None]:
+def start_settling(settlement: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``settlement`` in a task of its own, started at the next loop turn, held until it is done;
+    the caller awaits it (``asyncio.shield``: cancelling the caller never cancels a settlement)."""
+    task = asyncio.get_running_loop().create_task(settlement)
     _SETTLING.add(task)
     task.add_done_callback(_SETTLING.discard)
     return task
@@ -166,7 +170,7 @@ class StreamRelay:
 
     def __init__(
         self, upstream: str, response: UpstreamResponse, headers: dict[str, str], watcher: StreamWatcher,
-        on_close: Callable[[RelayResult], Awaitable[None]],
+        on_close: Callable[[RelayResult], Coroutine[Any, Any, None]],
         on_object: Callable[[str], Awaitable[None]] | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> None:
@@ -184,7 +188,7 @@ class StreamRelay:
         #: How the upstream side ended, once it has; until then a stop means the client left.
         self.ended: Outcome | None = None
         self.client_gone = False
-        #: The settlement, once started before the response's last bytes (``_pump``).
+        #: The settlement, once started as the stream's end is relayed (``_pump``).
         self._closing: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -199,15 +203,12 @@ class StreamRelay:
         finally:
             watcher.cancel()
             with anyio.CancelScope(shield=True):
+                await self.response.aclose()  # closing mid-body cancels the upstream request
                 if self._closing is None:
-                    await self._close(started)
-                else:  # settling since the upstream's end (``_pump``): its own task, never cancelled
+                    outcome = self.ended or Outcome.CLIENT_DISCONNECTED
+                    await self.on_close(RelayResult(outcome, self.watcher, time.monotonic() - started))
+                else:  # settling since the stream's end was relayed (``_pump``): its own task, never cancelled
                     await asyncio.shield(self._closing)
-
-    async def _close(self, started: float) -> None:
-        await self.response.aclose()  # closing mid-body cancels the upstream request
-        outcome = self.ended or Outcome.CLIENT_DISCONNECTED
-        await self.on_close(RelayResult(outcome, self.watcher, time.monotonic() - started))
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         """When the client hangs up, end the upstream request at once (a stalled one too)."""
@@ -225,6 +226,15 @@ class StreamRelay:
             if self.on_object is not None and self.watcher.object_id is not None:
                 on_object, self.on_object = self.on_object, None
                 await on_object(self.watcher.object_id)
+            if self.watcher.done and self._closing is None and not self.client_gone:
+                # The stream's end ([DONE]) is about to be relayed: the settlement starts now, and its
+                # store call leaves (the task's first step, one loop turn) before the last frames, so
+                # that a client's next request on the connection does not meet it in the store and in
+                # this loop (bench/ttfb.py, concurrency 1). Its outcome is the pump's: completed.
+                self.ended = Outcome.COMPLETED
+                result = RelayResult(Outcome.COMPLETED, self.watcher, time.monotonic() - started)
+                self._closing = start_settling(self.on_close(result))
+                await asyncio.sleep(0)
             if body:
                 if self.before_send is not None:
                     self.before_send()
@@ -247,11 +257,4 @@ class StreamRelay:
             if self.client_gone:
                 return
             self.ended = Outcome.COMPLETED if self.watcher.done else Outcome.UPSTREAM_CUT
-            # The upstream has ended and every frame is sent: the settlement starts now, and its store
-            # call leaves before the response's closing bytes, so that a client's next request on the
-            # connection does not meet it in the store and in this loop (bench/ttfb.py, concurrency 1:
-            # first byte -0.27 ms from nginx, -0.23 ms from a Python upstream). One loop turn: the
-            # task's first step sends it.
-            self._closing = _settling(asyncio.get_running_loop().create_task(self._close(started)))
-            await asyncio.sleep(0)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
