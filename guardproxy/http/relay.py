@@ -226,18 +226,19 @@ class StreamRelay:
             if self.on_object is not None and self.watcher.object_id is not None:
                 on_object, self.on_object = self.on_object, None
                 await on_object(self.watcher.object_id)
+            if body and self.before_send is not None:
+                self.before_send()
             if self.watcher.done and self._closing is None and not self.client_gone:
                 # The stream's end ([DONE]) is about to be relayed: the settlement starts now, and its
                 # store call leaves (the task's first step, one loop turn) before the last frames, so
                 # that a client's next request on the connection does not meet it in the store and in
-                # this loop (bench/ttfb.py, concurrency 1). Its outcome is the pump's: completed.
+                # this loop (bench/ttfb.py, concurrency 1). Its outcome is the pump's: completed. The
+                # frames' charge was noted first (``before_send``), whenever the store call leaves.
                 self.ended = Outcome.COMPLETED
                 result = RelayResult(Outcome.COMPLETED, self.watcher, time.monotonic() - started)
                 self._closing = start_settling(self.on_close(result))
                 await asyncio.sleep(0)
             if body:
-                if self.before_send is not None:
-                    self.before_send()
                 message: Message = {"type": "http.response.body", "body": body, "more_body": True}
                 await send(message)
 
