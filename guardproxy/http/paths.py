@@ -151,6 +151,11 @@ def strip_keys_from_query(query: bytes, key_hashes: Collection[str]) -> bytes:
     return b"&".join(kept)
 
 
+#: Header values ``EntryGuard`` remembers as carrying no key: how many, and up to what length.
+_CLEAN_KEPT = 1024
+_CLEAN_KEPT_BYTES = 256
+
+
 class EntryGuard:
     """ASGI middleware: 400 ``invalid_path`` for every HTTP request whose path is not canonical,
     400 ``invalid_field`` for a header value with a line break or another control character,
@@ -165,6 +170,10 @@ class EntryGuard:
         #: The headers that steer the proxy (tenant, job): a key there is a mistake to report, not
         #: a stray credential to drop (dropping it would silently lose the tenant or the job).
         self.routing_headers = routing_headers
+        #: Header values found to carry no key of ``_clean_for`` (a user agent, a content type…), so
+        #: that the same values of the next requests are not searched again (~3-5 µs each).
+        self._clean: set[bytes] = set()
+        self._clean_for: Collection[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -181,9 +190,11 @@ class EntryGuard:
                 return
             key_hashes = self.key_hashes(scope)
             routing = self.routing_headers(scope)
+            if key_hashes is not self._clean_for:  # another config's keys (a reload)
+                self._clean, self._clean_for = set(), key_hashes
             for name, value in scope["headers"]:
                 header = name.decode("latin-1").lower()
-                if header in routing and carries_key(value, key_hashes):
+                if header in routing and self._carries_key(value, key_hashes):
                     error = GuardError(ErrorKind.KEY_IN_ROUTING_HEADER, f"The {header} header looks like an API key "
                                        "(a key's shape or one of this proxy's keys). It names a tenant or a job, "
                                        "never a credential: send the key as 'Authorization: Bearer <key>' and put "
@@ -194,10 +205,22 @@ class EntryGuard:
                 scope["query_string"] = strip_keys_from_query(scope["query_string"], key_hashes)
             scope["headers"] = [
                 (name, value) for name, value in scope["headers"]
-                if name in _KEY_HEADERS or not carries_key(value, key_hashes)
+                if name in _KEY_HEADERS or not self._carries_key(value, key_hashes)
             ]
             send = _with_request_id(send)
         await self.app(scope, receive, send)
+
+    def _carries_key(self, value: bytes, key_hashes: Collection[str]) -> bool:
+        """``carries_key``, remembering the short values that carry none (never a value with a key)."""
+        if value in self._clean:
+            return False
+        if carries_key(value, key_hashes):
+            return True
+        if len(value) <= _CLEAN_KEPT_BYTES:
+            if len(self._clean) >= _CLEAN_KEPT:
+                self._clean.clear()
+            self._clean.add(value)
+        return False
 
 
 def _with_request_id(send: Send) -> Send:

@@ -42,7 +42,7 @@ class StreamProgress:
         self.plan = plan
         self.watcher = watcher
         self.request_id = request_id
-        self._counter = TokenCounter(plan.sent.name)
+        self._counter: TokenCounter | None = None  # built at the first text counted
         self._counted = 0
         self._tokens = 0
         #: What ``grown`` last saw: the texts counted and the usage.
@@ -59,11 +59,15 @@ class StreamProgress:
         return self.entry(), only_texts
 
     def entry(self) -> Entry:
-        texts = self.watcher.texts
-        if len(texts) > self._counted:
-            self._tokens += self._counter.texts(texts[self._counted:])
-            self._counted = len(texts)
-        usage = self.watcher.usage or Usage(self.plan.prompt_tokens, self._tokens)
+        usage = self.watcher.usage
+        if usage is None:  # once the upstream's usage came, it is what is charged: nothing to count
+            texts = self.watcher.texts
+            if len(texts) > self._counted:
+                if self._counter is None:
+                    self._counter = TokenCounter(self.plan.sent.name)
+                self._tokens += self._counter.texts(texts[self._counted:])
+                self._counted = len(texts)
+            usage = Usage(self.plan.prompt_tokens, self._tokens)
         charge = cost_micros(usage, self.plan.sent.price)
         return Entry(self.plan.reservation, charge,
                      call_record(self.plan, self.request_id, usage, charge, Outcome.INTERRUPTED))
