@@ -4,11 +4,9 @@ A ``StreamWatcher`` is pure: it sees each SSE frame, remembers the usage and the
 the bytes the client gets. ``ChatStreamWatcher`` serves chat and legacy completions: it hides the
 usage chunk from clients that did not ask for it (the Responses API has its own watcher,
 ``responses_stream``). ``StreamRelay`` is the ASGI response that pumps frames from upstream to
-client; whatever happens (client gone, upstream cut), it closes the upstream request and hands the
-result to the settlement callback exactly once: as the stream's end (``[DONE]``,
-``response.completed``) is relayed, else in its ``finally``. The outcome is the pump's own: a
-stream that was fully relayed is ``completed`` even though the server reports the client's
-disconnect right after.
+client; whatever happens (client gone, upstream cut), its ``finally`` closes the upstream request
+and hands the result to the settlement callback. The outcome is the pump's own: a stream that was
+fully relayed is ``completed`` even though the server reports the client's disconnect right after.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,18 +32,6 @@ from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.relay")
 
-#: Settlements running in tasks of their own (``start_settling``): held here until done, as the
-#: event loop keeps only weak references to tasks.
-_SETTLING: set[asyncio.Task[None]] = set()
-
-
-def start_settling(settlement: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """Run ``settlement`` in a task of its own, started at the next loop turn, held until it is done;
-    the caller awaits it (``asyncio.shield``: cancelling the caller never cancels a settlement)."""
-    task = asyncio.get_running_loop().create_task(settlement)
-    _SETTLING.add(task)
-    task.add_done_callback(_SETTLING.discard)
-    return task
 
 
 def usage_from(
@@ -170,7 +156,7 @@ class StreamRelay:
 
     def __init__(
         self, upstream: str, response: UpstreamResponse, headers: dict[str, str], watcher: StreamWatcher,
-        on_close: Callable[[RelayResult], Coroutine[Any, Any, None]],
+        on_close: Callable[[RelayResult], Awaitable[None]],
         on_object: Callable[[str], Awaitable[None]] | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> None:
@@ -188,8 +174,6 @@ class StreamRelay:
         #: How the upstream side ended, once it has; until then a stop means the client left.
         self.ended: Outcome | None = None
         self.client_gone = False
-        #: The settlement, once started as the stream's end is relayed (``_pump``).
-        self._closing: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -197,18 +181,15 @@ class StreamRelay:
         # It never cancels the pump: it closes the upstream answer, which ends the pump's read.
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
         try:
-            await self._pump(send, started)
+            await self._pump(send)
         except OSError:
             pass  # the server's send() failed: the client is gone
         finally:
             watcher.cancel()
             with anyio.CancelScope(shield=True):
                 await self.response.aclose()  # closing mid-body cancels the upstream request
-                if self._closing is None:
-                    outcome = self.ended or Outcome.CLIENT_DISCONNECTED
-                    await self.on_close(RelayResult(outcome, self.watcher, time.monotonic() - started))
-                else:  # settling since the stream's end was relayed (``_pump``): its own task, never cancelled
-                    await asyncio.shield(self._closing)
+                outcome = self.ended or Outcome.CLIENT_DISCONNECTED
+                await self.on_close(RelayResult(outcome, self.watcher, time.monotonic() - started))
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         """When the client hangs up, end the upstream request at once (a stalled one too)."""
@@ -217,7 +198,7 @@ class StreamRelay:
         self.client_gone = True
         await self.response.aclose()
 
-    async def _pump(self, send: Send, started: float) -> None:
+    async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.response.status_code, "headers": self.headers})
         parser = SSEParser()
 
@@ -226,19 +207,9 @@ class StreamRelay:
             if self.on_object is not None and self.watcher.object_id is not None:
                 on_object, self.on_object = self.on_object, None
                 await on_object(self.watcher.object_id)
-            if body and self.before_send is not None:
-                self.before_send()
-            if self.watcher.done and self._closing is None and not self.client_gone:
-                # The stream's end ([DONE]) is about to be relayed: the settlement starts now, and its
-                # store call leaves (the task's first step, one loop turn) before the last frames, so
-                # that a client's next request on the connection does not meet it in the store and in
-                # this loop (bench/ttfb.py, concurrency 1). Its outcome is the pump's: completed. The
-                # frames' charge was noted first (``before_send``), whenever the store call leaves.
-                self.ended = Outcome.COMPLETED
-                result = RelayResult(Outcome.COMPLETED, self.watcher, time.monotonic() - started)
-                self._closing = start_settling(self.on_close(result))
-                await asyncio.sleep(0)
             if body:
+                if self.before_send is not None:
+                    self.before_send()
                 message: Message = {"type": "http.response.body", "body": body, "more_body": True}
                 await send(message)
 
