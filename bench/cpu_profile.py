@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compare", metavar="GIT_REF")
+    parser.add_argument("--connections", type=int, default=4, help="wrk's concurrent connections (default 4)")
     parser.add_argument("--store", choices=("redis", "embedded"), default="redis",
                         help="the store guardproxy runs on: the bench's redis-server, or the embedded SQLite file")
     args = parser.parse_args(argv)
@@ -52,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
                                     str(port)], port, cwd=tree, env={"XDG_STATE_HOME": str(tmp / "state" / label)})
                 targets[label] = Target(label, f"http://127.0.0.1:{port}")
                 smoke(targets[label], args.mode)
-                wrk(targets[label].url(args.mode), script, 1, 4, 2)  # warm-up
+                wrk(targets[label].url(args.mode), script, 1, args.connections, 2)  # warm-up
             per_request: dict[str, list[float]] = {label: [] for label in targets}
             for _ in range(3):
                 for label, target in targets.items():
                     before = procs.cpu_ticks(label)
-                    done = wrk(target.url(args.mode), script, 1, 4, args.seconds)
+                    done = wrk(target.url(args.mode), script, 1, args.connections, args.seconds)
                     per_request[label].append((procs.cpu_ticks(label) - before) * 1000 / CLK_TCK
                                               / max(1, done["requests"]))
-            print(f"CPU ms per request, {args.mode}, wrk -t1 -c4 (3 interleaved rounds; median, then each round):")
+            print(f"CPU ms per request, {args.mode}, wrk -t1 -c{args.connections} (3 interleaved rounds; median, then each round):")
             for label, values in per_request.items():
                 print(f"  {label:<16} {statistics.median(values):.3f}   " + " ".join(f"{v:.3f}" for v in values))
             port = free_port()
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         env={"XDG_STATE_HOME": str(tmp / "state" / "profiled")})
             profiled = Target("profiled", f"http://127.0.0.1:{port}")
             smoke(profiled, args.mode)
-            done = wrk(profiled.url(args.mode), script, 1, 4, args.seconds)
+            done = wrk(profiled.url(args.mode), script, 1, args.connections, args.seconds)
             procs.started["profiled"].send_signal(signal.SIGINT)  # uvicorn shuts down, cProfile writes its file
             procs.started["profiled"].wait(30)
         stats = pstats.Stats(str(out))
