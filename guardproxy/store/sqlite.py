@@ -59,6 +59,9 @@ SYNC_EVERY_S = 1.0
 #: (SQLite's, every 1,000 pages of log: ~140 transactions of ~7 pages) is off, so the log stays as short.
 SYNC_EVERY_COMMITS = 128
 SYNCHRONOUS = ("normal", "full")
+#: The most writing transactions one commit on the event loop takes (``SqliteClient._flush``): each
+#: holds the loop ~0.1 ms, so one commit holds it ~2 ms at most; the others wait for the next turn.
+COMMIT_AT_MOST = 16
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -416,6 +419,9 @@ class SqliteClient:
         self._writes = []
         if not jobs:
             return
+        if len(jobs) > COMMIT_AT_MOST:  # the loop is held for one commit at a time: the rest at the next turn
+            self._retry(jobs[COMMIT_AT_MOST:], 0.0, pause)
+            jobs = jobs[:COMMIT_AT_MOST]
         try:
             replies = self._commit(jobs)
         except _Failed as failed:
