@@ -3,7 +3,8 @@
     python bench/cpu_profile.py [--mode plain] [--store redis] [--seconds 8] [--top 25] [--compare main]
 
 Starts the bench's servers (canned nginx, the Python upstream, redis-server), then ``guardproxy serve`` as
-users start it (default settings) twice: once plain, loaded by ``wrk -t1 -c4`` for the CPU per request from
+users start it (default settings) twice: once plain, loaded by ``wrk -t1 -c4`` (``--connections``) for the CPU
+per request from
 /proc (less noise-sensitive than req/s on a shared machine), once under ``python -m cProfile`` with the
 same load, whose functions are printed by own time and by cumulative time. ``--compare REF`` measures that
 revision's CPU per request in the same run, interleaved (3 rounds each).
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     done = wrk(target.url(args.mode), script, 1, args.connections, args.seconds)
                     per_request[label].append((procs.cpu_ticks(label) - before) * 1000 / CLK_TCK
                                               / max(1, done["requests"]))
-            print(f"CPU ms per request, {args.mode}, wrk -t1 -c{args.connections} (3 interleaved rounds; median, then each round):")
+            print(f"CPU ms per request, {args.mode}, wrk -t1 -c{args.connections} "
+                  "(3 interleaved rounds; median, then each round):")
             for label, values in per_request.items():
                 print(f"  {label:<16} {statistics.median(values):.3f}   " + " ".join(f"{v:.3f}" for v in values))
             port = free_port()
