@@ -3,10 +3,10 @@
     python bench/cpu_profile.py [--mode plain] [--store redis] [--seconds 8] [--top 25] [--compare main]
 
 Starts the bench's servers (canned nginx, the Python upstream, redis-server), then ``guardproxy serve`` as
-users start it (default settings) twice: once plain, loaded by ``wrk -t1 -c4`` (``--connections``) for the CPU
-per request from
-/proc (less noise-sensitive than req/s on a shared machine), once under ``python -m cProfile`` with the
-same load, whose functions are printed by own time and by cumulative time. ``--compare REF`` measures that
+users start it (default settings, on ``--store redis`` or ``embedded``) twice: once plain, loaded by
+``wrk -t1 -c4`` (``--connections``) for the CPU per request from /proc (less noise-sensitive than req/s
+on a shared machine), once under ``python -m cProfile`` with the same load, whose functions are printed
+by own time and by cumulative time. ``--compare REF`` measures that
 revision's CPU per request in the same run, interleaved (3 rounds each).
 """
 
