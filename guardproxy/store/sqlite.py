@@ -263,6 +263,7 @@ class SqliteClient:
         self._loop_known = Known()
         self._writes: list[_Write] = []  # the writing transactions waiting for the next ``_flush``
         self._flush_pending = False
+        self._turn_busy = False  # a write of this loop turn committed at once (``transact``)
         self._next_sweep = 0.0
         self.sweep_every_s = sweep_every_s
         self._next_sync = 0.0
@@ -389,6 +390,22 @@ class SqliteClient:
             self._loop_db = await self._thread.call(lambda: self._open_for_loop())
         if writes:
             loop = asyncio.get_running_loop()
+            if not (self._writes or self._flush_pending or self._turn_busy):
+                # The turn's first write commits at once, alone: a caller alone (concurrency 1) pays no
+                # loop turns waiting for others. The next writes of this turn share the next commit.
+                self._turn_busy = True
+                loop.call_soon(self._turn_over)
+                try:
+                    reply = self._commit([work])[0]
+                except _Failed as failed:
+                    raise failed.error from None
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise
+                    # the file is locked: this one waits for the next commit, with the others
+                else:
+                    self._committed(1)
+                    return reply
             future: asyncio.Future[Any] = loop.create_future()
             self._writes.append((work, future, time.monotonic() + self.busy_timeout_ms / 1000))
             if not self._flush_pending:
@@ -423,7 +440,7 @@ class SqliteClient:
             self._retry(jobs[COMMIT_AT_MOST:], 0.0, pause)
             jobs = jobs[:COMMIT_AT_MOST]
         try:
-            replies = self._commit(jobs)
+            replies = self._commit([work for work, _, _ in jobs])
         except _Failed as failed:
             jobs[failed.index][1].set_exception(failed.error)
             self._retry(jobs[:failed.index] + jobs[failed.index + 1:], 0.0, pause)
@@ -443,12 +460,19 @@ class SqliteClient:
         for (_, future, _), reply in zip(jobs, replies, strict=True):
             if not future.cancelled():
                 future.set_result(reply)
-        self._commits_unsynced += len(jobs)
+        self._committed(len(jobs))
+
+    def _turn_over(self) -> None:
+        self._turn_busy = False
+
+    def _committed(self, transactions: int) -> None:
+        """After a commit on the loop: the checkpoint and the sweep posted to the thread when due."""
+        self._commits_unsynced += transactions
         if self._commits_unsynced >= SYNC_EVERY_COMMITS or time.monotonic() >= min(self._next_sweep,
                                                                                    self._next_sync):
             self._thread.post(functools.partial(self._upkeep, self._due()))  # nobody waits for it
 
-    def _commit(self, jobs: list[_Write]) -> list[Any]:
+    def _commit(self, works: list[Callable[[Tx], Any]]) -> list[Any]:
         db, known = self._loop_db, self._loop_known
         if db is None:
             raise RuntimeError("the SQLite store is closed")
@@ -457,7 +481,7 @@ class SqliteClient:
         replies: list[Any] = []
         try:
             known.follow(db)
-            for index, (work, _, _) in enumerate(jobs):
+            for index, work in enumerate(works):
                 now_ms = self._now_ms(self.clock)
                 ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
                 try:

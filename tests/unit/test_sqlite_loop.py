@@ -277,3 +277,25 @@ def test_reads_without_a_bound_and_long_pipelines_run_on_the_thread(tmp_path: Pa
     loop_thread = threading.get_ident()
     assert threads[0] == ("short", loop_thread)
     assert threads[1][0] == "scan" and threads[1][1] != loop_thread
+
+
+def test_the_first_write_of_a_turn_commits_at_once_the_next_wait_for_the_turn_s_commit(tmp_path: Path) -> None:
+    """A caller alone (concurrency 1) pays no loop turn waiting for others to share its commit."""
+    client = SqliteClient(tmp_path / "spend.db")
+
+    async def main() -> tuple[bool, bool]:
+        try:
+            await client.set("gp:warm", "1")
+            await asyncio.sleep(0.01)  # a new turn
+            turned = asyncio.Event()
+            asyncio.get_running_loop().call_soon(turned.set)
+            assert await client.incrby("gp:n", 1) == 1
+            first_waited = turned.is_set()
+            turned.clear()
+            asyncio.get_running_loop().call_soon(turned.set)
+            assert await client.incrby("gp:n", 1) == 2  # the same turn: it joins the next commit
+            return first_waited, turned.is_set()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == (False, True)
