@@ -372,9 +372,10 @@ class SqliteClient:
 
         With ``normal`` a commit writes the log into the page cache and syncs nothing, so a transaction
         costs only its CPU (about 0.15 ms for an admission; bench/sqlite_store.py), less than the two
-        hops to a thread and back and the GIL handed between them. The writing transactions asked for
-        within one turn of the event loop commit together (``_flush``); each is still atomic and
-        isolated, run whole, one after the other, under the one write lock. While another connection
+        hops to a thread and back and the GIL handed between them. The first writing transaction of a
+        turn of the event loop commits at once, alone; those asked for after it in the same turn commit
+        together at the next (``_flush``, at most ``COMMIT_AT_MOST``), each still atomic and isolated,
+        run whole, one after the other, under the one write lock. While another connection
         holds that lock (another process, or this client's thread) SQLite answers busy at once (no
         busy handler); the transactions, rolled back whole, are tried again after a pause the loop
         spends on other work (0.25 ms growing to 5 ms), each up to ``busy_timeout_ms``. What may wait
