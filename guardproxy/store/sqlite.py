@@ -37,7 +37,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,30 +327,44 @@ class SqliteClient:
         known: Known = self._local.known
         return self.run_on(db, lambda: self._once(db, known, work, writes, upkeep=True))
 
-    def _once(self, db: sqlite3.Connection, known: Known, work: Callable[[Tx], Any], writes: bool, *,
-              upkeep: bool) -> Any:
-        """One try of a transaction; with ``upkeep``, the sweep and the checkpoint when they are due."""
+    @contextlib.contextmanager
+    def _transaction(self, db: sqlite3.Connection, known: Known, *, writes: bool) -> Iterator[None]:
+        """``BEGIN`` (``IMMEDIATE`` when writing: the write lock before the first read) ... ``COMMIT``.
+        A writing one first forgets what ``known`` may no longer hold true; any error rolls it back, and
+        ``known`` forgets what the rolled-back work had taught it."""
         db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         started = time.perf_counter()
         try:
             if writes:
                 known.follow(db)
-            now_ms = self._now_ms(self.clock)
-            ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
-            result = work(Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms, known=known if writes else None))
-            if upkeep and writes and time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + self.sweep_every_s
-                sweep(db, ttl_now_ms, known=known)
+            yield
             db.execute("COMMIT")
         except BaseException:
-            known.forget()
+            if writes:
+                known.forget()
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
+
+    def _tx(self, db: sqlite3.Connection, known: Known | None, *, writes: bool) -> Tx:
+        """One transaction's commands, at this moment of the scripts' clock (and of the TTLs')."""
+        now_ms = self._now_ms(self.clock)
+        ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
+        return Tx(db, now_ms, writes=writes, ttl_now_ms=ttl_now_ms, known=known)
+
+    def _once(self, db: sqlite3.Connection, known: Known, work: Callable[[Tx], Any], writes: bool, *,
+              upkeep: bool) -> Any:
+        """One try of a transaction; with ``upkeep``, the sweep and the checkpoint when they are due."""
+        with self._transaction(db, known, writes=writes):
+            tx = self._tx(db, known if writes else None, writes=writes)
+            result = work(tx)
+            if upkeep and writes and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self.sweep_every_s
+                sweep(db, tx.ttl_now_ms, known=known)
         if upkeep and writes and self.synchronous == "normal" and time.monotonic() >= self._next_sync:
             self._next_sync = time.monotonic() + self.sync_every_s
             self._sync_log(db)
-        self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
         return result
 
     def _sync_log(self, db: sqlite3.Connection) -> None:
@@ -477,29 +491,17 @@ class SqliteClient:
         db, known = self._loop_db, self._loop_known
         if db is None:
             raise RuntimeError("the SQLite store is closed")
-        db.execute("BEGIN IMMEDIATE")
-        started = time.perf_counter()
         replies: list[Any] = []
-        try:
-            known.follow(db)
+        with self._transaction(db, known, writes=True):
             for index, work in enumerate(works):
-                now_ms = self._now_ms(self.clock)
-                ttl_now_ms = now_ms if self.ttl_clock is None else self._now_ms(self.ttl_clock)
                 try:
-                    replies.append(work(Tx(db, now_ms, writes=True, ttl_now_ms=ttl_now_ms, known=known)))
+                    replies.append(work(self._tx(db, known, writes=True)))
                 except sqlite3.OperationalError as exc:
                     if _is_busy(exc):
                         raise
                     raise _Failed(index, exc) from exc
                 except Exception as exc:
                     raise _Failed(index, exc) from exc
-            db.execute("COMMIT")
-        except BaseException:
-            known.forget()
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self.longest_tx_ms = max(self.longest_tx_ms, (time.perf_counter() - started) * 1000)
         return replies
 
     def _retry(self, jobs: list[_Write], delay: float, pause: float) -> None:
