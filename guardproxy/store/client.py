@@ -28,9 +28,10 @@ from guardproxy.config.store_url import Kind, StoreURL, parse_store_url
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.compat import internals, require
 
-# redis-py's internals (the pool's checkout, the Sentinel pool's connection lists, the cluster client's
-# connection class) are used in this module only: its seam (guardproxy/store/compat.py). A release that moves
-# them stops this import with IncompatibleLibrary naming redis, its version and this range.
+# redis-py's internals (the pool's checkout, the Sentinel pool's connection lists and address lookup, the
+# Sentinel connection's connect and read, the cluster client's connection class) are used in this module
+# only: its seam (guardproxy/store/compat.py). A release that moves them stops this import with
+# IncompatibleLibrary naming redis, its version and this range.
 REDIS_TESTED = ">=5.2,<8.3"
 with internals("redis", REDIS_TESTED):
     import hiredis
