@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -27,9 +28,10 @@ from guardproxy.config.store_url import Kind, StoreURL, parse_store_url
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.compat import internals, require
 
-# redis-py's internals (the pool's checkout, the Sentinel pool's connection lists, the cluster client's
-# connection class) are used in this module only: its seam (guardproxy/store/compat.py). A release that moves
-# them stops this import with IncompatibleLibrary naming redis, its version and this range.
+# redis-py's internals (the pool's checkout, the Sentinel pool's connection lists and address lookup, the
+# Sentinel connection's connect and read, the cluster client's connection class) are used in this module
+# only: its seam (guardproxy/store/compat.py). A release that moves them stops this import with
+# IncompatibleLibrary naming redis, its version and this range.
 REDIS_TESTED = ">=5.2,<8.3"
 with internals("redis", REDIS_TESTED):
     import hiredis
@@ -60,7 +62,12 @@ def check_internals() -> None:
         AbstractConnection=(AbstractConnection, ("pack_command", "send_packed_command", "read_response",
                                                  "mark_for_reconnect", "is_connected")),
         Sentinel=(Sentinel([]), ("check_master_state", "discover_master", "sentinels")),
-        SentinelConnectionPool=(SentinelConnectionPool, ("get_master_address",)),
+        # _SentinelPool/_SentinelConnection: a Sentinel connection asks its pool for the address on connect
+        # (``connect_to`` it), and the pool keeps the primary's address in ``master_address``.
+        SentinelConnectionPool=(SentinelConnectionPool("m", Sentinel([])),  # type: ignore[no-untyped-call]
+                                ("get_master_address", "master_address", "reset", "_in_use_connections",
+                                 "_available_connections")),
+        SentinelManagedConnection=(SentinelManagedConnection, ("connect_to", "read_response")),
         RedisCluster=(cluster, ("_initialize", "initialize", "execute_command", "connection_kwargs",
                                 "startup_nodes")),
         hiredis=(hiredis, ("pack_command",)),
@@ -82,6 +89,12 @@ HEALTH_CHECK_INTERVAL_S = 30
 CLUSTER_RETRIES = 2
 CLUSTER_BACKOFF_BASE_S = 0.05
 CLUSTER_BACKOFF_CAP_S = 0.5
+#: Behind Sentinel: how long the primary's address from one discovery serves the connections opened
+#: after it (``_SentinelPool``). The ledger looks afresh every half second, and a write short of replica
+#: confirmations or a failed connection drops it at once; this bounds it when neither happens.
+ANSWER_REUSE_S = 1.0
+#: What a Sentinel-managed connection raises when the server it connects or talks to fails.
+_CONNECTION_FAILED = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 #: Raised by the client when the store cannot take the command now; another try later may work.
 _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
@@ -165,17 +178,94 @@ class _NewestSentinel(Sentinel):
 
 
 class _SentinelPool(SentinelConnectionPool):
-    """The Sentinel pool, leaving a former primary for good: redis-py's asyncio pool drops only the idle
-    connections to it, so one busy at that moment would go back into the pool still writing to the old
-    primary."""
+    """The Sentinel pool, with two changes to redis-py's.
+
+    One discovery for the connections opened together: redis-py asks the Sentinels (here all of them,
+    ``_NewestSentinel``) each time it opens a connection, so a burst of 100 new connections (a cold
+    start under load, or the reconnects after a failover) sent 300 queries, enough on a busy machine
+    to miss the store's deadline. Here a connection being opened waits for the discovery under way, or
+    takes the last answer while it is under ``answer_reuse_s`` old, unless since then a connection to
+    that primary failed (``forget``: the next one asks again). ``discover`` (``rediscover``: the
+    ledger's half-second look, a write short of replica confirmations) sets that answer aside and asks.
+
+    Leaving a former primary for good: redis-py's asyncio pool drops only the idle connections to it,
+    so one busy at that moment would go back into the pool still writing to the old primary.
+    """
+
+    answer_reuse_s: float = ANSWER_REUSE_S
+    #: The primary's address the last discovery gave, and when (``time.monotonic()``).
+    _answer: tuple[tuple[str, int], float] | None = None
+    #: The discovery under way (or the last one).
+    _lookup: asyncio.Task[tuple[str, int]] | None = None
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[no-untyped-call]
+        self._answer = self._lookup = None
 
     async def get_master_address(self) -> Any:
-        address = await super().get_master_address()  # type: ignore[no-untyped-call]
+        """The primary's address for a connection being opened (redis-py asks on every connect)."""
+        if self._answer is not None and time.monotonic() - self._answer[1] < self.answer_reuse_s:
+            return self._answer[0]
+        return await self._shared_lookup()
+
+    async def discover(self) -> tuple[str, int]:
+        """Ask the Sentinels which server is primary now (joining a discovery already under way)."""
+        self._answer = None
+        return await self._shared_lookup()
+
+    def forget(self, address: tuple[str, int]) -> None:
+        """A connection to ``address`` failed: the next connection opened asks the Sentinels again."""
+        if self._answer is not None and self._answer[0] == address:
+            self._answer = None
+
+    async def _shared_lookup(self) -> tuple[str, int]:
+        lookup = self._lookup
+        if lookup is None or lookup.done() or lookup.get_loop() is not asyncio.get_running_loop():
+            lookup = self._lookup = asyncio.get_running_loop().create_task(self._look_up())
+            lookup.add_done_callback(_consume_error)  # no waiter left (all cut by their deadline) is fine
+        # A waiter cut short by its deadline leaves the discovery running for the others.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self) -> tuple[str, int]:
+        host, port = await super().get_master_address()  # type: ignore[no-untyped-call]
+        address = (str(host), int(port))
         for connection in (*self._in_use_connections, *self._available_connections):
             where = (getattr(connection, "host", None), getattr(connection, "port", None))
-            if connection.is_connected and where != tuple(address):
+            if connection.is_connected and where != address:
                 connection.mark_for_reconnect()  # type: ignore[no-untyped-call]  # closed when released
+        self._answer = (address, time.monotonic())
         return address
+
+
+def _consume_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class _SentinelConnection(SentinelManagedConnection):
+    """A connection to the primary that tells its pool when it fails: connecting refused or timed out,
+    or a reply that never came or said READONLY (a demoted primary; redis-py's class then disconnects).
+    The pool then stops giving that address to new connections."""
+
+    connection_pool: _SentinelPool
+
+    async def connect_to(self, address: Any) -> None:
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        except _CONNECTION_FAILED:
+            self.connection_pool.forget((str(address[0]), int(address[1])))
+            raise
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except _CONNECTION_FAILED:
+            self.connection_pool.forget((str(self.host), int(self.port)))
+            raise
+
+
+class _SentinelSSLConnection(_SentinelConnection, SentinelManagedSSLConnection):
+    """``_SentinelConnection`` over TLS (``rediss+sentinel://``)."""
 
 
 _Connection = TypeVar("_Connection", bound=AbstractConnection)
@@ -300,9 +390,9 @@ class StoreConnection:
         by the ledger every half second to learn of failovers (``BudgetStore.primary``).
         """
         pool = getattr(self.client, "connection_pool", None)
-        if isinstance(pool, SentinelConnectionPool):
+        if isinstance(pool, _SentinelPool):
             with contextlib.suppress(redis_errors.RedisError, OSError):
-                host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+                host, port = await pool.discover()
                 return f"{host}:{port}"
         return None
 
@@ -315,8 +405,11 @@ class StoreConnection:
             await self.sentinel.aclose()
 
 
-def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_S) -> StoreConnection:
-    """A client for ``url`` (nothing is contacted until the first command)."""
+def connect(
+    url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_S, answer_reuse_s: float = ANSWER_REUSE_S
+) -> StoreConnection:
+    """A client for ``url`` (nothing is contacted until the first command). ``answer_reuse_s``: behind
+    Sentinel, how long one discovery of the primary serves the connections opened after it."""
     parsed = parse_store_url(url)
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if parsed.kind == "redis":
@@ -334,10 +427,11 @@ def connect(url: str, *, pool_size: int = POOL_SIZE, timeout_s: float = TIMEOUT_
         # The primary's connections as redis:// ones: no socket timeout, DeadlineRedis bounds every command.
         pool = _SentinelPool(  # type: ignore[no-untyped-call]
             parsed.master, sentinel, db=parsed.db, ssl=parsed.tls,
-            connection_class=c_packed(SentinelManagedSSLConnection if parsed.tls else SentinelManagedConnection),
+            connection_class=c_packed(_SentinelSSLConnection if parsed.tls else _SentinelConnection),
             max_connections=pool_size, socket_timeout=None, socket_connect_timeout=timeout_s,
             health_check_interval=HEALTH_CHECK_INTERVAL_S, **auth,
         )
+        pool.answer_reuse_s = answer_reuse_s
         return StoreConnection(parsed, DeadlineRedis(pool, deadline_s=timeout_s, limit=pool_size), sentinel)
     cluster = _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], ssl=parsed.tls,

@@ -2,8 +2,9 @@
 
 guardproxy uses the private API of three libraries, each from one module only (its seam):
 
-- redis-py, in ``store/client.py``: the pool's lean checkout, the Sentinel pool's connection lists, the
-  cluster client's connection class (speed and failover correctness, see that module);
+- redis-py, in ``store/client.py``: the pool's lean checkout, the Sentinel pool's connection lists and
+  address lookup (one discovery shared by the connections opened together), the Sentinel connection's
+  connect and read, the cluster client's connection class (speed and failover correctness, see that module);
 - uvicorn, in ``http/slow_clients.py``: the HTTP protocols' hooks (slow-client deadlines);
 - prometheus-client, in ``observe/metrics.py``: the value class chosen again in a forked worker.
 
