@@ -43,7 +43,7 @@ COMPONENTS = [
 STEPS = [
     ("settle (store round trip + bookkeeping)", "._settle (guardproxy/http/pipeline.py"),
     ("admit (store round trip)", "._admit (guardproxy/http/pipeline.py"),
-    ("store client calls (admit + settle + other)", "(guardproxy/store/redis.py"),
+    ("store client calls (admit + settle + other)", "(guardproxy/store/redis/"),
     ("forward to upstream (send)", "Upstream.send (guardproxy/http/upstream.py"),
     ("read a whole answer (read)", "Upstream.read (guardproxy/http/upstream.py"),
     ("relay of a stream", "(guardproxy/http/relay.py"),
