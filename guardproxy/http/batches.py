@@ -56,7 +56,7 @@ from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.store.loops import repeating
-from guardproxy.store.redis import reply_lost
+from guardproxy.store.redis.base import reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.batches")

@@ -19,16 +19,11 @@ a settlement that takes spend to a threshold, each once per period.
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import time
-from collections.abc import Callable, Container, Mapping, Sequence
-from importlib import resources
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
-from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 
 from guardproxy.budget.decision import WINDOW_MS, RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
@@ -57,17 +52,18 @@ from guardproxy.config.settings import StoreConfig
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
 from guardproxy.store.admit_args import AdmitArgs, AdmitReply, settle_books
-from guardproxy.store.client import StoreClient, StoreConnection
-from guardproxy.store.layout import GlobalKeys, Keys
+from guardproxy.store.layout import GlobalKeys
 from guardproxy.store.markers import epoch_of
-from guardproxy.store.sqlite import Script as SqliteScript
+from guardproxy.store.redis.base import (
+    DAY_KEY_TTL_S,
+    MONTH_KEY_TTL_S,
+    StoreBase,
+    text,
+    translated,
+)
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.types import Micros
 
-log = logging.getLogger("guardproxy.store")
-
-DAY_KEY_TTL_S = 40 * 86400
-MONTH_KEY_TTL_S = 400 * 86400
 #: How long /readyz's probe key lives (it is rewritten at every probe).
 READY_PROBE_TTL_MS = 60_000
 #: A worst case no budget fits (exact in Lua's numbers): ``sweep``'s admission never reserves.
@@ -76,47 +72,8 @@ NEVER_FITS = 2**52
 GIVE_UP_MS = 2 * 86_400_000
 
 
-@functools.cache
-def script_source(name: str) -> str:
-    """What the store sends for the script ``lua/<name>``: ``lua/shared.lua`` (the steps several
-    scripts take, written once), then the script's own text; one script, atomic as before. Read once
-    per process, not per store."""
-    lua = resources.files("guardproxy.store").joinpath("lua")
-    return lua.joinpath("shared.lua").read_text(encoding="utf-8") + lua.joinpath(name).read_text(encoding="utf-8")
-
-
-#: ``async with translated():`` turns the store's "unavailable" errors into ``StoreUnavailable``.
-translated = store_client.translated
-
-
-def reply_lost(error: StoreUnavailable) -> bool:
-    """The command may have run after all: the store failed while its reply was awaited (a timeout),
-    not before the command was sent."""
-    return isinstance(error.__cause__, (redis_errors.TimeoutError, TimeoutError))
-
-
-class BudgetStore:
+class BudgetStore(StoreBase):
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
-
-    def __init__(
-        self, client: StoreClient | SqliteClient, prefix: str = "gp", *, calls_kept: int = 1000,
-        connection: StoreConnection | None = None, min_replica_acks: int = 0, replica_ack_timeout_ms: int = 500,
-        hash_tag: str = "",
-    ) -> None:
-        self.client = client
-        #: One Redis Cluster hash tag for every tenant's ledger keys (``store.hash_tag``), or ``""``.
-        self.hash_tag = hash_tag
-        self.connection = connection
-        self.min_replica_acks = min_replica_acks
-        self.replica_ack_timeout_ms = replica_ack_timeout_ms
-        self.prefix = prefix
-        self.calls_kept = calls_kept
-        self._admit = client.register_script(script_source("admit.v5.lua"))
-        self._settle = client.register_script(script_source("settle.v4.lua"))
-        self._renew = client.register_script(script_source("renew.v1.lua"))
-        self._claim = client.register_script(script_source("claim.v1.lua"))
-        self._loop = client.register_script(script_source("loop.v1.lua"))
-        self._velocity = client.register_script(script_source("velocity.v1.lua"))
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BudgetStore:
@@ -132,9 +89,6 @@ class BudgetStore:
     def embedded(self) -> bool:
         """The SQLite store (one file on this machine), not Redis."""
         return isinstance(self.client, SqliteClient)
-
-    def keys(self, tenant: str) -> Keys:
-        return Keys(self.prefix, tenant, self.hash_tag)
 
     async def aclose(self) -> None:
         if self.connection is not None:
@@ -885,43 +839,8 @@ class BudgetStore:
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
 
 
-    async def _replicated(self, write: Callable[[Any], Any], script: AsyncScript | SqliteScript | None = None) -> Any:
-        """Run ``write`` and, with ``min_replica_acks``, ``WAIT`` for replicas in the same round trip.
-
-        Too few acknowledgements raise ``StoreUnavailable``: after a failover a write only the old primary
-        took is lost, so it must not count as written. ``script`` is loaded and the write run again when
-        the server does not know it (a new primary). Errors leave unwrapped, for ``translated``.
-        """
-        try:
-            return await self._replicated_once(write)
-        except redis_errors.NoScriptError:
-            if script is None:
-                raise
-            await self.client.script_load(script.script)
-            return await self._replicated_once(write)
-
-    async def _replicated_once(self, write: Callable[[Any], Any]) -> Any:
-        if not self.min_replica_acks:
-            return await write(self.client)
-        async with self.client.pipeline(transaction=False) as pipe:
-            write(pipe)
-            pipe.wait(self.min_replica_acks, self.replica_ack_timeout_ms)
-            result, acked = await pipe.execute()
-        if int(acked) < self.min_replica_acks:
-            if self.connection is not None:
-                await self.connection.rediscover()
-            raise StoreUnavailable(f"budget store unavailable: {acked} of {self.min_replica_acks} replicas "
-                                   f"confirmed the write within {self.replica_ack_timeout_ms} ms")
-        return result
-
-
 def _per_node(states: Any) -> dict[str, dict[str, Any]]:
     """``CLUSTER INFO`` answers keyed by node (one node's answer comes back unkeyed)."""
     if isinstance(states, dict) and "cluster_state" in states:
         return {"node": states}
     return {str(node): info for node, info in dict(states).items()}
-
-
-def text(value: bytes | str) -> str:
-    """A Redis reply as text."""
-    return value.decode() if isinstance(value, bytes) else value
