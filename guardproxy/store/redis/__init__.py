@@ -23,8 +23,6 @@ import time
 from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-
 from guardproxy.budget.decision import WINDOW_MS, RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import Periods
@@ -49,7 +47,6 @@ from guardproxy.budget.records import (
     VelocityCount,
 )
 from guardproxy.config.settings import StoreConfig
-from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
 from guardproxy.store.admit_args import AdmitArgs, AdmitReply, settle_books
 from guardproxy.store.layout import GlobalKeys
@@ -57,22 +54,20 @@ from guardproxy.store.markers import epoch_of
 from guardproxy.store.redis.base import (
     DAY_KEY_TTL_S,
     MONTH_KEY_TTL_S,
-    StoreBase,
     text,
     translated,
 )
+from guardproxy.store.redis.server import Server
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.types import Micros
 
-#: How long /readyz's probe key lives (it is rewritten at every probe).
-READY_PROBE_TTL_MS = 60_000
 #: A worst case no budget fits (exact in Lua's numbers): ``sweep``'s admission never reserves.
 NEVER_FITS = 2**52
 #: An alert event still undelivered this long after the trim point is no longer due.
 GIVE_UP_MS = 2 * 86_400_000
 
 
-class BudgetStore(StoreBase):
+class BudgetStore(Server):
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     @classmethod
@@ -84,54 +79,6 @@ class BudgetStore(StoreBase):
         return cls(connection.client, config.key_prefix, calls_kept=config.call_log_size, connection=connection,
                    min_replica_acks=config.min_replica_acks, replica_ack_timeout_ms=config.replica_ack_timeout_ms,
                    hash_tag=config.hash_tag)
-
-    @property
-    def embedded(self) -> bool:
-        """The SQLite store (one file on this machine), not Redis."""
-        return isinstance(self.client, SqliteClient)
-
-    async def aclose(self) -> None:
-        if self.connection is not None:
-            await self.connection.aclose()
-        elif isinstance(self.client, RedisCluster):
-            await self.client.aclose()
-        else:
-            await self.client.aclose(close_connection_pool=True)
-
-    async def ping(self) -> None:
-        async with translated():
-            await self.client.ping()
-
-    @property
-    def follows_failovers(self) -> bool:
-        """Behind Sentinel: the primary may change, and ``primary`` says when it did."""
-        return self.connection is not None and self.connection.kind == "sentinel"
-
-    async def primary(self) -> str | None:
-        """Behind Sentinel, the primary's address now (a change is a failover); ``None`` elsewhere or
-        when no Sentinel answers."""
-        if self.connection is None or self.connection.kind != "sentinel":
-            return None
-        return await self.connection.rediscover()
-
-    async def check_writable(self) -> None:
-        """Raise ``StoreUnavailable`` (saying why) unless the store takes writes now, as settlements need.
-
-        A write to a ``{readyz}`` probe key: fails on a replica (READONLY), a primary short of replicas
-        (NOREPLICAS) or a cluster slot without a shard. With ``min_replica_acks`` the probe also waits for
-        that many replicas, as settlements do. On a cluster, every primary must report ``cluster_state:ok``.
-        """
-        key = f"{self.prefix}:{{readyz}}:probe"
-        async with translated():
-            if isinstance(self.client, RedisCluster):
-                states = await self.client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
-                failing = sorted(node for node, info in _per_node(states).items()
-                                 if info.get("cluster_state") != "ok")
-                if failing:
-                    raise StoreUnavailable(f"cluster_state is not ok on {', '.join(failing)}")
-                await self.client.set(key, str(time.time()), px=READY_PROBE_TTL_MS)
-                return
-            await self._replicated(lambda client: client.set(key, str(time.time()), px=READY_PROBE_TTL_MS))
 
     async def admit(
         self, tenant: str, periods: Periods, limits: Thresholds, worst_cases: Sequence[Micros],
@@ -837,10 +784,3 @@ class BudgetStore(StoreBase):
     async def cache_set(self, key: str, value: str, ttl_s: int) -> None:
         async with translated():
             await self.client.set(f"{self.prefix}:cache:{key}", value, ex=max(1, ttl_s))
-
-
-def _per_node(states: Any) -> dict[str, dict[str, Any]]:
-    """``CLUSTER INFO`` answers keyed by node (one node's answer comes back unkeyed)."""
-    if isinstance(states, dict) and "cluster_state" in states:
-        return {"node": states}
-    return {str(node): info for node, info in dict(states).items()}
