@@ -27,11 +27,8 @@ from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
     AlertRecord,
-    CallCosts,
     JobUsage,
     KeyListing,
-    LoggedCall,
-    LoggedCost,
     LoopCount,
     QueuedAlert,
     VelocityCount,
@@ -43,6 +40,7 @@ from guardproxy.store.redis.base import (
     text,
     translated,
 )
+from guardproxy.store.redis.call_log import CallLog
 from guardproxy.store.redis.reservations import Reservations
 from guardproxy.store.redis.server import Server
 from guardproxy.store.redis.tenants import Tenants
@@ -55,7 +53,7 @@ NEVER_FITS = 2**52
 GIVE_UP_MS = 2 * 86_400_000
 
 
-class BudgetStore(Server, Reservations, Tenants):
+class BudgetStore(Server, Reservations, Tenants, CallLog):
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     @classmethod
@@ -102,33 +100,6 @@ class BudgetStore(Server, Reservations, Tenants):
             if old:
                 await self.client.hdel(k.alerts_delivery, *old)
             await self.client.zremrangebyscore(k.alerts_due, "-inf", before_ms - GIVE_UP_MS)
-
-    async def recent_calls(self, tenant: str, limit: int) -> list[dict[str, str]]:
-        """The tenant's last ``limit`` settled calls, newest first, each with its ``time_ms``."""
-        async with translated():
-            entries = await self.client.xrevrange(self.keys(tenant).calls, count=limit) or []
-        calls = []
-        for entry_id, fields in entries:
-            call = {text(a): text(b) for a, b in (fields or {}).items()}
-            call["time_ms"] = text(entry_id or b"0").split("-")[0]
-            calls.append(call)
-        return calls
-
-    async def call_costs(self, tenants: Sequence[str], count: int) -> CallCosts:
-        """The server's time (ms) and each tenant's last ``count`` logged calls, newest first, as
-        ``(time_ms, cost_micros, outcome)`` (for forecasts; the log's entry ids are the server's time)."""
-        pipe = self.client.pipeline(transaction=False)
-        for tenant in tenants:
-            pipe.xrevrange(self.keys(tenant).calls, count=count)
-        async with translated():
-            logs = await pipe.execute()
-            # Not pipelined: Redis Cluster pipelines take only commands with keys.
-            seconds, micros = await self.client.time()
-        return CallCosts(int(seconds) * 1000 + int(micros) // 1000, [
-            [LoggedCost(int(text(entry_id).split("-")[0]), int((fields or {}).get(b"cost_micros", b"0")),
-                        text((fields or {}).get(b"outcome", b""))) for entry_id, fields in log or []]
-            for log in logs
-        ])
 
     # -- alert events (queued by the scripts, delivered by ``alerts.AlertSender``) ------------------
 
@@ -301,28 +272,6 @@ class BudgetStore(Server, Reservations, Tenants):
         async with translated():
             last_hour, average, fired = (int(v) for v in await self._velocity(keys=keys, args=args))
         return VelocityCount(last_hour_micros=last_hour, average_micros=average, fired=fired == 1)
-
-    async def logged_calls(
-        self, tenant: str, start_ms: int, end_ms: int, *, after: str | None = None, count: int = 1000,
-    ) -> list[LoggedCall]:
-        """Up to ``count`` entries of the tenant's call log settled in ``[start_ms, end_ms)``, oldest first,
-        from just after the entry id ``after`` when paging on."""
-        low = f"({after}" if after else str(max(0, start_ms))
-        async with translated():
-            entries = await self.client.xrange(self.keys(tenant).calls, low, f"{max(0, end_ms - 1)}", count=count)
-        return [LoggedCall(text(entry_id or b"0-0"), {text(a): text(b) for a, b in (fields or {}).items()})
-                for entry_id, fields in entries or []]
-
-    async def call_log_extent(self, tenant: str) -> tuple[int, int | None]:
-        """How many entries the tenant's call log holds, and when its oldest was settled (ms; ``None``: empty)."""
-        key = self.keys(tenant).calls
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xlen(key)
-        pipe.xrange(key, count=1)
-        async with translated():
-            length, oldest = await pipe.execute()
-        first = int(text(oldest[0][0]).split("-")[0]) if oldest else None
-        return int(length), first
 
     # -- the response cache (keys and values from ``cache.py``) ------------------------------------
 
