@@ -24,7 +24,6 @@ from collections.abc import Container, Mapping, Sequence
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.periods import Periods
 from guardproxy.budget.records import (
-    JobUsage,
     LoopCount,
     VelocityCount,
 )
@@ -37,6 +36,7 @@ from guardproxy.store.redis.base import (
     translated,
 )
 from guardproxy.store.redis.call_log import CallLog
+from guardproxy.store.redis.jobs import Jobs
 from guardproxy.store.redis.reservations import Reservations
 from guardproxy.store.redis.server import Server
 from guardproxy.store.redis.tenants import Tenants
@@ -47,7 +47,7 @@ from guardproxy.types import Micros
 NEVER_FITS = 2**52
 
 
-class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys):
+class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys, Jobs):
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     @classmethod
@@ -83,38 +83,6 @@ class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys):
             if held[2 * i + 1]:
                 await self._trim_alerts(tenant, now_ms - alerts_kept_ms)
         return swept
-
-    # -- jobs (work orders) ------------------------------------------------------------------------
-
-    async def job_usage(self, tenant: str, job: str) -> JobUsage | None:
-        """One job's counters, ``None`` when it has none (never called, or expired)."""
-        async with translated():
-            fields = await self.client.hgetall(self.keys(tenant).job(job))
-        if not fields:
-            return None
-        return JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
-
-    async def job_spent(self, tenant: str, job: str) -> Micros:
-        """What ``job`` has cost and its live reservations hold, as admission counts it against its cap."""
-        k = self.keys(tenant)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hget(k.job(job), "cost_micros")
-        pipe.hget(k.job_held, job)
-        async with translated():
-            cost, held = await pipe.execute()
-        return int(cost or 0) + int(held or 0)
-
-    async def recent_jobs(self, tenant: str, limit: int) -> list[JobUsage]:
-        """The tenant's ``limit`` most recently active jobs, newest first (two round trips)."""
-        k = self.keys(tenant)
-        async with translated():
-            ids = [text(j) for j in await self.client.zrevrange(k.jobs, 0, max(0, limit - 1))]  # type: ignore[arg-type]
-            pipe = self.client.pipeline(transaction=False)
-            for job in ids:
-                pipe.hgetall(k.job(job))
-            values = await pipe.execute() if ids else []
-        return [JobUsage.from_hash(job, {text(a): text(b) for a, b in fields.items()})
-                for job, fields in zip(ids, values, strict=True) if fields]
 
     # -- fleet brakes and the chargeback export (``http/brakes.py``, ``observe/export.py``) ------------
 
