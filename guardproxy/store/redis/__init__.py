@@ -23,10 +23,6 @@ from collections.abc import Container, Mapping, Sequence
 
 from guardproxy.budget.decision import Thresholds
 from guardproxy.budget.periods import Periods
-from guardproxy.budget.records import (
-    LoopCount,
-    VelocityCount,
-)
 from guardproxy.config.settings import StoreConfig
 from guardproxy.store import client as store_client
 from guardproxy.store.redis.alerts import AlertQueue
@@ -35,6 +31,7 @@ from guardproxy.store.redis.base import (
     text,
     translated,
 )
+from guardproxy.store.redis.brakes import Brakes
 from guardproxy.store.redis.call_log import CallLog
 from guardproxy.store.redis.jobs import Jobs
 from guardproxy.store.redis.reservations import Reservations
@@ -47,7 +44,7 @@ from guardproxy.types import Micros
 NEVER_FITS = 2**52
 
 
-class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys, Jobs):
+class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys, Jobs, Brakes):
     """Spend, reservations, overrides and a small shared cache, for every tenant."""
 
     @classmethod
@@ -83,37 +80,6 @@ class BudgetStore(Server, Reservations, Tenants, CallLog, AlertQueue, ApiKeys, J
             if held[2 * i + 1]:
                 await self._trim_alerts(tenant, now_ms - alerts_kept_ms)
         return swept
-
-    # -- fleet brakes and the chargeback export (``http/brakes.py``, ``observe/export.py``) ------------
-
-    async def count_repeat(
-        self, tenant: str, key_id: str, job: str, digest: str, request_id: str, max_repeats: int, window_ms: int,
-        *, action: str = "refuse", alerts: bool = False,
-    ) -> LoopCount:
-        """Count one request of ``key_id`` for ``job`` whose canonical digest is ``digest``: over the limit
-        when the window already holds ``max_repeats`` of them (then it is not counted, and the first such
-        request of a window queues a ``loop`` alert event when ``alerts``). One script call."""
-        k = self.keys(tenant)
-        keys = [k.loop_hits(key_id, job, digest), k.loop_alerted(key_id, job, digest), k.alerts, k.alerts_due]
-        args: list[str | int] = [request_id, max_repeats, window_ms, action, int(alerts), tenant, key_id, job,
-                                 digest]
-        async with translated():
-            over, repeats, retry_ms = (int(v) for v in await self._loop(keys=keys, args=args))
-        return LoopCount(over=over == 1, repeats=repeats, retry_ms=retry_ms)
-
-    async def count_hourly_spend(
-        self, tenant: str, charge: Micros, factor_ppm: int, baseline_hours: int, min_micros: Micros,
-        *, alerts: bool = False,
-    ) -> VelocityCount:
-        """Add ``charge`` to the tenant's spend of this UTC hour and compare its last hour with the
-        average of the ``baseline_hours`` before: the first hour over ``factor_ppm`` / 1e6 times that
-        (and over ``min_micros``) fires, once, queuing a ``velocity`` alert event when ``alerts``."""
-        k = self.keys(tenant)
-        keys = [k.spend_hours, k.velocity_fired, k.alerts, k.alerts_due]
-        args: list[str | int] = [charge, factor_ppm, baseline_hours, min_micros, int(alerts), tenant]
-        async with translated():
-            last_hour, average, fired = (int(v) for v in await self._velocity(keys=keys, args=args))
-        return VelocityCount(last_hour_micros=last_hour, average_micros=average, fired=fired == 1)
 
     # -- the response cache (keys and values from ``cache.py``) ------------------------------------
 
