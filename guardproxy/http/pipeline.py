@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -41,10 +40,10 @@ from guardproxy.budget.periods import iso_utc
 from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
 from guardproxy.budget.tokens import TokenCounter
-from guardproxy.config.settings import Config, ModelConfig, hash_key
+from guardproxy.config.settings import ModelConfig, hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import background, brakes, cache, objects, semantic
-from guardproxy.http.auth import TenantResolver, presented_key
+from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.http.levels import LEVEL_HEADER, check_key_models, level_over_budget
 from guardproxy.http.models import model_not_found
@@ -53,11 +52,10 @@ from guardproxy.http.progress import StreamProgress, call_record
 from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
 from guardproxy.http.requests import ApiRequest, read_body
 from guardproxy.http.responses_stream import ResponsesStreamWatcher
-from guardproxy.http.semantic_cache import SemanticCache
-from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
+from guardproxy.http.services import Services
+from guardproxy.http.upstream import UpstreamResponse, response_headers
 from guardproxy.observe.calls import CallContext, SettledCall
-from guardproxy.observe.metrics import Metrics
-from guardproxy.store.ledger import CallRecord, Ledger
+from guardproxy.store.ledger import CallRecord
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.pipeline")
@@ -74,22 +72,6 @@ _COUNT_IN_THREAD_BYTES = 32 * 1024
 def fails_over(status: int) -> bool:
     """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
     return status == 429 or status >= 500
-
-
-@dataclass(frozen=True)
-class Services:
-    """Everything a request needs, built once in the app's lifespan."""
-
-    config: Config
-    ledger: Ledger
-    upstreams: dict[str, Upstream]
-    tenants: TenantResolver
-    metrics: Metrics
-    clock: Callable[[], datetime]
-    #: Told of every settled attempt (``guardproxy.observe.telemetry``'s spans).
-    observers: tuple[Callable[[SettledCall], None], ...] = ()
-    #: The semantic cache (``semantic_cache.py``), for tenants with ``cache: semantic``.
-    semantic: SemanticCache | None = None
 
 
 @dataclass(frozen=True)
