@@ -41,7 +41,7 @@ COMPONENTS = [
 ]
 # Inclusive shares: samples with any frame matching.
 STEPS = [
-    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/http/pipeline.py"),
+    ("settle (store round trip + bookkeeping)", "settle (guardproxy/http/settlement.py"),
     ("admit (store round trip)", "._admit (guardproxy/http/pipeline.py"),
     ("store client calls (admit + settle + other)", "(guardproxy/store/redis/"),
     ("forward to upstream (send)", "Upstream.send (guardproxy/http/upstream.py"),

@@ -37,30 +37,28 @@ from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
 from guardproxy.budget.levels import KeyBudget, booked_caps
 from guardproxy.budget.periods import iso_utc
-from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
+from guardproxy.budget.pricing import cost_micros, format_usd, lookup_model, micros_to_usd
 from guardproxy.budget.records import Admission, Outcome
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import ModelConfig, hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import background, brakes, cache, objects, semantic
+from guardproxy.http import background, brakes, cache, objects, semantic, settlement
 from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.http.levels import LEVEL_HEADER, check_key_models, level_over_budget
 from guardproxy.http.models import model_not_found
 from guardproxy.http.plan import Plan
-from guardproxy.http.progress import StreamProgress, call_record
+from guardproxy.http.progress import StreamProgress
 from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
 from guardproxy.http.requests import ApiRequest, read_body
 from guardproxy.http.responses_stream import ResponsesStreamWatcher
 from guardproxy.http.services import Services
+from guardproxy.http.settlement import Ending, charge_of, observe_timing, settle
 from guardproxy.http.upstream import UpstreamResponse, response_headers
-from guardproxy.observe.calls import CallContext, SettledCall
-from guardproxy.store.ledger import CallRecord
+from guardproxy.observe.calls import CallContext
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.pipeline")
-#: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
-calls_log = logging.getLogger("guardproxy.calls")
 
 #: Response header of a semantic hit: the similarity of the cached question to the one asked.
 SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
@@ -72,19 +70,6 @@ _COUNT_IN_THREAD_BYTES = 32 * 1024
 def fails_over(status: int) -> bool:
     """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
     return status == 429 or status >= 500
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How one attempt ended: what the audit log says, and what is charged."""
-
-    outcome: Outcome
-    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
-    produced: bool = False
-    usage: Usage | None = None
-    texts: Sequence[str] = ()
-    #: Fields added to the call's log entry (a semantic-cache hit, on the embedding that found it).
-    note: tuple[tuple[str, str | int], ...] = ()
 
 
 class BudgetedEndpoint:
@@ -131,7 +116,8 @@ class BudgetedEndpoint:
                 answer = await self._forward(plan, request.headers)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
+                    await settle(self.s, self.shape.path, plan, Ending(Outcome.CLIENT_DISCONNECTED),
+                                 plan.own_request_id)
                 raise
             if isinstance(answer, UpstreamResponse) and (attempt is route[-1] or not fails_over(answer.status_code)):
                 return await self._respond(plan, answer, started, cached)
@@ -297,8 +283,8 @@ class BudgetedEndpoint:
             elif failure is not None:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
             with anyio.CancelScope(shield=True):
-                self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, ending, request_id, counted=False)
+                observe_timing(self.s, plan, time.monotonic() - started, None, started)
+                await settlement.settle(self.s, self.shape.path, plan, ending, request_id, counted=False)
         reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
         log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
                     upstream.name, reason)
@@ -333,9 +319,9 @@ class BudgetedEndpoint:
             async def on_close(result: RelayResult) -> None:
                 self.s.ledger.untrack(plan.reservation.id)
                 watcher = result.watcher
-                self._observe(plan, result.duration_s, watcher.first_token_at, started)
+                observe_timing(self.s, plan, result.duration_s, watcher.first_token_at, started)
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
-                await self._settle(plan, ending, request_id)
+                await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
                     entry = await self._cache_store(plan, cached, capture.answer())
                     if entry is not None:
@@ -355,10 +341,10 @@ class BudgetedEndpoint:
         stored: cache.Entry | None = None
 
         async def settle(duration_s: float) -> None:
-            self._observe(plan, duration_s, None, started)
+            observe_timing(self.s, plan, duration_s, None, started)
             if stored is not None and cached is not None:
                 await self._semantic_store(cached, stored)
-            await self._settle(plan, ending, request_id)
+            await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
 
         try:
             content = await response.read()
@@ -374,10 +360,10 @@ class BudgetedEndpoint:
                                          plan.sent.upstream)
                 later = background.pending(self.shape.path, plan.request.body, answer)
                 if later is not None:  # runs on upstream: charged when it ends, its reservation kept till then
-                    self._observe(plan, time.monotonic() - started, None, started)
+                    observe_timing(self.s, plan, time.monotonic() - started, None, started)
                     await self._defer(plan, later, request_id)
                     return Response(content, response.status_code, headers=headers)
-                charge = self._charge(plan, ending)[1]
+                charge = charge_of(plan, ending)[1]
                 if self.s.config.server.usage_cost and add_usage_cost(answer, charge):
                     content = orjson.dumps(answer)
             else:
@@ -553,8 +539,8 @@ class BudgetedEndpoint:
                 ending = Ending(Outcome.of_failure(exc))
         finally:
             with anyio.CancelScope(shield=True):
-                self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, ending, request_id)
+                observe_timing(self.s, plan, time.monotonic() - started, None, started)
+                await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
 
     async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> cache.Entry | None:
         """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
@@ -591,11 +577,6 @@ class BudgetedEndpoint:
         except StoreUnavailable:
             log.warning("semantic cache: entry for tenant=%s not stored (store unavailable)", miss.tenant)
 
-    def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
-        self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
-        if first_token_at is not None:
-            self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
-
     async def _defer(self, plan: Plan, object_id: str, request_id: str) -> None:
         """Keep a background response's reservation in the store, for whichever process sees the
         response end to settle (``background``); a store that cannot keep it gets the worst case
@@ -626,47 +607,6 @@ class BudgetedEndpoint:
         log.info("background response %s of tenant=%s: %d micro-USD held until it ends", object_id, plan.tenant,
                  reservation.amount)
 
-    @staticmethod
-    def _charge(plan: Plan, ending: Ending) -> tuple[Usage | None, Micros]:
-        """The usage an attempt is charged for (the upstream's, else the proxy's own count of what was
-        produced) and its charge: what ``_settle`` books and what ``x-guardproxy-cost-usd`` says."""
-        usage = ending.usage
-        if ending.produced and usage is None:
-            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
-        return usage, cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
-
-    async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
-        """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
-
-        ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
-        """
-        usage, charge = self._charge(plan, ending)
-        outcome = ending.outcome
-        if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
-            outcome = Outcome.STORE_UNAVAILABLE
-        counted_usage = usage or Usage(0, 0)
-        record: CallRecord = {**call_record(plan, request_id, counted_usage, charge, outcome), **dict(ending.note)}
-        await self.s.ledger.settle(plan.reservation, charge, record)
-        if counted:
-            label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"
-            self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
-        if ending.produced and usage is not None:
-            self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
-        headers = plan.headers()
-        settled = SettledCall(
-            context=plan.context, endpoint=self.shape.path, tenant=plan.tenant, requested_model=plan.request.model,
-            model=plan.sent.name, upstream=plan.sent.upstream, upstream_model=plan.upstream_model,
-            prompt_tokens=counted_usage.prompt_tokens, completion_tokens=counted_usage.completion_tokens,
-            cached_tokens=counted_usage.cached_prompt_tokens, cost_micros=charge,
-            reserved_micros=plan.reservation.amount, outcome=outcome.value, request_id=str(record["request_id"]),
-            budget_state=headers["x-guardproxy-budget-state"],
-            downgraded_from=headers.get("x-guardproxy-downgraded-from"),
-            fallback_from=headers.get("x-guardproxy-fallback-from"),
-        )
-        if calls_log.isEnabledFor(logging.INFO):
-            calls_log.info("%s", settled.summary(), extra=settled.log_fields())
-        for observe in self.s.observers:
-            observe(settled)
 
 
 class SettledAfterSending(Response):
