@@ -29,24 +29,19 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from guardproxy.budget import decision as budget
-from guardproxy.budget import ratelimit
-from guardproxy.budget.choice import Admit, Choice, choose
-from guardproxy.budget.clamp import Tier
+from guardproxy.budget.choice import Admit, Choice
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
-from guardproxy.budget.levels import KeyBudget, booked_caps
-from guardproxy.budget.periods import iso_utc
-from guardproxy.budget.pricing import cost_micros, format_usd, lookup_model, micros_to_usd
-from guardproxy.budget.records import Admission, Outcome
+from guardproxy.budget.levels import booked_caps
+from guardproxy.budget.pricing import cost_micros, lookup_model, micros_to_usd
+from guardproxy.budget.records import Outcome
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import ModelConfig, hash_key
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import background, brakes, cache, objects, semantic, settlement
+from guardproxy.errors import GuardError, StoreUnavailable
+from guardproxy.http import admission, background, brakes, cache, objects, semantic, settlement
 from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
-from guardproxy.http.levels import LEVEL_HEADER, check_key_models, level_over_budget
-from guardproxy.http.models import model_not_found
+from guardproxy.http.levels import check_key_models
 from guardproxy.http.plan import Plan
 from guardproxy.http.progress import StreamProgress
 from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
@@ -62,9 +57,6 @@ log = logging.getLogger("guardproxy.pipeline")
 
 #: Response header of a semantic hit: the similarity of the cached question to the one asked.
 SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
-
-# Counting a large prompt takes milliseconds: off the event loop above this size.
-_COUNT_IN_THREAD_BYTES = 32 * 1024
 
 
 def fails_over(status: int) -> bool:
@@ -87,7 +79,7 @@ class BudgetedEndpoint:
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
         await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
-        requested = self._price(call.model)
+        requested = admission.priced(self.s.config, call.model)
         key_budget = self.s.tenants.key_budget(request.headers)
         check_key_models(key_budget, call.model, requested.name)
         # The runaway-agent brake, once the request is known to be valid and before anything is reserved
@@ -104,11 +96,12 @@ class BudgetedEndpoint:
             if isinstance(semantic_answer, Response):
                 return semantic_answer
             cached = semantic_answer
-        prompt_tokens = await self._estimate(call)
+        prompt_tokens = await admission.estimate(self.shape, call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job, key_budget)
+            plan = await admission.admit_attempt(self.s, self.shape, tenant, call, requested, attempt, prompt_tokens,
+                                                 context, job, key_budget)
             if plan is None:
                 continue
             started = time.monotonic()
@@ -129,112 +122,17 @@ class BudgetedEndpoint:
         assert failure is not None
         return failure
 
-    # -- the steps -------------------------------------------------------------------------------
-
-    def _price(self, model: str) -> ModelConfig:
-        entry = lookup_model(model, self.s.config.models)
-        if entry is None:
-            raise model_not_found(model, self.s.config.models)
-        return entry
-
-    async def _estimate(self, call: ApiRequest) -> int:
-        counter = TokenCounter(call.model)
-        if len(call.raw) < _COUNT_IN_THREAD_BYTES:
-            return self.shape.prompt_tokens(counter, call.body)
-        return await anyio.to_thread.run_sync(self.shape.prompt_tokens, counter, call.body)
-
-    async def _admit(
-        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
-        context: CallContext,
-        job: str = "", key_budget: KeyBudget | None = None,
-    ) -> Plan | None:
-        """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
-        fallback that does not (it is skipped)."""
-        chain = self.s.config.downgrade_chain(attempt)
-        call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
-
-        levels = self.s.ledger.level_args(tenant, [m.name for m in chain], context.key_id, key_budget)
-        # a background response is settled by whichever process sees it end: per-day markers (store.markers)
-        settled_later = background.requested(self.shape.path, call.body)
-
-        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
-                        ) -> Admission:
-            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
-                                             levels=levels.for_tiers(tiers), settled_later=settled_later)
-
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
-        admission = choice.deciding
-        decision = admission.decision
-        if admission.rate.limited is not None:
-            # The tenant's per-minute window is full: a fallback would count against the same window.
-            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
-            self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
-            raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
-        if choice.index is None:
-            if attempt is not requested:
-                log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
-                return None
-            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
-            self.s.metrics.count_budget_refusal(tenant, admission)
-            if decision.exhausted == "job":
-                raise self._job_over_budget(tenant, job, admission)
-            if admission.refused_by is not None:
-                raise level_over_budget(tenant, admission.refused_by, admission, self.s.clock())
-            raise self._over_budget(tenant, decision, admission)
-        sent = chain[choice.index]
-        if sent is not attempt:
-            self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
-        if attempt is not requested:
-            self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
-        if choice.clamped_tokens is not None:
-            self.s.metrics.clamped.labels(tenant, sent.name).inc()
-        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context,
-                    choice.clamped_tokens)
-
-    async def _choose(
-        self, tenant: str, call: ApiRequest, chain: Sequence[ModelConfig], prompt_tokens: int, admit: Admit
-    ) -> Choice:
-        tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
-        return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
-
     async def quote(self, tenant: str, raw: bytes, admit_for: Callable[[Sequence[str]], Admit]) -> Quote:
         """What admission would decide for the request body ``raw`` now, through the same steps as a
         call (parse, price, estimate, choose), with ``admit_for(models of the chain)`` reading the spend
         (at every level of those models) instead of reserving."""
         call = self.shape.parse(raw)
-        requested = self._price(call.model)
-        prompt_tokens = await self._estimate(call)
+        requested = admission.priced(self.s.config, call.model)
+        prompt_tokens = await admission.estimate(self.shape, call)
         chain = self.s.config.downgrade_chain(requested)
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit_for([m.name for m in chain]))
+        choice = await admission.choose_model(self.s, self.shape, tenant, call, chain, prompt_tokens,
+                                              admit_for([m.name for m in chain]))
         return Quote(call, chain, prompt_tokens, choice)
-
-    def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
-        period = decision.exhausted or "day"
-        periods = self.s.ledger.periods(tenant)
-        limits = admission.limits
-        hard = limits.hard_day if period == "day" else limits.hard_month
-        resets_at = periods.day_resets_at if period == "day" else periods.month_resets_at
-        retry_after = periods.seconds_until_reset(period, self.s.clock())
-        return GuardError(
-            ErrorKind.OVER_BUDGET,
-            f"Tenant {tenant!r} has reached its {'daily' if period == 'day' else 'monthly'} budget "
-            f"(limit {format_usd(hard)} USD for {periods.day if period == 'day' else periods.month}); "
-            f"it resets at {iso_utc(resets_at)}.",
-            headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
-                     "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED,
-                     LEVEL_HEADER: "tenant"},
-        )
-
-    def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
-        cap = admission.job_cap
-        limit = f" (limit {format_usd(cap)} USD)" if cap is not None else ""
-        return GuardError(
-            ErrorKind.JOB_OVER_BUDGET,
-            f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
-            "fit what is left.",
-            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job,
-                     LEVEL_HEADER: "job"},
-        )
 
     async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
         """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
@@ -455,7 +353,7 @@ class BudgetedEndpoint:
             return miss
         counted = self.s.metrics.semantic_requests
         text_tokens = TokenCounter(settings.embeddings_model).prompts(question.text)
-        if not semantic.pays_off(text_tokens, embedder.price, await self._estimate(call), model.price):
+        if not semantic.pays_off(text_tokens, embedder.price, await admission.estimate(self.shape, call), model.price):
             counted.labels(tenant, "skipped").inc()
             return miss
         body = {"model": settings.embeddings_model, "input": question.text, "encoding_format": "base64",
@@ -510,11 +408,11 @@ class BudgetedEndpoint:
         complete answer before it is settled; what it returns is added to the call's log entry.
         Admission's refusals raise ``GuardError``; an upstream failure is settled and ends the call."""
         call = self.shape.parse(raw)
-        requested = self._price(call.model)
+        requested = admission.priced(self.s.config, call.model)
         key_budget = self.s.tenants.key_budget(incoming)
         check_key_models(key_budget, call.model, requested.name)
-        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job,
-                                 key_budget)
+        plan = await admission.admit_attempt(self.s, self.shape, tenant, call, requested, requested,
+                                             await admission.estimate(self.shape, call), context, job, key_budget)
         assert plan is not None  # the requested model is refused by raising, never skipped
         started = time.monotonic()
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
