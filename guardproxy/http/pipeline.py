@@ -38,9 +38,10 @@ from guardproxy.budget.records import Outcome
 from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import ModelConfig, hash_key
 from guardproxy.errors import GuardError, StoreUnavailable
-from guardproxy.http import admission, background, brakes, cache, objects, semantic, settlement
+from guardproxy.http import admission, background, brakes, cache, forwarding, objects, semantic, settlement
 from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
+from guardproxy.http.forwarding import fails_over
 from guardproxy.http.levels import check_key_models
 from guardproxy.http.plan import Plan
 from guardproxy.http.progress import StreamProgress
@@ -57,11 +58,6 @@ log = logging.getLogger("guardproxy.pipeline")
 
 #: Response header of a semantic hit: the similarity of the cached question to the one asked.
 SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
-
-
-def fails_over(status: int) -> bool:
-    """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
-    return status == 429 or status >= 500
 
 
 class BudgetedEndpoint:
@@ -106,7 +102,7 @@ class BudgetedEndpoint:
                 continue
             started = time.monotonic()
             try:
-                answer = await self._forward(plan, request.headers)
+                answer = await forwarding.forward(self.s, self.shape, plan, request.headers)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await settle(self.s, self.shape.path, plan, Ending(Outcome.CLIENT_DISCONNECTED),
@@ -114,7 +110,7 @@ class BudgetedEndpoint:
                 raise
             if isinstance(answer, UpstreamResponse) and (attempt is route[-1] or not fails_over(answer.status_code)):
                 return await self._respond(plan, answer, started, cached)
-            failure = await self._failed(plan, answer, started)
+            failure = await forwarding.failed(self.s, self.shape, plan, answer, started)
         # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
         self.s.metrics.requests.labels(tenant, requested.name, "error").inc()
         if isinstance(failure, GuardError):
@@ -133,60 +129,6 @@ class BudgetedEndpoint:
         choice = await admission.choose_model(self.s, self.shape, tenant, call, chain, prompt_tokens,
                                               admit_for([m.name for m in chain]))
         return Quote(call, chain, prompt_tokens, choice)
-
-    async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
-        """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
-        upstream = self.s.upstreams[plan.sent.upstream]
-        headers = upstream.request_headers(incoming.items(), self.s.tenants.routing_headers, plan.tenant)
-        try:
-            return await upstream.send(
-                upstream.endpoint_path(self.shape.path, plan.upstream_model), self._outgoing_body(plan), headers
-            )
-        except GuardError as exc:
-            return exc
-
-    def _outgoing_body(self, plan: Plan) -> bytes:
-        """The request body for upstream; the caller's own bytes when nothing needs to change."""
-        call = plan.request
-        changes: dict[str, Any] = {}
-        if plan.upstream_model != call.model:
-            changes["model"] = plan.upstream_model
-        if self.shape.asks_for_usage and call.stream and not call.wants_usage:
-            changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
-        if plan.clamped_tokens is not None:
-            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens,
-                                                    (plan.sent.name, plan.upstream_model)))
-        return orjson.dumps({**call.body, **changes}) if changes else call.raw
-
-    async def _failed(self, plan: Plan, answer: UpstreamResponse | GuardError, started: float) -> Response | GuardError:
-        """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
-        upstream = self.s.upstreams[plan.sent.upstream]
-        failure: Response | GuardError | None = None
-        request_id = plan.own_request_id
-        try:
-            if isinstance(answer, GuardError):
-                failure = answer
-            else:
-                request_id = answer.headers.get("x-request-id") or request_id
-                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers(),
-                           COST_HEADER: usd_text(0)}  # a failed attempt is charged nothing
-                failure = Response(await answer.read(), answer.status_code, headers=headers)
-        except GuardError as exc:
-            failure = exc
-        finally:
-            ending = Ending(Outcome.CLIENT_DISCONNECTED)  # cancelled while reading the error body
-            if isinstance(failure, GuardError):
-                failure.headers["x-request-id"] = request_id
-                ending = Ending(Outcome.of_failure(failure))
-            elif failure is not None:
-                ending = Ending(Outcome.UPSTREAM_ERROR)
-            with anyio.CancelScope(shield=True):
-                observe_timing(self.s, plan, time.monotonic() - started, None, started)
-                await settlement.settle(self.s, self.shape.path, plan, ending, request_id, counted=False)
-        reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
-        log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
-                    upstream.name, reason)
-        return failure
 
     async def _respond(
         self, plan: Plan, response: UpstreamResponse, started: float, cached: CacheMiss | None = None
@@ -418,7 +360,7 @@ class BudgetedEndpoint:
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
         request_id = plan.own_request_id
         try:
-            answer = await self._forward(plan, incoming)
+            answer = await forwarding.forward(self.s, self.shape, plan, incoming)
             if isinstance(answer, GuardError):
                 ending = Ending(Outcome.of_failure(answer))
                 return
