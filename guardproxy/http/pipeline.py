@@ -13,12 +13,10 @@ so no path leaves money reserved.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +24,29 @@ import anyio
 import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from guardproxy.budget.choice import Admit, Choice
 from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
 from guardproxy.budget.fleet import key_fingerprint
 from guardproxy.budget.levels import booked_caps
-from guardproxy.budget.pricing import cost_micros, lookup_model, micros_to_usd
+from guardproxy.budget.pricing import cost_micros
 from guardproxy.budget.records import Outcome
-from guardproxy.budget.tokens import TokenCounter
 from guardproxy.config.settings import ModelConfig, hash_key
 from guardproxy.errors import GuardError, StoreUnavailable
-from guardproxy.http import admission, background, brakes, cache, forwarding, objects, semantic, settlement
+from guardproxy.http import (
+    admission,
+    background,
+    brakes,
+    cache,
+    cached_answers,
+    forwarding,
+    objects,
+    settlement,
+)
 from guardproxy.http.auth import presented_key
+from guardproxy.http.cached_answers import CacheMiss, keep_answer, keep_semantic
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
 from guardproxy.http.forwarding import fails_over
 from guardproxy.http.levels import check_key_models
@@ -52,12 +59,8 @@ from guardproxy.http.services import Services
 from guardproxy.http.settlement import Ending, charge_of, observe_timing, settle
 from guardproxy.http.upstream import UpstreamResponse, response_headers
 from guardproxy.observe.calls import CallContext
-from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.pipeline")
-
-#: Response header of a semantic hit: the similarity of the cached question to the one asked.
-SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
 
 
 class BudgetedEndpoint:
@@ -83,12 +86,14 @@ class BudgetedEndpoint:
         await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
                                 self.shape.path, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
-        cached = await self._cache_lookup(tenant, call, request.headers)
+        cached = await cached_answers.lookup(self.s, self.shape, tenant, call, request.headers)
         if isinstance(cached, Response):
             return cached
         if cached is not None and cached.result == "miss":
             # The semantic cache: an embedding charged like any call, then a hit answers here.
-            semantic_answer = await self._semantic_lookup(cached, call, request.headers, context, job)
+            semantic_answer = await cached_answers.semantic_lookup(
+                self.s, self.shape, cached, call, request.headers, context, job,
+                embed=BudgetedEndpoint(self.s, EMBEDDINGS).call_within)
             if isinstance(semantic_answer, Response):
                 return semantic_answer
             cached = semantic_answer
@@ -163,9 +168,9 @@ class BudgetedEndpoint:
                 ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
                 await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
                 if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
-                    entry = await self._cache_store(plan, cached, capture.answer())
+                    entry = await keep_answer(self.s, self.shape, plan, cached, capture.answer())
                     if entry is not None:
-                        await self._semantic_store(cached, entry)
+                        await keep_semantic(self.s, cached, entry)
 
             on_object = None
             if objects.stores_answer(self.shape.path, plan.request.body):
@@ -183,7 +188,7 @@ class BudgetedEndpoint:
         async def settle(duration_s: float) -> None:
             observe_timing(self.s, plan, duration_s, None, started)
             if stored is not None and cached is not None:
-                await self._semantic_store(cached, stored)
+                await keep_semantic(self.s, cached, stored)
             await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
 
         try:
@@ -193,7 +198,7 @@ class BudgetedEndpoint:
                 usage, texts = self.shape.answer_usage(answer)
                 ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
                 if cached is not None and response.status_code == 200:
-                    stored = await self._cache_store(plan, cached, answer)
+                    stored = await keep_answer(self.s, self.shape, plan, cached, answer)
                 stored_id = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
                 if stored_id is not None:  # before the client has the id, so that it can be retrieved at once
                     await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored_id],
@@ -226,120 +231,6 @@ class BudgetedEndpoint:
             return Response(content, response.status_code, headers=headers)
         # The store's round trip leaves the latency path: the answer is sent first, then settled.
         return SettledAfterSending(content, response.status_code, headers, lambda: settle(duration_s))
-
-    # -- the response cache (``cache.py``) ---------------------------------------------------------
-
-    async def _cache_lookup(self, tenant: str, call: ApiRequest, incoming: Headers) -> Response | CacheMiss | None:
-        """A hit's response; a ``CacheMiss`` (the answer is to be stored) or ``None`` (not cached at all).
-
-        A hit is served whatever the tenant's budget: it costs nothing. A store that cannot be read
-        is a miss (admission then decides what an unavailable store means for the call)."""
-        if not self.s.config.policy_for(tenant).cache or not cache.deterministic(self.shape.path, call.body, incoming):
-            return None
-        key = cache.digest(self.shape.path, call.body)
-        if cache.skips_lookup(incoming):
-            self.s.metrics.cache_requests.labels(tenant, "bypass").inc()
-            return CacheMiss(tenant, key, "bypass")
-        try:
-            raw = await self.s.ledger.store.cached_response(tenant, key)
-        except StoreUnavailable:
-            raw = None
-        entry = cache.Entry.from_bytes(raw) if raw is not None else None
-        if entry is None:
-            self.s.metrics.cache_requests.labels(tenant, "miss").inc()
-            return CacheMiss(tenant, key, "miss")
-        self.s.metrics.cache_requests.labels(tenant, "hit").inc()
-        self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(self._saved_micros(entry)))
-        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
-        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "hit"})
-
-    def _saved_micros(self, entry: cache.Entry) -> Micros:
-        """What a cached answer would have cost upstream (0 when its model or usage is not known)."""
-        model = lookup_model(entry.model, self.s.config.models)
-        usage, _ = self.shape.answer_usage(entry.answer)
-        return cost_micros(usage, model.price) if model is not None and usage is not None else 0
-
-    def _replay(self, tenant: str, call: ApiRequest, entry: cache.Entry, extra: dict[str, str]) -> Response:
-        """A cached answer in the shape the client asked for: the object itself, or SSE. Its completion
-        is not charged (``usage.cost`` 0)."""
-        headers = {**extra, "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
-                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}", COST_HEADER: usd_text(0)}
-        answer = entry.answer
-        if self.s.config.server.usage_cost:
-            add_usage_cost(answer, 0)
-        if call.stream:
-            frames = cache.replay_stream(self.shape.path, answer, call.wants_usage)
-            return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
-        return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
-
-    # -- the semantic cache (``semantic.py``, ``semantic_cache.py``) --------------------------------
-
-    async def _semantic_lookup(
-        self, miss: CacheMiss, call: ApiRequest, incoming: Headers, context: CallContext, job: str
-    ) -> Response | CacheMiss:
-        """A semantic hit's response, or the exact miss (with the question and its embedding, to be
-        stored with the answer). The embedding is an embeddings call through the same admission and
-        settlement as any (``BudgetedEndpoint.call_within``); when it is refused (budget, rate limit) or
-        fails, the call goes on without the semantic cache and meets the same admission itself."""
-        tenant, store = miss.tenant, self.s.semantic
-        if store is None or not self.s.config.policy_for(tenant).semantic_cache:
-            return miss
-        settings = store.config
-        question = semantic.question(
-            self.shape.path, call.body, incoming, max_messages=settings.max_messages,
-            embeddings_model=settings.embeddings_model, dimensions=settings.dimensions,
-        )
-        embedder = self.s.config.models.get(settings.embeddings_model)
-        model = lookup_model(call.model, self.s.config.models)
-        if question is None or embedder is None or model is None:
-            return miss
-        counted = self.s.metrics.semantic_requests
-        text_tokens = TokenCounter(settings.embeddings_model).prompts(question.text)
-        if not semantic.pays_off(text_tokens, embedder.price, await admission.estimate(self.shape, call), model.price):
-            counted.labels(tenant, "skipped").inc()
-            return miss
-        body = {"model": settings.embeddings_model, "input": question.text, "encoding_format": "base64",
-                "dimensions": settings.dimensions}
-        found: list[tuple[semantic.Found, cache.Entry]] = []
-        vectors: list[Any] = []
-
-        async def search(answer: Any) -> dict[str, str | int]:
-            vector = semantic.embedding_of(answer, settings.dimensions)
-            if vector is None:
-                return {}
-            vectors.append(vector)
-            try:
-                hit = await store.search(tenant, question, vector)
-                entry = await store.answer(tenant, hit) if hit is not None else None
-            except StoreUnavailable:
-                return {}
-            if hit is None or entry is None:
-                return {}
-            found.append((hit, entry))
-            return {"cache": "semantic-hit", "similarity": f"{hit.similarity:.4f}",
-                    "saved_micros": self._saved_micros(entry)}
-
-        try:
-            await BudgetedEndpoint(self.s, EMBEDDINGS).call_within(
-                tenant, orjson.dumps(body), context, job, incoming, search)
-        except GuardError as exc:
-            log.info("semantic cache: no embedding for tenant=%s: %s", tenant, exc.message)
-        if not vectors:
-            counted.labels(tenant, "error").inc()
-            return miss
-        if not found:
-            counted.labels(tenant, "miss").inc()
-            return dataclasses.replace(miss, semantic=semantic.Embedded(question, vectors[0]))
-        hit, entry = found[0]
-        saved = self._saved_micros(entry)
-        counted.labels(tenant, "hit").inc()
-        self.s.metrics.semantic_saved.labels(tenant).inc(micros_to_usd(saved))
-        # A store error loses only `guardproxy status`'s tally; /metrics and the call log have the hit.
-        with contextlib.suppress(StoreUnavailable):
-            await self.s.ledger.store.count_semantic_hit(tenant, saved)
-        log.info("semantic cache hit tenant=%s model=%s similarity=%.4f", tenant, entry.model, hit.similarity)
-        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "semantic-hit",
-                                                  SIMILARITY_HEADER: f"{hit.similarity:.4f}"})
 
     async def call_within(
         self, tenant: str, raw: bytes, context: CallContext, job: str, incoming: Headers,
@@ -381,41 +272,6 @@ class BudgetedEndpoint:
             with anyio.CancelScope(shield=True):
                 observe_timing(self.s, plan, time.monotonic() - started, None, started)
                 await settlement.settle(self.s, self.shape.path, plan, ending, request_id)
-
-    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> cache.Entry | None:
-        """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
-        what an identical request would get on its own, nor is one whose output limit the budget
-        clamped: it may be cut short, and served again once the budget is raised); a store error
-        only loses the entry. The entry, when it is worth keeping (for the semantic cache too)."""
-        if plan.sent is not plan.requested or plan.clamped_tokens is not None \
-                or not cache.storable(self.shape.path, answer):
-            return None
-        entry = cache.Entry(plan.sent.name, answer)
-        value = entry.to_bytes()
-        if len(value) > self.s.config.cache.max_entry_bytes:
-            return None
-        health = self.s.ledger.health
-        if health is not None and not health.cache_room():
-            return None  # the store's memory is for the ledger first
-        bounds = self.s.config.cache
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, bounds.ttl_s,
-                                                         max_tenant_bytes=bounds.max_tenant_bytes,
-                                                         max_total_bytes=bounds.max_total_bytes)
-        except StoreUnavailable:
-            log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
-        return entry
-
-    async def _semantic_store(self, miss: CacheMiss, entry: cache.Entry) -> None:
-        """Keep the answer for the question the semantic cache missed; a store error only loses it."""
-        if miss.semantic is None or self.s.semantic is None:
-            return
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector, entry)
-        except StoreUnavailable:
-            log.warning("semantic cache: entry for tenant=%s not stored (store unavailable)", miss.tenant)
 
     async def _defer(self, plan: Plan, object_id: str, request_id: str) -> None:
         """Keep a background response's reservation in the store, for whichever process sees the
@@ -467,22 +323,6 @@ class SettledAfterSending(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.settle()
-
-
-@dataclass(frozen=True)
-class CacheMiss:
-    """A cacheable request the cache did not answer: its key, and ``miss`` or ``bypass`` (no-cache)."""
-
-    tenant: str
-    key: str
-    result: str
-    #: The question and its embedding, when the semantic cache missed too (stored with the answer).
-    semantic: semantic.Embedded | None = None
-
-
-async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for frame in frames:
-        yield frame
 
 
 @dataclass(frozen=True)
