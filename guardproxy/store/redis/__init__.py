@@ -4,7 +4,7 @@ Admission and settlement are each one Lua script, so any number of proxy process
 Redis never overspend nor pass a per-minute rate limit; settlement applies at most once per
 reservation id (a settled-marker the scripts check), so a retried or replayed settle never charges
 twice. A reservation holds a lease that the process running the call renews (``renew``); one whose
-process died frees within a lease. Without a Redis URL the store is one SQLite file (``sqlite.py``:
+process died frees within a lease. Without a Redis URL the store is one SQLite file (``store/sqlite.py``:
 the same keys and commands, the scripts transcribed and checked against the Lua), shared by every
 process that opens it. Every key of a tenant carries ``{tenant}`` as hash tag, so the scripts work on
 Redis Cluster. ``protocol.Store`` is what the rest of guardproxy may ask of a store. Redis errors become
@@ -12,7 +12,7 @@ Redis Cluster. ``protocol.Store`` is what the rest of guardproxy may ask of a st
 ``store_client`` builds the client for plain Redis, Sentinel or Cluster.
 
 The scripts also queue alert events (a stream per tenant plus a zset of their next delivery time,
-``alerts.py`` delivers them) when they decide one: the first refusal or downgrade of a period, and
+``observe/alerts.py`` delivers them) when they decide one: the first refusal or downgrade of a period, and
 a settlement that takes spend to a threshold, each once per period.
 
 ``BudgetStore`` is assembled here from one class per concern, each in its own module over
