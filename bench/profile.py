@@ -41,13 +41,13 @@ COMPONENTS = [
 ]
 # Inclusive shares: samples with any frame matching.
 STEPS = [
-    ("settle (store round trip + bookkeeping)", "._settle (guardproxy/http/pipeline.py"),
-    ("admit (store round trip)", "._admit (guardproxy/http/pipeline.py"),
-    ("store client calls (admit + settle + other)", "(guardproxy/store/redis.py"),
+    ("settle (store round trip + bookkeeping)", "settle (guardproxy/http/settlement.py"),
+    ("admit (store round trip)", "admit_attempt (guardproxy/http/admission.py"),
+    ("store client calls (admit + settle + other)", "(guardproxy/store/redis/"),
     ("forward to upstream (send)", "Upstream.send (guardproxy/http/upstream.py"),
     ("read a whole answer (read)", "Upstream.read (guardproxy/http/upstream.py"),
     ("relay of a stream", "(guardproxy/http/relay.py"),
-    ("token estimate", "._estimate (guardproxy/http/pipeline.py"),
+    ("token estimate", "estimate (guardproxy/http/admission.py"),
     ("auth (tenant resolve)", "(guardproxy/http/auth.py"),
     ("logging", "(logging/"),
     ("metrics", "(prometheus_client/"),

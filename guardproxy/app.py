@@ -43,8 +43,8 @@ from guardproxy.http.models import model_object
 from guardproxy.http.models import retrieve as retrieve_model
 from guardproxy.http.objects import LISTED, STORED_ANSWERS
 from guardproxy.http.paths import EntryGuard
-from guardproxy.http.pipeline import Services
 from guardproxy.http.runtime import Runtime
+from guardproxy.http.services import Services
 from guardproxy.observe.alerts import AlertSender
 from guardproxy.observe.metrics import Metrics
 from guardproxy.observe.state import listed_tenants, read_states

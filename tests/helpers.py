@@ -246,7 +246,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 def all_settled(url: str, tenant: str = "acme") -> None:
-    """Complete answers settle right after they are sent (``pipeline.SettledAfterSending``): wait until
+    """Complete answers settle right after they are sent (``answers.SettledAfterSending``): wait until
     no call of ``tenant`` holds a reservation, so that its spend and audit log are final."""
     wait_for(lambda: reserved(url, tenant) == 0)
 

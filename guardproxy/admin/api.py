@@ -31,8 +31,8 @@ from guardproxy.config.validation import ConfigError, Fields
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object, read_body
+from guardproxy.http.services import Services
 from guardproxy.observe.alerts import event_json
 from guardproxy.observe.state import OVERRIDE_FIELDS, TenantState, all_tenants, override_record, read_states
 from guardproxy.types import Micros

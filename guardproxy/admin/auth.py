@@ -12,7 +12,7 @@ from starlette.requests import Request
 from guardproxy.admin.csrf import check_admin_write
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http.auth import presented_key
-from guardproxy.http.pipeline import Services
+from guardproxy.http.services import Services
 
 
 def check_admin(request: Request, services: Services) -> None:

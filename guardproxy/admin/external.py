@@ -32,8 +32,8 @@ from guardproxy.budget.records import Outcome, Reservation
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
+from guardproxy.http.services import Services
 from guardproxy.store.ledger import CallRecord
 from guardproxy.types import Micros
 

@@ -14,8 +14,8 @@ from guardproxy.budget.levels import WINDOW_FIELDS
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import app_state
 from guardproxy.http.auth import valid_tenant
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object, read_body
+from guardproxy.http.services import Services
 from guardproxy.store.keys import NAME_MAX, KeyRing, key_budget_from_json, parse_expiry
 
 

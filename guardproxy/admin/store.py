@@ -17,7 +17,7 @@ from starlette.routing import Route
 from guardproxy.admin.auth import check_admin
 from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import app_state
-from guardproxy.http.pipeline import Services
+from guardproxy.http.services import Services
 from guardproxy.store.health import StoreHealth
 
 

@@ -28,7 +28,8 @@ from guardproxy.config.settings import TENANT_ID, Config
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.health import StoreHealth, acknowledge_reset
 from guardproxy.store.ledger import level_caps
-from guardproxy.store.redis import BudgetStore, text
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import text
 
 
 def add_parser(

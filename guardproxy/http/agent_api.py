@@ -33,8 +33,9 @@ from guardproxy.config.settings import hash_key
 from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.http import app_state
 from guardproxy.http.auth import presented_key
-from guardproxy.http.pipeline import BudgetedEndpoint, Quote, Services
+from guardproxy.http.pipeline import BudgetedEndpoint, Quote
 from guardproxy.http.requests import parse_json_object, read_body
+from guardproxy.http.services import Services
 from guardproxy.observe.state import effective_policy, read_states
 from guardproxy.types import Micros
 

@@ -11,8 +11,8 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from guardproxy.config.settings import Config
-from guardproxy.http.pipeline import Services
 from guardproxy.http.runtime import Runtime
+from guardproxy.http.services import Services
 
 #: The key of the ``AppState`` in the lifespan state (and so in every request's ``scope["state"]``).
 STATE_KEY = "guardproxy"

@@ -52,11 +52,11 @@ from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import BUDGETED, ApiShape
 from guardproxy.http.levels import check_key_models, level_over_budget
 from guardproxy.http.models import model_not_found
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import parse_json_object
+from guardproxy.http.services import Services
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.store.loops import repeating
-from guardproxy.store.redis import reply_lost
+from guardproxy.store.redis.base import reply_lost
 from guardproxy.types import Micros
 
 log = logging.getLogger("guardproxy.batches")

@@ -22,8 +22,8 @@ from guardproxy.errors import ErrorKind, GuardError
 from guardproxy.http import objects
 from guardproxy.http.batches import Batches
 from guardproxy.http.objects import ObjectPath
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
+from guardproxy.http.services import Services
 from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
 from guardproxy.types import JSONObject
 

@@ -22,8 +22,8 @@ from guardproxy.http.endpoints import BUDGETED
 from guardproxy.http.object_routes import ScopedObjects
 from guardproxy.http.objects import ALWAYS_SCOPED, object_path
 from guardproxy.http.openai_resources import resource_label
-from guardproxy.http.pipeline import Services
 from guardproxy.http.requests import read_body
+from guardproxy.http.services import Services
 from guardproxy.http.upstream import UpstreamResponse, response_headers
 
 log = logging.getLogger("guardproxy.passthrough")

@@ -9,100 +9,41 @@ requested model, then its ``fallbacks``, each admitted and reserved for its own 
 attempt's reservation is settled in exactly one place: the failure branch, the complete answer's
 response once it has been sent (``SettledAfterSending``), or the relay's close callback for streams,
 so no path leaves money reserved.
+
+Each step lives in a module of its own: ``admission`` (price, estimate, decide and reserve),
+``cached_answers`` (the response and semantic caches), ``forwarding`` (to the upstream, and a failed
+attempt), ``answers`` (relay or send, then settle) and ``settlement`` (what is charged, booked once).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import anyio
-import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
-from guardproxy.budget import decision as budget
-from guardproxy.budget import ratelimit
-from guardproxy.budget.choice import Admit, Choice, choose
-from guardproxy.budget.clamp import Tier
-from guardproxy.budget.cost import COST_HEADER, add_usage_cost, usd_text
+from guardproxy.budget.choice import Admit, Choice
 from guardproxy.budget.fleet import key_fingerprint
-from guardproxy.budget.levels import KeyBudget, booked_caps
-from guardproxy.budget.periods import iso_utc
-from guardproxy.budget.pricing import Usage, cost_micros, format_usd, lookup_model, micros_to_usd
-from guardproxy.budget.records import Admission, Outcome
-from guardproxy.budget.tokens import TokenCounter
-from guardproxy.config.settings import Config, ModelConfig, hash_key
-from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
-from guardproxy.http import background, brakes, cache, objects, semantic
-from guardproxy.http.auth import TenantResolver, presented_key
+from guardproxy.budget.records import Outcome
+from guardproxy.config.settings import ModelConfig, hash_key
+from guardproxy.errors import GuardError
+from guardproxy.http import admission, answers, brakes, cached_answers, forwarding, objects
+from guardproxy.http.answers import json_or_none
+from guardproxy.http.auth import presented_key
 from guardproxy.http.endpoints import EMBEDDINGS, ApiShape
-from guardproxy.http.levels import LEVEL_HEADER, check_key_models, level_over_budget
-from guardproxy.http.models import model_not_found
-from guardproxy.http.plan import Plan
-from guardproxy.http.progress import StreamProgress, call_record
-from guardproxy.http.relay import ChatStreamWatcher, RelayResult, StreamRelay
+from guardproxy.http.forwarding import fails_over
+from guardproxy.http.levels import check_key_models
 from guardproxy.http.requests import ApiRequest, read_body
-from guardproxy.http.responses_stream import ResponsesStreamWatcher
-from guardproxy.http.semantic_cache import SemanticCache
-from guardproxy.http.upstream import Upstream, UpstreamResponse, response_headers
-from guardproxy.observe.calls import CallContext, SettledCall
-from guardproxy.observe.metrics import Metrics
-from guardproxy.store.ledger import CallRecord, Ledger
-from guardproxy.types import Micros
-
-log = logging.getLogger("guardproxy.pipeline")
-#: One line per settled call, when asked (``logs.CALLS_LOGGER``: on with json logs, off with text).
-calls_log = logging.getLogger("guardproxy.calls")
-
-#: Response header of a semantic hit: the similarity of the cached question to the one asked.
-SIMILARITY_HEADER = "x-guardproxy-cache-similarity"
-
-# Counting a large prompt takes milliseconds: off the event loop above this size.
-_COUNT_IN_THREAD_BYTES = 32 * 1024
-
-
-def fails_over(status: int) -> bool:
-    """An upstream answer worth trying the next model for: the provider failed or is rate-limiting."""
-    return status == 429 or status >= 500
-
-
-@dataclass(frozen=True)
-class Services:
-    """Everything a request needs, built once in the app's lifespan."""
-
-    config: Config
-    ledger: Ledger
-    upstreams: dict[str, Upstream]
-    tenants: TenantResolver
-    metrics: Metrics
-    clock: Callable[[], datetime]
-    #: Told of every settled attempt (``guardproxy.observe.telemetry``'s spans).
-    observers: tuple[Callable[[SettledCall], None], ...] = ()
-    #: The semantic cache (``semantic_cache.py``), for tenants with ``cache: semantic``.
-    semantic: SemanticCache | None = None
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How one attempt ended: what the audit log says, and what is charged."""
-
-    outcome: Outcome
-    #: An answer (or part of one) was produced: charge its usage, else the proxy's count of ``texts``.
-    produced: bool = False
-    usage: Usage | None = None
-    texts: Sequence[str] = ()
-    #: Fields added to the call's log entry (a semantic-cache hit, on the embedding that found it).
-    note: tuple[tuple[str, str | int], ...] = ()
+from guardproxy.http.services import Services
+from guardproxy.http.settlement import Ending, observe_timing, settle
+from guardproxy.http.upstream import UpstreamResponse
+from guardproxy.observe.calls import CallContext
 
 
 class BudgetedEndpoint:
@@ -120,7 +61,7 @@ class BudgetedEndpoint:
         call = self.shape.parse(await read_body(request, self.s.config.server.max_body_bytes))
         # A request may continue or read only the tenant's own objects (previous_response_id, file_id…).
         await objects.check_references(self.s.ledger.store, tenant, call.raw, call.body)
-        requested = self._price(call.model)
+        requested = admission.priced(self.s.config, call.model)
         key_budget = self.s.tenants.key_budget(request.headers)
         check_key_models(key_budget, call.model, requested.name)
         # The runaway-agent brake, once the request is known to be valid and before anything is reserved
@@ -128,32 +69,36 @@ class BudgetedEndpoint:
         await brakes.check_loop(self.s.ledger.store, self.s.config, self.s.metrics, tenant, context.key_id, job,
                                 self.shape.path, call.body)
         # The response cache: a hit answers here, with no upstream call and no charge.
-        cached = await self._cache_lookup(tenant, call, request.headers)
+        cached = await cached_answers.lookup(self.s, self.shape, tenant, call, request.headers)
         if isinstance(cached, Response):
             return cached
         if cached is not None and cached.result == "miss":
             # The semantic cache: an embedding charged like any call, then a hit answers here.
-            semantic_answer = await self._semantic_lookup(cached, call, request.headers, context, job)
+            semantic_answer = await cached_answers.semantic_lookup(
+                self.s, self.shape, cached, call, request.headers, context, job,
+                embed=BudgetedEndpoint(self.s, EMBEDDINGS).call_within)
             if isinstance(semantic_answer, Response):
                 return semantic_answer
             cached = semantic_answer
-        prompt_tokens = await self._estimate(call)
+        prompt_tokens = await admission.estimate(self.shape, call)
         route = self.s.config.route(requested)
         failure: Response | GuardError | None = None
         for attempt in route:
-            plan = await self._admit(tenant, call, requested, attempt, prompt_tokens, context, job, key_budget)
+            plan = await admission.admit_attempt(self.s, self.shape, tenant, call, requested, attempt, prompt_tokens,
+                                                 context, job, key_budget)
             if plan is None:
                 continue
             started = time.monotonic()
             try:
-                answer = await self._forward(plan, request.headers)
+                answer = await forwarding.forward(self.s, self.shape, plan, request.headers)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._settle(plan, Ending(Outcome.CLIENT_DISCONNECTED), plan.own_request_id)
+                    await settle(self.s, self.shape.path, plan, Ending(Outcome.CLIENT_DISCONNECTED),
+                                 plan.own_request_id)
                 raise
             if isinstance(answer, UpstreamResponse) and (attempt is route[-1] or not fails_over(answer.status_code)):
-                return await self._respond(plan, answer, started, cached)
-            failure = await self._failed(plan, answer, started)
+                return await answers.respond(self.s, self.shape, plan, answer, started, cached)
+            failure = await forwarding.failed(self.s, self.shape, plan, answer, started)
         # Every attempt failed (or no fallback fitted the budget): the client gets the last failure.
         self.s.metrics.requests.labels(tenant, requested.name, "error").inc()
         if isinstance(failure, GuardError):
@@ -161,377 +106,17 @@ class BudgetedEndpoint:
         assert failure is not None
         return failure
 
-    # -- the steps -------------------------------------------------------------------------------
-
-    def _price(self, model: str) -> ModelConfig:
-        entry = lookup_model(model, self.s.config.models)
-        if entry is None:
-            raise model_not_found(model, self.s.config.models)
-        return entry
-
-    async def _estimate(self, call: ApiRequest) -> int:
-        counter = TokenCounter(call.model)
-        if len(call.raw) < _COUNT_IN_THREAD_BYTES:
-            return self.shape.prompt_tokens(counter, call.body)
-        return await anyio.to_thread.run_sync(self.shape.prompt_tokens, counter, call.body)
-
-    async def _admit(
-        self, tenant: str, call: ApiRequest, requested: ModelConfig, attempt: ModelConfig, prompt_tokens: int,
-        context: CallContext,
-        job: str = "", key_budget: KeyBudget | None = None,
-    ) -> Plan | None:
-        """Decide and reserve for ``attempt``: 429 when the requested model does not fit, ``None`` for a
-        fallback that does not (it is skipped)."""
-        chain = self.s.config.downgrade_chain(attempt)
-        call_tokens = prompt_tokens + max(self.shape.worst_output_tokens(call, m) for m in chain)
-
-        levels = self.s.ledger.level_args(tenant, [m.name for m in chain], context.key_id, key_budget)
-        # a background response is settled by whichever process sees it end: per-day markers (store.markers)
-        settled_later = background.requested(self.shape.path, call.body)
-
-        async def admit(tenant: str, worst_cases: Sequence[Micros], provisional: bool, tiers: Sequence[int]
-                        ) -> Admission:
-            return await self.s.ledger.admit(tenant, worst_cases, call_tokens, job, provisional=provisional,
-                                             levels=levels.for_tiers(tiers), settled_later=settled_later)
-
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit)
-        admission = choice.deciding
-        decision = admission.decision
-        if admission.rate.limited is not None:
-            # The tenant's per-minute window is full: a fallback would count against the same window.
-            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()  # contract §6 outcomes
-            self.s.metrics.rate_limited.labels(tenant, admission.rate.limited).inc()
-            raise ratelimit.rate_limited(tenant, admission.rate, call_tokens)
-        if choice.index is None:
-            if attempt is not requested:
-                log.info("fallback skipped tenant=%s model=%s: over budget", tenant, attempt.name)
-                return None
-            self.s.metrics.requests.labels(tenant, requested.name, "rejected").inc()
-            self.s.metrics.count_budget_refusal(tenant, admission)
-            if decision.exhausted == "job":
-                raise self._job_over_budget(tenant, job, admission)
-            if admission.refused_by is not None:
-                raise level_over_budget(tenant, admission.refused_by, admission, self.s.clock())
-            raise self._over_budget(tenant, decision, admission)
-        sent = chain[choice.index]
-        if sent is not attempt:
-            self.s.metrics.downgrades.labels(tenant, attempt.name, sent.name).inc()
-        if attempt is not requested:
-            self.s.metrics.fallbacks.labels(tenant, requested.name, attempt.name).inc()
-        if choice.clamped_tokens is not None:
-            self.s.metrics.clamped.labels(tenant, sent.name).inc()
-        return Plan(tenant, call, requested, attempt, sent, prompt_tokens, admission, context,
-                    choice.clamped_tokens)
-
-    async def _choose(
-        self, tenant: str, call: ApiRequest, chain: Sequence[ModelConfig], prompt_tokens: int, admit: Admit
-    ) -> Choice:
-        tiers = [Tier(m.price, self.shape.output_limit(call, m)) for m in chain]
-        return await choose(tenant, tiers, prompt_tokens, call.choices, self.s.config.policy_for(tenant), admit)
-
     async def quote(self, tenant: str, raw: bytes, admit_for: Callable[[Sequence[str]], Admit]) -> Quote:
         """What admission would decide for the request body ``raw`` now, through the same steps as a
         call (parse, price, estimate, choose), with ``admit_for(models of the chain)`` reading the spend
         (at every level of those models) instead of reserving."""
         call = self.shape.parse(raw)
-        requested = self._price(call.model)
-        prompt_tokens = await self._estimate(call)
+        requested = admission.priced(self.s.config, call.model)
+        prompt_tokens = await admission.estimate(self.shape, call)
         chain = self.s.config.downgrade_chain(requested)
-        choice = await self._choose(tenant, call, chain, prompt_tokens, admit_for([m.name for m in chain]))
+        choice = await admission.choose_model(self.s, self.shape, tenant, call, chain, prompt_tokens,
+                                              admit_for([m.name for m in chain]))
         return Quote(call, chain, prompt_tokens, choice)
-
-    def _over_budget(self, tenant: str, decision: budget.Decision, admission: Admission) -> GuardError:
-        period = decision.exhausted or "day"
-        periods = self.s.ledger.periods(tenant)
-        limits = admission.limits
-        hard = limits.hard_day if period == "day" else limits.hard_month
-        resets_at = periods.day_resets_at if period == "day" else periods.month_resets_at
-        retry_after = periods.seconds_until_reset(period, self.s.clock())
-        return GuardError(
-            ErrorKind.OVER_BUDGET,
-            f"Tenant {tenant!r} has reached its {'daily' if period == 'day' else 'monthly'} budget "
-            f"(limit {format_usd(hard)} USD for {periods.day if period == 'day' else periods.month}); "
-            f"it resets at {iso_utc(resets_at)}.",
-            headers={"retry-after": str(retry_after), "x-should-retry": "false", **ratelimit.headers(admission.rate),
-                     "x-guardproxy-tenant": tenant, "x-guardproxy-budget-state": budget.BLOCKED,
-                     LEVEL_HEADER: "tenant"},
-        )
-
-    def _job_over_budget(self, tenant: str, job: str, admission: Admission) -> GuardError:
-        cap = admission.job_cap
-        limit = f" (limit {format_usd(cap)} USD)" if cap is not None else ""
-        return GuardError(
-            ErrorKind.JOB_OVER_BUDGET,
-            f"Job {job!r} of tenant {tenant!r} has reached its budget{limit}; this call's worst case does not "
-            "fit what is left.",
-            headers={"x-should-retry": "false", "x-guardproxy-tenant": tenant, "x-guardproxy-job": job,
-                     LEVEL_HEADER: "job"},
-        )
-
-    async def _forward(self, plan: Plan, incoming: Headers) -> UpstreamResponse | GuardError:
-        """The upstream's answer head, or why there is none (unreachable, timed out, breaker open)."""
-        upstream = self.s.upstreams[plan.sent.upstream]
-        headers = upstream.request_headers(incoming.items(), self.s.tenants.routing_headers, plan.tenant)
-        try:
-            return await upstream.send(
-                upstream.endpoint_path(self.shape.path, plan.upstream_model), self._outgoing_body(plan), headers
-            )
-        except GuardError as exc:
-            return exc
-
-    def _outgoing_body(self, plan: Plan) -> bytes:
-        """The request body for upstream; the caller's own bytes when nothing needs to change."""
-        call = plan.request
-        changes: dict[str, Any] = {}
-        if plan.upstream_model != call.model:
-            changes["model"] = plan.upstream_model
-        if self.shape.asks_for_usage and call.stream and not call.wants_usage:
-            changes["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
-        if plan.clamped_tokens is not None:
-            changes.update(self.shape.lowered_limit(call.body, plan.clamped_tokens,
-                                                    (plan.sent.name, plan.upstream_model)))
-        return orjson.dumps({**call.body, **changes}) if changes else call.raw
-
-    async def _failed(self, plan: Plan, answer: UpstreamResponse | GuardError, started: float) -> Response | GuardError:
-        """Release a failed attempt (nothing charged) and keep what the client gets if no other answers."""
-        upstream = self.s.upstreams[plan.sent.upstream]
-        failure: Response | GuardError | None = None
-        request_id = plan.own_request_id
-        try:
-            if isinstance(answer, GuardError):
-                failure = answer
-            else:
-                request_id = answer.headers.get("x-request-id") or request_id
-                headers = {**response_headers(answer.headers), "x-request-id": request_id, **plan.headers(),
-                           COST_HEADER: usd_text(0)}  # a failed attempt is charged nothing
-                failure = Response(await answer.read(), answer.status_code, headers=headers)
-        except GuardError as exc:
-            failure = exc
-        finally:
-            ending = Ending(Outcome.CLIENT_DISCONNECTED)  # cancelled while reading the error body
-            if isinstance(failure, GuardError):
-                failure.headers["x-request-id"] = request_id
-                ending = Ending(Outcome.of_failure(failure))
-            elif failure is not None:
-                ending = Ending(Outcome.UPSTREAM_ERROR)
-            with anyio.CancelScope(shield=True):
-                self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, ending, request_id, counted=False)
-        reason = failure.message if isinstance(failure, GuardError) else f"HTTP {failure.status_code}"
-        log.warning("upstream failed tenant=%s model=%s upstream=%s: %s", plan.tenant, plan.sent.name,
-                    upstream.name, reason)
-        return failure
-
-    async def _respond(
-        self, plan: Plan, response: UpstreamResponse, started: float, cached: CacheMiss | None = None
-    ) -> Response:
-        """Relay the answer (streamed as it arrives, or whole) and settle what it cost; a ``cached``
-        miss keeps the complete answer for the next identical request."""
-        upstream = self.s.upstreams[plan.sent.upstream]
-        # The upstream's id when it sent one, else our own: the client and the audit log share it.
-        request_id = response.headers.get("x-request-id") or plan.own_request_id
-        headers = {**response_headers(response.headers), "x-request-id": request_id, **plan.headers()}
-        if cached is not None:
-            headers[cache.CACHE_HEADER] = cached.result
-        if plan.request.stream and response.status_code == 200:
-            watcher = self.shape.watcher(plan.request)
-            if self.s.config.server.usage_cost and isinstance(watcher, ChatStreamWatcher | ResponsesStreamWatcher):
-                price = plan.sent.price
-                watcher.cost_of = lambda usage: cost_micros(usage, price)
-            capture = None
-            if cached is not None:
-                capture = cache.CapturingWatcher(watcher, self.shape.path, self.s.config.cache.max_entry_bytes)
-                watcher = capture
-
-            # Checkpointed while it runs, and noted before each batch it relays, so that a crash still
-            # charges what it relayed.
-            ledger, reservation_id = self.s.ledger, plan.reservation.id
-            ledger.track(reservation_id, StreamProgress(plan, watcher, request_id))
-
-            async def on_close(result: RelayResult) -> None:
-                self.s.ledger.untrack(plan.reservation.id)
-                watcher = result.watcher
-                self._observe(plan, result.duration_s, watcher.first_token_at, started)
-                ending = Ending(result.outcome, produced=True, usage=watcher.usage, texts=watcher.texts)
-                await self._settle(plan, ending, request_id)
-                if cached is not None and capture is not None and result.outcome is Outcome.COMPLETED:
-                    entry = await self._cache_store(plan, cached, capture.answer())
-                    if entry is not None:
-                        await self._semantic_store(cached, entry)
-
-            on_object = None
-            if objects.stores_answer(self.shape.path, plan.request.body):
-                async def on_object(object_id: str) -> None:
-                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [object_id],
-                                         plan.sent.upstream)
-
-            return StreamRelay(upstream.name, response, headers, watcher, on_close,  # type: ignore[return-value]
-                               on_object, before_send=lambda: ledger.relaying(reservation_id))
-        ending = Ending(Outcome.CLIENT_DISCONNECTED)
-        # The semantic entry is written once the answer is on its way (off the latency path), before
-        # the settlement, so that a caller who waits for the settlement finds the entry.
-        stored: cache.Entry | None = None
-
-        async def settle(duration_s: float) -> None:
-            self._observe(plan, duration_s, None, started)
-            if stored is not None and cached is not None:
-                await self._semantic_store(cached, stored)
-            await self._settle(plan, ending, request_id)
-
-        try:
-            content = await response.read()
-            if 200 <= response.status_code < 300:
-                answer = _json_or_none(content)
-                usage, texts = self.shape.answer_usage(answer)
-                ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
-                if cached is not None and response.status_code == 200:
-                    stored = await self._cache_store(plan, cached, answer)
-                stored_id = objects.stored_answer_id(self.shape.path, plan.request.body, answer)
-                if stored_id is not None:  # before the client has the id, so that it can be retrieved at once
-                    await objects.record(self.s.ledger.store, plan.tenant, self.shape.path, [stored_id],
-                                         plan.sent.upstream)
-                later = background.pending(self.shape.path, plan.request.body, answer)
-                if later is not None:  # runs on upstream: charged when it ends, its reservation kept till then
-                    self._observe(plan, time.monotonic() - started, None, started)
-                    await self._defer(plan, later, request_id)
-                    return Response(content, response.status_code, headers=headers)
-                charge = self._charge(plan, ending)[1]
-                if self.s.config.server.usage_cost and add_usage_cost(answer, charge):
-                    content = orjson.dumps(answer)
-            else:
-                ending = Ending(Outcome.UPSTREAM_ERROR)
-                charge = 0
-            headers[COST_HEADER] = usd_text(charge)
-        except BaseException as exc:  # a read error, or cancelled while reading: nothing is sent, settle now
-            if isinstance(exc, GuardError):
-                exc.headers["x-request-id"] = request_id
-                ending = Ending(Outcome.of_failure(exc))
-            with anyio.CancelScope(shield=True):
-                await settle(time.monotonic() - started)
-            raise
-        duration_s = time.monotonic() - started
-        if plan.admission.unbudgeted or self.s.ledger.journal_pending():
-            # The store is failing: the charge goes to the journal, fsynced before the client has its
-            # answer, so that a crash right after the answer still loses nothing.
-            with anyio.CancelScope(shield=True):
-                await settle(duration_s)
-            return Response(content, response.status_code, headers=headers)
-        # The store's round trip leaves the latency path: the answer is sent first, then settled.
-        return SettledAfterSending(content, response.status_code, headers, lambda: settle(duration_s))
-
-    # -- the response cache (``cache.py``) ---------------------------------------------------------
-
-    async def _cache_lookup(self, tenant: str, call: ApiRequest, incoming: Headers) -> Response | CacheMiss | None:
-        """A hit's response; a ``CacheMiss`` (the answer is to be stored) or ``None`` (not cached at all).
-
-        A hit is served whatever the tenant's budget: it costs nothing. A store that cannot be read
-        is a miss (admission then decides what an unavailable store means for the call)."""
-        if not self.s.config.policy_for(tenant).cache or not cache.deterministic(self.shape.path, call.body, incoming):
-            return None
-        key = cache.digest(self.shape.path, call.body)
-        if cache.skips_lookup(incoming):
-            self.s.metrics.cache_requests.labels(tenant, "bypass").inc()
-            return CacheMiss(tenant, key, "bypass")
-        try:
-            raw = await self.s.ledger.store.cached_response(tenant, key)
-        except StoreUnavailable:
-            raw = None
-        entry = cache.Entry.from_bytes(raw) if raw is not None else None
-        if entry is None:
-            self.s.metrics.cache_requests.labels(tenant, "miss").inc()
-            return CacheMiss(tenant, key, "miss")
-        self.s.metrics.cache_requests.labels(tenant, "hit").inc()
-        self.s.metrics.cache_saved.labels(tenant).inc(micros_to_usd(self._saved_micros(entry)))
-        log.info("cache hit tenant=%s model=%s endpoint=%s", tenant, entry.model, self.shape.path)
-        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "hit"})
-
-    def _saved_micros(self, entry: cache.Entry) -> Micros:
-        """What a cached answer would have cost upstream (0 when its model or usage is not known)."""
-        model = lookup_model(entry.model, self.s.config.models)
-        usage, _ = self.shape.answer_usage(entry.answer)
-        return cost_micros(usage, model.price) if model is not None and usage is not None else 0
-
-    def _replay(self, tenant: str, call: ApiRequest, entry: cache.Entry, extra: dict[str, str]) -> Response:
-        """A cached answer in the shape the client asked for: the object itself, or SSE. Its completion
-        is not charged (``usage.cost`` 0)."""
-        headers = {**extra, "x-guardproxy-tenant": tenant, "x-guardproxy-model": entry.model,
-                   "x-request-id": f"req_gp_cache_{uuid.uuid4().hex}", COST_HEADER: usd_text(0)}
-        answer = entry.answer
-        if self.s.config.server.usage_cost:
-            add_usage_cost(answer, 0)
-        if call.stream:
-            frames = cache.replay_stream(self.shape.path, answer, call.wants_usage)
-            return StreamingResponse(iterate_in_memory(frames), media_type="text/event-stream", headers=headers)
-        return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
-
-    # -- the semantic cache (``semantic.py``, ``semantic_cache.py``) --------------------------------
-
-    async def _semantic_lookup(
-        self, miss: CacheMiss, call: ApiRequest, incoming: Headers, context: CallContext, job: str
-    ) -> Response | CacheMiss:
-        """A semantic hit's response, or the exact miss (with the question and its embedding, to be
-        stored with the answer). The embedding is an embeddings call through the same admission and
-        settlement as any (``BudgetedEndpoint.call_within``); when it is refused (budget, rate limit) or
-        fails, the call goes on without the semantic cache and meets the same admission itself."""
-        tenant, store = miss.tenant, self.s.semantic
-        if store is None or not self.s.config.policy_for(tenant).semantic_cache:
-            return miss
-        settings = store.config
-        question = semantic.question(
-            self.shape.path, call.body, incoming, max_messages=settings.max_messages,
-            embeddings_model=settings.embeddings_model, dimensions=settings.dimensions,
-        )
-        embedder = self.s.config.models.get(settings.embeddings_model)
-        model = lookup_model(call.model, self.s.config.models)
-        if question is None or embedder is None or model is None:
-            return miss
-        counted = self.s.metrics.semantic_requests
-        text_tokens = TokenCounter(settings.embeddings_model).prompts(question.text)
-        if not semantic.pays_off(text_tokens, embedder.price, await self._estimate(call), model.price):
-            counted.labels(tenant, "skipped").inc()
-            return miss
-        body = {"model": settings.embeddings_model, "input": question.text, "encoding_format": "base64",
-                "dimensions": settings.dimensions}
-        found: list[tuple[semantic.Found, cache.Entry]] = []
-        vectors: list[Any] = []
-
-        async def search(answer: Any) -> dict[str, str | int]:
-            vector = semantic.embedding_of(answer, settings.dimensions)
-            if vector is None:
-                return {}
-            vectors.append(vector)
-            try:
-                hit = await store.search(tenant, question, vector)
-                entry = await store.answer(tenant, hit) if hit is not None else None
-            except StoreUnavailable:
-                return {}
-            if hit is None or entry is None:
-                return {}
-            found.append((hit, entry))
-            return {"cache": "semantic-hit", "similarity": f"{hit.similarity:.4f}",
-                    "saved_micros": self._saved_micros(entry)}
-
-        try:
-            await BudgetedEndpoint(self.s, EMBEDDINGS).call_within(
-                tenant, orjson.dumps(body), context, job, incoming, search)
-        except GuardError as exc:
-            log.info("semantic cache: no embedding for tenant=%s: %s", tenant, exc.message)
-        if not vectors:
-            counted.labels(tenant, "error").inc()
-            return miss
-        if not found:
-            counted.labels(tenant, "miss").inc()
-            return dataclasses.replace(miss, semantic=semantic.Embedded(question, vectors[0]))
-        hit, entry = found[0]
-        saved = self._saved_micros(entry)
-        counted.labels(tenant, "hit").inc()
-        self.s.metrics.semantic_saved.labels(tenant).inc(micros_to_usd(saved))
-        # A store error loses only `guardproxy status`'s tally; /metrics and the call log have the hit.
-        with contextlib.suppress(StoreUnavailable):
-            await self.s.ledger.store.count_semantic_hit(tenant, saved)
-        log.info("semantic cache hit tenant=%s model=%s similarity=%.4f", tenant, entry.model, hit.similarity)
-        return self._replay(tenant, call, entry, {cache.CACHE_HEADER: "semantic-hit",
-                                                  SIMILARITY_HEADER: f"{hit.similarity:.4f}"})
 
     async def call_within(
         self, tenant: str, raw: bytes, context: CallContext, job: str, incoming: Headers,
@@ -542,17 +127,17 @@ class BudgetedEndpoint:
         complete answer before it is settled; what it returns is added to the call's log entry.
         Admission's refusals raise ``GuardError``; an upstream failure is settled and ends the call."""
         call = self.shape.parse(raw)
-        requested = self._price(call.model)
+        requested = admission.priced(self.s.config, call.model)
         key_budget = self.s.tenants.key_budget(incoming)
         check_key_models(key_budget, call.model, requested.name)
-        plan = await self._admit(tenant, call, requested, requested, await self._estimate(call), context, job,
-                                 key_budget)
+        plan = await admission.admit_attempt(self.s, self.shape, tenant, call, requested, requested,
+                                             await admission.estimate(self.shape, call), context, job, key_budget)
         assert plan is not None  # the requested model is refused by raising, never skipped
         started = time.monotonic()
         ending = Ending(Outcome.CLIENT_DISCONNECTED)
         request_id = plan.own_request_id
         try:
-            answer = await self._forward(plan, incoming)
+            answer = await forwarding.forward(self.s, self.shape, plan, incoming)
             if isinstance(answer, GuardError):
                 ending = Ending(Outcome.of_failure(answer))
                 return
@@ -561,7 +146,7 @@ class BudgetedEndpoint:
             if answer.status_code != 200:
                 ending = Ending(Outcome.UPSTREAM_ERROR)
                 return
-            body = _json_or_none(content)
+            body = json_or_none(content)
             usage, texts = self.shape.answer_usage(body)
             ending = Ending(Outcome.COMPLETED, produced=True, usage=usage, texts=texts)
             note = await use(body)
@@ -571,156 +156,8 @@ class BudgetedEndpoint:
                 ending = Ending(Outcome.of_failure(exc))
         finally:
             with anyio.CancelScope(shield=True):
-                self._observe(plan, time.monotonic() - started, None, started)
-                await self._settle(plan, ending, request_id)
-
-    async def _cache_store(self, plan: Plan, miss: CacheMiss, answer: Any) -> cache.Entry | None:
-        """Keep a complete answer of the model asked for (a downgraded or fallback answer is not
-        what an identical request would get on its own, nor is one whose output limit the budget
-        clamped: it may be cut short, and served again once the budget is raised); a store error
-        only loses the entry. The entry, when it is worth keeping (for the semantic cache too)."""
-        if plan.sent is not plan.requested or plan.clamped_tokens is not None \
-                or not cache.storable(self.shape.path, answer):
-            return None
-        entry = cache.Entry(plan.sent.name, answer)
-        value = entry.to_bytes()
-        if len(value) > self.s.config.cache.max_entry_bytes:
-            return None
-        health = self.s.ledger.health
-        if health is not None and not health.cache_room():
-            return None  # the store's memory is for the ledger first
-        bounds = self.s.config.cache
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.s.ledger.store.cache_response(miss.tenant, miss.key, value, bounds.ttl_s,
-                                                         max_tenant_bytes=bounds.max_tenant_bytes,
-                                                         max_total_bytes=bounds.max_total_bytes)
-        except StoreUnavailable:
-            log.warning("cache: answer for tenant=%s not stored (store unavailable)", miss.tenant)
-        return entry
-
-    async def _semantic_store(self, miss: CacheMiss, entry: cache.Entry) -> None:
-        """Keep the answer for the question the semantic cache missed; a store error only loses it."""
-        if miss.semantic is None or self.s.semantic is None:
-            return
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.s.semantic.add(miss.tenant, miss.semantic.question, miss.semantic.vector, entry)
-        except StoreUnavailable:
-            log.warning("semantic cache: entry for tenant=%s not stored (store unavailable)", miss.tenant)
-
-    def _observe(self, plan: Plan, duration_s: float, first_token_at: float | None, started: float) -> None:
-        self.s.metrics.upstream_duration.labels(plan.sent.upstream, plan.sent.name).observe(duration_s)
-        if first_token_at is not None:
-            self.s.metrics.time_to_first_token.labels(plan.sent.name).observe(first_token_at - started)
-
-    async def _defer(self, plan: Plan, object_id: str, request_id: str) -> None:
-        """Keep a background response's reservation in the store, for whichever process sees the
-        response end to settle (``background``); a store that cannot keep it gets the worst case
-        charged now, so that nothing is lost."""
-        reservation = plan.reservation
-        fields: dict[str, str | int] = {
-            "kind": "response", "reservation": reservation.id, "day": reservation.day, "month": reservation.month,
-            "reserved_micros": reservation.amount, "job": reservation.job, "upstream": plan.sent.upstream,
-            "model": plan.sent.name, "requested_model": plan.request.model, "prompt_tokens": plan.prompt_tokens,
-            "request_id": request_id, "state": "open", "submitted_ms": int(time.time() * 1000),
-        }
-        if reservation.levels:  # served unbudgeted (fail_open): the levels its charge goes to, kept with it
-            fields["levels"] = orjson.dumps(booked_caps(reservation.levels)).decode()
-        self.s.metrics.requests.labels(plan.tenant, plan.requested.name,
-                                       "downgraded" if plan.downgraded else "allowed").inc()
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.s.ledger.store.open_deferred(plan.tenant, object_id, fields)
-                await self.s.ledger.hold(reservation, background.BACKGROUND_LEASE_MS)
-            except StoreUnavailable:
-                log.error("background response %s of tenant=%s could not be kept for later; charging its worst "
-                          "case, %d micro-USD, now", object_id, plan.tenant, reservation.amount)
-                await self.s.ledger.settle(reservation, reservation.amount, {
-                    "request_id": request_id, "requested_model": plan.request.model, "model": plan.sent.name,
-                    "prompt_tokens": plan.prompt_tokens, "completion_tokens": 0, "cached_tokens": 0,
-                    "cost_micros": reservation.amount, "outcome": "background_worst_case"})
-                return
-        log.info("background response %s of tenant=%s: %d micro-USD held until it ends", object_id, plan.tenant,
-                 reservation.amount)
-
-    @staticmethod
-    def _charge(plan: Plan, ending: Ending) -> tuple[Usage | None, Micros]:
-        """The usage an attempt is charged for (the upstream's, else the proxy's own count of what was
-        produced) and its charge: what ``_settle`` books and what ``x-guardproxy-cost-usd`` says."""
-        usage = ending.usage
-        if ending.produced and usage is None:
-            usage = Usage(plan.prompt_tokens, TokenCounter(plan.sent.name).texts(list(ending.texts)))
-        return usage, cost_micros(usage, plan.sent.price) if ending.produced and usage else 0
-
-    async def _settle(self, plan: Plan, ending: Ending, request_id: str, *, counted: bool = True) -> None:
-        """Charge the upstream's usage, else the proxy's own count; nothing when nothing was produced.
-
-        ``counted``: the attempt is the call's last, so it counts in ``guardproxy_requests_total``.
-        """
-        usage, charge = self._charge(plan, ending)
-        outcome = ending.outcome
-        if outcome is Outcome.COMPLETED and plan.admission.unbudgeted:
-            outcome = Outcome.STORE_UNAVAILABLE
-        counted_usage = usage or Usage(0, 0)
-        record: CallRecord = {**call_record(plan, request_id, counted_usage, charge, outcome), **dict(ending.note)}
-        await self.s.ledger.settle(plan.reservation, charge, record)
-        if counted:
-            label = "error" if not ending.produced else "downgraded" if plan.downgraded else "allowed"
-            self.s.metrics.requests.labels(plan.tenant, plan.requested.name, label).inc()
-        if ending.produced and usage is not None:
-            self.s.metrics.record_settled(plan.tenant, plan.sent.name, usage, charge)
-        headers = plan.headers()
-        settled = SettledCall(
-            context=plan.context, endpoint=self.shape.path, tenant=plan.tenant, requested_model=plan.request.model,
-            model=plan.sent.name, upstream=plan.sent.upstream, upstream_model=plan.upstream_model,
-            prompt_tokens=counted_usage.prompt_tokens, completion_tokens=counted_usage.completion_tokens,
-            cached_tokens=counted_usage.cached_prompt_tokens, cost_micros=charge,
-            reserved_micros=plan.reservation.amount, outcome=outcome.value, request_id=str(record["request_id"]),
-            budget_state=headers["x-guardproxy-budget-state"],
-            downgraded_from=headers.get("x-guardproxy-downgraded-from"),
-            fallback_from=headers.get("x-guardproxy-fallback-from"),
-        )
-        if calls_log.isEnabledFor(logging.INFO):
-            calls_log.info("%s", settled.summary(), extra=settled.log_fields())
-        for observe in self.s.observers:
-            observe(settled)
-
-
-class SettledAfterSending(Response):
-    """A complete answer whose attempt is settled once the answer has been handed to the server, so
-    the client does not wait on the store. ``settle`` runs exactly once whatever the sending meets
-    (client gone, cancelled), shielded; until it has run the reservation holds, so admission stays
-    conservative. uvicorn finishes it before the lifespan's shutdown (which drains the journal)."""
-
-    def __init__(
-        self, content: bytes, status_code: int, headers: dict[str, str], settle: Callable[[], Awaitable[None]]
-    ) -> None:
-        super().__init__(content, status_code, headers=headers)
-        self.settle = settle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.settle()
-
-
-@dataclass(frozen=True)
-class CacheMiss:
-    """A cacheable request the cache did not answer: its key, and ``miss`` or ``bypass`` (no-cache)."""
-
-    tenant: str
-    key: str
-    result: str
-    #: The question and its embedding, when the semantic cache missed too (stored with the answer).
-    semantic: semantic.Embedded | None = None
-
-
-async def iterate_in_memory(frames: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for frame in frames:
-        yield frame
+                observe_timing(self.s, plan, time.monotonic() - started, None, started)
+                await settle(self.s, self.shape.path, plan, ending, request_id)
 
 
 @dataclass(frozen=True)
@@ -732,10 +169,3 @@ class Quote:
     chain: Sequence[ModelConfig]
     prompt_tokens: int
     choice: Choice
-
-
-def _json_or_none(content: bytes) -> Any:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None

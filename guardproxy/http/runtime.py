@@ -29,8 +29,9 @@ from guardproxy.http import workers
 from guardproxy.http.auth import JobTenantResolver, TenantResolver
 from guardproxy.http.endpoints import BUDGETED
 from guardproxy.http.passthrough import UnbudgetedPaths
-from guardproxy.http.pipeline import BudgetedEndpoint, Services
+from guardproxy.http.pipeline import BudgetedEndpoint
 from guardproxy.http.semantic_cache import SemanticCache
+from guardproxy.http.services import Services
 from guardproxy.http.upstream import Upstream, build_upstreams
 from guardproxy.observe.metrics import Metrics
 from guardproxy.store.keys import KeyRing

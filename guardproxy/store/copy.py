@@ -19,7 +19,8 @@ from typing import Any
 from guardproxy.config.settings import StoreConfig
 from guardproxy.config.store_url import sqlite_path
 from guardproxy.errors import StoreUnavailable
-from guardproxy.store.redis import BudgetStore, text, translated
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import text, translated
 
 
 def add_action(actions: Any) -> None:

@@ -51,7 +51,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store.client import mask_password
-from guardproxy.store.redis import BudgetStore, text, translated
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import text, translated
 
 #: The pseudo-tenant whose alert stream carries the store's own events (eviction, a reset), delivered by
 #: observe/alerts.py like any tenant's.

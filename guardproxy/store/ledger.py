@@ -48,7 +48,7 @@ from guardproxy.errors import ErrorKind, GuardError, StoreUnavailable
 from guardproxy.store.journal import Entry, Journal
 from guardproxy.store.markers import Seqs, epoch_from
 from guardproxy.store.protocol import Store
-from guardproxy.store.redis import reply_lost
+from guardproxy.store.redis.base import reply_lost
 from guardproxy.store.velocity import count_velocity
 from guardproxy.types import Micros
 

@@ -3,10 +3,11 @@
 ``redis.BudgetStore`` implements it on both engines: on Redis (plain, Sentinel, Cluster) through the Lua
 scripts, on one SQLite file through their transcriptions (``sqlite.py``). The modules that keep the
 books (``ledger``, ``alerts``, ``state``, ``keys``, ``status``) take a ``Store``, never a client: nothing
-outside ``redis.py``, ``sqlite.py`` and ``copy.py`` speaks Redis commands. The replies are ``records``' values.
+outside ``redis/``, ``sqlite.py`` and ``copy.py`` speaks Redis commands. The replies are ``records``' values.
 
-A new store capability is a method here and on ``BudgetStore`` (keys named by ``layout.Keys``, under the
-tenant's ``{tenant}`` hash tag), and a contract test in ``tests/contract`` runs it on every backend.
+A new store capability is a method here and on ``BudgetStore`` (in the module of its concern in ``redis/``;
+keys named by ``layout.Keys``, under the tenant's ``{tenant}`` hash tag), and a contract test in
+``tests/contract`` runs it on every backend.
 """
 
 from __future__ import annotations

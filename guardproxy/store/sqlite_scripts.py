@@ -557,7 +557,7 @@ def velocity_v1(r: Tx, K: list[Any], A: list[Any]) -> list[int]:
 
 
 #: The SHA1 of the script each function transcribes (as ``register_script`` computes it: ``lua/shared.lua``
-#: followed by the script's file, ``redis.script_source``) -> the function.
+#: followed by the script's file, ``redis.base.script_source``) -> the function.
 #: Written out, not computed from the files: a script edited without its transcription has none, and
 #: the SQLite store refuses to run it (``tests/unit/test_sqlite_scripts.py`` fails meanwhile).
 SCRIPTS: dict[str, Script] = {

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from guardproxy.budget.records import Reservation
-from guardproxy.store.redis import DAY_KEY_TTL_S, BudgetStore
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import DAY_KEY_TTL_S
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,8 @@ import pytest
 from guardproxy.budget.decision import Thresholds, decide
 from guardproxy.budget.periods import Periods, periods_at
 from guardproxy.budget.records import Reservation
-from guardproxy.store.redis import DAY_KEY_TTL_S, MONTH_KEY_TTL_S, BudgetStore
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import DAY_KEY_TTL_S, MONTH_KEY_TTL_S
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,8 @@ from guardproxy.budget.periods import periods_at
 from guardproxy.config.settings import parse_config
 from guardproxy.errors import StoreUnavailable
 from guardproxy.store import client as store_client
-from guardproxy.store.redis import BudgetStore, reply_lost
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import reply_lost
 from guardproxy.testing.fake_upstream import FakeUpstreamState
 from tests.e2e.books import (
     AUTH,

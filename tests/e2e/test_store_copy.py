@@ -22,7 +22,8 @@ from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
 from guardproxy.config.settings import StoreConfig
 from guardproxy.store.copy import copy_store, open_store
 from guardproxy.store.keys import KeyRing
-from guardproxy.store.redis import BudgetStore, text
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import text
 from tests.helpers import guardproxy
 
 pytestmark = pytest.mark.anyio

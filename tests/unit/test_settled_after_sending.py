@@ -6,7 +6,7 @@ import anyio
 import pytest
 from starlette.types import Message
 
-from guardproxy.http.pipeline import SettledAfterSending
+from guardproxy.http.answers import SettledAfterSending
 
 pytestmark = pytest.mark.anyio
 

@@ -29,7 +29,8 @@ from guardproxy.budget.decision import RateLimits, Thresholds
 from guardproxy.budget.levels import NO_LEVELS, LevelArgs, LevelCap
 from guardproxy.budget.periods import periods_at
 from guardproxy.budget.records import AlertArgs, JobArgs, Reservation
-from guardproxy.store.redis import BudgetStore, script_source
+from guardproxy.store.redis import BudgetStore
+from guardproxy.store.redis.base import script_source
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.store.sqlite_scripts import SCRIPTS as TRANSCRIPTIONS
 
