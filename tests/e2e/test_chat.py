@@ -118,9 +118,10 @@ def test_hard_cap_answers_429_that_the_sdk_does_not_retry(
 ) -> None:
     url = serve_proxy(config)
     day, month = keys()
-    redis.Redis.from_url(redis_url).set(day, 999_990)
-    client = openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=2)
-    with pytest.raises(openai.RateLimitError) as caught:
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(day, 999_990)
+    with openai.OpenAI(base_url=url + "/v1", api_key=TENANT_KEY, max_retries=2) as client, \
+            pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=HI)
     error = caught.value
     assert error.code == "insufficient_quota" and error.type == "insufficient_quota"
@@ -226,15 +227,15 @@ def test_upstream_unreachable_is_502_and_slow_upstream_is_504(
     from tests.servers import free_port
 
     dead = make_config(f"http://127.0.0.1:{free_port()}", store={"redis_url": redis_url})
-    client = openai.OpenAI(base_url=serve_proxy(dead) + "/v1", api_key=TENANT_KEY, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as caught:
+    with openai.OpenAI(base_url=serve_proxy(dead) + "/v1", api_key=TENANT_KEY, max_retries=0) as client, \
+            pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=HI)
     assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
 
     slow = make_config(upstream_url, store={"redis_url": redis_url},
                        upstreams={"openai": {"base_url": f"{upstream_url}/v1", "timeout_s": 0.3}})
-    client = openai.OpenAI(base_url=serve_proxy(slow) + "/v1", api_key=TENANT_KEY, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as caught:
+    with openai.OpenAI(base_url=serve_proxy(slow) + "/v1", api_key=TENANT_KEY, max_retries=0) as client, \
+            pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=HI, extra_headers={"x-fake-delay-ms": "2000"})
     assert caught.value.status_code == 504 and caught.value.code == "upstream_timeout"
     assert redis_int(redis_url, keys()[0]) == 0 and reserved(redis_url) == 0
@@ -245,8 +246,8 @@ def test_an_upstream_without_api_key_gets_no_credential_at_all(
 ) -> None:
     config = make_config(upstream_url, store={"redis_url": redis_url},
                          upstreams={"openai": {"base_url": f"{upstream_url}/v1", "headers": {"Helicone-Auth": "h"}}})
-    client = openai.OpenAI(base_url=serve_proxy(config) + "/v1", api_key=TENANT_KEY)
-    client.chat.completions.create(model="gpt-4o", messages=HI, extra_headers={"X-Tenant-Id": "acme"})
+    with openai.OpenAI(base_url=serve_proxy(config) + "/v1", api_key=TENANT_KEY) as client:
+        client.chat.completions.create(model="gpt-4o", messages=HI, extra_headers={"X-Tenant-Id": "acme"})
     sent = fake_state.headers[-1]
     # The tenant's guardproxy key never leaves: a keyless upstream (vLLM, Ollama) gets no credential.
     assert "authorization" not in sent and "api-key" not in sent
