@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from guardproxy.budget.records import Reservation
+from guardproxy.store.redis import BudgetStore
 from guardproxy.store.sqlite import SqliteClient
 from guardproxy.store.sqlite_data import Known, Tx
 
@@ -299,3 +301,119 @@ def test_the_first_write_of_a_turn_commits_at_once_the_next_wait_for_the_turn_s_
             await client.aclose()
 
     assert asyncio.run(main()) == (False, True)
+
+
+def committed_value(path: Path, key: str) -> bytes | None:
+    """``key``'s string as another connection (another process) reads the file: only what is committed."""
+    other = sqlite3.connect(path)
+    try:
+        row = other.execute("SELECT value FROM strings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+    finally:
+        other.close()
+
+
+def settle_later(client: SqliteClient, key: str, amount: int) -> asyncio.Future[int]:
+    """A settlement-like write asked for ``later`` (as the settle script is)."""
+    return asyncio.ensure_future(client.transact(lambda tx: tx.incrby(key, amount), writes=True, later=True))
+
+
+def test_a_settlement_commits_with_the_next_write_one_commit_for_both(tmp_path: Path) -> None:
+    """At concurrency 1 a call's settlement and the next call's admission pay one commit, not two."""
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path, sync_every_s=3600.0)
+
+    async def main() -> tuple[int, int]:
+        try:
+            await client.set("gp:warm", "1")
+            await asyncio.sleep(0.3)  # the first checkpoint done...
+            await client.incrby("gp:admitted", 0)  # ...and the log restarted: it grows by commits only
+            before = log_frames(path)
+            await client.incrby("gp:spend", 5)
+            await client.incrby("gp:admitted", 1)
+            alone = log_frames(path) - before
+            settled = settle_later(client, "gp:spend", 5)
+            await asyncio.sleep(0)
+            assert not settled.done() and committed_value(path, "gp:spend") == b"5"  # not yet committed
+            before = log_frames(path)
+            assert await client.incrby("gp:admitted", 1) == 2  # commits at once, the settlement with it
+            shared = log_frames(path) - before
+            assert committed_value(path, "gp:spend") == b"10"  # committed with it
+            assert await settled == 10
+            return alone, shared
+        finally:
+            await client.aclose()
+
+    alone, shared = asyncio.run(main())
+    assert shared < alone  # one commit's frames against two
+
+
+def test_a_settlement_alone_commits_within_its_bound(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path)
+
+    async def main() -> float:
+        try:
+            await client.set("gp:warm", "1")
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(settle_later(client, "gp:spend", 7), 1.0) == 7
+            assert committed_value(path, "gp:spend") == b"7"  # its caller heard back after the commit
+            return asyncio.get_running_loop().time() - started
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) < 0.5
+
+
+def test_a_read_or_a_scan_sees_the_settlements_asked_for_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path)
+
+    async def main() -> None:
+        try:
+            await client.set("gp:warm", "1")
+            settled = settle_later(client, "gp:spend", 3)
+            await asyncio.sleep(0)
+            assert await client.get("gp:spend") == b"3"  # a read on the loop: after the settlement's commit
+            assert committed_value(path, "gp:spend") == b"3" and await settled == 3
+            settle_later(client, "gp:other", 4)
+            await asyncio.sleep(0)
+            assert await client.keys("gp:o*") == [b"gp:other"]  # a scan on the thread: the same
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_closing_commits_the_settlements_waiting(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    client = SqliteClient(path)
+
+    async def main() -> asyncio.Future[int]:
+        await client.set("gp:warm", "1")
+        settled = settle_later(client, "gp:spend", 9)
+        await asyncio.sleep(0)
+        await client.aclose()
+        return settled
+
+    assert asyncio.run(main()).result() == 9
+    assert committed_value(path, "gp:spend") == b"9"
+
+
+def test_the_settle_script_is_asked_for_later_and_its_caller_hears_back_once_committed(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    store = BudgetStore(SqliteClient(path), "gp")
+    key = store.keys("acme").spend_day("2026-12-07")
+
+    async def main() -> None:
+        try:
+            await store.client.set("gp:warm", "1")
+            settling = asyncio.ensure_future(store.settle(Reservation("r1", "acme", "2026-12-07", "2026-12", 0), 25))
+            await asyncio.sleep(0)
+            assert committed_value(path, key) is None  # waiting for the next transaction
+            assert (await settling).applied  # its caller hears back once it is committed...
+            assert committed_value(path, key) == b"25"  # ...within LATER_AT_MOST_S, alone
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
